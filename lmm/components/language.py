@@ -1,0 +1,67 @@
+"""The language model role: any transformers `AutoModelForCausalLM`, loaded from a path or hub id."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+from transformers import AutoModelForCausalLM, PreTrainedModel
+
+from lmm.components.attention import resolve_attention
+from lmm.utils.logging import get_logger
+
+log = get_logger(__name__)
+
+
+def _dtype(name: str) -> torch.dtype:
+    dtypes = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+    if name not in dtypes:
+        raise ValueError(f"dtype must be one of {sorted(dtypes)}, got {name!r}")
+    return dtypes[name]
+
+
+class CausalLM(nn.Module):
+    """A transformers causal LM (`self.model`) with the few members the families use."""
+
+    def __init__(
+        self,
+        path: str,
+        attn_implementation: str = "auto",
+        dtype: str = "float32",
+        trust_remote_code: bool = False,
+    ):
+        """
+        Args:
+            path: local folder or hub id of a transformers causal LM (`from_pretrained`).
+            attn_implementation: `auto`, `flash_attention_2`, `sdpa` or `eager`.
+            dtype: parameter dtype: `float32`, `bfloat16` or `float16`.
+            trust_remote_code: allow code from the checkpoint (off by default).
+        """
+        super().__init__()
+        attn = resolve_attention(attn_implementation)
+        kwargs = dict(dtype=_dtype(dtype), trust_remote_code=trust_remote_code)
+        try:
+            self.model: PreTrainedModel = AutoModelForCausalLM.from_pretrained(
+                path, attn_implementation=attn, **kwargs
+            )
+        except ValueError as err:  # e.g. Gemma2 has no sdpa
+            if attn == "eager":
+                raise
+            log.warning("%s does not support %s (%s); using eager attention", path, attn, err)
+            self.model = AutoModelForCausalLM.from_pretrained(
+                path, attn_implementation="eager", **kwargs
+            )
+
+    @property
+    def hidden_size(self) -> int:
+        return self.model.get_input_embeddings().embedding_dim
+
+    def embed(self, input_ids: Tensor) -> Tensor:  # [B, L] -> [B, L, D]
+        return self.model.get_input_embeddings()(input_ids)
+
+    def resize_vocab(self, size: int) -> None:
+        """Grow the embeddings to `size` tokens (after adding `<image>` or a pad token)."""
+        if size > self.model.get_input_embeddings().num_embeddings:
+            self.model.resize_token_embeddings(size)
+
+    def forward(self, **kwargs):
+        return self.model(**kwargs)

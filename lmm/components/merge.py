@@ -1,0 +1,59 @@
+"""Scatter media features into token embeddings at the media placeholder positions."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+
+def scatter_media(
+    embeds: Tensor,  # [B, L, D] token embeddings
+    input_ids: Tensor,  # [B, L]
+    media_token_id: int,
+    features: Tensor | None,  # [N_media, T, D], all media of the batch in order
+    media_per_sample: Sequence[int],  # how many of the N_media belong to each row
+    ids: Sequence[str],  # sample ids, for the error message
+) -> Tensor:
+    """Return `embeds` with row b's placeholder positions replaced, in order, by its media features.
+
+    Raises a `ValueError` naming the sample when a row's placeholder count differs from the
+    number of feature tokens of its media.
+    """
+    mask = input_ids == media_token_id  # [B, L]
+    tokens_per_row = mask.sum(dim=1).tolist()
+    n_media = 0 if features is None else features.shape[0]
+    if sum(media_per_sample) != n_media:
+        raise ValueError(
+            f"batch has {n_media} media tensors but rows claim {sum(media_per_sample)}"
+        )
+    per_media = 0 if features is None else features.shape[1]
+    for b, (n_tok, n_img) in enumerate(zip(tokens_per_row, media_per_sample, strict=True)):
+        if n_tok != n_img * per_media:
+            raise ValueError(
+                f"sample {ids[b]!r}: {n_tok} image tokens in the text but {n_img * per_media} image "
+                f"features ({n_img} images x {per_media}); the processor and the model disagree on "
+                "tokens per image"
+            )
+    if features is None or n_media == 0:
+        return embeds
+    flat = features.reshape(-1, features.shape[-1]).to(embeds.dtype)  # [N_media * T, D]
+    return embeds.masked_scatter(mask.unsqueeze(-1), flat)
+
+
+def causal_lm_loss(logits: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
+    """Summed next-token cross-entropy over positions whose label is not -100, and their count.
+
+    logits `[B, L, V]`, labels `[B, L]` aligned with the inputs (shifted here).
+    Returns `(loss_sum, n_tokens)`; the mean loss is their ratio.
+    """
+    shift_logits = logits[:, :-1].float()
+    shift_labels = labels[:, 1:]
+    loss = torch.nn.functional.cross_entropy(
+        shift_logits.reshape(-1, shift_logits.shape[-1]),
+        shift_labels.reshape(-1),
+        ignore_index=-100,
+        reduction="sum",
+    )
+    return loss, (shift_labels != -100).sum()

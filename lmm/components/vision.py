@@ -1,0 +1,99 @@
+"""Vision encoders: transformers CLIP / SigLIP vision towers with LLaVA's feature selection."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Literal
+
+from torch import Tensor, nn
+from transformers import AutoConfig, CLIPVisionModel, SiglipVisionModel
+
+from lmm.components.attention import resolve_attention
+from lmm.components.language import _dtype
+
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+SIGLIP_MEAN = SIGLIP_STD = (0.5, 0.5, 0.5)
+
+
+class VisionEncoder(nn.Module):
+    """Base role: images `[N, 3, H, W]` → features `[N, T, out_dim]`."""
+
+    out_dim: int
+    image_size: int
+    image_mean: tuple[float, float, float]
+    image_std: tuple[float, float, float]
+
+    def num_tokens(self, image_size: tuple[int, int]) -> int:
+        """Number of feature tokens for an image of (height, width) after the transform."""
+        raise NotImplementedError
+
+
+class HFVisionTower(VisionEncoder):
+    """A transformers CLIP or SigLIP vision model; features from one hidden layer.
+
+    `select="default"` drops token 0 (the CLS token of CLIP; LLaVA and Mantis drop it for SigLIP
+    too), `select="full"` keeps every token.
+    """
+
+    def __init__(
+        self,
+        path: str,
+        feature_layer: int = -2,
+        select: Literal["default", "full"] = "default",
+        attn_implementation: str = "auto",
+        dtype: str = "float32",
+    ):
+        """
+        Args:
+            path: folder or hub id of a CLIP/SigLIP model or vision model (`from_pretrained`).
+            feature_layer: index into `hidden_states` (-2 = the penultimate layer, as LLaVA).
+            select: `default` drops token 0, `full` keeps all tokens.
+            attn_implementation: `auto`, `sdpa` or `eager` (flash-attn only where supported).
+            dtype: parameter dtype.
+        """
+        super().__init__()
+        if select not in ("default", "full"):
+            raise ValueError(f"select must be 'default' or 'full', got {select!r}")
+        config = AutoConfig.from_pretrained(path)
+        kind = config.model_type.removesuffix("_vision_model")
+        classes = {"clip": CLIPVisionModel, "siglip": SiglipVisionModel}
+        if kind not in classes:
+            raise ValueError(
+                f"{path}: vision tower must be CLIP or SigLIP, got {config.model_type!r}"
+            )
+        attn = resolve_attention(attn_implementation)
+        if attn == "flash_attention_2":
+            attn = "sdpa"  # the vision towers run at fixed length; sdpa is exact and fast
+        self.model = classes[kind].from_pretrained(
+            path, attn_implementation=attn, dtype=_dtype(dtype)
+        )
+        vcfg = self.model.config
+        self.kind = kind
+        self.feature_layer, self.select = feature_layer, select
+        self.out_dim = vcfg.hidden_size
+        self.image_size = vcfg.image_size
+        self.patch_size = vcfg.patch_size
+        self.image_mean, self.image_std = _normalization(path, kind)
+
+    def num_tokens(self, image_size: tuple[int, int]) -> int:
+        h, w = image_size
+        tokens = (h // self.patch_size) * (w // self.patch_size) + (self.kind == "clip")
+        return tokens - (self.select == "default")
+
+    def forward(self, pixel_values: Tensor) -> Tensor:  # [N, 3, H, W] -> [N, T, D]
+        dtype = next(self.model.parameters()).dtype
+        out = self.model(pixel_values.to(dtype), output_hidden_states=True)
+        features = out.hidden_states[self.feature_layer]
+        return features[:, 1:] if self.select == "default" else features
+
+
+def _normalization(path: str, kind: str) -> tuple[tuple, tuple]:
+    """Mean and std from the checkpoint's `preprocessor_config.json`, else the family default."""
+    default = (CLIP_MEAN, CLIP_STD) if kind == "clip" else (SIGLIP_MEAN, SIGLIP_STD)
+    file = Path(path) / "preprocessor_config.json"
+    if not file.is_file():
+        return default
+    cfg = json.loads(file.read_text())
+    return tuple(cfg.get("image_mean", default[0])), tuple(cfg.get("image_std", default[1]))

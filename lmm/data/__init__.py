@@ -1,0 +1,1 @@
+"""Data: records → Sample → Features → Batch (see docs/data.md)."""

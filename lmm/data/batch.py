@@ -1,0 +1,54 @@
+"""Features (one processed sample) and the Batch: the one contract between data and families."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+
+@dataclass
+class Features:
+    """One sample after the processor: token ids, labels and its media tensors."""
+
+    id: str
+    input_ids: Tensor  # [L]
+    labels: Tensor  # [L], -100 where not trained
+    pixel_values: Tensor | None  # [N_img, 3, H, W]
+    reference: str | None = None  # the expected answer, for generation
+    meta: dict = field(default_factory=dict)
+
+    @property
+    def num_media(self) -> int:
+        return 0 if self.pixel_values is None else self.pixel_values.shape[0]
+
+
+@dataclass
+class Batch:
+    """A padded batch. All images of the batch are stacked for one vision forward."""
+
+    input_ids: Tensor  # [B, L]
+    attention_mask: Tensor  # [B, L], 1 = real token
+    position_ids: Tensor  # [B, L]
+    labels: Tensor | None  # [B, L], -100 = not trained
+    pixel_values: Tensor | None  # [N_img, 3, H, W], rows' images in order
+    media_per_sample: list[int]  # images of each row
+    ids: list[str]
+    references: list[str | None] = field(default_factory=list)
+    meta: list[dict] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return self.input_ids.shape[0]
+
+    @property
+    def num_tokens(self) -> int:
+        """Real (non-pad) tokens in the batch."""
+        return int(self.attention_mask.sum())
+
+    def to(self, device: torch.device | str) -> Batch:
+        for name in ("input_ids", "attention_mask", "position_ids", "labels", "pixel_values"):
+            value = getattr(self, name)
+            if value is not None:
+                setattr(self, name, value.to(device))
+        return self

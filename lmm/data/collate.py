@@ -1,0 +1,44 @@
+"""Collation: Features → a padded Batch (right padding for training, left for generation)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Literal
+
+import torch
+
+from lmm.data.batch import Batch, Features
+
+
+class PadCollator:
+    """Pads token rows to the longest and stacks every image of the batch in row order."""
+
+    def __init__(self, pad_token_id: int, padding_side: Literal["right", "left"] = "right"):
+        self.pad_token_id = pad_token_id
+        self.padding_side = padding_side
+
+    def __call__(self, features: Sequence[Features]) -> Batch:
+        length = max(len(f.input_ids) for f in features)
+        n = len(features)
+        input_ids = torch.full((n, length), self.pad_token_id, dtype=torch.long)
+        labels = torch.full((n, length), -100, dtype=torch.long)
+        mask = torch.zeros((n, length), dtype=torch.long)
+        for b, f in enumerate(features):
+            k = len(f.input_ids)
+            cols = slice(0, k) if self.padding_side == "right" else slice(length - k, length)
+            input_ids[b, cols] = f.input_ids
+            labels[b, cols] = f.labels
+            mask[b, cols] = 1
+        position_ids = (mask.cumsum(dim=1) - 1).clamp(min=0)
+        pixels = [f.pixel_values for f in features if f.pixel_values is not None]
+        return Batch(
+            input_ids=input_ids,
+            attention_mask=mask,
+            position_ids=position_ids,
+            labels=labels,
+            pixel_values=torch.cat(pixels) if pixels else None,
+            media_per_sample=[f.num_media for f in features],
+            ids=[f.id for f in features],
+            references=[f.reference for f in features],
+            meta=[f.meta for f in features],
+        )

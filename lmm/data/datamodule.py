@@ -1,0 +1,144 @@
+"""ChatDataModule: interleaved image-text chat data (Mantis / LLaVA json) for Lightning."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import lightning as L
+import torch
+from torch.utils.data import DataLoader, Dataset
+from transformers import PreTrainedTokenizerBase
+
+from lmm.data.batch import Features
+from lmm.data.collate import PadCollator
+from lmm.data.formats import load_samples
+from lmm.data.processor import MediaSpec, Processor
+from lmm.data.sample import Sample
+from lmm.data.templates import ChatTemplate
+from lmm.utils.logging import get_logger
+
+log = get_logger(__name__)
+
+
+class ChatDataset(Dataset):
+    """Samples processed on access (in the loader workers): images are read lazily."""
+
+    def __init__(self, samples: Sequence[Sample], encode: Callable[[Sample], Features]):
+        self.samples = samples
+        self.encode = encode
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, index: int) -> Features:
+        return self.encode(self.samples[index])
+
+
+class ChatDataModule(L.LightningDataModule):
+    """Chat data from json/jsonl files in the Mantis or LLaVA format.
+
+    fit/validate use teacher forcing (loss); test/predict give prompts for generation, with the
+    last assistant turn as the reference. The tokenizer and media spec come from the model
+    (`connect`), which the trainer does at `setup` if you have not.
+    """
+
+    def __init__(
+        self,
+        template: ChatTemplate,
+        train: str | None = None,
+        val: str | None = None,
+        test: str | None = None,
+        predict: str | None = None,
+        root: str | None = None,
+        batch_size: int = 8,
+        eval_batch_size: int | None = None,
+        num_workers: int = 0,
+        max_length: int = 2048,
+        seed: int = 0,
+        allow_outside_root: bool = False,
+    ):
+        """
+        Args:
+            template: chat template that renders turns and decides what is trained.
+            train: training data file (json array or jsonl).
+            val: validation data file.
+            test: test data file (generation, scored against the last assistant turn).
+            predict: prediction data file (generation).
+            root: folder media paths are relative to (default: each data file's folder).
+            batch_size: training batch size per device.
+            eval_batch_size: batch size for val/test/predict (default: batch_size).
+            num_workers: DataLoader worker processes.
+            max_length: longest sample in tokens; longer ones lose whole rounds from the end.
+            seed: seed of the training shuffle.
+            allow_outside_root: accept absolute media paths and paths with `..`.
+        """
+        super().__init__()
+        self.template = template
+        self.files = {"train": train, "val": val, "test": test, "predict": predict}
+        self.root = root
+        self.batch_size = batch_size
+        self.eval_batch_size = eval_batch_size or batch_size
+        self.num_workers = num_workers
+        self.max_length = max_length
+        self.seed = seed
+        self.allow_outside_root = allow_outside_root
+        self.processor: Processor | None = None
+        self.samples: dict[str, list[Sample]] = {}
+
+    def connect(
+        self, tokenizer: PreTrainedTokenizerBase, media: MediaSpec, image_token: str = "<image>"
+    ) -> None:
+        """Bind the model's tokenizer and media spec (token counts, image transform)."""
+        self.processor = Processor(tokenizer, self.template, media, self.max_length, image_token)
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.processor is None:
+            module = self.trainer.lightning_module
+            self.connect(module.tokenizer, module.media_spec(), module.image_token)
+        splits = {
+            "fit": ("train", "val"),
+            "validate": ("val",),
+            "test": ("test",),
+            "predict": ("predict",),
+        }
+        for split in splits.get(stage, tuple(self.files)) if stage else tuple(self.files):
+            if self.files[split] and split not in self.samples:
+                self.samples[split] = self.load(split)
+
+    def load(self, split: str) -> list[Sample]:
+        path = self.files[split]
+        if path is None:
+            raise ValueError(f"no {split} data file given (data.{split} in the recipe)")
+        samples = load_samples(path, root=self.root, allow_outside_root=self.allow_outside_root)
+        log.info("%s: %d samples from %s", split, len(samples), Path(path))
+        return samples
+
+    def _loader(self, split: str, train: bool) -> DataLoader:
+        if split not in self.samples:
+            self.samples[split] = self.load(split)
+        assert self.processor is not None, "call connect() or let the trainer call setup()"
+        generate = split in ("test", "predict")
+        encode = self.processor.prompt if generate else self.processor
+        pad_id = self.processor.tokenizer.pad_token_id
+        return DataLoader(
+            ChatDataset(self.samples[split], encode),
+            batch_size=self.batch_size if train else self.eval_batch_size,
+            shuffle=train,
+            generator=torch.Generator().manual_seed(self.seed) if train else None,
+            num_workers=self.num_workers,
+            persistent_workers=self.num_workers > 0,
+            collate_fn=PadCollator(pad_id, "left" if generate else "right"),
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader("train", train=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader("val", train=False)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader("test", train=False)
+
+    def predict_dataloader(self) -> DataLoader:
+        return self._loader("predict", train=False)

@@ -1,0 +1,64 @@
+"""Images: safe loading and the transform the vision tower expects (resize / pad / crop, normalize)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import torch
+from PIL import Image
+from torch import Tensor
+
+
+def load_image(path: str | Path) -> Image.Image:
+    """Open an image as RGB, decoding it fully now (so corrupt files fail here, not later)."""
+    with Image.open(path) as img:
+        img.load()
+        return img.convert("RGB")
+
+
+def expand_to_square(img: Image.Image, fill: tuple[int, int, int]) -> Image.Image:
+    """Pad the shorter side with `fill`, centring the image (LLaVA's `expand2square`)."""
+    w, h = img.size
+    if w == h:
+        return img
+    side = max(w, h)
+    out = Image.new(img.mode, (side, side), fill)
+    out.paste(img, ((side - w) // 2, (side - h) // 2))
+    return out
+
+
+@dataclass(frozen=True)
+class ImageTransform:
+    """PIL image → `[3, size, size]` float tensor, as the vision tower was trained.
+
+    aspect: `pad` expands to a square with the mean colour then resizes (LLaVA `pad`);
+    `resize` squashes to a square; `crop` resizes the short side and centre-crops (CLIP).
+    """
+
+    size: int
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    aspect: Literal["pad", "resize", "crop"] = "pad"
+
+    def __call__(self, img: Image.Image) -> Tensor:
+        if self.aspect == "pad":
+            fill = tuple(int(round(m * 255)) for m in self.mean)
+            img = expand_to_square(img, fill).resize((self.size, self.size), Image.BICUBIC)
+        elif self.aspect == "resize":
+            img = img.resize((self.size, self.size), Image.BICUBIC)
+        elif self.aspect == "crop":
+            w, h = img.size
+            scale = self.size / min(w, h)
+            img = img.resize((max(self.size, round(w * scale)), max(self.size, round(h * scale))))
+            w, h = img.size
+            left, top = (w - self.size) // 2, (h - self.size) // 2
+            img = img.crop((left, top, left + self.size, top + self.size))
+        else:
+            raise ValueError(f"aspect must be pad, resize or crop, got {self.aspect!r}")
+        x = torch.from_numpy(np.asarray(img, dtype=np.float32) / 255.0).permute(2, 0, 1)
+        mean = torch.tensor(self.mean).view(3, 1, 1)
+        std = torch.tensor(self.std).view(3, 1, 1)
+        return (x - mean) / std  # [3, size, size]

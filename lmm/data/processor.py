@@ -1,0 +1,135 @@
+"""The processor: Sample → Features (template, segment tokenization, media expansion, transforms)."""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+import torch
+from transformers import PreTrainedTokenizerBase
+
+from lmm.data.batch import Features
+from lmm.data.media import ImageTransform, load_image
+from lmm.data.sample import BadRecordError, Sample, Turn
+from lmm.data.templates import ChatTemplate
+from lmm.data.tokenization import SegmentTokenizer
+
+
+class MediaSpec(Protocol):
+    """What the processor needs to know from a family: the transform and the tokens per image."""
+
+    transform: ImageTransform
+
+    def num_image_tokens(self, image_size: tuple[int, int]) -> int:
+        """Placeholder tokens an image of (height, width), after the transform, becomes."""
+        ...
+
+
+def _rounds(turns: list[Turn]) -> list[list[Turn]]:
+    """Split turns into a leading system group and user→assistant rounds."""
+    rounds: list[list[Turn]] = []
+    for turn in turns:
+        if turn.role == "user" or not rounds:
+            rounds.append([turn])
+        else:
+            rounds[-1].append(turn)
+    return rounds
+
+
+class Processor:
+    """Renders a sample with a chat template and tokenizes it segment by segment.
+
+    Each image marker becomes exactly `media.num_image_tokens(...)` image tokens (label -100);
+    labels are the ids of trainable segments only. A sample longer than `max_length` loses whole
+    rounds from the end (never part of a turn, never part of an image); if even one round is too
+    long it is a bad record.
+    """
+
+    def __init__(
+        self,
+        tokenizer: PreTrainedTokenizerBase,
+        template: ChatTemplate,
+        media: MediaSpec,
+        max_length: int = 2048,
+        image_token: str = "<image>",
+    ):
+        self.tokenizer = tokenizer
+        self.template = template
+        self.media = media
+        self.max_length = max_length
+        self.segments = SegmentTokenizer(tokenizer, image_token)
+        self.image_token_id = self.segments.image_token_id
+
+    def __call__(self, sample: Sample) -> Features:
+        """Features for training: every turn, trainable assistant text labelled."""
+        rounds = _rounds(sample.turns)
+        while True:
+            turns = [t for r in rounds for t in r]
+            features = self._encode(sample, turns, add_generation_prompt=False)
+            if len(features.input_ids) <= self.max_length:
+                return features
+            has_user_rounds = sum(r[0].role == "user" for r in rounds)
+            if has_user_rounds <= 1:
+                raise BadRecordError(
+                    sample.source,
+                    sample.id,
+                    f"{len(features.input_ids)} tokens in its first round, more than "
+                    f"max_length={self.max_length}",
+                    "raise max_length, use fewer or smaller images, or drop the record",
+                )
+            rounds = rounds[:-1]
+
+    def prompt(self, sample: Sample) -> Features:
+        """Features for generation: turns up to the last user turn plus the assistant header.
+
+        The reference is the text of the last assistant turn, if the sample has one.
+        """
+        turns = list(sample.turns)
+        reference = None
+        if turns and turns[-1].role == "assistant":
+            reference = turns.pop().text
+        if not turns or turns[-1].role != "user":
+            raise BadRecordError(sample.source, sample.id, "no user turn to answer")
+        features = self._encode(sample, turns, add_generation_prompt=True)
+        features.reference = reference
+        return features
+
+    def _encode(self, sample: Sample, turns: list[Turn], add_generation_prompt: bool) -> Features:
+        try:
+            segments = self.template.render(turns, add_generation_prompt=add_generation_prompt)
+        except ValueError as err:
+            raise BadRecordError(sample.source, sample.id, str(err)) from err
+        ids, labels = self.segments.encode(segments)
+        order = [s.media for s in segments if s.media is not None]
+        pixels = [self._image(sample, i) for i in order]
+        counts = iter([self.media.num_image_tokens(tuple(p.shape[-2:])) for p in pixels])
+        out_ids: list[int] = []
+        out_labels: list[int] = []
+        for tok, lab in zip(ids, labels, strict=True):
+            if tok == self.image_token_id:
+                n = next(counts)
+                out_ids += [tok] * n
+                out_labels += [-100] * n
+            else:
+                out_ids.append(tok)
+                out_labels.append(lab)
+        return Features(
+            id=sample.id,
+            input_ids=torch.tensor(out_ids, dtype=torch.long),
+            labels=torch.tensor(out_labels, dtype=torch.long),
+            pixel_values=torch.stack(pixels) if pixels else None,
+            meta=dict(sample.meta),
+        )
+
+    def _image(self, sample: Sample, index: int) -> torch.Tensor:
+        path = sample.images[index]
+        try:
+            image = load_image(path)
+        except FileNotFoundError as err:
+            raise BadRecordError(
+                sample.source, sample.id, f"image {index} not found: {path}"
+            ) from err
+        except Exception as err:  # PIL raises several types for corrupt files
+            raise BadRecordError(
+                sample.source, sample.id, f"image {index} ({path}) cannot be read: {err}"
+            ) from err
+        return self.media.transform(image)

@@ -1,0 +1,67 @@
+"""The canonical sample every reader produces, and the error raised for a bad record."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+Role = Literal["system", "user", "assistant"]
+ROLES: tuple[str, ...] = ("system", "user", "assistant")
+IMAGE_MARKER = "<image>"
+
+
+@dataclass(frozen=True)
+class Media:
+    """A media marker inside a turn: points at `Sample.images[index]`."""
+
+    index: int
+
+
+Part = str | Media
+
+
+@dataclass
+class Turn:
+    """One message of a conversation: text interleaved with media markers."""
+
+    role: Role
+    parts: list[Part]
+
+    @property
+    def text(self) -> str:
+        """The turn's text with each media marker written as `<image>`."""
+        return "".join(p if isinstance(p, str) else IMAGE_MARKER for p in self.parts)
+
+    @property
+    def num_media(self) -> int:
+        return sum(isinstance(p, Media) for p in self.parts)
+
+
+@dataclass
+class Sample:
+    """One training or evaluation example, whatever format it was read from."""
+
+    id: str
+    turns: list[Turn]
+    images: list[Path] = field(default_factory=list)
+    source: str = "<memory>"  # the data file, for error messages
+    meta: dict = field(default_factory=dict)
+
+    @property
+    def where(self) -> str:
+        """`sample 'x' (file)`: the prefix of every message about this sample."""
+        return f"sample {self.id!r} ({self.source})"
+
+
+class BadRecordError(ValueError):
+    """A record that cannot become a correct sample. The message names file, record and fix."""
+
+    def __init__(self, source: str | Path, record_id: str, problem: str, fix: str = ""):
+        self.source = str(source)
+        self.record_id = record_id
+        self.problem = problem
+        message = f"sample {record_id!r} ({source}): {problem}"
+        if fix:
+            message += f". Fix: {fix}"
+        super().__init__(message)

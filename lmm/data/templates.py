@@ -1,0 +1,357 @@
+"""Chat templates: turns → segments tagged trainable or not, so labels are masked by construction.
+
+A template never returns one string to be searched for separators after tokenizing: it
+returns `Segment`s, each tokenized on its own by `lmm.data.tokenization.SegmentTokenizer`.
+Segment boundaries sit where tokenizers split anyway: next to a special token, or just
+BEFORE a space (BPE and SentencePiece attach a leading space to the word after it), never
+after one; an answer's leading newlines join a header that ends in one. Templates are
+chosen in YAML by `class_path`, e.g. `lmm.data.templates.Llama3`.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import ClassVar
+
+from lmm.data.sample import IMAGE_MARKER, ROLES, Media, Part, Turn
+
+__all__ = [
+    "ChatML",
+    "ChatTemplate",
+    "Gemma",
+    "Llama2",
+    "Llama3",
+    "Phi",
+    "Plain",
+    "Qwen25",
+    "Segment",
+    "VicunaV1",
+    "render_text",
+    "trainable_text",
+]
+
+LLAVA_SYSTEM = (
+    "A chat between a curious user and an artificial intelligence assistant. "
+    "The assistant gives helpful, detailed, and polite answers to the user's questions."
+)
+_LEADING_NEWLINES = re.compile(r"\s*[\r\n]")  # leading whitespace up to its last newline
+
+
+@dataclass(frozen=True)
+class Segment:
+    """A piece of a rendered conversation: text, or one media marker."""
+
+    text: str = ""  # text to tokenize ("" for a media segment)
+    media: int | None = None  # index into Sample.images when this segment is a media marker
+    trainable: bool = False  # True only for assistant content and its terminator
+
+
+def render_text(segments: Sequence[Segment]) -> str:
+    """The whole text of `segments`, each media segment written as `<image>`."""
+    return "".join(IMAGE_MARKER if s.media is not None else s.text for s in segments)
+
+
+def trainable_text(segments: Sequence[Segment]) -> str:
+    """The concatenated text of the trainable segments: what the loss is computed on."""
+    return "".join(s.text for s in segments if s.trainable and s.media is None)
+
+
+class _Builder:
+    """Collects segments, merging adjacent text with the same `trainable` flag."""
+
+    def __init__(self) -> None:
+        self.segments: list[Segment] = []
+
+    def text(self, text: str, trainable: bool = False) -> None:
+        last = self.segments[-1] if self.segments else None
+        if trainable and last is not None and not last.trainable and last.text.endswith("\n"):
+            # Llama-3's pre-tokenizer makes one token of a whitespace run that ends in newlines
+            # (header "\n\n" + answer "\nred" → "\n\n\n", "red"), so such a run cannot be cut
+            # between header and answer: the answer's leading newlines join the header.
+            newlines = _LEADING_NEWLINES.match(text)
+            if newlines:
+                self.text(newlines.group())
+                self.text(text[newlines.end() :], trainable)
+                return
+        if not text:
+            return
+        if last is not None and last.media is None and last.trainable == trainable:
+            self.segments[-1] = Segment(text=last.text + text, trainable=trainable)
+        else:
+            self.segments.append(Segment(text=text, trainable=trainable))
+
+    def media(self, index: int) -> None:
+        self.segments.append(Segment(media=index))
+
+    def parts(self, parts: Sequence[Part], trainable: bool = False) -> None:
+        for part in parts:
+            if isinstance(part, Media):
+                self.media(part.index)
+            else:
+                self.text(part, trainable)
+
+
+class ChatTemplate:
+    """Base template: `bos`, a system block, then rounds of user turn, assistant header, answer.
+
+    A round renders as `user_prefix + question + user_suffix + assistant_header` (untrainable),
+    then `assistant_prefix + answer + assistant_end` (trainable), then `assistant_suffix`
+    (untrainable). Subclasses set these strings and override a hook where a format differs.
+    """
+
+    special_tokens: ClassVar[tuple[str, ...]] = ()  # strings that must be single tokens
+    stop_strings: ClassVar[tuple[str, ...]] = ()  # what ends an assistant turn at generation
+    default_system: ClassVar[str | None] = None  # used when neither argument nor turn gives one
+    bos: ClassVar[str] = ""
+    system_format: ClassVar[str] = "{system}"
+    user_prefix: ClassVar[str] = ""
+    user_suffix: ClassVar[str] = ""
+    assistant_header: ClassVar[str] = ""  # untrainable; the generation prompt ends with it
+    assistant_prefix: ClassVar[str] = ""  # trainable, before the answer (a leading space)
+    assistant_end: ClassVar[str] = ""  # trainable terminator: the model must learn to stop
+    assistant_suffix: ClassVar[str] = ""  # untrainable, after the terminator
+
+    def __init__(self, system: str | None = None):
+        """
+        Args:
+            system: System prompt; None uses the template's default (which may be none),
+                "" renders no system prompt. A leading system turn overrides it.
+        """
+        self.system = self.default_system if system is None else system
+
+    def render(self, turns: Sequence[Turn], add_generation_prompt: bool = False) -> list[Segment]:
+        """Segments of a conversation: an optional system turn, then user/assistant rounds.
+
+        With `add_generation_prompt`, the turns end with a user turn and the untrainable
+        assistant header is appended so that the model generates the answer.
+        """
+        system, rounds = self._rounds(turns, add_generation_prompt)
+        out = _Builder()
+        out.text(self.bos)
+        if system:
+            out.text(self._system_block(system))
+        for i, (user, assistant) in enumerate(rounds):
+            self._user(out, user, system if i == 0 else None)
+            if assistant is None:  # the generation prompt
+                out.text(self.assistant_header)
+            else:
+                self._assistant(out, assistant)
+        return out.segments
+
+    # hooks --------------------------------------------------------------------------------
+
+    def _system_block(self, system: str) -> str:
+        return self.system_format.format(system=system)
+
+    def _user(self, out: _Builder, turn: Turn, first_round_system: str | None) -> None:
+        out.text(self.user_prefix)
+        out.parts(turn.parts)
+        out.text(self.user_suffix)
+
+    def _assistant(self, out: _Builder, turn: Turn) -> None:
+        out.text(self.assistant_header)
+        out.text(self.assistant_prefix, trainable=True)
+        out.parts(turn.parts, trainable=True)
+        out.text(self.assistant_end, trainable=True)
+        out.text(self.assistant_suffix)
+
+    # validation ---------------------------------------------------------------------------
+
+    def _rounds(
+        self, turns: Sequence[Turn], add_generation_prompt: bool
+    ) -> tuple[str | None, list[tuple[Turn, Turn | None]]]:
+        """The system prompt and the (user, assistant) rounds; raises on a malformed order."""
+        name = type(self).__name__
+        for i, turn in enumerate(turns):
+            if turn.role not in ROLES:
+                raise ValueError(
+                    f"{name}: turn {i} has unknown role {turn.role!r}; expected one of {ROLES}"
+                )
+        system = self.system
+        body = list(turns)
+        if body and body[0].role == "system":
+            if body[0].num_media:
+                raise ValueError(f"{name}: the system turn holds media; put media in a user turn")
+            system = body[0].text
+            body = body[1:]
+        if not body:
+            raise ValueError(f"{name}: the conversation has no user turn")
+        rounds: list[tuple[Turn, Turn | None]] = []
+        for i, turn in enumerate(body):
+            expected = "user" if i % 2 == 0 else "assistant"
+            if turn.role != expected:
+                raise ValueError(
+                    f"{name}: turn {i + len(turns) - len(body)} is {turn.role!r} but {expected!r} "
+                    "was expected; a conversation is an optional leading system turn, then "
+                    "user and assistant turns alternating, starting with user"
+                )
+            if expected == "user":
+                rounds.append((turn, None))
+            else:
+                rounds[-1] = (rounds[-1][0], turn)
+        if add_generation_prompt and rounds[-1][1] is not None:
+            raise ValueError(
+                f"{name}: add_generation_prompt=True needs the conversation to end with a user "
+                "turn, but it ends with an assistant turn"
+            )
+        if not add_generation_prompt and rounds[-1][1] is None:
+            raise ValueError(
+                f"{name}: the conversation ends with a user turn and has no answer to train on; "
+                "pass add_generation_prompt=True to render a prompt for generation"
+            )
+        return system, rounds
+
+
+class Plain(ChatTemplate):
+    """LLaVA stage-1 pretraining: media then caption; trainable: each answer and its `\\n`.
+
+    Renders `<image>{a}\\n` per round: user text is dropped (as LLaVA's `plain` does) and so
+    is any system prompt; only the user's media are kept.
+    """
+
+    stop_strings = ("\n",)
+    assistant_end = "\n"
+
+    def _system_block(self, system: str) -> str:
+        return ""
+
+    def _user(self, out: _Builder, turn: Turn, first_round_system: str | None) -> None:
+        for part in turn.parts:
+            if isinstance(part, Media):
+                out.media(part.index)
+
+
+class Llama3(ChatTemplate):
+    """Llama-3 Instruct (Mantis `llama_3`); trainable: `{a}<|eot_id|>`.
+
+    `<|begin_of_text|>[<|start_header_id|>system<|end_header_id|>\\n\\n{sys}<|eot_id|>]`
+    `<|start_header_id|>user<|end_header_id|>\\n\\n{q}<|eot_id|>`
+    `<|start_header_id|>assistant<|end_header_id|>\\n\\n` + trainable `{a}<|eot_id|>`.
+    No default system prompt.
+    """
+
+    special_tokens = ("<|begin_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>")
+    stop_strings = ("<|eot_id|>",)
+    bos = "<|begin_of_text|>"
+    system_format = "<|start_header_id|>system<|end_header_id|>\n\n{system}<|eot_id|>"
+    user_prefix = "<|start_header_id|>user<|end_header_id|>\n\n"
+    user_suffix = "<|eot_id|>"
+    assistant_header = "<|start_header_id|>assistant<|end_header_id|>\n\n"
+    assistant_end = "<|eot_id|>"
+
+
+class ChatML(ChatTemplate):
+    """ChatML; trainable: `{a}<|im_end|>` (not the `\\n` after it).
+
+    `<|im_start|>system\\n{sys}<|im_end|>\\n<|im_start|>user\\n{q}<|im_end|>\\n`
+    `<|im_start|>assistant\\n` + trainable `{a}<|im_end|>` + `\\n`.
+    Default system prompt: "You are a helpful assistant."
+    """
+
+    special_tokens = ("<|im_start|>", "<|im_end|>")
+    stop_strings = ("<|im_end|>",)
+    default_system = "You are a helpful assistant."
+    system_format = "<|im_start|>system\n{system}<|im_end|>\n"
+    user_prefix = "<|im_start|>user\n"
+    user_suffix = "<|im_end|>\n"
+    assistant_header = "<|im_start|>assistant\n"
+    assistant_end = "<|im_end|>"
+    assistant_suffix = "\n"
+
+
+class Qwen25(ChatML):
+    """Qwen2.5 Instruct: ChatML with Qwen's default system prompt; trainable: `{a}<|im_end|>`."""
+
+    default_system = "You are Qwen, created by Alibaba Cloud. You are a helpful assistant."
+
+
+class _LlavaTwo(ChatTemplate):
+    """LLaVA's "TWO" separator style: `{sys} USER: {q} ASSISTANT: {a}{sep2}USER: ...`."""
+
+    default_system = LLAVA_SYSTEM
+    system_format = "{system} "
+    user_prefix = "USER: "
+    user_suffix = " "
+    assistant_header = "ASSISTANT:"
+    # The space after `ASSISTANT:` belongs to the answer, so the boundary comes before it.
+    assistant_prefix = " "
+
+
+class Phi(_LlavaTwo):
+    """Mipha / LLaVA-Phi (`v0`/phi, "TWO" style, sep2 `<|endoftext|>`); trainable: ` {a}<|endoftext|>`.
+
+    `{sys} USER: {q} ASSISTANT: {a}<|endoftext|>USER: {q2} ASSISTANT: {a2}<|endoftext|>`.
+    Default system prompt: LLaVA's "A chat between a curious user and ...".
+    """
+
+    special_tokens = ("<|endoftext|>",)
+    stop_strings = ("<|endoftext|>",)
+    assistant_end = "<|endoftext|>"
+
+
+class VicunaV1(_LlavaTwo):
+    """Vicuna v1 (LLaVA `vicuna_v1`, "TWO" style, sep2 `</s>`); trainable: ` {a}</s>`.
+
+    `<s>{sys} USER: {q} ASSISTANT: {a}</s>USER: {q2} ASSISTANT: {a2}</s>`.
+    Default system prompt: LLaVA's "A chat between a curious user and ...".
+    """
+
+    special_tokens = ("<s>", "</s>")
+    stop_strings = ("</s>",)
+    bos = "<s>"
+    assistant_end = "</s>"
+
+
+class Gemma(ChatTemplate):
+    """Gemma instruct turns; trainable: `{a}<end_of_turn>` (not the `\\n` after it).
+
+    `<bos><start_of_turn>user\\n{q}<end_of_turn>\\n<start_of_turn>model\\n` + trainable
+    `{a}<end_of_turn>` + `\\n`. Gemma has no system role: a system prompt (default none) is
+    prepended to the first user message, followed by `\\n\\n`.
+    """
+
+    special_tokens = ("<bos>", "<start_of_turn>", "<end_of_turn>")
+    stop_strings = ("<end_of_turn>",)
+    bos = "<bos>"
+    user_prefix = "<start_of_turn>user\n"
+    user_suffix = "<end_of_turn>\n"
+    assistant_header = "<start_of_turn>model\n"
+    assistant_end = "<end_of_turn>"
+    assistant_suffix = "\n"
+
+    def _system_block(self, system: str) -> str:
+        return ""  # goes into the first user turn
+
+    def _user(self, out: _Builder, turn: Turn, first_round_system: str | None) -> None:
+        out.text(self.user_prefix)
+        if first_round_system:
+            out.text(first_round_system + "\n\n")
+        out.parts(turn.parts)
+        out.text(self.user_suffix)
+
+
+class Llama2(ChatTemplate):
+    """Llama-2-chat (LLaVA `llama_2`, Cheetah); trainable: ` {a} </s>`.
+
+    `<s>[INST] <<SYS>>\\n{sys}\\n<</SYS>>\\n\\n{q} [/INST] {a} </s><s>[INST] {q2} [/INST] {a2} </s>`;
+    with no system prompt (the default) there is no `<<SYS>>` block.
+    """
+
+    special_tokens = ("<s>", "</s>")
+    stop_strings = ("</s>",)
+    user_prefix = "<s>[INST] "
+    user_suffix = " [/INST]"
+    assistant_prefix = " "
+    assistant_end = " </s>"
+
+    def _system_block(self, system: str) -> str:
+        return ""  # goes into the first [INST] block
+
+    def _user(self, out: _Builder, turn: Turn, first_round_system: str | None) -> None:
+        out.text(self.user_prefix)
+        if first_round_system:
+            out.text(f"<<SYS>>\n{first_round_system}\n<</SYS>>\n\n")
+        out.parts(turn.parts)
+        out.text(self.user_suffix)

@@ -1,0 +1,221 @@
+"""LMMModule: the Lightning loop every family shares (steps, logging, freezing, optimizers, generation)."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping
+
+import lightning as L
+import torch
+from lightning.pytorch.cli import OptimizerCallable
+from torch import Tensor, nn
+from transformers import AutoTokenizer, PreTrainedTokenizerBase
+
+from lmm.components.merge import causal_lm_loss
+from lmm.data.batch import Batch
+from lmm.data.processor import MediaSpec
+from lmm.evaluation.generate import cut_at_stop, generate_tokens
+from lmm.evaluation.metrics import ExactMatch, normalize_answer
+from lmm.training.optim import WarmupCosine, param_groups
+from lmm.utils.logging import get_logger
+
+log = get_logger(__name__)
+
+
+def load_tokenizer(path: str, image_token: str = "<image>") -> PreTrainedTokenizerBase:
+    """Load a tokenizer and make sure it has the image token and a pad token (as special tokens)."""
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    added = []
+    if image_token not in tokenizer.get_vocab():
+        added.append(image_token)
+    if added:
+        tokenizer.add_special_tokens({"additional_special_tokens": added})
+    if tokenizer.pad_token is None:
+        tokenizer.add_special_tokens({"pad_token": "<pad>"})
+    return tokenizer
+
+
+class LMMModule(L.LightningModule):
+    """Training, validation (loss) and test/predict (generation) steps for any family.
+
+    A family subclass provides `parts()` (named sub-modules: vision / connector / llm),
+    `media_spec()`, `embed(batch)` (token embeddings with media scattered in) and `llm`
+    (the transformers causal LM used for the forward pass and generation).
+    """
+
+    def __init__(
+        self,
+        tokenizer: str,
+        image_token: str = "<image>",
+        optimizer: OptimizerCallable = torch.optim.AdamW,
+        scheduler: WarmupCosine | None = None,
+        part_lr: dict[str, float] | None = None,
+        freeze: list[str] | None = None,
+        max_new_tokens: int = 32,
+        stop_strings: list[str] | None = None,
+    ):
+        """
+        Args:
+            tokenizer: folder or hub id of the tokenizer; `<image>` and a pad token are added if missing.
+            image_token: the placeholder token that media features replace.
+            optimizer: optimizer class and its arguments (its `lr` is the base learning rate).
+            scheduler: learning-rate schedule over the run's total steps (none = constant).
+            part_lr: learning rate per part (`vision`, `connector`, `llm`), overriding the base.
+            freeze: parts whose parameters are not trained.
+            max_new_tokens: generation length for test/predict.
+            stop_strings: strings that end generation (default: the data template's, plus eos).
+        """
+        super().__init__()
+        self.image_token = image_token
+        self.tokenizer = load_tokenizer(tokenizer, image_token)
+        self.image_token_id = self.tokenizer.convert_tokens_to_ids(image_token)
+        self.optimizer_factory = optimizer
+        self.scheduler_factory = scheduler
+        self.part_lr = dict(part_lr or {})
+        self.freeze_parts = list(freeze or [])
+        self.max_new_tokens = max_new_tokens
+        self.stop_strings = stop_strings
+        self.test_accuracy = ExactMatch()
+        self.task_accuracy = nn.ModuleDict()
+        self.predictions: list[dict] = []
+        self._step_start = 0.0
+
+    # --- what a family provides -----------------------------------------------------------
+    def parts(self) -> dict[str, nn.Module]:
+        raise NotImplementedError
+
+    def media_spec(self) -> MediaSpec:
+        raise NotImplementedError
+
+    def embed(self, batch: Batch) -> Tensor:
+        raise NotImplementedError
+
+    @property
+    def llm(self) -> nn.Module:
+        raise NotImplementedError
+
+    # --- shared ---------------------------------------------------------------------------
+    def apply_freeze(self) -> None:
+        parts = self.parts()
+        unknown = set(self.freeze_parts) - set(parts)
+        if unknown:
+            raise ValueError(
+                f"freeze names unknown parts {sorted(unknown)}; parts: {sorted(parts)}"
+            )
+        for name in self.freeze_parts:
+            parts[name].requires_grad_(False)
+
+    def forward(self, batch: Batch) -> Tensor:
+        """Logits `[B, L, V]` of a batch."""
+        embeds = self.embed(batch)
+        out = self.llm(
+            inputs_embeds=embeds,
+            attention_mask=batch.attention_mask,
+            position_ids=batch.position_ids,
+            use_cache=False,
+        )
+        return out.logits
+
+    def loss(self, batch: Batch) -> tuple[Tensor, Tensor]:
+        """Mean next-token loss over trained tokens, and their count."""
+        loss_sum, n = causal_lm_loss(self(batch), batch.labels)
+        return loss_sum / n.clamp(min=1), n
+
+    def on_train_batch_start(self, batch: Batch, batch_idx: int) -> None:
+        self._step_start = time.perf_counter()
+
+    def training_step(self, batch: Batch, batch_idx: int) -> Tensor:
+        loss, _ = self.loss(batch)
+        self.log("train/loss", loss, prog_bar=True, batch_size=len(batch))
+        return loss
+
+    def on_train_batch_end(self, outputs, batch: Batch, batch_idx: int) -> None:
+        elapsed = time.perf_counter() - self._step_start
+        if elapsed > 0:
+            self.log("train/tokens_per_s", batch.num_tokens / elapsed, batch_size=len(batch))
+
+    def validation_step(self, batch: Batch, batch_idx: int) -> Tensor:
+        loss, _ = self.loss(batch)
+        self.log("val/loss", loss, prog_bar=True, batch_size=len(batch), sync_dist=True)
+        return loss
+
+    def generate(self, batch: Batch, max_new_tokens: int | None = None, **sampling) -> list[str]:
+        """Answers for a left-padded prompt batch (greedy unless `temperature` > 0)."""
+        stops = self._stop_strings()
+        stop_ids = [self.tokenizer.eos_token_id] if self.tokenizer.eos_token_id is not None else []
+        for s in stops:
+            ids = (
+                self.tokenizer.convert_tokens_to_ids(s) if s in self.tokenizer.get_vocab() else None
+            )
+            if isinstance(ids, int):
+                stop_ids.append(ids)
+        tokens = generate_tokens(
+            self.llm,
+            self.embed(batch),
+            batch.attention_mask,
+            max_new_tokens=max_new_tokens or self.max_new_tokens,
+            stop_token_ids=stop_ids,
+            **sampling,
+        )
+        texts = self.tokenizer.batch_decode(tokens, skip_special_tokens=False)
+        return [cut_at_stop(t, stops) for t in texts]
+
+    def _stop_strings(self) -> list[str]:
+        if self.stop_strings is not None:
+            return list(self.stop_strings)
+        datamodule = getattr(self._trainer, "datamodule", None) if self._trainer else None
+        template = getattr(datamodule, "template", None)
+        return list(getattr(template, "stop_strings", ()))
+
+    def test_step(self, batch: Batch, batch_idx: int) -> None:
+        predictions = self.generate(batch)
+        refs = [r or "" for r in batch.references]
+        self.test_accuracy.update(predictions, refs)
+        for pred, ref, meta, sid in zip(predictions, refs, batch.meta, batch.ids, strict=True):
+            task = meta.get("task")
+            if task is not None:
+                if task not in self.task_accuracy:
+                    self.task_accuracy[task] = ExactMatch().to(self.device)
+                self.task_accuracy[task].update([pred], [ref])
+            correct = normalize_answer(pred) == normalize_answer(ref)
+            self.predictions.append(
+                {"id": sid, "task": task, "prediction": pred, "reference": ref, "correct": correct}
+            )
+        self.log("test/accuracy", self.test_accuracy, batch_size=len(batch))
+
+    def on_test_epoch_start(self) -> None:
+        self.predictions = []
+
+    def on_test_epoch_end(self) -> None:
+        for task, metric in self.task_accuracy.items():
+            self.log(f"test/accuracy/{task}", metric.compute())
+            metric.reset()
+
+    def predict_step(self, batch: Batch, batch_idx: int) -> list[dict]:
+        answers = self.generate(batch)
+        return [{"id": i, "prediction": a} for i, a in zip(batch.ids, answers, strict=True)]
+
+    def configure_optimizers(self):
+        groups = param_groups(
+            self.parts(), base_lr=_base_lr(self.optimizer_factory), part_lr=self.part_lr
+        )
+        if not groups:
+            raise ValueError("nothing to train: every part is frozen")
+        optimizer = self.optimizer_factory(groups)
+        if self.scheduler_factory is None:
+            return optimizer
+        total = self.trainer.estimated_stepping_batches
+        scheduler = self.scheduler_factory(optimizer, total)
+        return {
+            "optimizer": optimizer,
+            "lr_scheduler": {"scheduler": scheduler, "interval": "step"},
+        }
+
+
+def _base_lr(factory) -> float:
+    """The lr the optimizer factory was configured with (its default if none)."""
+    keywords: Mapping = getattr(factory, "keywords", None) or {}
+    if "lr" in keywords:
+        return float(keywords["lr"])
+    probe = factory([torch.nn.Parameter(torch.zeros(1))])
+    return float(probe.defaults["lr"])

@@ -1,0 +1,42 @@
+"""LlavaModule: the LLaVA family in the shared Lightning loop."""
+
+from __future__ import annotations
+
+from torch import Tensor, nn
+
+from lmm.data.batch import Batch
+from lmm.families.base import LMMModule
+from lmm.families.llava.model import LlavaMediaSpec, LlavaModel
+
+
+class LlavaModule(LMMModule):
+    """Trains and evaluates a `LlavaModel`; parts are `vision`, `connector` and `llm`."""
+
+    def __init__(self, model: LlavaModel, tokenizer: str, **kwargs):
+        """
+        Args:
+            model: the LLaVA model (vision tower, connector, LLM).
+            tokenizer: folder or hub id of the LLM's tokenizer.
+        """
+        super().__init__(tokenizer=tokenizer, **kwargs)
+        self.model = model
+        model.llm.resize_vocab(len(self.tokenizer))
+        self.apply_freeze()
+        self.train()  # from_pretrained leaves modules in eval mode
+
+    def parts(self) -> dict[str, nn.Module]:
+        return {
+            "vision": self.model.vision,
+            "connector": self.model.connector,
+            "llm": self.model.llm,
+        }
+
+    def media_spec(self) -> LlavaMediaSpec:
+        return self.model.media_spec()
+
+    def embed(self, batch: Batch) -> Tensor:
+        return self.model.embed(batch, self.image_token_id)
+
+    @property
+    def llm(self) -> nn.Module:
+        return self.model.llm.model

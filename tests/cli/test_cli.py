@@ -1,0 +1,90 @@
+"""The `lmm` command: every recipe parses; `lmm fit` / `lmm test` run on the tiny model."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from lmm.cli import LMMCLI, main
+
+RECIPES = sorted(Path(__file__).resolve().parents[2].joinpath("recipes").rglob("*.yaml"))
+
+
+def test_there_are_recipes():
+    assert RECIPES
+
+
+@pytest.mark.parametrize("recipe", RECIPES, ids=lambda p: str(p.relative_to(p.parents[1])))
+def test_recipe_parses(recipe, capsys, tmp_path):
+    with pytest.raises(SystemExit) as exit_:
+        LMMCLI(
+            args=[
+                "fit",
+                f"--config={recipe}",
+                f"--trainer.default_root_dir={tmp_path}",
+                "--print_config",
+            ]
+        )
+    assert exit_.value.code == 0
+    printed = capsys.readouterr().out
+    assert "class_path: lmm.families." in printed and "trainer:" in printed
+
+
+def _tiny_args(tiny_assets, synthetic_data, tmp_path) -> list[str]:
+    recipe = next(r for r in RECIPES if r.name == "llava_synthetic.yaml")
+    return [
+        f"--config={recipe}",
+        f"--trainer.default_root_dir={tmp_path}",
+        f"--trainer.logger.init_args.save_dir={tmp_path}",
+        f"--data.init_args.train={synthetic_data / 'train.json'}",
+        f"--data.init_args.val={synthetic_data / 'val.json'}",
+        f"--data.init_args.test={synthetic_data / 'test.json'}",
+        f"--model.init_args.tokenizer={tiny_assets['tokenizer']}",
+        f"--model.init_args.model.init_args.vision.init_args.path={tiny_assets['vision']}",
+        f"--model.init_args.model.init_args.llm.init_args.path={tiny_assets['llm']}",
+    ]
+
+
+def test_fit_then_test_from_the_command_line(tiny_assets, synthetic_data, tmp_path):
+    args = _tiny_args(tiny_assets, synthetic_data, tmp_path)
+    main(
+        [
+            "fit",
+            *args,
+            "--trainer.max_steps=3",
+            "--trainer.val_check_interval=3",
+            "--trainer.log_every_n_steps=1",
+            "--data.init_args.batch_size=4",
+        ]
+    )
+    ckpts = list(tmp_path.rglob("*.ckpt"))
+    assert ckpts, "fit should write a checkpoint"
+    metrics = (tmp_path / "version_0" / "metrics.csv").read_text()
+    assert "train/loss" in metrics and "val/loss" in metrics and "train/tokens_per_s" in metrics
+    cli = LMMCLI(args=[*args, "--trainer.limit_test_batches=1"], run=False)
+    [result] = cli.trainer.test(cli.model, datamodule=cli.datamodule, ckpt_path=str(ckpts[0]))
+    assert 0.0 <= result["test/accuracy"] <= 1.0
+    assert len(cli.model.predictions) == 16
+
+
+def test_override_from_command_line_reaches_the_module(tiny_assets, synthetic_data, tmp_path):
+    args = _tiny_args(tiny_assets, synthetic_data, tmp_path)
+    overrides = [
+        "--model.init_args.freeze=[vision]",
+        "--model.init_args.part_lr={connector: 0.01}",
+        "--model.init_args.scheduler=null",
+    ]
+    cli = LMMCLI(args=[*args, *overrides], run=False)
+    assert not any(p.requires_grad for p in cli.model.model.vision.parameters())
+    opt = cli.model.configure_optimizers()
+    lrs = {g["name"]: g["lr"] for g in opt.param_groups}
+    assert lrs["connector"] == 0.01 and lrs["llm"] == 0.001 and "vision" not in lrs
+
+
+def test_synth_writes_data(tmp_path):
+    main(["synth", "--out", str(tmp_path), "--train", "10", "--val", "5", "--test", "5"])
+    meta = json.loads((tmp_path / "meta.json").read_text())
+    assert len(json.loads((tmp_path / "train.json").read_text())) == 10
+    assert "counts" in meta
