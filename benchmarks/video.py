@@ -1,0 +1,144 @@
+"""Video frame sampling speed: decord seeking vs decoding every frame vs PyAV seeking.
+
+Writes a synthetic H.264 mp4 (a red ramp and a moving bar, as in CPU.md section 7) to a temp
+dir, samples `--sample` uniform frames from it, and reports frames returned per second of wall
+time (median of `--repeats`). Every method opens the file afresh each repeat, as a DataLoader
+worker does, and uses one decoder thread. The last line printed is one JSON object.
+
+    python benchmarks/video.py [--frames 300] [--size 224] [--sample 8] [--gop 250] [--texture]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import av
+import numpy as np
+
+from lmm.data.video import VideoReader, sample_indices
+
+
+def write_video(
+    path: Path, frames: int, size: int, fps: int, gop: int | None, texture: bool = False
+) -> None:
+    """A synthetic mp4: red ramp over time, a bar moving across, libx264 defaults otherwise.
+
+    texture: pan over a random texture, which decodes about 4x slower, like real footage.
+    """
+    pattern = np.random.default_rng(0).integers(0, 128, (size, 2 * size, 3), dtype=np.uint8)
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream("libx264", rate=fps)
+        stream.width = stream.height = size
+        stream.pix_fmt = "yuv420p"
+        if gop is not None:
+            stream.gop_size = gop
+        for i in range(frames):
+            img = np.zeros((size, size, 3), np.uint8)  # [H, W, 3]
+            if texture:
+                img += pattern[:, i % size : i % size + size]
+            img[..., 0] = int(255 * i / max(frames - 1, 1))
+            x = (i * 3) % (size - 8)
+            img[:, x : x + 8] = (40, 200, 255)
+            for packet in stream.encode(av.VideoFrame.from_ndarray(img, format="rgb24")):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+
+
+def full_decode(path: Path, indices: list[int]) -> np.ndarray:
+    """The baseline: decode every frame in order with PyAV and keep the sampled ones."""
+    wanted = set(indices)
+    out: dict[int, np.ndarray] = {}
+    with av.open(str(path)) as container:
+        stream = container.streams.video[0]
+        stream.codec_context.thread_count = 1
+        for i, frame in enumerate(container.decode(stream)):
+            if i in wanted:
+                out[i] = frame.to_ndarray(format="rgb24")
+    return np.stack([out[i] for i in indices])
+
+
+def timed(fn: Callable[[], np.ndarray], repeats: int) -> tuple[float, np.ndarray]:
+    """Median wall seconds of `fn()` over `repeats` runs (after one warm-up), and its output."""
+    out = fn()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times), out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--frames", type=int, default=300, help="frames in the synthetic video")
+    parser.add_argument("--size", type=int, default=224, help="frame width and height")
+    parser.add_argument("--fps", type=int, default=30, help="frame rate of the video")
+    parser.add_argument("--sample", type=int, default=8, help="uniform frames to sample (8, 16)")
+    parser.add_argument(
+        "--gop", type=int, default=None, help="keyframe interval (default: libx264's, 250)"
+    )
+    parser.add_argument("--texture", action="store_true", help="pan over a noise texture")
+    parser.add_argument("--repeats", type=int, default=7, help="timed runs per method")
+    args = parser.parse_args()
+
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "synthetic.mp4"
+        start = time.perf_counter()
+        write_video(path, args.frames, args.size, args.fps, args.gop, args.texture)
+        encode_s = time.perf_counter() - start
+
+        pyav = VideoReader("pyav")
+        info = pyav.info(path)
+        indices = sample_indices(info.num_frames, info.avg_fps, max_frames=args.sample)
+        decord = VideoReader("decord")
+        results = {
+            "decord_seek": timed(lambda: decord.read(path, indices), args.repeats),
+            "full_decode": timed(lambda: full_decode(path, indices), args.repeats),
+            "pyav": timed(lambda: pyav.read(path, indices), args.repeats),
+        }
+
+    reference = results["full_decode"][1].astype(int)
+    diff = {k: int(np.abs(out.astype(int) - reference).max()) for k, (_, out) in results.items()}
+    k = len(indices)
+    fps = {name: k / seconds for name, (seconds, _) in results.items()}
+
+    print(
+        f"video: {info.num_frames} frames {info.width}x{info.height} @ {info.avg_fps:g} fps, "
+        f"gop={args.gop or 'libx264 default'}, texture={args.texture}, encoded in {encode_s:.2f}s"
+    )
+    print(f"sampled {k} uniform frames {indices}; median of {args.repeats}, 1 decoder thread\n")
+    print(f"{'method':<34}{'ms/video':>10}{'frames/s':>10}{'max|diff|':>11}")
+    labels = {
+        "decord_seek": "decord seek (VideoReader decord)",
+        "full_decode": "PyAV decode all, keep sampled",
+        "pyav": "PyAV seek (VideoReader pyav)",
+    }
+    for name, (seconds, _) in results.items():
+        print(f"{labels[name]:<34}{seconds * 1e3:>10.1f}{fps[name]:>10.1f}{diff[name]:>11}")
+    print(
+        json.dumps(
+            {
+                "decord_seek_fps": round(fps["decord_seek"], 1),
+                "full_decode_fps": round(fps["full_decode"], 1),
+                "pyav_fps": round(fps["pyav"], 1),
+                "frames_sampled": k,
+                "video_frames": info.num_frames,
+                "size": args.size,
+                "gop": args.gop,
+                "texture": args.texture,
+                "repeats": args.repeats,
+                "max_abs_diff_vs_full_decode": max(diff.values()),
+            }
+        )
+    )
+
+
+if __name__ == "__main__":
+    main()

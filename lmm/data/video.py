@@ -1,0 +1,378 @@
+"""Videos as lists of frames: which frames to sample, and decoding only those (decord or PyAV)."""
+
+from __future__ import annotations
+
+import bisect
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+from PIL import Image
+
+from lmm.data.sample import BadRecordError
+from lmm.utils.logging import get_logger
+
+log = get_logger(__name__)
+
+Strategy = Literal["uniform", "fps", "segments"]
+Backend = Literal["auto", "decord", "pyav"]
+STRATEGIES: tuple[str, ...] = ("uniform", "fps", "segments")
+BACKENDS: tuple[str, ...] = ("auto", "decord", "pyav")
+
+
+def _check_sampling(strategy: str, max_frames: int, fps: float | None) -> None:
+    """Raise ValueError for sampling arguments that no video could satisfy."""
+    if strategy not in STRATEGIES:
+        raise ValueError(f"strategy must be one of {STRATEGIES}, got {strategy!r}")
+    if isinstance(max_frames, bool) or not isinstance(max_frames, int) or max_frames < 1:
+        raise ValueError(f"max_frames must be an int >= 1, got {max_frames!r}")
+    if strategy == "fps":
+        if fps is None or not fps > 0:
+            raise ValueError(
+                f"strategy='fps' needs fps > 0 (frames per second to keep), got {fps!r}"
+            )
+    elif fps is not None:
+        # An ignored fps would silently change what the model sees; make the choice explicit.
+        raise ValueError(f"fps={fps} is used only by strategy='fps', got strategy={strategy!r}")
+
+
+def _uniform(n: int, k: int) -> list[int]:
+    """`k` indices evenly spaced over `0..n-1`, both ends included, rounded to nearest."""
+    k = min(k, n)
+    return [int(i) for i in np.linspace(0, n - 1, k).round()]
+
+
+def sample_indices(
+    num_frames: int,
+    avg_fps: float,
+    *,
+    strategy: Strategy = "uniform",
+    max_frames: int = 8,
+    fps: float | None = None,
+) -> list[int]:
+    """Frame indices to decode, sorted and deterministic, at most `max_frames` of them.
+
+    uniform (LLaVA-OneVision, `process_video_with_decord` in LLaVA-NeXT): k = min(max_frames,
+        num_frames) indices `np.linspace(0, num_frames - 1, k).round()`; first and last frame
+        included. (LLaVA-NeXT truncates with `dtype=int`; we round to nearest, numpy's
+        half-to-even.) 30 frames, 8 → [0, 4, 8, 12, 17, 21, 25, 29].
+    fps (Mantis video loader): one frame every `ceil(avg_fps / fps)` frames starting at 0; when
+        that gives more than max_frames, keep max_frames of them with the uniform rule above.
+        60 frames at 30 fps, fps=2 → step 15 → [0, 15, 30, 45].
+    segments (MVBench `get_index`, TSN test mode): split `[0, num_frames)` into k = min(max_frames,
+        num_frames) equal segments and take each one's midpoint, `int(start + (end - start) / 2)`.
+        (MVBench spans `[0, num_frames - 1]`; we span all frames so segments are equal.)
+        30 frames, 8 → [1, 5, 9, 13, 16, 20, 24, 28].
+    """
+    _check_sampling(strategy, max_frames, fps)
+    if isinstance(num_frames, bool) or not isinstance(num_frames, int) or num_frames < 1:
+        raise ValueError(f"num_frames must be an int >= 1, got {num_frames!r}")
+    if strategy == "uniform":
+        return _uniform(num_frames, max_frames)
+    if strategy == "fps":
+        assert fps is not None  # checked above; for the type checker
+        if not avg_fps > 0:
+            raise ValueError(f"strategy='fps' needs the video's avg_fps > 0, got {avg_fps!r}")
+        step = max(1, math.ceil(avg_fps / fps))
+        candidates = list(range(0, num_frames, step))
+        if len(candidates) <= max_frames:
+            return candidates
+        return [candidates[i] for i in _uniform(len(candidates), max_frames)]
+    k = min(max_frames, num_frames)
+    seg = num_frames / k
+    return [int(i * seg + seg / 2) for i in range(k)]
+
+
+@dataclass(frozen=True)
+class VideoInfo:
+    """What a video's container says about its (first) video stream."""
+
+    num_frames: int
+    avg_fps: float
+    width: int
+    height: int
+
+
+class VideoError(ValueError):
+    """A video file that cannot be opened or decoded as asked (the message names the file)."""
+
+
+def _check_indices(indices: Sequence[int], num_frames: int, path: Path, header: int) -> list[int]:
+    """Indices as ints; VideoError when one is past the frames the file actually holds."""
+    out = [int(i) for i in indices]
+    if not out:
+        raise ValueError("indices is empty: ask for at least one frame")
+    if min(out) < 0:
+        raise ValueError(f"frame indices must be >= 0, got {min(out)}")
+    if max(out) >= num_frames:
+        said = f" (its header says {header})" if header and header != num_frames else ""
+        raise VideoError(
+            f"{path}: frame {max(out)} asked but only {num_frames} frames can be read{said}; "
+            "the file looks truncated"
+        )
+    return out
+
+
+class VideoReader:
+    """Decode only the sampled frames: decord (seeks) when importable, else PyAV; PyAV also when decord fails on a file."""
+
+    def __init__(self, backend: Backend = "auto", num_threads: int = 1):
+        """Choose the decoder.
+
+        Args:
+            backend: `auto` tries decord then PyAV per file; `decord` or `pyav` use only that one.
+            num_threads: decoder threads per call; 1 suits DataLoader workers, which already
+                decode different videos in parallel.
+        """
+        if backend not in BACKENDS:
+            raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+        self.backend = backend
+        self.num_threads = num_threads
+        self._decord: Any = None
+        if backend in ("auto", "decord"):
+            try:
+                import decord
+            except ImportError as e:
+                if backend == "decord":
+                    # decord has wheels only for x86_64 Linux/Windows (none for aarch64, macOS arm64)
+                    raise ImportError(
+                        "backend='decord' but decord is not installed; `pip install decord` "
+                        "(x86_64 only) or use backend='pyav'"
+                    ) from e
+            else:
+                self._decord = decord
+
+    def info(self, path: str | Path) -> VideoInfo:
+        """Frame count, average fps and size of the first video stream."""
+        return self._run("info", Path(path))
+
+    def read(self, path: str | Path, indices: Sequence[int]) -> np.ndarray:
+        """The frames at `indices`, in the order asked (repeats allowed): `[k, H, W, 3]` uint8 RGB."""
+        return self._run("read", Path(path), indices)
+
+    def _run(self, op: str, path: Path, *args: Any) -> Any:
+        """Call the decord implementation of `op`, falling back to PyAV under `auto`."""
+        if not path.is_file():
+            raise FileNotFoundError(f"video file not found: {path}")
+        if self._decord is not None:
+            try:
+                return getattr(self, f"_decord_{op}")(path, *args)
+            except VideoError as e:
+                if self.backend == "decord":
+                    raise
+                log.debug("decord failed on %s (%s); trying PyAV", path, e)
+            except (ValueError, TypeError):
+                raise  # bad arguments, not a bad file: PyAV would refuse them too
+            except Exception as e:
+                # decord raises its own DECORDError or RuntimeError for anything it cannot decode
+                if self.backend == "decord":
+                    raise VideoError(f"{path}: decord cannot read it: {_first_line(e)}") from e
+                log.debug("decord failed on %s (%s); trying PyAV", path, _first_line(e))
+        return getattr(self, f"_pyav_{op}")(path, *args)
+
+    # decord ----------------------------------------------------------------------------------
+
+    def _decord_open(self, path: Path) -> Any:
+        return self._decord.VideoReader(
+            str(path), ctx=self._decord.cpu(0), num_threads=self.num_threads
+        )
+
+    @staticmethod
+    def _to_numpy(batch: Any) -> np.ndarray:
+        # decord's output type follows a global bridge (numpy, torch, ...) someone may have set
+        return batch.asnumpy() if hasattr(batch, "asnumpy") else np.asarray(batch)
+
+    def _decord_info(self, path: Path) -> VideoInfo:
+        vr = self._decord_open(path)
+        # decord exposes no frame size without decoding; frame 0 is a keyframe, so this is cheap
+        h, w = self._to_numpy(vr.get_batch([0])).shape[1:3]
+        return VideoInfo(len(vr), float(vr.get_avg_fps()), int(w), int(h))
+
+    def _decord_read(self, path: Path, indices: Sequence[int]) -> np.ndarray:
+        vr = self._decord_open(path)
+        idx = _check_indices(indices, len(vr), path, len(vr))
+        return self._to_numpy(vr.get_batch(idx))  # decord seeks to keyframes itself
+
+    # PyAV ------------------------------------------------------------------------------------
+
+    def _pyav_open(self, path: Path) -> Any:
+        import av
+
+        try:
+            container = av.open(str(path))
+        except av.FFmpegError as e:
+            raise VideoError(f"{path}: not a readable video ({_first_line(e)})") from e
+        if not container.streams.video:
+            container.close()
+            raise VideoError(f"{path}: the file has no video stream")
+        stream = container.streams.video[0]
+        stream.codec_context.thread_count = self.num_threads
+        return container
+
+    def _pyav_info(self, path: Path) -> VideoInfo:
+        import av
+
+        with self._pyav_open(path) as container:
+            stream = container.streams.video[0]
+            num_frames = stream.frames
+            if not num_frames:
+                # Some containers (webm, mkv, raw streams) leave the count at 0: count packets,
+                # which demuxes without decoding (one packet per frame for video codecs).
+                try:
+                    num_frames = sum(p.size > 0 for p in container.demux(stream))
+                except av.FFmpegError as e:
+                    raise VideoError(f"{path}: cannot demux ({_first_line(e)})") from e
+            rate = stream.average_rate or stream.guessed_rate or 0
+            ctx = stream.codec_context
+            return VideoInfo(int(num_frames), float(rate), int(ctx.width), int(ctx.height))
+
+    def _pyav_read(self, path: Path, indices: Sequence[int]) -> np.ndarray:
+        import av
+
+        try:
+            with self._pyav_open(path) as container:
+                stream = container.streams.video[0]
+                # One demux pass (no decoding) maps frame index -> pts and finds the keyframes:
+                # frame i is the i-th smallest pts, as decord numbers them.
+                packets = [(p.pts, p.is_keyframe) for p in container.demux(stream) if p.size > 0]
+                if all(pts is not None for pts, _ in packets):
+                    pts_of = sorted(pts for pts, _ in packets)
+                    keyframes = sorted(pts for pts, key in packets if key)
+                    idx = _check_indices(indices, len(pts_of), path, stream.frames)
+                    wanted = sorted(set(idx))
+                    frames = self._pyav_seek_decode(container, path, pts_of, keyframes, wanted)
+                    return np.stack([frames[i] for i in idx])
+            # No timestamps to seek by (e.g. raw .h264): decode from the start, counting frames.
+            with self._pyav_open(path) as container:
+                return self._pyav_read_sequential(container, path, indices)
+        except av.FFmpegError as e:
+            raise VideoError(f"{path}: decoding failed ({_first_line(e)})") from e
+
+    @staticmethod
+    def _pyav_seek_decode(
+        container: Any, path: Path, pts_of: list[int], keyframes: list[int], wanted: list[int]
+    ) -> dict[int, np.ndarray]:
+        """Decode the `wanted` (sorted) frames, seeking to the keyframe before each."""
+        stream = container.streams.video[0]
+        out: dict[int, np.ndarray] = {}
+        frames = None
+        last_pts: int | None = None
+        for i in wanted:
+            target = pts_of[i]
+            k = bisect.bisect_right(keyframes, target) - 1
+            key = keyframes[k] if k >= 0 else pts_of[0]
+            # Seek only when a keyframe lies past what is decoded: within a GOP decoding on is
+            # cheaper than seeking back to the same keyframe.
+            if frames is None or last_pts is None or key > last_pts:
+                container.seek(key, stream=stream, backward=True, any_frame=False)
+                frames = container.decode(stream)
+            for frame in frames:
+                if frame.pts is None:
+                    continue
+                last_pts = frame.pts
+                if frame.pts == target:
+                    out[i] = frame.to_ndarray(format="rgb24")
+                    break
+                if frame.pts > target:
+                    raise VideoError(f"{path}: frame {i} (pts {target}) could not be decoded")
+            else:
+                raise VideoError(
+                    f"{path}: decoding stopped before frame {i} of {len(pts_of)}; "
+                    "the file looks truncated"
+                )
+        return out
+
+    @staticmethod
+    def _pyav_read_sequential(container: Any, path: Path, indices: Sequence[int]) -> np.ndarray:
+        """Decode from the start, keeping the frames at `indices`."""
+        idx = [int(i) for i in indices]
+        if not idx or min(idx) < 0:
+            raise ValueError(f"indices must be non-empty and >= 0, got {idx}")
+        wanted = set(idx)
+        out: dict[int, np.ndarray] = {}
+        count = 0
+        for frame in container.decode(container.streams.video[0]):
+            if count in wanted:
+                out[count] = frame.to_ndarray(format="rgb24")
+                if len(out) == len(wanted):
+                    break
+            count += 1
+        if len(out) < len(wanted):
+            raise VideoError(
+                f"{path}: frame {max(idx)} asked but only {count} frames decode; "
+                "the file looks truncated"
+            )
+        return np.stack([out[i] for i in idx])
+
+
+def _first_line(e: BaseException) -> str:
+    """An exception's message, first line only (decord appends C++ stack traces)."""
+    if getattr(e, "strerror", None):  # FFmpeg errors: the reason without errno and path
+        return str(e.strerror)  # type: ignore[attr-defined]
+    text = str(e).strip().splitlines()
+    return text[0] if text else type(e).__name__
+
+
+def load_video(
+    path: str | Path,
+    *,
+    max_frames: int = 8,
+    fps: float | None = None,
+    strategy: Strategy = "uniform",
+    min_frames: int = 1,
+    reader: VideoReader | None = None,
+    source: str | Path = "<memory>",
+    record_id: str = "?",
+) -> list[Image.Image]:
+    """Sample a video's frames (see `sample_indices`) as RGB images; a bad file raises BadRecordError."""
+    _check_sampling(strategy, max_frames, fps)
+    if min_frames < 1:
+        raise ValueError(f"min_frames must be >= 1, got {min_frames}")
+    path = Path(path)
+    if not path.is_file():
+        raise BadRecordError(
+            source,
+            record_id,
+            f"video file {str(path)!r} not found",
+            "fix the path or drop the record",
+        )
+    reader = reader if reader is not None else VideoReader()
+    reencode = (
+        "re-encode it (ffmpeg -i in.mp4 -c:v libx264 out.mp4), re-download it or drop the record"
+    )
+    try:
+        info = reader.info(path)
+    except VideoError as e:
+        raise BadRecordError(source, record_id, f"cannot read video: {e}", reencode) from e
+    if strategy == "fps" and not info.avg_fps > 0:
+        raise BadRecordError(
+            source,
+            record_id,
+            f"video {path} has no frame rate for strategy='fps'",
+            "use strategy='uniform' or re-encode the file with a frame rate",
+        )
+    if info.num_frames < 1:
+        raise BadRecordError(source, record_id, f"video {path} has no frames", reencode)
+    indices = sample_indices(
+        info.num_frames, info.avg_fps, strategy=strategy, max_frames=max_frames, fps=fps
+    )
+    if len(indices) < min_frames:
+        if len(indices) == info.num_frames:
+            problem = f"video {path} has {info.num_frames} frames but min_frames={min_frames}"
+        else:
+            problem = (
+                f"video {path} has {info.num_frames} frames, of which strategy={strategy!r} "
+                f"(fps={fps}, max_frames={max_frames}) samples {len(indices)}, "
+                f"but min_frames={min_frames}"
+            )
+        raise BadRecordError(
+            source, record_id, problem, "drop the record, or lower min_frames / raise fps"
+        )
+    try:
+        frames = reader.read(path, indices)  # [k, H, W, 3] uint8
+    except VideoError as e:
+        raise BadRecordError(source, record_id, f"cannot decode video: {e}", reencode) from e
+    return [Image.fromarray(f) for f in frames]

@@ -1,0 +1,221 @@
+"""Video frame sampling and decoding: exact indices, decord = PyAV, and bad files as BadRecordError."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+av = pytest.importorskip("av")
+
+from lmm.data.sample import BadRecordError  # noqa: E402
+from lmm.data.video import (  # noqa: E402
+    VideoError,
+    VideoInfo,
+    VideoReader,
+    load_video,
+    sample_indices,
+)
+
+SIZE = 64
+BITS = 6  # frame index written as 6 black/white stripes, 8 px wide: robust to YUV rounding
+STRIPE = 8
+
+
+def frame_image(i: int) -> np.ndarray:
+    """Frame `i`: its index in binary stripes on the left, a colour ramp on the right."""
+    img = np.zeros((SIZE, SIZE, 3), np.uint8)  # [H, W, 3]
+    for b in range(BITS):
+        if (i >> b) & 1:
+            img[:, b * STRIPE : (b + 1) * STRIPE] = 255
+    img[:, BITS * STRIPE :, 0] = (i * 5) % 256
+    img[:, BITS * STRIPE :, 1] = 128
+    return img
+
+
+def frame_index(frame: np.ndarray) -> int:
+    """Read back the index `frame_image` wrote."""
+    means = [frame[:, b * STRIPE : (b + 1) * STRIPE].mean() for b in range(BITS)]
+    return sum(1 << b for b, m in enumerate(means) if m > 128)
+
+
+def write_video(
+    path: Path, n: int = 45, fps: int = 30, gop: int = 10, faststart: bool = False
+) -> Path:
+    """An H.264 file of `n` frames; a short GOP so that seeking crosses keyframes."""
+    options = {"movflags": "faststart"} if faststart else {}
+    with av.open(str(path), "w", options=options) as container:
+        stream = container.add_stream("libx264", rate=fps)
+        stream.width = stream.height = SIZE
+        stream.pix_fmt = "yuv420p"
+        stream.gop_size = gop
+        for i in range(n):
+            frame = av.VideoFrame.from_ndarray(frame_image(i), format="rgb24")
+            for packet in stream.encode(frame):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+    return path
+
+
+@pytest.fixture(scope="module")
+def video(tmp_path_factory) -> Path:
+    return write_video(tmp_path_factory.mktemp("video") / "clip.mp4")
+
+
+# sampling ------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("args", "kwargs", "expected"),
+    [
+        ((30, 30.0), {}, [0, 4, 8, 12, 17, 21, 25, 29]),  # linspace(0, 29, 8).round()
+        ((5, 30.0), {}, [0, 1, 2, 3, 4]),  # fewer frames than max_frames: all of them
+        ((10, 30.0), {"max_frames": 1}, [0]),
+        ((10, 30.0), {"max_frames": 3}, [0, 4, 9]),  # 4.5 rounds half to even
+        ((60, 30.0), {"strategy": "fps", "fps": 2}, [0, 15, 30, 45]),  # every 15th
+        ((100, 29.97), {"strategy": "fps", "fps": 2}, [0, 15, 30, 45, 60, 75, 90]),  # ceil(14.985)
+        ((10, 30.0), {"strategy": "fps", "fps": 60, "max_frames": 4}, [0, 3, 6, 9]),  # step 1
+        ((300, 30.0), {"strategy": "fps", "fps": 1, "max_frames": 4}, [0, 90, 180, 270]),
+        ((30, 30.0), {"strategy": "segments"}, [1, 5, 9, 13, 16, 20, 24, 28]),  # 3.75 per segment
+        ((10, 30.0), {"strategy": "segments", "max_frames": 4}, [1, 3, 6, 8]),  # 2.5 per segment
+        ((4, 30.0), {"strategy": "segments"}, [0, 1, 2, 3]),
+    ],
+)
+def test_sample_indices(args, kwargs, expected):
+    assert sample_indices(*args, **kwargs) == expected
+
+
+@pytest.mark.parametrize(
+    ("args", "kwargs", "match"),
+    [
+        ((30, 30.0), {"strategy": "random"}, "strategy must be one of"),
+        ((30, 30.0), {"max_frames": 0}, "max_frames must be"),
+        ((30, 30.0), {"strategy": "fps"}, "needs fps > 0"),
+        ((30, 30.0), {"strategy": "fps", "fps": 0}, "needs fps > 0"),
+        ((30, 30.0), {"fps": 1.0}, "used only by strategy='fps'"),
+        ((0, 30.0), {}, "num_frames must be"),
+        ((30, 0.0), {"strategy": "fps", "fps": 1}, "avg_fps > 0"),
+    ],
+)
+def test_sample_indices_rejects_bad_arguments(args, kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        sample_indices(*args, **kwargs)
+
+
+# decoding ------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("backend", ["decord", "pyav"])
+def test_reader_returns_the_asked_frames(video, backend):
+    if backend == "decord":
+        pytest.importorskip("decord")
+    reader = VideoReader(backend)
+    assert reader.info(video) == VideoInfo(num_frames=45, avg_fps=30.0, width=SIZE, height=SIZE)
+    indices = [44, 0, 17, 17, 3, 31]  # unsorted, repeated, across keyframes (every 10)
+    frames = reader.read(video, indices)
+    assert frames.shape == (6, SIZE, SIZE, 3) and frames.dtype == np.uint8
+    assert [frame_index(f) for f in frames] == indices
+
+
+def test_decord_and_pyav_decode_the_same_pixels(video):
+    pytest.importorskip("decord")
+    indices = list(range(45))
+    a = VideoReader("decord").read(video, indices).astype(int)
+    b = VideoReader("pyav").read(video, indices).astype(int)
+    assert np.abs(a - b).max() <= 2  # only YUV -> RGB rounding may differ
+    # and both are the frames that were encoded, up to lossy compression
+    expected = np.stack([frame_image(i) for i in indices]).astype(int)
+    assert np.abs(b - expected).mean() < 4
+
+
+def test_pyav_counts_frames_when_the_header_has_none(tmp_path):
+    # Matroska stores no frame count: stream.frames is 0
+    path = tmp_path / "clip.mkv"
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream("libx264", rate=30)
+        stream.width = stream.height = SIZE
+        stream.pix_fmt = "yuv420p"
+        stream.gop_size = 5
+        for i in range(12):
+            for packet in stream.encode(av.VideoFrame.from_ndarray(frame_image(i), "rgb24")):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+    with av.open(str(path)) as container:
+        assert container.streams.video[0].frames == 0
+    reader = VideoReader("pyav")
+    assert reader.info(path).num_frames == 12
+    assert [frame_index(f) for f in reader.read(path, [11, 2, 7])] == [11, 2, 7]
+
+
+def test_auto_falls_back_to_pyav_when_decord_fails(video, monkeypatch):
+    pytest.importorskip("decord")
+
+    def broken(self, path, *args):
+        raise RuntimeError("decord: cannot decode")
+
+    monkeypatch.setattr(VideoReader, "_decord_read", broken)
+    frames = VideoReader("auto").read(video, [5, 40])
+    assert [frame_index(f) for f in frames] == [5, 40]
+    with pytest.raises(VideoError, match="decord cannot read it: decord: cannot decode"):
+        VideoReader("decord").read(video, [5])
+
+
+def test_reader_rejects_indices_past_the_end(video):
+    with pytest.raises(VideoError, match="frame 45 asked but only 45 frames"):
+        VideoReader("pyav").read(video, [0, 45])
+    with pytest.raises(ValueError, match="empty"):
+        VideoReader("pyav").read(video, [])
+
+
+# load_video ----------------------------------------------------------------------------------
+
+
+def test_load_video_returns_images_of_the_sampled_frames(video):
+    images = load_video(video, max_frames=4, strategy="segments")
+    assert [img.size for img in images] == [(SIZE, SIZE)] * 4
+    assert [frame_index(np.asarray(img)) for img in images] == sample_indices(
+        45, 30.0, strategy="segments", max_frames=4
+    )
+    images = load_video(video, max_frames=8, fps=3, strategy="fps", reader=VideoReader("pyav"))
+    assert [frame_index(np.asarray(img)) for img in images] == [0, 10, 20, 30, 40]
+
+
+def _bad(path: Path, **kwargs) -> BadRecordError:
+    with pytest.raises(BadRecordError) as err:
+        load_video(path, source="train.json", record_id="vid-7", **kwargs)
+    assert "sample 'vid-7' (train.json)" in str(err.value)
+    assert path.name in str(err.value)
+    return err.value
+
+
+def test_load_video_missing_file(tmp_path):
+    assert "not found" in str(_bad(tmp_path / "nope.mp4"))
+
+
+def test_load_video_not_a_video(tmp_path):
+    path = tmp_path / "notes.mp4"
+    path.write_text("these are not the frames you are looking for\n" * 20)
+    assert "not a readable video" in str(_bad(path))
+
+
+@pytest.mark.parametrize("faststart", [False, True])
+def test_load_video_truncated(tmp_path, faststart):
+    # moov at the end (PyAV's default): half the bytes lose the index, the file cannot open;
+    # moov first (faststart): the header promises 45 frames but the data stops early
+    data = write_video(tmp_path / "full.mp4", faststart=faststart).read_bytes()
+    path = tmp_path / "cut.mp4"
+    path.write_bytes(data[: len(data) // 2])
+    message = str(_bad(path, reader=VideoReader("pyav")))
+    assert ("truncated" in message) if faststart else ("not a readable video" in message)
+    _bad(path)  # auto: decord fails, PyAV fails, still a BadRecordError
+
+
+def test_load_video_too_few_frames(tmp_path):
+    path = write_video(tmp_path / "short.mp4", n=3)
+    err = _bad(path, min_frames=8)
+    assert "has 3 frames but min_frames=8" in str(err) and "Fix:" in str(err)
+    err = _bad(write_video(tmp_path / "long.mp4"), min_frames=4, strategy="fps", fps=0.5)
+    assert "samples 1, but min_frames=4" in str(err)
