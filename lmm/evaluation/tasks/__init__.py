@@ -1,0 +1,14 @@
+"""Benchmarks, one module each: prompt, `read` (published file -> `Sample`s), `parse` and metric.
+
+Each module's docstring states the official rule it implements by default and the options that
+reproduce LLaVA's kit, lmms-eval or VLMEvalKit where they differ (see docs in EVAL.md):
+
+- `vqav2` (`VQAAccuracy`), `textvqa` (`TextVQAAccuracy`), `gqa` (`GQAAccuracy`)
+- `scienceqa` (`ScienceQAAccuracy`), `pope` (`POPEMetrics`), `mme` (`MMEScore`)
+- `mmbench` (`MMBenchCircular`), `mmmu` (`MMMUAccuracy`), `nlvr2` (`NLVR2Accuracy`)
+- `qbench` (`QBenchAccuracy`), `blink` (`BLINKAccuracy`), `mvbench` (`MVBenchAccuracy`)
+- `mantis_eval` (`MantisAccuracy`), `demon` (`DemonScore`), `videofeedback` (`VideoFeedbackSpearman`)
+
+Shared pieces: `_normalize` (VQA answer normaliser), `_choices` (letter parsers), `_base`.
+Metrics take `update(parsed_predictions, [sample.meta, ...])` and sync across ranks.
+"""

@@ -1,0 +1,118 @@
+"""BLINK (val): reader, the official rule-based answer matching and the macro-averaged score.
+
+Official (`eval/test_benchmark.py:analyze_answer`): exactly "A" or "(A)", else exactly one option
+token "(X)" among the words (or in the last paragraph); anything else goes to a GPT-3.5 matcher,
+which is not run here: such answers count as wrong and are reported as `unparsed`.
+Total = unweighted mean of the 14 subtask accuracies (`eval/evaluate.py`).
+`mode="lmms_eval"`: regex `^[(\\s]*([A-Z])` ("The answer is (B)" reads as T) and a
+sample-weighted total.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Literal
+
+import torch
+
+from lmm.data.sample import BadRecordError, Sample
+from lmm.evaluation.tasks._base import GroupedMean, field, image_first, records, resolve
+from lmm.evaluation.tasks._choices import letters
+
+SUBTASKS = (
+    "Art_Style", "Counting", "Forensic_Detection", "Functional_Correspondence", "IQ_Test",
+    "Jigsaw", "Multi-view_Reasoning", "Object_Localization", "Relative_Depth",
+    "Relative_Reflectance", "Semantic_Correspondence", "Spatial_Relation",
+    "Visual_Correspondence", "Visual_Similarity",
+)  # fmt: skip
+_EXACT = ("A", "B", "C", "D", "E")
+_LMMS_EVAL = re.compile(r"^[(\s]*([A-Z])")
+
+
+def prompt(question: str, choices: Sequence[str]) -> str:
+    """BLINK's prompt layout, for records without a ready `prompt` field."""
+    listed = "\n".join(f"({c}) {o}" for c, o in zip(letters(len(choices)), choices, strict=True))
+    return f"{question}\nSelect from the following choices.\n{listed}"
+
+
+def read(
+    path: str | Path, root: str | Path | None = None, *, check_media: bool = True
+) -> list[Sample]:
+    """Read BLINK (`idx`, `sub_task`, `question`, `choices`, `answer` "(A)", `prompt`, `image_1..4`)."""
+    root = Path(root) if root is not None else Path(path).parent
+    samples = []
+    for i, rec in records(path):
+        rid = str(rec.get("idx", f"#{i}"))
+        choices = field(rec, "choices", path, rid, list)
+        answer = field(rec, "answer", path, rid).strip()
+        if answer not in [f"({c})" for c in letters(len(choices))]:
+            raise BadRecordError(
+                path, rid, f"answer {answer!r} is not one of (A)..({len(choices)})"
+            )
+        rels = [rec[f"image_{k}"] for k in range(1, 5) if rec.get(f"image_{k}")]
+        images = [resolve(r, root, path, rid, check_media) for r in rels]
+        text = rec.get("prompt") or prompt(field(rec, "question", path, rid), choices)
+        meta = {
+            "answer": answer,
+            "n_choices": len(choices),
+            "sub_task": field(rec, "sub_task", path, rid),
+        }
+        samples.append(image_first(rid, text, images, path, meta))
+    return samples
+
+
+def parse(output: str, sample_meta: Mapping, mode: str = "official") -> str:
+    """The chosen option as "(X)", or "" when the official rule would need the GPT matcher."""
+    if mode == "lmms_eval":
+        m = _LMMS_EVAL.match(output)
+        return f"({m.group(1)})" if m else ""
+    if mode != "official":
+        raise ValueError(f"unknown BLINK parse mode {mode!r}; use 'official' or 'lmms_eval'")
+    options = {f"({c})" for c in letters(int(sample_meta["n_choices"]))}
+    if output in _EXACT:
+        return f"({output})"
+    if output in {f"({c})" for c in _EXACT}:
+        return output
+    hits = options & set(output.split())
+    hits_last = options & set(output.split("\n\n")[-1].split())
+    if (len(hits) != 1 and len(hits_last) != 1) or not hits:
+        return ""
+    return next(iter(hits_last if len(hits_last) == 1 else hits))
+
+
+class BLINKAccuracy(GroupedMean):
+    """BLINK accuracy ×100 per subtask, macro (official) and sample-weighted totals."""
+
+    def __init__(
+        self,
+        mode: Literal["official", "lmms_eval"] = "official",
+        subtasks: Sequence[str] = SUBTASKS,
+    ):
+        """
+        Args:
+            mode: which total is `accuracy`: "official" (mean of subtasks) or "lmms_eval" (per sample).
+            subtasks: the `sub_task` names to report.
+        """
+        super().__init__(subtasks)
+        self.mode = mode
+        self.add_state("unparsed", torch.tensor(0, dtype=torch.long), dist_reduce_fx="sum")
+
+    def update(self, predictions: Sequence[str], metas: Sequence[Mapping]) -> None:
+        """Add parsed "(X)" answers with their samples' `meta` (needs `answer`, `sub_task`)."""
+        for pred, meta in zip(predictions, metas, strict=True):
+            self.unparsed += int(pred == "")
+            self._add(meta["sub_task"], pred == meta["answer"])
+
+    def compute(self) -> dict:
+        """`accuracy` (per mode), `macro`, `micro`, `unparsed` count and one entry per subtask."""
+        macro, micro = self._macro(), self._overall()
+        headline = macro if self.mode == "official" else micro
+        return {
+            "accuracy": headline,
+            "macro": macro,
+            "micro": micro,
+            "unparsed": self.unparsed,
+            **self._per_group(),
+        }

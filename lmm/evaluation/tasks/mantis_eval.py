@@ -1,0 +1,102 @@
+"""Mantis-Eval: reader, Mantis prompts and `get_prediction` scoring (`mantis/benchmark/eval.py`).
+
+Multi-choice: strip up to "final answer:" / "the answer is" / "answer:", take "Answer: X" or the
+first alphabetic character as the letter if it is a valid option ("cat" -> C, as in Mantis);
+otherwise the raw text must equal the gold option's text. Short answers: case-insensitive
+equality after the prefix strip. NLVR2 (`nlvr2.py`) adds a true/false keyword fallback.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+from lmm.data.sample import BadRecordError, Sample
+from lmm.evaluation.tasks._base import GroupedMean, field, interleaved, records, resolve
+from lmm.evaluation.tasks._choices import letters, mantis_choice, mantis_correct, mantis_strip
+
+MULTI_CHOICE = "{question}\nAnswer with the option's letter from the given choices directly."
+SHORT_ANSWER = (
+    "Given the images, answer the following short answer vqa question:\nQ: {question}\n"
+    'You can first give your analysis, and then give your final answer as "Final Answer:"'
+)
+QUESTION_TYPES = ("multi-choice", "short-answer")
+IMAGE = "<image>"
+
+
+def prompt(question: str, question_type: str, options: Sequence[str] = ()) -> str:
+    """Mantis's template; options are listed as `\\n (A) text` unless they carry their letter."""
+    if question_type == "short-answer":
+        return SHORT_ANSWER.format(question=question)
+    for c, option in zip(letters(len(options)), options, strict=True):
+        labelled = any(f"{c}{x}" in option.upper() for x in (")", ":", "."))
+        question += f"\n {option}" if labelled else f"\n ({c}) {option}"
+    return MULTI_CHOICE.format(question=question)
+
+
+def read(
+    path: str | Path, root: str | Path | None = None, *, check_media: bool = True
+) -> list[Sample]:
+    """Read Mantis eval items (`id`, `question_type`, `question`, `options`, `answer`, `images`).
+
+    Image paths are relative to `root` (default: the JSON's folder). Missing `<image>` markers
+    are added at the start of the question, as Mantis does.
+    """
+    root = Path(root) if root is not None else Path(path).parent
+    samples = []
+    for i, rec in records(path):
+        rid = str(rec.get("id", f"#{i}"))
+        qtype = field(rec, "question_type", path, rid)
+        if qtype not in QUESTION_TYPES:
+            raise BadRecordError(path, rid, f"question_type {qtype!r} not in {QUESTION_TYPES}")
+        options = list(rec.get("options") or [])
+        answer = str(field(rec, "answer", path, rid, object))
+        if qtype == "multi-choice" and len(options) < 2:
+            raise BadRecordError(path, rid, f"multi-choice with {len(options)} options")
+        images = [resolve(r, root, path, rid, check_media) for r in rec.get("images") or []]
+        text = prompt(field(rec, "question", path, rid), qtype, options)
+        text = IMAGE * max(0, len(images) - text.count(IMAGE)) + text
+        meta = {
+            "answer": answer,
+            "options": options,
+            "question_type": qtype,
+            "category": rec.get("category"),
+            "data_source": rec.get("data_source"),
+        }
+        samples.append(interleaved(rid, text, images, path, meta, IMAGE))
+    return samples
+
+
+def parse(output: str, sample_meta: Mapping) -> str:
+    """Multi-choice: a valid letter, else the raw text; short answer: the text after the prefix."""
+    if sample_meta["question_type"] == "multi-choice":
+        return mantis_choice(output, len(sample_meta["options"]))
+    return mantis_strip(output)
+
+
+def is_correct(parsed: str, sample_meta: Mapping, nlvr2: bool = False) -> bool:
+    """Mantis `get_prediction(...)["correct"]` on a `parse` output."""
+    if sample_meta["question_type"] == "multi-choice":
+        return mantis_correct(parsed, sample_meta["answer"], sample_meta["options"], nlvr2)
+    return parsed.lower() == sample_meta["answer"].strip("()\n ").lower()
+
+
+class MantisAccuracy(GroupedMean):
+    """Accuracy ×100 overall and per question type (multi-choice, short-answer)."""
+
+    def __init__(self, nlvr2: bool = False):
+        """
+        Args:
+            nlvr2: use Mantis's NLVR2 fallback (one of "true"/"false" in the raw answer).
+        """
+        super().__init__(QUESTION_TYPES)
+        self.nlvr2 = nlvr2
+
+    def update(self, predictions: Sequence[str], metas: Sequence[Mapping]) -> None:
+        """Add `parse` outputs with their samples' `meta` (needs `answer`, `options`, `question_type`)."""
+        for pred, meta in zip(predictions, metas, strict=True):
+            self._add(meta["question_type"], is_correct(pred, meta, self.nlvr2))
+
+    def compute(self) -> dict:
+        """`accuracy` overall plus `multi-choice` / `short-answer` when present."""
+        return {"accuracy": self._overall(), **self._per_group()}

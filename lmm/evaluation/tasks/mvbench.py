@@ -1,0 +1,105 @@
+"""MVBench: reader, the official prompt (assistant pre-filled with "Best option:(") and `check_ans`.
+
+Official (Ask-Anything `video_chat2/mvbench.ipynb`): prediction = "(" + first output line; it is
+right if its first space-separated token, lower-cased and without ".", is a substring of the gold
+"(a)" token, or the reverse. So an empty output ("(") counts as **correct**, and "The answer is A"
+is wrong. The score is the mean over the 20 tasks (equal-sized, so also per sample).
+lmms-eval's `mcq_acc` (drops empty predictions) is not reproduced.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+from lmm.data.sample import BadRecordError, Sample
+from lmm.evaluation.tasks._base import GroupedMean, field, image_first, records, resolve
+from lmm.evaluation.tasks._choices import letters
+
+SYSTEM = (
+    "Carefully watch the video and pay attention to the cause and sequence of events, the detail "
+    "and movement of objects, and the action and pose of persons. Based on your observations, "
+    "select the best option that accurately addresses the question.\n"
+)
+QUESTION_PROMPT = "\nOnly give the best option."
+ANSWER_PREFIX = "Best option:("
+TASKS = (
+    "action_sequence", "action_prediction", "action_antonym", "fine_grained_action",
+    "unexpected_action", "object_existence", "object_interaction", "object_shuffle",
+    "moving_direction", "action_localization", "scene_transition", "action_count",
+    "moving_count", "moving_attribute", "state_change", "fine_grained_pose", "character_order",
+    "egocentric_navigation", "episodic_reasoning", "counterfactual_inference",
+)  # fmt: skip
+
+
+def prompt(question: str, candidates: Sequence[str]) -> str:
+    """`Question: q\\nOptions:\\n(A) x\\n(B) y` + "\\nOnly give the best option."."""
+    listed = "\n".join(
+        f"({c}) {o}" for c, o in zip(letters(len(candidates)), candidates, strict=True)
+    )
+    return f"Question: {question}\nOptions:\n{listed}{QUESTION_PROMPT}"
+
+
+def read(
+    path: str | Path,
+    root: str | Path | None = None,
+    *,
+    task: str | None = None,
+    check_media: bool = True,
+) -> list[Sample]:
+    """Read one MVBench task file (`video`, `question`, `candidates`, `answer` text).
+
+    The task is the record's `task`, else `task=`, else the file stem (`action_sequence.json`).
+    `meta["assistant_prefix"]` holds the text the official code pre-fills the answer with.
+    """
+    root = Path(root) if root is not None else Path(path).parent
+    samples = []
+    for i, rec in records(path):
+        rid = str(rec.get("id", f"{Path(path).stem}-{i}"))
+        candidates = [str(c) for c in field(rec, "candidates", path, rid, list)]
+        answer = str(field(rec, "answer", path, rid, object))
+        if answer not in candidates:
+            raise BadRecordError(path, rid, f"answer {answer!r} is not among the candidates")
+        video = resolve(field(rec, "video", path, rid), root, path, rid, check_media)
+        letter = letters(len(candidates))[candidates.index(answer)]
+        meta = {
+            "answer": f"({letter}) {answer}",
+            "task": rec.get("task") or task or Path(path).stem,
+            "media": "video",
+            "assistant_prefix": ANSWER_PREFIX,
+        }
+        text = prompt(field(rec, "question", path, rid), candidates)
+        samples.append(image_first(rid, text, [video], path, meta, system=SYSTEM))
+    return samples
+
+
+def parse(output: str, sample_meta: Mapping | None = None) -> str:
+    """ "(" + the first line of the continuation after the pre-filled "Best option:("."""
+    return "(" + output.split("\n")[0]
+
+
+def check_ans(prediction: str, gold: str) -> bool:
+    """Official `check_ans` on the option tokens: one must contain the other."""
+    pred_option = prediction.lower().split(" ")[0]
+    gold_option = gold.lower().split(" ")[0]
+    return pred_option.replace(".", "") in gold_option or gold_option in pred_option
+
+
+class MVBenchAccuracy(GroupedMean):
+    """MVBench accuracy ×100 per task and averaged over tasks."""
+
+    def __init__(self, tasks: Sequence[str] = TASKS):
+        """
+        Args:
+            tasks: the task names a sample's `meta["task"]` may take (default: the 20 file stems).
+        """
+        super().__init__(tasks)
+
+    def update(self, predictions: Sequence[str], metas: Sequence[Mapping]) -> None:
+        """Add `parse` outputs with their samples' `meta` (needs `answer`, `task`)."""
+        for pred, meta in zip(predictions, metas, strict=True):
+            self._add(meta["task"], check_ans(pred, meta["answer"]))
+
+    def compute(self) -> dict:
+        """`accuracy` (mean over tasks), `micro` (per sample) and one entry per task."""
+        return {"accuracy": self._macro(), "micro": self._overall(), **self._per_group()}

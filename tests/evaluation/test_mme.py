@@ -1,0 +1,107 @@
+from __future__ import annotations
+
+import pytest
+
+from lmm.data.sample import BadRecordError
+from lmm.evaluation.tasks import mme
+from lmm.evaluation.tasks.mme import MMEScore
+
+
+@pytest.mark.parametrize(
+    ("output", "official", "lmms"),
+    [
+        ("yes", "yes", "yes"),
+        ("Yes", "yes", "yes"),
+        ("Yes.", "yes", "yes"),
+        ("No, it is not.", "no", "no"),
+        ("   yes", "other", "yes"),  # official does not strip
+        ("y", "other", "yes"),
+        ("n", "other", "no"),
+        ("Nope", "no", "no"),  # "no" in the first 4 characters
+        ("Not sure", "no", "no"),
+        ("Answer: yes", "other", "other"),
+        ("", "other", "other"),
+        ("yes " * 300, "yes", "yes"),
+        ("Sí", "other", "other"),
+    ],
+)
+def test_parse(output, official, lmms):
+    assert mme.parse(output) == official
+    assert mme.parse(output, mode="lmms_eval") == lmms
+
+
+def test_acc_plus_needs_both_questions():
+    # existence: image 0 both right, image 1 one right -> acc 3/4 = 75, acc+ 1/2 = 50 -> 125
+    # code_reasoning: image 2 both right -> 100 + 100 = 200; "other" is wrong -> image 3: 50 + 0
+    metric = MMEScore()
+    metas = [
+        {"category": "existence", "pair_id": 0, "answer": "yes"},
+        {"category": "existence", "pair_id": 0, "answer": "no"},
+        {"category": "existence", "pair_id": 1, "answer": "yes"},
+        {"category": "existence", "pair_id": 1, "answer": "no"},
+        {"category": "code_reasoning", "pair_id": 2, "answer": "yes"},
+        {"category": "code_reasoning", "pair_id": 2, "answer": "no"},
+        {"category": "text_translation", "pair_id": 3, "answer": "yes"},
+        {"category": "text_translation", "pair_id": 3, "answer": "no"},
+    ]
+    preds = ["yes", "no", "yes", "yes", "yes", "no", "other", "no"]
+    metric.update(preds, metas)
+    out = {k: float(v) for k, v in metric.compute().items()}
+    assert out["existence/acc"] == pytest.approx(75.0)
+    assert out["existence/acc_plus"] == pytest.approx(50.0)
+    assert out["existence/score"] == pytest.approx(125.0)
+    assert out["code_reasoning/score"] == pytest.approx(200.0)
+    assert out["text_translation/score"] == pytest.approx(50.0)
+    assert out["perception"] == pytest.approx(125.0)
+    assert out["cognition"] == pytest.approx(250.0)
+
+
+def test_read_pairs_and_prompt(write_records):
+    recs = [
+        {
+            "question_id": "artwork/1.jpg",
+            "image": "artwork/1.jpg",
+            "question": "Is this by Monet? Please answer yes or no.",
+            "answer": "Yes",
+            "category": "artwork",
+        },
+        {
+            "question_id": "artwork/1.jpg",
+            "image": "artwork/1.jpg",
+            "question": "Is this by Dali? Please answer yes or no.",
+            "answer": "No",
+            "category": "artwork",
+        },
+        {
+            "question_id": "OCR/2.jpg",
+            "image": "OCR/2.jpg",
+            "question": "Is it 'café'? Please answer yes or no.",
+            "answer": "No",
+            "category": "OCR",
+        },
+    ]
+    path = write_records(recs, "mme.jsonl", media=("artwork/1.jpg", "OCR/2.jpg"))
+    samples = mme.read(path)
+    assert [s.meta["pair_id"] for s in samples] == [0, 0, 1]
+    assert (
+        samples[0].turns[0].parts[-1]
+        == "Is this by Monet?\nAnswer the question using a single word or phrase."
+    )
+    assert samples[2].meta["answer"] == "no"
+
+
+def test_read_unknown_subtask(write_records):
+    path = write_records(
+        [
+            {
+                "question_id": "x/1.jpg",
+                "image": "1.jpg",
+                "question": "q",
+                "answer": "Yes",
+                "category": "x",
+            }
+        ],
+        media=("1.jpg",),
+    )
+    with pytest.raises(BadRecordError, match="unknown MME subtask 'x'"):
+        mme.read(path)
