@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-import torch
 from torch import Tensor
 
 
@@ -40,20 +39,3 @@ def scatter_media(
         return embeds
     flat = features.reshape(-1, features.shape[-1]).to(embeds.dtype)  # [N_media * T, D]
     return embeds.masked_scatter(mask.unsqueeze(-1), flat)
-
-
-def causal_lm_loss(logits: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
-    """Summed next-token cross-entropy over positions whose label is not -100, and their count.
-
-    logits `[B, L, V]`, labels `[B, L]` aligned with the inputs (shifted here).
-    Returns `(loss_sum, n_tokens)`; the mean loss is their ratio.
-    """
-    shift_logits = logits[:, :-1].float()
-    shift_labels = labels[:, 1:]
-    loss = torch.nn.functional.cross_entropy(
-        shift_logits.reshape(-1, shift_logits.shape[-1]),
-        shift_labels.reshape(-1),
-        ignore_index=-100,
-        reduction="sum",
-    )
-    return loss, (shift_labels != -100).sum()

@@ -37,6 +37,13 @@ class Batch:
     ids: list[str]
     references: list[str | None] = field(default_factory=list)
     meta: list[dict] = field(default_factory=list)
+    seq_lens: list[list[int]] | None = None  # packed rows: the sample lengths of each row
+    stream_position: tuple[int, int] | None = None  # (epoch, batch index) in a TrainStream
+    skipped: int = 0  # bad records skipped on the way to this batch
+
+    @property
+    def packed(self) -> bool:
+        return self.seq_lens is not None
 
     def __len__(self) -> int:
         return self.input_ids.shape[0]

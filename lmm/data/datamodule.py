@@ -4,17 +4,19 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Literal
 
 import lightning as L
 import torch
 from torch.utils.data import DataLoader, Dataset
 from transformers import PreTrainedTokenizerBase
 
-from lmm.data.batch import Features
+from lmm.data.batch import Batch, Features
 from lmm.data.collate import PadCollator
-from lmm.data.formats import load_samples
+from lmm.data.formats import iter_samples, load_samples, read_records, stream_records
 from lmm.data.processor import MediaSpec, Processor
 from lmm.data.sample import Sample
+from lmm.data.stream import StreamLoader, TrainStream, shuffled
 from lmm.data.templates import ChatTemplate
 from lmm.utils.logging import get_logger
 
@@ -57,6 +59,10 @@ class ChatDataModule(L.LightningDataModule):
         max_length: int = 2048,
         seed: int = 0,
         allow_outside_root: bool = False,
+        pack_tokens: int | None = None,
+        buffer_size: int = 1024,
+        streaming: bool = False,
+        on_bad_record: Literal["raise", "skip"] = "raise",
     ):
         """
         Args:
@@ -72,6 +78,10 @@ class ChatDataModule(L.LightningDataModule):
             max_length: longest sample in tokens; longer ones lose whole rounds from the end.
             seed: seed of the training shuffle.
             allow_outside_root: accept absolute media paths and paths with `..`.
+            pack_tokens: pack training samples into rows of this many tokens (None: pad).
+            buffer_size: training samples shuffled and packed together.
+            streaming: read the training file with `datasets` streaming instead of into memory.
+            on_bad_record: `raise` at the first bad training record, or `skip` and count it.
         """
         super().__init__()
         self.template = template
@@ -83,6 +93,11 @@ class ChatDataModule(L.LightningDataModule):
         self.max_length = max_length
         self.seed = seed
         self.allow_outside_root = allow_outside_root
+        self.pack_tokens = pack_tokens
+        self.buffer_size = buffer_size
+        self.streaming = streaming
+        self.on_bad_record = on_bad_record
+        self.position = (0, 0)  # (epoch, batches of it consumed): the training loader's state
         self.processor: Processor | None = None
         self.samples: dict[str, list[Sample]] = {}
 
@@ -103,7 +118,7 @@ class ChatDataModule(L.LightningDataModule):
             "predict": ("predict",),
         }
         for split in splits.get(stage, tuple(self.files)) if stage else tuple(self.files):
-            if self.files[split] and split not in self.samples:
+            if self.files[split] and split not in self.samples and split != "train":
                 self.samples[split] = self.load(split)
 
     def load(self, split: str) -> list[Sample]:
@@ -131,8 +146,50 @@ class ChatDataModule(L.LightningDataModule):
             collate_fn=PadCollator(pad_id, "left" if generate else "right"),
         )
 
+    def train_stream(self) -> TrainStream:
+        """The resumable training stream, positioned where the last checkpoint left it."""
+        path = self.files["train"]
+        if path is None:
+            raise ValueError("no train data file given (data.train in the recipe)")
+        assert self.processor is not None, "call connect() or let the trainer call setup()"
+        kwargs = dict(source=path, root=self.root, allow_outside_root=self.allow_outside_root)
+        if self.streaming:
+
+            def source(epoch: int):
+                return iter_samples(stream_records(path), **kwargs)
+
+        else:
+            if "train" not in self.samples:
+                self.samples["train"] = list(iter_samples(read_records(path), **kwargs))
+                log.info("train: %d records from %s", len(self.samples["train"]), path)
+            source = shuffled(self.samples["train"], self.seed)
+        stream = TrainStream(
+            source,
+            self.processor,
+            batch_size=self.batch_size,
+            pack_tokens=self.pack_tokens,
+            buffer_size=self.buffer_size,
+            seed=self.seed,
+            on_bad_record=self.on_bad_record,
+        )
+        stream.epoch, stream.start = self.position
+        return stream
+
     def train_dataloader(self) -> DataLoader:
-        return self._loader("train", train=True)
+        return StreamLoader(self.train_stream(), num_workers=self.num_workers)
+
+    def on_after_batch_transfer(self, batch: Batch, dataloader_idx: int) -> Batch:
+        if self.trainer is not None and self.trainer.training and batch.stream_position:
+            epoch, index = batch.stream_position
+            self.position = (epoch, index + 1)
+        return batch
+
+    def state_dict(self) -> dict:
+        """The training loader's position; with the data and seed it fixes every later batch."""
+        return {"epoch": self.position[0], "batches": self.position[1]}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.position = (int(state["epoch"]), int(state["batches"]))
 
     def val_dataloader(self) -> DataLoader:
         return self._loader("val", train=False)

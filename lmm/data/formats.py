@@ -12,7 +12,7 @@ first user turn (what LLaVA and Mantis do). Any other disagreement is an error n
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 from lmm.data.sample import IMAGE_MARKER, BadRecordError, Media, Part, Sample, Turn
@@ -48,6 +48,14 @@ def read_records(path: str | Path) -> Iterator[tuple[int, dict]]:
     if not isinstance(records, list):
         raise ValueError(f"{path}: expected a JSON array of records, got {type(records).__name__}")
     yield from enumerate(records)
+
+
+def _first(record: dict, *keys: str):
+    """The value of the first key present and not None (`datasets` fills absent keys with None)."""
+    for key in keys:
+        if record.get(key) is not None:
+            return record[key]
+    return None
 
 
 def _split_markers(text: str, next_index: int) -> tuple[list[Part], int]:
@@ -90,10 +98,10 @@ def parse_record(
     def bad(problem: str, fix: str = "") -> BadRecordError:
         return BadRecordError(source, record_id, problem, fix)
 
-    messages = record.get("conversation", record.get("conversations"))
+    messages = _first(record, "conversation", "conversations")
     if not isinstance(messages, list) or not messages:
         raise bad("no conversation", "give a non-empty 'conversation' or 'conversations' list")
-    images = record.get("images", record.get("image")) or []
+    images = _first(record, "images", "image") or []
     if isinstance(images, (str, dict)):
         images = [images]
     paths = []
@@ -106,11 +114,12 @@ def parse_record(
     turns: list[Turn] = []
     n_markers = 0
     for k, msg in enumerate(messages):
-        role = ROLE_NAMES.get(str(msg.get("role", msg.get("from", ""))).lower())
-        text = msg.get("content", msg.get("value"))
+        raw_role = _first(msg, "role", "from")
+        role = ROLE_NAMES.get(str(raw_role).lower())
+        text = _first(msg, "content", "value")
         if role is None:
             raise bad(
-                f"turn {k} has unknown role {msg.get('role', msg.get('from'))!r}",
+                f"turn {k} has unknown role {raw_role!r}",
                 f"use one of {sorted(ROLE_NAMES)}",
             )
         if not isinstance(text, str):
@@ -136,6 +145,37 @@ def parse_record(
                 raise bad(f"image {i} not found: {path}", "check the path and the data root")
     meta = {k: record[k] for k in ("task", "source", "category") if k in record}
     return Sample(record_id, turns, paths, source=str(source), meta=meta)
+
+
+def iter_samples(
+    records: Iterable[tuple[int, dict]],
+    *,
+    source: str | Path,
+    root: str | Path | None = None,
+    check_media: bool = True,
+    allow_outside_root: bool = False,
+) -> Iterator[Sample | BadRecordError]:
+    """Parse records one by one, yielding the error of a bad record in its place."""
+    for i, rec in records:
+        try:
+            yield parse_record(
+                rec,
+                source=source,
+                root=root,
+                index=i,
+                check_media=check_media,
+                allow_outside_root=allow_outside_root,
+            )
+        except BadRecordError as err:
+            yield err
+
+
+def stream_records(path: str | Path) -> Iterator[tuple[int, dict]]:
+    """Records of a json/jsonl file streamed with `datasets` (for data larger than memory)."""
+    from datasets import load_dataset
+
+    dataset = load_dataset("json", data_files=str(path), split="train", streaming=True)
+    yield from enumerate(dataset)
 
 
 def load_samples(

@@ -60,23 +60,13 @@ class Processor:
         self.image_token_id = self.segments.image_token_id
 
     def __call__(self, sample: Sample) -> Features:
-        """Features for training: every turn, trainable assistant text labelled."""
-        rounds = _rounds(sample.turns)
-        while True:
-            turns = [t for r in rounds for t in r]
-            features = self._encode(sample, turns, add_generation_prompt=False)
-            if len(features.input_ids) <= self.max_length:
-                return features
-            has_user_rounds = sum(r[0].role == "user" for r in rounds)
-            if has_user_rounds <= 1:
-                raise BadRecordError(
-                    sample.source,
-                    sample.id,
-                    f"{len(features.input_ids)} tokens in its first round, more than "
-                    f"max_length={self.max_length}",
-                    "raise max_length, use fewer or smaller images, or drop the record",
-                )
-            rounds = rounds[:-1]
+        """Features for training: every turn that fits, trainable assistant text labelled."""
+        return self._encode(sample, self._fit(sample), add_generation_prompt=False)
+
+    def length(self, sample: Sample) -> int:
+        """The token count `__call__` gives, computed without reading an image."""
+        segments, ids, _ = self._tokens(sample, self._fit(sample), add_generation_prompt=False)
+        return self._expanded_length(segments, ids)
 
     def prompt(self, sample: Sample) -> Features:
         """Features for generation: turns up to the last user turn plus the assistant header.
@@ -93,12 +83,39 @@ class Processor:
         features.reference = reference
         return features
 
-    def _encode(self, sample: Sample, turns: list[Turn], add_generation_prompt: bool) -> Features:
+    def _fit(self, sample: Sample) -> list[Turn]:
+        """The turns that fit in `max_length`: whole rounds dropped from the end if needed."""
+        rounds = _rounds(sample.turns)
+        while True:
+            turns = [t for r in rounds for t in r]
+            segments, ids, _ = self._tokens(sample, turns, add_generation_prompt=False)
+            n = self._expanded_length(segments, ids)
+            if n <= self.max_length:
+                return turns
+            if sum(r[0].role == "user" for r in rounds) <= 1:
+                raise BadRecordError(
+                    sample.source,
+                    sample.id,
+                    f"{n} tokens in its first round, more than max_length={self.max_length}",
+                    "raise max_length, use fewer or smaller images, or drop the record",
+                )
+            rounds = rounds[:-1]
+
+    def _expanded_length(self, segments: list, ids: list[int]) -> int:
+        size = self.media.transform.size
+        n_media = sum(s.media is not None for s in segments)
+        return len(ids) - n_media + n_media * self.media.num_image_tokens((size, size))
+
+    def _tokens(self, sample: Sample, turns: list[Turn], add_generation_prompt: bool):
         try:
             segments = self.template.render(turns, add_generation_prompt=add_generation_prompt)
         except ValueError as err:
             raise BadRecordError(sample.source, sample.id, str(err)) from err
         ids, labels = self.segments.encode(segments)
+        return segments, ids, labels
+
+    def _encode(self, sample: Sample, turns: list[Turn], add_generation_prompt: bool) -> Features:
+        segments, ids, labels = self._tokens(sample, turns, add_generation_prompt)
         order = [s.media for s in segments if s.media is not None]
         pixels = [self._image(sample, i) for i in order]
         counts = iter([self.media.num_image_tokens(tuple(p.shape[-2:])) for p in pixels])

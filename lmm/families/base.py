@@ -11,8 +11,9 @@ from lightning.pytorch.cli import OptimizerCallable
 from torch import Tensor, nn
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
-from lmm.components.merge import causal_lm_loss
+from lmm.components.losses import causal_lm_loss
 from lmm.data.batch import Batch
+from lmm.data.packing import block_causal_mask
 from lmm.data.processor import MediaSpec
 from lmm.evaluation.generate import cut_at_stop, generate_tokens
 from lmm.evaluation.metrics import ExactMatch, normalize_answer
@@ -78,6 +79,7 @@ class LMMModule(L.LightningModule):
         self.test_accuracy = ExactMatch()
         self.task_accuracy = nn.ModuleDict()
         self.predictions: list[dict] = []
+        self.skipped_records = 0
         self._step_start = 0.0
 
     # --- what a family provides -----------------------------------------------------------
@@ -105,12 +107,29 @@ class LMMModule(L.LightningModule):
         for name in self.freeze_parts:
             parts[name].requires_grad_(False)
 
+    def attention_mask(self, batch: Batch, dtype: torch.dtype) -> Tensor | None:
+        """The mask the LLM gets: the 2-D padding mask, or for packed rows a block-diagonal one.
+
+        flash-attn 2 gets no mask for packed rows: transformers derives the varlen sequence
+        lengths from the restarting position ids.
+        """
+        if not batch.packed:
+            return batch.attention_mask
+        impl = self.llm.config._attn_implementation
+        if impl == "flash_attention_2":
+            return None
+        mask = block_causal_mask(batch.seq_lens, batch.input_ids.shape[1], batch.input_ids.device)
+        if impl == "sdpa":
+            return mask
+        additive = torch.zeros(mask.shape, dtype=dtype, device=mask.device)
+        return additive.masked_fill(~mask, torch.finfo(dtype).min)  # eager adds the mask
+
     def forward(self, batch: Batch) -> Tensor:
-        """Logits `[B, L, V]` of a batch."""
+        """Logits `[B, L, V]` of a batch (padded or packed)."""
         embeds = self.embed(batch)
         out = self.llm(
             inputs_embeds=embeds,
-            attention_mask=batch.attention_mask,
+            attention_mask=self.attention_mask(batch, embeds.dtype),
             position_ids=batch.position_ids,
             use_cache=False,
         )
@@ -127,7 +146,18 @@ class LMMModule(L.LightningModule):
     def training_step(self, batch: Batch, batch_idx: int) -> Tensor:
         loss, _ = self.loss(batch)
         self.log("train/loss", loss, prog_bar=True, batch_size=len(batch))
+        if batch.skipped:
+            self.skipped_records += batch.skipped
+            self.log("train/skipped_records", float(self.skipped_records), batch_size=len(batch))
         return loss
+
+    def on_train_epoch_end(self) -> None:
+        if self.skipped_records:
+            log.warning(
+                "epoch %d: %d bad training records skipped so far (on_bad_record: skip)",
+                self.current_epoch,
+                self.skipped_records,
+            )
 
     def on_train_batch_end(self, outputs, batch: Batch, batch_idx: int) -> None:
         elapsed = time.perf_counter() - self._step_start

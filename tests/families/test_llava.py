@@ -136,3 +136,26 @@ def test_same_seed_same_losses(tiny_assets, synthetic_data, tmp_path):
     assert all(torch.equal(a, b) for a, b in zip(first, second, strict=True))  # bitwise
     assert not all(torch.equal(a, b) for a, b in zip(first, other, strict=True))
     assert first[-1] < first[0]
+
+
+@pytest.mark.parametrize(("vision_type", "llm_type"), [("siglip", "qwen2"), ("clip", "phi")])
+def test_other_towers_and_llms_train(tiny_assets, synthetic_data, tmp_path, vision_type, llm_type):
+    from lmm.components.connectors import LinearConnector
+    from lmm.components.language import CausalLM
+    from lmm.components.vision import HFVisionTower
+    from lmm.families.llava import LlavaModel, LlavaModule
+    from lmm.tiny import build_llm, build_vision
+
+    vision = build_vision(tmp_path / "v", vision_type, image_size=32, patch_size=8)
+    llm = build_llm(tmp_path / "l", tiny_assets["tokenizer"], llm_type)
+    model = LlavaModel(
+        HFVisionTower(str(vision), select="full"), CausalLM(str(llm)), LinearConnector
+    )
+    module = LlavaModule(model=model, tokenizer=str(tiny_assets["tokenizer"]))
+    # SigLIP has no CLS token: `full` keeps the 16 patches; CLIP adds one
+    assert module.media_spec().num_image_tokens((32, 32)) == 16 + (vision_type == "clip")
+    batch, _ = _batch(module, synthetic_data, n=4)
+    loss, n = module.loss(batch)
+    loss.backward()
+    assert n > 0 and torch.isfinite(loss)
+    assert model.vision.model.embeddings.patch_embedding.weight.grad is not None

@@ -1,0 +1,55 @@
+"""Losses shared by every family: next-token cross-entropy, whole-batch and per sample."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+
+def token_losses(logits: Tensor, labels: Tensor) -> Tensor:
+    """Next-token cross-entropy at every position `[B, L]` (0 where the label is -100).
+
+    Position t holds the loss of predicting `labels[t]` from the logits at t − 1; position 0 is 0.
+    """
+    shift_logits = logits[:, :-1].float()
+    shift_labels = labels[:, 1:]
+    loss = torch.nn.functional.cross_entropy(
+        shift_logits.reshape(-1, shift_logits.shape[-1]),
+        shift_labels.reshape(-1),
+        ignore_index=-100,
+        reduction="none",
+    ).view_as(shift_labels)
+    return torch.nn.functional.pad(loss, (1, 0))
+
+
+def causal_lm_loss(logits: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
+    """Summed next-token cross-entropy over positions whose label is not -100, and their count.
+
+    logits `[B, L, V]`, labels `[B, L]` aligned with the inputs (shifted here).
+    Returns `(loss_sum, n_tokens)`; the mean loss is their ratio.
+    """
+    return token_losses(logits, labels).sum(), (labels[:, 1:] != -100).sum()
+
+
+def per_sample_losses(
+    logits: Tensor, labels: Tensor, seq_lens: Sequence[Sequence[int]] | None = None
+) -> list[Tensor]:
+    """Mean loss of every sample: one per row when padded, one per `seq_lens` entry when packed.
+
+    Pad entries of packed rows (length-1 "samples" with no label) are skipped.
+    """
+    losses = token_losses(logits, labels)
+    trained = labels != -100
+    if seq_lens is None:
+        return [losses[b].sum() / trained[b].sum().clamp(min=1) for b in range(len(labels))]
+    out = []
+    for b, lens in enumerate(seq_lens):
+        start = 0
+        for k in lens:
+            n = trained[b, start : start + k].sum()
+            if n > 0:
+                out.append(losses[b, start : start + k].sum() / n)
+            start += k
+    return out

@@ -1,0 +1,193 @@
+"""A resumable training stream: records → samples → packed or padded batches, exactly replayable.
+
+The stream of one epoch is a pure function of (data, seed, epoch): records are read in
+file order (from memory, or streamed with `datasets` for data larger than memory), shuffled
+in blocks of `buffer_size` with a generator seeded by (seed, epoch, block), packed
+first-fit-decreasing within the block, and cut into batches of `batch_size` rows. Planning
+needs only token counts (the processor counts image tokens from the transform's size), so it
+never decodes an image.
+
+This is what makes resuming exact: the loader's state is its position (epoch, batches
+handed out), and the shuffle buffer, the packing buffer and every worker's position follow
+from it. On resume each worker replays the plan — cheap, no images — up to that position.
+With N workers, worker w materialises batches w, w+N, ... of the plan, which is the order in
+which the DataLoader collects them, so the batches are the same for any N.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from lmm.data.batch import Batch, Features
+from lmm.data.collate import PadCollator
+from lmm.data.packing import PackCollator, first_fit_decreasing
+from lmm.data.processor import Processor
+from lmm.data.sample import BadRecordError, Sample
+from lmm.utils.logging import get_logger
+
+log = get_logger(__name__)
+
+Records = Callable[[int], Iterable[Sample | BadRecordError]]  # epoch -> samples
+
+
+@dataclass
+class Planned:
+    """One batch of the plan: its rows of samples and its position in the epoch."""
+
+    index: int
+    rows: list[list[Sample]]
+    skipped: int  # bad records skipped since the previous batch
+
+
+class TrainStream(IterableDataset):
+    """Deterministic, resumable batches for training (see the module docstring)."""
+
+    def __init__(
+        self,
+        samples: Records,
+        processor: Processor,
+        *,
+        batch_size: int,
+        pack_tokens: int | None = None,
+        buffer_size: int = 1024,
+        seed: int = 0,
+        on_bad_record: str = "raise",
+    ):
+        """
+        Args:
+            samples: epoch → that epoch's samples in order (or the errors of bad records).
+            processor: turns a sample into features (and counts its tokens for planning).
+            batch_size: rows per batch (samples per batch when not packing).
+            pack_tokens: row size in tokens when packing; None pads one sample per row.
+            buffer_size: samples shuffled (and packed) together.
+            seed: the shuffle seed.
+            on_bad_record: `raise` stops at a bad record; `skip` drops and counts it.
+        """
+        if on_bad_record not in ("raise", "skip"):
+            raise ValueError(f"on_bad_record must be 'raise' or 'skip', got {on_bad_record!r}")
+        self.samples = samples
+        self.processor = processor
+        self.batch_size = batch_size
+        self.pack_tokens = pack_tokens
+        self.buffer_size = buffer_size
+        self.seed = seed
+        self.on_bad_record = on_bad_record
+        self.epoch = 0
+        self.start = 0  # first batch of the epoch to hand out (resume)
+        pad = processor.tokenizer.pad_token_id
+        self._pad = PadCollator(pad)
+        self._pack = PackCollator(pad, pack_tokens) if pack_tokens else None
+
+    def _bad(self, err: BadRecordError) -> None:
+        if self.on_bad_record == "raise":
+            raise err
+        log.debug("skipped: %s", err)
+
+    def plan(self) -> Iterator[Planned]:
+        """The epoch's batches as rows of samples, without loading any image."""
+        index, skipped = 0, 0
+        block: list[Sample] = []
+        items = iter(self.samples(self.epoch))
+        block_no = 0
+        while True:
+            block.clear()
+            for item in items:
+                if isinstance(item, BadRecordError):
+                    self._bad(item)
+                    skipped += 1
+                    continue
+                block.append(item)
+                if len(block) == self.buffer_size:
+                    break
+            if not block:
+                return
+            rng = np.random.default_rng([self.seed, self.epoch, block_no])
+            block_no += 1
+            shuffled = [block[i] for i in rng.permutation(len(block))]
+            rows, skipped = self._rows(shuffled, skipped)
+            for start in range(0, len(rows), self.batch_size):
+                yield Planned(index, rows[start : start + self.batch_size], skipped)
+                index, skipped = index + 1, 0
+
+    def _rows(self, samples: list[Sample], skipped: int) -> tuple[list[list[Sample]], int]:
+        kept, lengths = [], []
+        for sample in samples:
+            try:
+                lengths.append(self.processor.length(sample))
+                kept.append(sample)
+            except BadRecordError as err:
+                self._bad(err)
+                skipped += 1
+        if self.pack_tokens is None:
+            return [[s] for s in kept], skipped
+        bins = first_fit_decreasing(lengths, self.pack_tokens)
+        return [[kept[i] for i in b] for b in bins], skipped
+
+    def __iter__(self) -> Iterator[Batch]:
+        info = get_worker_info()
+        worker, workers = (info.id, info.num_workers) if info else (0, 1)
+        for planned in self.plan():
+            if planned.index < self.start or (planned.index - self.start) % workers != worker:
+                continue
+            yield self.materialise(planned)
+
+    def materialise(self, planned: Planned) -> Batch:
+        """Load the images and collate one planned batch."""
+        rows: list[list[Features]] = []
+        skipped = planned.skipped
+        for row in planned.rows:
+            feats = []
+            for sample in row:
+                try:
+                    feats.append(self.processor(sample))
+                except BadRecordError as err:
+                    self._bad(err)
+                    skipped += 1
+            if feats:
+                rows.append(feats)
+        if not rows:
+            raise RuntimeError(f"batch {planned.index} lost every sample to bad records")
+        if self._pack is not None:
+            batch = self._pack.collate_rows(rows)
+        else:
+            batch = self._pad([f for row in rows for f in row])
+        batch.stream_position = (self.epoch, planned.index)
+        batch.skipped = skipped
+        return batch
+
+
+class StreamLoader(DataLoader):
+    """A DataLoader over a `TrainStream` that moves to the next epoch each time it is iterated.
+
+    Workers are not persistent: each epoch they receive the stream with its new epoch and
+    start position.
+    """
+
+    def __init__(self, stream: TrainStream, num_workers: int = 0):
+        super().__init__(stream, batch_size=None, num_workers=num_workers, collate_fn=_identity)
+        self._started = False
+
+    def __iter__(self):
+        if self._started:
+            self.dataset.epoch += 1
+            self.dataset.start = 0
+        self._started = True
+        return super().__iter__()
+
+
+def _identity(batch: Batch) -> Batch:
+    return batch
+
+
+def shuffled(samples: Sequence[Sample], seed: int) -> Records:
+    """In-memory samples as a `Records` source, permuted as a whole each epoch."""
+
+    def records(epoch: int) -> Iterator[Sample]:
+        order = np.random.default_rng([seed, epoch, 1 << 20]).permutation(len(samples))
+        return (samples[i] for i in order)
+
+    return records
