@@ -18,6 +18,7 @@ class Features:
     pixel_values: Tensor | None  # [N_img, 3, H, W]
     reference: str | None = None  # the expected answer, for generation
     meta: dict = field(default_factory=dict)
+    target: Tensor | None = None  # [n_labels] scores / label targets of a scored sample
 
     @property
     def num_media(self) -> int:
@@ -37,6 +38,7 @@ class Batch:
     ids: list[str]
     references: list[str | None] = field(default_factory=list)
     meta: list[dict] = field(default_factory=list)
+    targets: Tensor | None = None  # [B, n_labels] for scored samples (score heads)
     seq_lens: list[list[int]] | None = None  # packed rows: the sample lengths of each row
     stream_position: tuple[int, int] | None = None  # (epoch, batch index) in a TrainStream
     skipped: int = 0  # bad records skipped on the way to this batch
@@ -54,7 +56,14 @@ class Batch:
         return int(self.attention_mask.sum())
 
     def to(self, device: torch.device | str) -> Batch:
-        for name in ("input_ids", "attention_mask", "position_ids", "labels", "pixel_values"):
+        for name in (
+            "input_ids",
+            "attention_mask",
+            "position_ids",
+            "labels",
+            "pixel_values",
+            "targets",
+        ):
             value = getattr(self, name)
             if value is not None:
                 setattr(self, name, value.to(device))

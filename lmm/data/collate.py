@@ -31,6 +31,9 @@ class PadCollator:
             mask[b, cols] = 1
         position_ids = (mask.cumsum(dim=1) - 1).clamp(min=0)
         pixels = [f.pixel_values for f in features if f.pixel_values is not None]
+        targets = [f.target for f in features if f.target is not None]
+        if targets and len(targets) != len(features):
+            raise ValueError("a batch mixes scored samples (with a target) and chat samples")
         return Batch(
             input_ids=input_ids,
             attention_mask=mask,
@@ -41,4 +44,5 @@ class PadCollator:
             ids=[f.id for f in features],
             references=[f.reference for f in features],
             meta=[f.meta for f in features],
+            targets=torch.stack(targets) if targets else None,
         )

@@ -4,6 +4,10 @@ One parser reads both formats (they differ only in key names):
 - Mantis: `{"id", "images": [path, ...], "conversation": [{"role", "content"}]}`
 - LLaVA:  `{"id", "image": path | [path, ...], "conversations": [{"from", "value"}]}`
 
+- videos (Mantis `chat_video`, LLaVA `video`): `{"video": path, ...}`; its frames are the
+  media of one `<video>` (or `<image>`) marker
+- Mantis `classification` (VideoScore): `{"id", "images", "prompt", "labels": {name: score}}`
+
 Markers and images (docs/data.md): the i-th `<image>` marker is the i-th image. A record with
 images but no marker gets one marker per image, each followed by a newline, at the start of the
 first user turn (what LLaVA and Mantis do). Any other disagreement is an error naming the record.
@@ -12,10 +16,24 @@ first user turn (what LLaVA and Mantis do). Any other disagreement is an error n
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
-from lmm.data.sample import IMAGE_MARKER, BadRecordError, Media, Part, Sample, Turn
+from lmm.data.sample import IMAGE_MARKER, BadRecordError, Media, Part, Sample, Turn, VideoRef
+
+VIDEO_MARKER = "<video>"
+
+
+@dataclass(frozen=True)
+class VideoOptions:
+    """How the frames of a record's video are sampled (see lmm.data.video.sample_indices)."""
+
+    max_frames: int = 8
+    fps: float | None = None
+    strategy: str = "uniform"
+    min_frames: int = 1
+
 
 ROLE_NAMES = {
     "user": "user",
@@ -26,28 +44,48 @@ ROLE_NAMES = {
 }
 
 
-def read_records(path: str | Path) -> Iterator[tuple[int, dict]]:
-    """Yield `(index, record)` from a JSON array file or a JSON-lines file."""
+def read_records(path: str | Path) -> Iterator[tuple[int, dict | BadRecordError]]:
+    """Yield `(index, record)` from a JSON array file or a JSON-lines file.
+
+    In a JSON-lines file a line that is not UTF-8 or not JSON yields a `BadRecordError` in
+    place of its record (so a run can skip it); a broken JSON array file raises.
+    """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"data file {path} does not exist")
     with path.open("rb") as f:
         head = f.read(1024).lstrip()
     if path.suffix == ".jsonl" or not head.startswith(b"["):
-        with path.open(encoding="utf-8") as f:
-            for i, line in enumerate(f):
-                if line.strip():
-                    try:
-                        yield i, json.loads(line)
-                    except json.JSONDecodeError as err:
-                        raise BadRecordError(
-                            path, f"line {i + 1}", f"invalid JSON ({err})", "fix the line"
-                        ) from err
+        with path.open("rb") as f:
+            for i, raw in enumerate(f):
+                if raw.strip():
+                    yield i, _json_line(raw, path, i)
         return
-    records = json.loads(path.read_text(encoding="utf-8"))
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise BadRecordError(
+            path, "(whole file)", f"not UTF-8 at byte {err.start}", "re-encode the file as UTF-8"
+        ) from err
+    records = json.loads(text)
     if not isinstance(records, list):
         raise ValueError(f"{path}: expected a JSON array of records, got {type(records).__name__}")
     yield from enumerate(records)
+
+
+def _json_line(raw: bytes, path: Path, i: int) -> dict | BadRecordError:
+    where = f"line {i + 1}"
+    try:
+        record = json.loads(raw.decode("utf-8"))
+    except UnicodeDecodeError as err:
+        return BadRecordError(
+            path, where, f"not UTF-8 text (byte {err.start} of the line)", "re-encode as UTF-8"
+        )
+    except json.JSONDecodeError as err:
+        return BadRecordError(path, where, f"invalid JSON ({err})", "fix the line")
+    if not isinstance(record, dict):
+        return BadRecordError(path, where, f"a JSON {type(record).__name__}, not an object")
+    return record
 
 
 def _first(record: dict, *keys: str):
@@ -89,8 +127,13 @@ def parse_record(
     index: int = 0,
     check_media: bool = True,
     allow_outside_root: bool = False,
+    video: VideoOptions | None = None,
+    labels: Sequence[str] | None = None,
 ) -> Sample:
-    """Turn one Mantis or LLaVA chat record into a `Sample`, or raise `BadRecordError`."""
+    """Turn one Mantis or LLaVA record (chat, chat_video or classification) into a `Sample`.
+
+    Raises `BadRecordError` naming the file, the record and the fix.
+    """
     source = Path(source)
     root = Path(root) if root is not None else source.parent
     record_id = str(record.get("id", f"#{index}"))
@@ -98,22 +141,30 @@ def parse_record(
     def bad(problem: str, fix: str = "") -> BadRecordError:
         return BadRecordError(source, record_id, problem, fix)
 
+    def resolve(rel: str) -> Path:
+        return _resolve(rel, root, source, record_id, allow_outside_root)
+
+    scores = record.get("labels")
+    if isinstance(scores, dict) and _first(record, "conversation", "conversations") is None:
+        return _classification(record, record_id, source, resolve, bad, check_media, labels)
+
     messages = _first(record, "conversation", "conversations")
     if not isinstance(messages, list) or not messages:
-        raise bad("no conversation", "give a non-empty 'conversation' or 'conversations' list")
-    images = _first(record, "images", "image") or []
-    if isinstance(images, (str, dict)):
-        images = [images]
-    paths = []
-    for item in images:
-        rel = item.get("path") if isinstance(item, dict) else item
-        if not isinstance(rel, str):
-            raise bad(f"image entry {item!r} is not a path")
-        paths.append(_resolve(rel, root, source, record_id, allow_outside_root))
+        raise bad("empty conversation", "give a non-empty 'conversation' or 'conversations' list")
+    media: list[Path | VideoRef] = [resolve(rel) for rel in _image_paths(record, bad)]
+    if record.get("video") is not None:
+        if media:
+            raise bad("has both images and a video", "split it into two records")
+        if not isinstance(record["video"], str):
+            raise bad(f"video entry {record['video']!r} is not a path")
+        options = video or VideoOptions()
+        media = [VideoRef(resolve(record["video"]), **options.__dict__)]
 
     turns: list[Turn] = []
     n_markers = 0
     for k, msg in enumerate(messages):
+        if not isinstance(msg, dict):
+            raise bad(f"turn {k} is not an object with a role and content")
         raw_role = _first(msg, "role", "from")
         role = ROLE_NAMES.get(str(raw_role).lower())
         text = _first(msg, "content", "value")
@@ -124,27 +175,91 @@ def parse_record(
             )
         if not isinstance(text, str):
             raise bad(f"turn {k} has no text content")
+        if media and isinstance(media[0], VideoRef):
+            text = text.replace(VIDEO_MARKER, IMAGE_MARKER)
         parts, n_markers = _split_markers(text, n_markers)
         if role != "user" and any(isinstance(p, Media) for p in parts):
             raise bad(f"turn {k} ({role}) holds an {IMAGE_MARKER} marker; only user turns may")
         turns.append(Turn(role, parts))
 
-    if n_markers == 0 and paths:
+    _place_media(turns, n_markers, len(media), bad)
+    if check_media:
+        _check_files(media, bad)
+    meta = {k: record[k] for k in ("task", "source", "category") if k in record}
+    return Sample(record_id, turns, media, source=str(source), meta=meta)
+
+
+def _image_paths(record: dict, bad) -> list[str]:
+    images = _first(record, "images", "image") or []
+    if isinstance(images, (str, dict)):
+        images = [images]
+    if not isinstance(images, list):
+        raise bad(f"images {images!r} is not a list of paths")
+    out = []
+    for item in images:
+        rel = item.get("path") if isinstance(item, dict) else item
+        if not isinstance(rel, str):
+            raise bad(f"image entry {item!r} is not a path")
+        out.append(rel)
+    return out
+
+
+def _place_media(turns: list[Turn], n_markers: int, n_media: int, bad) -> None:
+    """Apply the marker policy (module docstring): place unmarked media first, else counts must agree."""
+    if n_markers == 0 and n_media:
         first_user = next((t for t in turns if t.role == "user"), None)
         if first_user is None:
-            raise bad("has images but no user turn to place them in")
-        first_user.parts[:0] = [p for i in range(len(paths)) for p in (Media(i), "\n")]
-    elif n_markers != len(paths):
+            raise bad("has media but no user turn to place them in")
+        first_user.parts[:0] = [p for i in range(n_media) for p in (Media(i), "\n")]
+    elif n_markers != n_media:
         raise bad(
-            f"{n_markers} {IMAGE_MARKER} markers but {len(paths)} images",
+            f"{n_markers} {IMAGE_MARKER} markers but {n_media} images",
             f"give one {IMAGE_MARKER} marker per image, or none to place all images first",
         )
+
+
+def _check_files(media: Sequence[Path | VideoRef], bad) -> None:
+    for i, item in enumerate(media):
+        path = item.path if isinstance(item, VideoRef) else item
+        if not path.is_file():
+            kind = "video" if isinstance(item, VideoRef) else f"image {i}"
+            raise bad(f"{kind} not found: {path}", "check the path and the data root")
+
+
+def _classification(record, record_id, source, resolve, bad, check_media, labels) -> Sample:
+    """Mantis `classification` (VideoScore): frames + prompt → a target vector of scores.
+
+    As Mantis does, an `<image> ` is appended to the prompt for every frame beyond the
+    prompt's own markers. The target follows `labels` (the declared order), else the
+    record's own key order.
+    """
+    prompt = record.get("prompt")
+    if not isinstance(prompt, str):
+        raise bad("classification record without a 'prompt' string")
+    frames = [resolve(rel) for rel in _image_paths(record, bad)]
+    n_markers = prompt.count(IMAGE_MARKER)
+    if n_markers > len(frames):
+        raise bad(f"{n_markers} {IMAGE_MARKER} markers but {len(frames)} images")
+    prompt += f"{IMAGE_MARKER} " * (len(frames) - n_markers)
+    parts, _ = _split_markers(prompt, 0)
+    scores = record["labels"]
+    names = list(labels) if labels is not None else list(scores)
+    missing = [n for n in names if n not in scores]
+    extra = [n for n in scores if n not in names]
+    if missing or extra:
+        raise bad(
+            f"labels {sorted(scores)} do not match the declared {names} (missing {missing}, "
+            f"unexpected {extra})",
+            "give every declared label a value, or declare the labels the data has",
+        )
+    try:
+        target = [float(scores[n]) for n in names]
+    except (TypeError, ValueError) as err:
+        raise bad(f"a label value is not a number: {scores}") from err
     if check_media:
-        for i, path in enumerate(paths):
-            if not path.is_file():
-                raise bad(f"image {i} not found: {path}", "check the path and the data root")
-    meta = {k: record[k] for k in ("task", "source", "category") if k in record}
-    return Sample(record_id, turns, paths, source=str(source), meta=meta)
+        _check_files(frames, bad)
+    meta = {"labels": names, **{k: record[k] for k in ("task", "source") if k in record}}
+    return Sample(record_id, [Turn("user", parts)], frames, str(source), meta, target)
 
 
 def iter_samples(
@@ -154,9 +269,14 @@ def iter_samples(
     root: str | Path | None = None,
     check_media: bool = True,
     allow_outside_root: bool = False,
+    video: VideoOptions | None = None,
+    labels: Sequence[str] | None = None,
 ) -> Iterator[Sample | BadRecordError]:
     """Parse records one by one, yielding the error of a bad record in its place."""
     for i, rec in records:
+        if isinstance(rec, BadRecordError):
+            yield rec
+            continue
         try:
             yield parse_record(
                 rec,
@@ -165,6 +285,8 @@ def iter_samples(
                 index=i,
                 check_media=check_media,
                 allow_outside_root=allow_outside_root,
+                video=video,
+                labels=labels,
             )
         except BadRecordError as err:
             yield err
@@ -184,16 +306,21 @@ def load_samples(
     root: str | Path | None = None,
     check_media: bool = True,
     allow_outside_root: bool = False,
+    video: VideoOptions | None = None,
+    labels: Sequence[str] | None = None,
 ) -> list[Sample]:
-    """Read every record of a json/jsonl chat file; the first bad record raises."""
-    return [
-        parse_record(
-            rec,
-            source=path,
-            root=root,
-            index=i,
-            check_media=check_media,
-            allow_outside_root=allow_outside_root,
-        )
-        for i, rec in read_records(path)
-    ]
+    """Read every record of a json/jsonl file; the first bad record raises."""
+    samples = []
+    for item in iter_samples(
+        read_records(path),
+        source=path,
+        root=root,
+        check_media=check_media,
+        allow_outside_root=allow_outside_root,
+        video=video,
+        labels=labels,
+    ):
+        if isinstance(item, BadRecordError):
+            raise item
+        samples.append(item)
+    return samples

@@ -12,9 +12,24 @@ from PIL import Image
 from torch import Tensor
 
 
-def load_image(path: str | Path) -> Image.Image:
-    """Open an image as RGB, decoding it fully now (so corrupt files fail here, not later)."""
+# Largest image accepted, in pixels: a small file that decodes to more is a decompression bomb.
+MAX_IMAGE_PIXELS = 100_000_000
+
+
+def load_image(path: str | Path, max_pixels: int | None = None) -> Image.Image:
+    """Open an image as RGB, decoding it fully now (so corrupt files fail here, not later).
+
+    The size is checked from the header before decoding: more than `max_pixels` (default
+    `MAX_IMAGE_PIXELS`) raises instead of allocating the decoded image.
+    """
+    limit = MAX_IMAGE_PIXELS if max_pixels is None else max_pixels
     with Image.open(path) as img:
+        w, h = img.size
+        if w * h > limit:
+            raise ValueError(
+                f"{w}x{h} = {w * h} pixels, more than the limit of {limit} "
+                "(a decompression bomb?); resize it or raise lmm.data.media.MAX_IMAGE_PIXELS"
+            )
         img.load()
         return img.convert("RGB")
 

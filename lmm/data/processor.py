@@ -9,9 +9,10 @@ from transformers import PreTrainedTokenizerBase
 
 from lmm.data.batch import Features
 from lmm.data.media import ImageTransform, load_image
-from lmm.data.sample import BadRecordError, Sample, Turn
+from lmm.data.sample import BadRecordError, Sample, Turn, VideoRef
 from lmm.data.templates import ChatTemplate
 from lmm.data.tokenization import SegmentTokenizer
+from lmm.data.video import VideoError, VideoReader, load_video, sample_indices
 
 
 class MediaSpec(Protocol):
@@ -58,15 +59,26 @@ class Processor:
         self.max_length = max_length
         self.segments = SegmentTokenizer(tokenizer, image_token)
         self.image_token_id = self.segments.image_token_id
+        self.video_reader = VideoReader()
 
     def __call__(self, sample: Sample) -> Features:
-        """Features for training: every turn that fits, trainable assistant text labelled."""
+        """Features for training: every turn that fits, trainable assistant text labelled.
+
+        A scored sample (`sample.target`, e.g. VideoScore) is a prompt with no answer: it is
+        rendered up to the assistant header and its target goes with it.
+        """
+        if sample.target is not None:
+            features = self._encode(sample, sample.turns, add_generation_prompt=True)
+            features.target = torch.tensor(sample.target, dtype=torch.float32)
+            return features
         return self._encode(sample, self._fit(sample), add_generation_prompt=False)
 
     def length(self, sample: Sample) -> int:
-        """The token count `__call__` gives, computed without reading an image."""
-        segments, ids, _ = self._tokens(sample, self._fit(sample), add_generation_prompt=False)
-        return self._expanded_length(segments, ids)
+        """The token count `__call__` gives, computed without decoding an image or a video."""
+        scored = sample.target is not None
+        turns = sample.turns if scored else self._fit(sample)
+        segments, ids, _ = self._tokens(sample, turns, add_generation_prompt=scored)
+        return self._expanded_length(sample, segments, ids)
 
     def prompt(self, sample: Sample) -> Features:
         """Features for generation: turns up to the last user turn plus the assistant header.
@@ -89,7 +101,7 @@ class Processor:
         while True:
             turns = [t for r in rounds for t in r]
             segments, ids, _ = self._tokens(sample, turns, add_generation_prompt=False)
-            n = self._expanded_length(segments, ids)
+            n = self._expanded_length(sample, segments, ids)
             if n <= self.max_length:
                 return turns
             if sum(r[0].role == "user" for r in rounds) <= 1:
@@ -101,10 +113,31 @@ class Processor:
                 )
             rounds = rounds[:-1]
 
-    def _expanded_length(self, segments: list, ids: list[int]) -> int:
+    def _expanded_length(self, sample: Sample, segments: list, ids: list[int]) -> int:
         size = self.media.transform.size
-        n_media = sum(s.media is not None for s in segments)
-        return len(ids) - n_media + n_media * self.media.num_image_tokens((size, size))
+        per_image = self.media.num_image_tokens((size, size))
+        markers = [s.media for s in segments if s.media is not None]
+        frames = sum(self._num_frames(sample, i) for i in markers)
+        return len(ids) - len(markers) + frames * per_image
+
+    def _num_frames(self, sample: Sample, index: int) -> int:
+        """Images a media marker becomes: 1, or the frames sampled from its video (header only)."""
+        item = sample.images[index]
+        if not isinstance(item, VideoRef):
+            return 1
+        try:
+            info = self.video_reader.info(item.path)
+        except (VideoError, OSError) as err:
+            raise BadRecordError(sample.source, sample.id, f"cannot read video: {err}") from err
+        n = len(sample_indices(info.num_frames, info.avg_fps, **item.sampling))
+        if n < item.min_frames:
+            raise BadRecordError(
+                sample.source,
+                sample.id,
+                f"video {item.path} gives {n} frames but min_frames={item.min_frames}",
+                "drop the record, or lower min_frames / raise fps",
+            )
+        return n
 
     def _tokens(self, sample: Sample, turns: list[Turn], add_generation_prompt: bool):
         try:
@@ -116,9 +149,15 @@ class Processor:
 
     def _encode(self, sample: Sample, turns: list[Turn], add_generation_prompt: bool) -> Features:
         segments, ids, labels = self._tokens(sample, turns, add_generation_prompt)
-        order = [s.media for s in segments if s.media is not None]
-        pixels = [self._image(sample, i) for i in order]
-        counts = iter([self.media.num_image_tokens(tuple(p.shape[-2:])) for p in pixels])
+        pixels: list[torch.Tensor] = []
+        tokens_per_marker: list[int] = []
+        for index in (s.media for s in segments if s.media is not None):
+            images = self._media(sample, index)
+            pixels += images
+            tokens_per_marker.append(
+                sum(self.media.num_image_tokens(tuple(p.shape[-2:])) for p in images)
+            )
+        counts = iter(tokens_per_marker)
         out_ids: list[int] = []
         out_labels: list[int] = []
         for tok, lab in zip(ids, labels, strict=True):
@@ -136,6 +175,21 @@ class Processor:
             pixel_values=torch.stack(pixels) if pixels else None,
             meta=dict(sample.meta),
         )
+
+    def _media(self, sample: Sample, index: int) -> list[torch.Tensor]:
+        """The transformed images of one media marker: an image, or a video's sampled frames."""
+        item = sample.images[index]
+        if isinstance(item, VideoRef):
+            frames = load_video(
+                item.path,
+                **item.sampling,
+                min_frames=item.min_frames,
+                reader=self.video_reader,
+                source=sample.source,
+                record_id=sample.id,
+            )
+            return [self.media.transform(f) for f in frames]
+        return [self._image(sample, index)]
 
     def _image(self, sample: Sample, index: int) -> torch.Tensor:
         path = sample.images[index]

@@ -21,6 +21,22 @@ class Media:
 Part = str | Media
 
 
+@dataclass(frozen=True)
+class VideoRef:
+    """A video used as frames: one media marker becomes every sampled frame (see lmm.data.video)."""
+
+    path: Path
+    max_frames: int = 8
+    fps: float | None = None  # None: `max_frames` frames spread uniformly
+    strategy: str = "uniform"  # uniform | fps | segments
+    min_frames: int = 1
+
+    @property
+    def sampling(self) -> dict:
+        strategy = "fps" if self.fps is not None and self.strategy == "uniform" else self.strategy
+        return {"max_frames": self.max_frames, "fps": self.fps, "strategy": strategy}
+
+
 @dataclass
 class Turn:
     """One message of a conversation: text interleaved with media markers."""
@@ -44,9 +60,10 @@ class Sample:
 
     id: str
     turns: list[Turn]
-    images: list[Path] = field(default_factory=list)
+    images: list[Path | VideoRef] = field(default_factory=list)  # media: image paths or videos
     source: str = "<memory>"  # the data file, for error messages
     meta: dict = field(default_factory=dict)
+    target: list[float] | None = None  # scores or label targets, in the declared label order
 
     @property
     def where(self) -> str:
