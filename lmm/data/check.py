@@ -1,0 +1,413 @@
+"""`lmm data check`: validate a data file or mixture and report what one epoch of training sees.
+
+Every record of the epoch is parsed and its media checked; with a tokenizer, its tokens are
+counted by the processor (`Processor.length`: a fixed number of tokens per image, so no image
+is decoded). The report gives per-source counts, the bad records (file, id, problem), token-
+length and image-count histograms, and the share of real tokens in padded and packed batches.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import math
+import sys
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from tqdm import tqdm
+
+from lmm.data.media import ImageTransform
+from lmm.data.mixture import Mixture, SkippedRecord
+from lmm.data.packing import first_fit_decreasing
+from lmm.data.processor import Processor
+from lmm.data.sample import BadRecordError, Sample
+from lmm.utils.logging import get_logger
+
+log = get_logger(__name__)
+
+BAR_WIDTH = 40
+# CLIP's normalisation; the stub transform is never applied, only its size is read.
+_MEAN = (0.48145466, 0.4578275, 0.40821073)
+_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+@dataclass(frozen=True)
+class StubMedia:
+    """A media spec with a fixed token count per image: counts tokens without a model."""
+
+    transform: ImageTransform
+    tokens: int
+
+    def num_image_tokens(self, image_size: tuple[int, int]) -> int:
+        """`tokens`, whatever the image size."""
+        return self.tokens
+
+
+def load_template(path: str):
+    """A chat template from its class path (`lmm.data.templates.Llama3`, or just `Llama3`)."""
+    module_name, _, class_name = path.rpartition(".")
+    module = importlib.import_module(module_name or "lmm.data.templates")
+    try:
+        return getattr(module, class_name)()
+    except AttributeError:
+        raise ValueError(
+            f"template {path!r}: {module.__name__} has no class {class_name!r}"
+        ) from None
+
+
+def build_processor(
+    tokenizer: str,
+    template: str = "lmm.data.templates.Llama3",
+    image_tokens: int = 576,
+    image_size: int = 336,
+    max_length: int = 2048,
+    image_token: str = "<image>",
+) -> Processor:
+    """A processor for counting tokens: the tokenizer (with `image_token` added if missing)."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tokenizer)
+    if image_token not in tok.get_vocab():
+        tok.add_special_tokens({"additional_special_tokens": [image_token]})
+    if tok.pad_token is None:
+        tok.add_special_tokens({"pad_token": "<pad>"})
+    media = StubMedia(ImageTransform(image_size, _MEAN, _STD), image_tokens)
+    return Processor(tok, load_template(template), media, max_length, image_token)
+
+
+def padded_share(lengths: Sequence[int], batch_size: int) -> float | None:
+    """Real tokens / batch tokens when consecutive samples are padded to their batch's longest."""
+    cost = sum(
+        len(batch) * max(batch)
+        for batch in (lengths[i : i + batch_size] for i in range(0, len(lengths), batch_size))
+    )
+    return sum(lengths) / cost if cost else None
+
+
+def packed_share(
+    lengths: Sequence[int], pack_tokens: int, batch_size: int, buffer_size: int
+) -> tuple[float | None, int]:
+    """(real-token share, rows) when packing first-fit decreasing as TrainStream does.
+
+    Each block of `buffer_size` samples is packed into rows of at most `pack_tokens`; rows are
+    cut into batches of `batch_size`, each padded to its longest row (what PackCollator does).
+    """
+    real, cost, rows = 0, 0, 0
+    for start in range(0, len(lengths), buffer_size):
+        block = lengths[start : start + buffer_size]
+        bins = first_fit_decreasing(block, pack_tokens)
+        row_lengths = [sum(block[i] for i in b) for b in bins]
+        rows += len(row_lengths)
+        real += sum(block)
+        for i in range(0, len(row_lengths), batch_size):
+            batch = row_lengths[i : i + batch_size]
+            cost += len(batch) * max(batch)
+    return (real / cost if cost else None), rows
+
+
+def histogram(values: Sequence[int], bins: int) -> list[dict]:
+    """Equal-width integer bins from min to max: `[{"from", "to", "count"}]`."""
+    if not values:
+        return []
+    lo, hi = min(values), max(values)
+    width = max(1, math.ceil((hi - lo + 1) / bins))
+    counts = Counter((v - lo) // width for v in values)
+    return [
+        {"from": lo + k * width, "to": lo + (k + 1) * width - 1, "count": counts.get(k, 0)}
+        for k in range((hi - lo) // width + 1)
+    ]
+
+
+def check(
+    data: str | Path,
+    *,
+    tokenizer: str | None = None,
+    template: str = "lmm.data.templates.Llama3",
+    image_tokens: int = 576,
+    image_size: int = 336,
+    max_length: int = 2048,
+    pack_tokens: int | None = None,
+    batch_size: int = 8,
+    buffer_size: int = 1024,
+    split: str = "train",
+    epoch: int = 0,
+    seed: int = 0,
+    root: str | None = None,
+    allow_outside_root: bool = False,
+    check_media: bool = True,
+    bins: int = 10,
+    show: int = 50,
+    out=None,
+) -> dict:
+    """Check every record of one epoch of `data`; write the report to `out` and return it.
+
+    Args:
+        data: a json/jsonl file (`{a,b}.json` allowed) or a mixture YAML.
+        tokenizer: tokenizer folder; without one, tokens and batch shares are not counted.
+        template: chat template class path.
+        image_tokens: tokens per image.
+        image_size: side of the (stub) image transform.
+        max_length: the processor's max_length (longer samples lose rounds from the end).
+        pack_tokens: row size for the packed share (default: max_length).
+        batch_size: rows per batch for both shares.
+        buffer_size: samples packed together (TrainStream's buffer_size).
+        split: the split of a mixture YAML to check.
+        epoch: the epoch to check (the order and the rules' draws depend on it and on seed).
+        seed: the mixture seed.
+        root: media folder for sources without their own (default: each data file's folder).
+        allow_outside_root: accept absolute media paths and paths with `..`.
+        check_media: check that every media file exists.
+        bins: bins of the token-length histogram.
+        show: bad records listed in the text report (the returned dict has them all).
+        out: where the text report goes (default: stdout).
+    """
+    mixture = Mixture.from_path(data, split, seed=seed)
+    processor = None
+    if tokenizer is not None:
+        processor = build_processor(tokenizer, template, image_tokens, image_size, max_length)
+    pack_tokens = pack_tokens or max_length
+
+    outcomes: dict[tuple[int, int], tuple[str, object]] = {}
+    lengths: list[int] = []
+    images: list[int] = []
+    epoch_count: Counter[int] = Counter()
+    order = mixture.order(epoch)
+    for s, i in tqdm(order, desc="checking", unit="rec", disable=None):
+        key = (int(s), int(i))
+        epoch_count[key[0]] += 1
+        if key not in outcomes:
+            item = mixture.sample(
+                *key, root=root, allow_outside_root=allow_outside_root, check_media=check_media
+            )
+            outcomes[key] = _outcome(item, processor)
+        kind, value = outcomes[key]
+        if kind == "ok":
+            n_tokens, n_images = value
+            images.append(n_images)
+            if n_tokens is not None:
+                lengths.append(n_tokens)
+
+    stats = {
+        "data": str(data),
+        "split": split,
+        "epoch": epoch,
+        "seed": seed,
+        "balancing": mixture.balancing,
+        "sources": _source_rows(mixture, outcomes, epoch_count),
+        "bad": _listed(mixture, outcomes, "bad"),
+        "skipped": _listed(mixture, outcomes, "skipped"),
+        "images": {"histogram": dict(sorted(Counter(images).items()))},
+        "tokens": None,
+        "batches": None,
+    }
+    stats["total"] = {
+        key: sum(row[key] for row in stats["sources"])
+        for key in ("size", "distinct", "epoch", "ok", "bad", "skipped")
+    }
+    if processor is not None and lengths:
+        stats["tokens"] = {
+            "min": min(lengths),
+            "mean": round(sum(lengths) / len(lengths), 1),
+            "max": max(lengths),
+            "histogram": histogram(lengths, bins),
+        }
+        packable = [n for n in lengths if n <= pack_tokens]
+        packed, rows = packed_share(packable, pack_tokens, batch_size, buffer_size)
+        stats["batches"] = {
+            "batch_size": batch_size,
+            "padded_share": padded_share(lengths, batch_size),
+            "pack_tokens": pack_tokens,
+            "packed_share": packed,
+            "packed_rows": rows,
+            "too_long_to_pack": len(lengths) - len(packable),
+        }
+    (out or sys.stdout).write(render(stats, show))
+    total = stats["total"]
+    log.info(
+        "checked %d records of %s: %d ok, %d bad, %d skipped",
+        total["distinct"],
+        data,
+        total["ok"],
+        total["bad"],
+        total["skipped"],
+    )
+    return stats
+
+
+def _outcome(item: Sample | BadRecordError, processor: Processor | None) -> tuple[str, object]:
+    """("ok", (tokens or None, images)), ("bad", error) or ("skipped", error)."""
+    if isinstance(item, SkippedRecord):
+        return "skipped", item
+    if isinstance(item, BadRecordError):
+        return "bad", item
+    n_tokens = None
+    if processor is not None:
+        try:
+            n_tokens = processor.length(item)
+        except BadRecordError as err:
+            return "bad", err
+    return "ok", (n_tokens, len(item.images))
+
+
+def _source_rows(mixture: Mixture, outcomes: dict, epoch_count: Counter) -> list[dict]:
+    """Per source: records in the file, distinct records drawn, samples per epoch, outcomes."""
+    kinds: dict[int, Counter[str]] = {s: Counter() for s in range(len(mixture.sources))}
+    for (s, _), (kind, _) in outcomes.items():
+        kinds[s][kind] += 1
+    return [
+        {
+            "name": src.name,
+            "path": src.path,
+            "format": src.format,
+            "rule": src.rule,
+            "size": src.size,
+            "distinct": sum(kinds[s].values()),
+            "epoch": epoch_count[s],
+            "ok": kinds[s]["ok"],
+            "bad": kinds[s]["bad"],
+            "skipped": kinds[s]["skipped"],
+        }
+        for s, src in enumerate(mixture.sources)
+    ]
+
+
+def _listed(mixture: Mixture, outcomes: dict, which: str) -> list[dict]:
+    """The bad (or skipped) records in file order: source, file, index, id, problem."""
+    return [
+        {
+            "source": mixture.sources[s].name,
+            "file": err.source,
+            "index": i,
+            "id": err.record_id,
+            "problem": err.problem,
+        }
+        for (s, i), (kind, err) in sorted(outcomes.items())
+        if kind == which
+    ]
+
+
+def _bar(count: int, top: int) -> str:
+    return "#" * (round(BAR_WIDTH * count / top) if top else 0)
+
+
+def render(stats: dict, show: int = 50) -> str:
+    """The text report of `check`'s result."""
+    lines = [
+        f"lmm data check: {stats['data']} (split {stats['split']}, epoch {stats['epoch']}, "
+        f"seed {stats['seed']}, balancing {'on' if stats['balancing'] else 'off'})"
+    ]
+    rows = stats["sources"] + [{"name": "total", "format": "", "rule": "", **stats["total"]}]
+    name_w = max(6, *(len(r["name"]) for r in rows))
+    head = ("source", "format", "rule", "file", "distinct", "epoch", "ok", "bad", "skipped")
+    fmt = f"  {{:<{name_w}}} {{:<14}} {{:<12}} {{:>8}} {{:>8}} {{:>8}} {{:>8}} {{:>6}} {{:>8}}"
+    lines += ["", fmt.format(*head)]
+    for r in rows:
+        lines.append(
+            fmt.format(
+                r["name"],
+                r["format"],
+                r["rule"],
+                r["size"],
+                r["distinct"],
+                r["epoch"],
+                r["ok"],
+                r["bad"],
+                r["skipped"],
+            )
+        )
+    for which in ("bad", "skipped"):
+        listed = stats[which]
+        if listed:
+            lines += ["", f"{which} records ({len(listed)}):"]
+            lines += [f"  {b['file']} [{b['id']}]: {b['problem']}" for b in listed[:show]]
+            if len(listed) > show:
+                lines.append(f"  ... and {len(listed) - show} more")
+    tokens = stats["tokens"]
+    if tokens is not None:
+        lines += [
+            "",
+            f"tokens per sample (min {tokens['min']}, mean {tokens['mean']}, max {tokens['max']}):",
+        ]
+        top = max(b["count"] for b in tokens["histogram"])
+        for b in tokens["histogram"]:
+            span = f"{b['from']}-{b['to']}"
+            lines.append(f"  {span:>13} {b['count']:>7} {_bar(b['count'], top)}")
+    hist = stats["images"]["histogram"]
+    if hist:
+        lines += ["", "images per sample:"]
+        top = max(hist.values())
+        lines += [f"  {k:>13} {v:>7} {_bar(v, top)}" for k, v in hist.items()]
+    batches = stats["batches"]
+    if batches is not None:
+        lines += [
+            "",
+            "real-token share of batch tokens:",
+            f"  padded, batches of {batches['batch_size']} as loaded: "
+            f"{_percent(batches['padded_share'])}",
+            f"  packed first-fit decreasing, rows of {batches['pack_tokens']} tokens "
+            f"({batches['packed_rows']} rows): {_percent(batches['packed_share'])}",
+        ]
+        if batches["too_long_to_pack"]:
+            lines.append(
+                f"  ({batches['too_long_to_pack']} samples longer than a row are left out of it)"
+            )
+    return "\n".join(line.rstrip() for line in lines) + "\n"
+
+
+def _percent(share: float | None) -> str:
+    return "n/a" if share is None else f"{100 * share:.1f}%"
+
+
+def main(argv: list[str] | None = None) -> dict:
+    """`lmm data check DATA [options]`; returns the report (exit 1 with --strict and bad records)."""
+    parser = argparse.ArgumentParser(prog="lmm data", description="Data tools.")
+    commands = parser.add_subparsers(dest="command", required=True)
+    p = commands.add_parser(
+        "check",
+        help="validate a data file or mixture and report lengths, images and padding",
+        description=__doc__,
+    )
+    p.add_argument("data", help="a json/jsonl file ({a,b}.json allowed) or a mixture YAML")
+    p.add_argument("--tokenizer", help="tokenizer folder (without one, tokens are not counted)")
+    p.add_argument("--template", default="lmm.data.templates.Llama3", help="chat template class")
+    p.add_argument("--image-tokens", type=int, default=576, help="tokens per image")
+    p.add_argument("--image-size", type=int, default=336, help="image side of the transform")
+    p.add_argument("--max-length", type=int, default=2048, help="longest sample in tokens")
+    p.add_argument("--pack-tokens", type=int, help="packed row size (default: --max-length)")
+    p.add_argument("--batch-size", type=int, default=8, help="rows per batch")
+    p.add_argument("--buffer-size", type=int, default=1024, help="samples packed together")
+    p.add_argument("--split", default="train", choices=["train", "val", "test"])
+    p.add_argument("--epoch", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--root", help="media folder (default: each data file's folder)")
+    p.add_argument("--allow-outside-root", action="store_true")
+    p.add_argument("--no-check-media", action="store_true", help="do not stat media files")
+    p.add_argument("--bins", type=int, default=10, help="token histogram bins")
+    p.add_argument("--show", type=int, default=50, help="bad records listed in the report")
+    p.add_argument("--strict", action="store_true", help="exit with status 1 on a bad record")
+    a = parser.parse_args(argv)
+    report = check(
+        a.data,
+        tokenizer=a.tokenizer,
+        template=a.template,
+        image_tokens=a.image_tokens,
+        image_size=a.image_size,
+        max_length=a.max_length,
+        pack_tokens=a.pack_tokens,
+        batch_size=a.batch_size,
+        buffer_size=a.buffer_size,
+        split=a.split,
+        epoch=a.epoch,
+        seed=a.seed,
+        root=a.root,
+        allow_outside_root=a.allow_outside_root,
+        check_media=not a.no_check_media,
+        bins=a.bins,
+        show=a.show,
+    )
+    if a.strict and report["total"]["bad"]:
+        raise SystemExit(1)
+    return report
