@@ -138,7 +138,7 @@ def _demo_inputs(data: Path, assets: Path, train_size: int, test_size: int) -> N
             vision_hidden=64,
             vision_layers=2,
             llm_hidden=128,
-            llm_layers=2,
+            llm_layers=4,
         )
 
 
@@ -173,7 +173,21 @@ def _plot_loss(csv_file: Path, png: Path) -> None:
     plt.close(fig)
 
 
-TOOLS = {"synth": synth, "tiny": tiny, "demo": demo}
+def data(argv: list[str]) -> dict:
+    """`lmm data check DATA`: validate a data file or mixture; report lengths and padding."""
+    from lmm.data.check import main as data_main
+
+    return data_main(argv)
+
+
+def convert(argv: list[str]) -> Path:
+    """`lmm convert import|export`: published LLaVA checkpoints in, transformers Llava out."""
+    from lmm.families.llava.convert import main as convert_main
+
+    return convert_main(argv)
+
+
+TOOLS = {"synth": synth, "tiny": tiny, "demo": demo, "data": data, "convert": convert}
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from functools import partial
 from pathlib import Path
 from typing import Literal
 
@@ -13,7 +14,8 @@ from transformers import PreTrainedTokenizerBase
 
 from lmm.data.batch import Batch, Features
 from lmm.data.collate import PadCollator
-from lmm.data.formats import iter_samples, load_samples, read_records, stream_records
+from lmm.data.formats import VideoOptions, iter_samples, load_samples, read_records, stream_records
+from lmm.data.mixture import Mixture
 from lmm.data.processor import MediaSpec, Processor
 from lmm.data.sample import Sample
 from lmm.data.stream import StreamLoader, TrainStream, shuffled
@@ -63,11 +65,15 @@ class ChatDataModule(L.LightningDataModule):
         buffer_size: int = 1024,
         streaming: bool = False,
         on_bad_record: Literal["raise", "skip"] = "raise",
+        group_by_modality_length: bool = False,
+        max_frames: int = 8,
+        fps: float | None = None,
+        labels: list[str] | None = None,
     ):
         """
         Args:
             template: chat template that renders turns and decides what is trained.
-            train: training data file (json array or jsonl).
+            train: training data: a json/jsonl file, or a mixture YAML (docs/mixtures.md).
             val: validation data file.
             test: test data file (generation, scored against the last assistant turn).
             predict: prediction data file (generation).
@@ -82,6 +88,11 @@ class ChatDataModule(L.LightningDataModule):
             buffer_size: training samples shuffled and packed together.
             streaming: read the training file with `datasets` streaming instead of into memory.
             on_bad_record: `raise` at the first bad training record, or `skip` and count it.
+            group_by_modality_length: without packing, batch image and text-only samples
+                apart, each batch of similar length (LLaVA's sampler).
+            max_frames: frames sampled from each video (spread uniformly unless `fps`).
+            fps: sample videos at this many frames per second (Mantis), at most `max_frames`.
+            labels: the score names of scored (classification) records, in target order.
         """
         super().__init__()
         self.template = template
@@ -97,6 +108,9 @@ class ChatDataModule(L.LightningDataModule):
         self.buffer_size = buffer_size
         self.streaming = streaming
         self.on_bad_record = on_bad_record
+        self.group_by_modality_length = group_by_modality_length
+        self.video = VideoOptions(max_frames=max_frames, fps=fps)
+        self.labels = labels
         self.position = (0, 0)  # (epoch, batches of it consumed): the training loader's state
         self.processor: Processor | None = None
         self.samples: dict[str, list[Sample]] = {}
@@ -121,11 +135,19 @@ class ChatDataModule(L.LightningDataModule):
             if self.files[split] and split not in self.samples and split != "train":
                 self.samples[split] = self.load(split)
 
+    def _read_options(self) -> dict:
+        return dict(
+            root=self.root,
+            allow_outside_root=self.allow_outside_root,
+            video=self.video,
+            labels=self.labels,
+        )
+
     def load(self, split: str) -> list[Sample]:
         path = self.files[split]
         if path is None:
             raise ValueError(f"no {split} data file given (data.{split} in the recipe)")
-        samples = load_samples(path, root=self.root, allow_outside_root=self.allow_outside_root)
+        samples = load_samples(path, **self._read_options())
         log.info("%s: %d samples from %s", split, len(samples), Path(path))
         return samples
 
@@ -152,8 +174,14 @@ class ChatDataModule(L.LightningDataModule):
         if path is None:
             raise ValueError("no train data file given (data.train in the recipe)")
         assert self.processor is not None, "call connect() or let the trainer call setup()"
-        kwargs = dict(source=path, root=self.root, allow_outside_root=self.allow_outside_root)
-        if self.streaming:
+        kwargs = dict(source=path, **self._read_options())
+        if Path(path).suffix in (".yaml", ".yml"):
+            mixture = Mixture.from_yaml(path, "train", seed=self.seed)
+            log.info("train mixture %s: %d samples per epoch", path, len(mixture))
+            source = partial(
+                mixture.samples, root=self.root, allow_outside_root=self.allow_outside_root
+            )
+        elif self.streaming:
 
             def source(epoch: int):
                 return iter_samples(stream_records(path), **kwargs)
@@ -171,6 +199,7 @@ class ChatDataModule(L.LightningDataModule):
             buffer_size=self.buffer_size,
             seed=self.seed,
             on_bad_record=self.on_bad_record,
+            group_by_modality_length=self.group_by_modality_length,
         )
         stream.epoch, stream.start = self.position
         return stream

@@ -24,6 +24,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from lmm.data.batch import Batch, Features
 from lmm.data.collate import PadCollator
+from lmm.data.mixture import SkippedRecord
 from lmm.data.packing import PackCollator, first_fit_decreasing
 from lmm.data.processor import Processor
 from lmm.data.sample import BadRecordError, Sample
@@ -56,6 +57,7 @@ class TrainStream(IterableDataset):
         buffer_size: int = 1024,
         seed: int = 0,
         on_bad_record: str = "raise",
+        group_by_modality_length: bool = False,
     ):
         """
         Args:
@@ -66,6 +68,8 @@ class TrainStream(IterableDataset):
             buffer_size: samples shuffled (and packed) together.
             seed: the shuffle seed.
             on_bad_record: `raise` stops at a bad record; `skip` drops and counts it.
+            group_by_modality_length: when padding, batch media and text-only samples apart,
+                each batch of similar length (LLaVA's `group_by_modality_length`).
         """
         if on_bad_record not in ("raise", "skip"):
             raise ValueError(f"on_bad_record must be 'raise' or 'skip', got {on_bad_record!r}")
@@ -76,6 +80,7 @@ class TrainStream(IterableDataset):
         self.buffer_size = buffer_size
         self.seed = seed
         self.on_bad_record = on_bad_record
+        self.group_by_modality_length = group_by_modality_length
         self.epoch = 0
         self.start = 0  # first batch of the epoch to hand out (resume)
         pad = processor.tokenizer.pad_token_id
@@ -83,7 +88,8 @@ class TrainStream(IterableDataset):
         self._pack = PackCollator(pad, pack_tokens) if pack_tokens else None
 
     def _bad(self, err: BadRecordError) -> None:
-        if self.on_bad_record == "raise":
+        # A record a mixture rule filtered out (max_num_images, vl_only) is counted, never fatal.
+        if self.on_bad_record == "raise" and not isinstance(err, SkippedRecord):
             raise err
         log.debug("skipped: %s", err)
 
@@ -108,12 +114,15 @@ class TrainStream(IterableDataset):
             rng = np.random.default_rng([self.seed, self.epoch, block_no])
             block_no += 1
             shuffled = [block[i] for i in rng.permutation(len(block))]
-            rows, skipped = self._rows(shuffled, skipped)
-            for start in range(0, len(rows), self.batch_size):
-                yield Planned(index, rows[start : start + self.batch_size], skipped)
+            batches, skipped = self._batches(shuffled, skipped, rng)
+            for rows in batches:
+                yield Planned(index, rows, skipped)
                 index, skipped = index + 1, 0
 
-    def _rows(self, samples: list[Sample], skipped: int) -> tuple[list[list[Sample]], int]:
+    def _batches(
+        self, samples: list[Sample], skipped: int, rng: np.random.Generator
+    ) -> tuple[list[list[list[Sample]]], int]:
+        """Cut a shuffled block into batches of rows (packed, grouped or in order)."""
         kept, lengths = [], []
         for sample in samples:
             try:
@@ -122,10 +131,19 @@ class TrainStream(IterableDataset):
             except BadRecordError as err:
                 self._bad(err)
                 skipped += 1
-        if self.pack_tokens is None:
-            return [[s] for s in kept], skipped
-        bins = first_fit_decreasing(lengths, self.pack_tokens)
-        return [[kept[i] for i in b] for b in bins], skipped
+        if self.pack_tokens is not None:
+            bins = first_fit_decreasing(lengths, self.pack_tokens)
+            # FFD fills rows longest-first: the first rows hold the long samples, the last the
+            # short ones. Shuffle the rows so that no batch is all long or all short.
+            rows = [[kept[i] for i in bins[b]] for b in rng.permutation(len(bins))]
+        elif self.group_by_modality_length:
+            media = [bool(s.images) for s in kept]
+            groups = group_by_modality_length(lengths, media, self.batch_size, rng)
+            return [[[kept[i]] for i in g] for g in groups], skipped
+        else:
+            rows = [[s] for s in kept]
+        batches = [rows[i : i + self.batch_size] for i in range(0, len(rows), self.batch_size)]
+        return batches, skipped
 
     def __iter__(self) -> Iterator[Batch]:
         info = get_worker_info()
@@ -158,6 +176,32 @@ class TrainStream(IterableDataset):
         batch.stream_position = (self.epoch, planned.index)
         batch.skipped = skipped
         return batch
+
+
+def group_by_modality_length(
+    lengths: Sequence[int],
+    has_media: Sequence[bool],
+    batch_size: int,
+    rng: np.random.Generator,
+    megabatch: int = 8,
+) -> list[list[int]]:
+    """Batches of sample indices, each of one modality and of similar lengths.
+
+    As LLaVA's `get_modality_length_grouped_indices`: media and text-only samples are split;
+    each is cut (in its shuffled order) into megabatches of `megabatch` batches sorted by
+    length, longest first; the batches of both modalities are then shuffled together. Only a
+    last, partial batch of each modality is left as it is.
+    """
+    batches: list[list[int]] = []
+    for modality in (True, False):
+        idx = [i for i, m in enumerate(has_media) if m == modality]
+        size = batch_size * megabatch
+        for start in range(0, len(idx), size):
+            mega = sorted(idx[start : start + size], key=lambda i: -lengths[i])
+            batches += [mega[k : k + batch_size] for k in range(0, len(mega), batch_size)]
+    full = [b for b in batches if len(b) == batch_size]
+    partial = [b for b in batches if len(b) < batch_size]
+    return [full[i] for i in rng.permutation(len(full))] + partial
 
 
 class StreamLoader(DataLoader):

@@ -106,3 +106,20 @@ def test_packing_parity(tiny_assets, synthetic_data):
         # constant shift); their float noise (~1e-10) is compared absolutely.
         diff = (grads_packed[name] - g).norm()
         assert diff <= 1e-5 * g.norm() + 1e-8, f"{name}: |diff| {diff:.2e}, |grad| {g.norm():.2e}"
+
+
+def test_group_by_modality_length():
+    import numpy as np
+
+    from lmm.data.stream import group_by_modality_length
+
+    lengths = [5, 50, 7, 60, 6, 55, 8, 40, 9, 45]
+    media = [False, True] * 5
+    batches = group_by_modality_length(lengths, media, 2, np.random.default_rng(0), megabatch=8)
+    assert sorted(i for b in batches for i in b) == list(range(10))
+    assert [len(b) for b in batches] == [2, 2, 2, 2, 1, 1]  # the two partial batches last
+    for b in batches:  # one modality per batch, longest first within the megabatch
+        assert len({media[i] for i in b}) == 1
+        assert lengths[b[0]] >= lengths[b[-1]]
+    text_batches = [b for b in batches if not media[b[0]]]
+    assert sorted(lengths[i] for b in text_batches for i in b) == [5, 6, 7, 8, 9]
