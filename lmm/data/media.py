@@ -11,7 +11,6 @@ import torch
 from PIL import Image
 from torch import Tensor
 
-
 # Largest image accepted, in pixels: a small file that decodes to more is a decompression bomb.
 MAX_IMAGE_PIXELS = 100_000_000
 
