@@ -202,6 +202,8 @@ class ChatDataModule(L.LightningDataModule):
             group_by_modality_length=self.group_by_modality_length,
         )
         stream.epoch, stream.start = self.position
+        if self.trainer is not None:
+            stream.rank, stream.world_size = self.trainer.global_rank, self.trainer.world_size
         return stream
 
     def train_dataloader(self) -> DataLoader:

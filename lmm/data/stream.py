@@ -16,6 +16,7 @@ which the DataLoader collects them, so the batches are the same for any N.
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 
@@ -83,6 +84,7 @@ class TrainStream(IterableDataset):
         self.group_by_modality_length = group_by_modality_length
         self.epoch = 0
         self.start = 0  # first batch of the epoch to hand out (resume)
+        self.rank, self.world_size = 0, 1  # data-parallel rank: takes rows rank::world_size
         pad = processor.tokenizer.pad_token_id
         self._pad = PadCollator(pad)
         self._pack = PackCollator(pad, pack_tokens) if pack_tokens else None
@@ -94,13 +96,17 @@ class TrainStream(IterableDataset):
         log.debug("skipped: %s", err)
 
     def plan(self) -> Iterator[Planned]:
-        """The epoch's batches as rows of samples, without loading any image."""
+        """The epoch's batches as rows of samples, without loading any image.
+
+        Rows left over at the end of a block wait for the next block's, so every batch but
+        the epoch's last is full.
+        """
         index, skipped = 0, 0
-        block: list[Sample] = []
         items = iter(self.samples(self.epoch))
-        block_no = 0
-        while True:
-            block.clear()
+        step = self.batch_size * self.world_size  # one global batch: every rank's rows
+        pending: list[list[Sample]] = []
+        for block_no in itertools.count():
+            block: list[Sample] = []
             for item in items:
                 if isinstance(item, BadRecordError):
                     self._bad(item)
@@ -109,20 +115,29 @@ class TrainStream(IterableDataset):
                 block.append(item)
                 if len(block) == self.buffer_size:
                     break
-            if not block:
+            last = len(block) < self.buffer_size  # the source is exhausted
+            if block:
+                rng = np.random.default_rng([self.seed, self.epoch, block_no])
+                shuffled = [block[i] for i in rng.permutation(len(block))]
+                rows, lengths, skipped = self._rows(shuffled, skipped, rng)
+                if self.group_by_modality_length and self.pack_tokens is None:
+                    # batches of one modality each, partial ones included: never mixed
+                    media = [bool(r[0].images) for r in rows]
+                    for group in group_by_modality_length(lengths, media, step, rng):
+                        yield Planned(index, [rows[i] for i in group], skipped)
+                        index, skipped = index + 1, 0
+                    rows = []
+                pending += rows
+            while len(pending) >= step or (last and pending):
+                yield Planned(index, pending[:step], skipped)
+                pending, index, skipped = pending[step:], index + 1, 0
+            if last:
                 return
-            rng = np.random.default_rng([self.seed, self.epoch, block_no])
-            block_no += 1
-            shuffled = [block[i] for i in rng.permutation(len(block))]
-            batches, skipped = self._batches(shuffled, skipped, rng)
-            for rows in batches:
-                yield Planned(index, rows, skipped)
-                index, skipped = index + 1, 0
 
-    def _batches(
+    def _rows(
         self, samples: list[Sample], skipped: int, rng: np.random.Generator
-    ) -> tuple[list[list[list[Sample]]], int]:
-        """Cut a shuffled block into batches of rows (packed, grouped or in order)."""
+    ) -> tuple[list[list[Sample]], list[int], int]:
+        """The rows of a shuffled block in batch order (packed or as shuffled), and lengths."""
         kept, lengths = [], []
         for sample in samples:
             try:
@@ -135,15 +150,10 @@ class TrainStream(IterableDataset):
             bins = first_fit_decreasing(lengths, self.pack_tokens)
             # FFD fills rows longest-first: the first rows hold the long samples, the last the
             # short ones. Shuffle the rows so that no batch is all long or all short.
-            rows = [[kept[i] for i in bins[b]] for b in rng.permutation(len(bins))]
-        elif self.group_by_modality_length:
-            media = [bool(s.images) for s in kept]
-            groups = group_by_modality_length(lengths, media, self.batch_size, rng)
-            return [[[kept[i]] for i in g] for g in groups], skipped
-        else:
-            rows = [[s] for s in kept]
-        batches = [rows[i : i + self.batch_size] for i in range(0, len(rows), self.batch_size)]
-        return batches, skipped
+            order = rng.permutation(len(bins))
+            rows = [[kept[i] for i in bins[b]] for b in order]
+            return rows, [sum(lengths[i] for i in bins[b]) for b in order], skipped
+        return [[s] for s in kept], lengths, skipped
 
     def __iter__(self) -> Iterator[Batch]:
         info = get_worker_info()
@@ -154,10 +164,16 @@ class TrainStream(IterableDataset):
             yield self.materialise(planned)
 
     def materialise(self, planned: Planned) -> Batch:
-        """Load the images and collate one planned batch."""
+        """Load the images and collate this rank's rows of one planned (global) batch.
+
+        A rank left without rows (a short last batch) gets a copy of the first row with every
+        label masked: it contributes no loss and no gradient, but takes part in the step.
+        """
+        mine = planned.rows[self.rank :: self.world_size]
+        masked = not mine
         rows: list[list[Features]] = []
-        skipped = planned.skipped
-        for row in planned.rows:
+        skipped = planned.skipped if self.rank == 0 else 0
+        for row in mine or planned.rows[:1]:
             feats = []
             for sample in row:
                 try:
@@ -173,6 +189,8 @@ class TrainStream(IterableDataset):
             batch = self._pack.collate_rows(rows)
         else:
             batch = self._pad([f for row in rows for f in row])
+        if masked:
+            batch.labels.fill_(-100)
         batch.stream_position = (self.epoch, planned.index)
         batch.skipped = skipped
         return batch

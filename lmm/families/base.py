@@ -8,6 +8,7 @@ from collections.abc import Mapping
 import lightning as L
 import torch
 from lightning.pytorch.cli import OptimizerCallable
+from lightning.pytorch.strategies import ModelParallelStrategy
 from torch import Tensor, nn
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
@@ -18,6 +19,7 @@ from lmm.data.processor import MediaSpec
 from lmm.evaluation.generate import cut_at_stop, generate_tokens
 from lmm.evaluation.metrics import ExactMatch, normalize_answer
 from lmm.training.optim import WarmupCosine, param_groups
+from lmm.training.strategies import FSDP2Config, apply_fsdp2
 from lmm.utils.logging import get_logger
 
 log = get_logger(__name__)
@@ -54,6 +56,7 @@ class LMMModule(L.LightningModule):
         freeze: list[str] | None = None,
         max_new_tokens: int = 32,
         stop_strings: list[str] | None = None,
+        fsdp: FSDP2Config | None = None,
     ):
         """
         Args:
@@ -65,6 +68,8 @@ class LMMModule(L.LightningModule):
             freeze: parts whose parameters are not trained.
             max_new_tokens: generation length for test/predict.
             stop_strings: strings that end generation (default: the data template's, plus eos).
+            fsdp: how FSDP2 shards the model under `ModelParallelStrategy` (default: fp32 on
+                CPU, bf16 params + fp32 reduce on GPU, no activation checkpointing).
         """
         super().__init__()
         self.image_token = image_token
@@ -76,10 +81,12 @@ class LMMModule(L.LightningModule):
         self.freeze_parts = list(freeze or [])
         self.max_new_tokens = max_new_tokens
         self.stop_strings = stop_strings
+        self.fsdp = fsdp or FSDP2Config()
         self.test_accuracy = ExactMatch()
         self.task_accuracy = nn.ModuleDict()
         self.predictions: list[dict] = []
         self.skipped_records = 0
+        self._sharded = False
         self._step_start = 0.0
 
     # --- what a family provides -----------------------------------------------------------
@@ -107,7 +114,7 @@ class LMMModule(L.LightningModule):
         for name in self.freeze_parts:
             parts[name].requires_grad_(False)
 
-    def attention_mask(self, batch: Batch, dtype: torch.dtype) -> Tensor | None:
+    def attention_mask(self, batch: Batch, dtype: torch.dtype = torch.float32) -> Tensor | None:
         """The mask the LLM gets: the 2-D padding mask, or for packed rows a block-diagonal one.
 
         flash-attn 2 gets no mask for packed rows: transformers derives the varlen sequence
@@ -125,20 +132,45 @@ class LMMModule(L.LightningModule):
         return additive.masked_fill(~mask, torch.finfo(dtype).min)  # eager adds the mask
 
     def forward(self, batch: Batch) -> Tensor:
-        """Logits `[B, L, V]` of a batch (padded or packed)."""
-        embeds = self.embed(batch)
-        out = self.llm(
-            inputs_embeds=embeds,
-            attention_mask=self.attention_mask(batch, embeds.dtype),
-            position_ids=batch.position_ids,
-            use_cache=False,
-        )
-        return out.logits
+        """Logits `[B, L, V]` of a batch (padded or packed).
+
+        Runs through the family model's own `forward`, so that FSDP2 gathers its parameters.
+        """
+        return self.root_module()(batch, self.image_token_id, self.attention_mask(batch))
 
     def loss(self, batch: Batch) -> tuple[Tensor, Tensor]:
-        """Mean next-token loss over trained tokens, and their count."""
+        """Mean next-token loss over the trained tokens of the global batch, and their count.
+
+        With several ranks each rank's sum is divided by the global token count (times the
+        world size, which data-parallel gradient averaging divides out again), so the
+        gradients equal those of one process on the whole global batch, whatever the split
+        of tokens between ranks.
+        """
         loss_sum, n = causal_lm_loss(self(batch), batch.labels)
+        world = self.trainer.world_size if self._trainer is not None else 1
+        if world > 1 and torch.distributed.is_initialized():
+            n_global = n.detach().clone()
+            torch.distributed.all_reduce(n_global)
+            return loss_sum * world / n_global.clamp(min=1), n_global
         return loss_sum / n.clamp(min=1), n
+
+    def configure_model(self) -> None:
+        """Under ModelParallelStrategy, shard the family model with the FSDP2 plan."""
+        strategy = self._trainer.strategy if self._trainer is not None else None
+        if isinstance(strategy, ModelParallelStrategy) and not self._sharded:
+            parts = self.parts()
+            apply_fsdp2(
+                self.root_module(),
+                parts.get("vision"),
+                self.llm,
+                self.device_mesh["data_parallel"],
+                self.fsdp,
+            )
+            self._sharded = True
+
+    def root_module(self) -> nn.Module:
+        """The family's nn.Module, the root FSDP unit."""
+        raise NotImplementedError
 
     def on_train_batch_start(self, batch: Batch, batch_idx: int) -> None:
         self._step_start = time.perf_counter()

@@ -6,6 +6,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal
 
+import torch
 from torch import Tensor, nn
 
 from lmm.components.connectors import Connector, MLPConnector
@@ -59,12 +60,29 @@ class LlavaModel(nn.Module):
     def encode_images(self, pixel_values: Tensor) -> Tensor:  # [N, 3, H, W] -> [N, T, D_llm]
         return self.connector(self.vision(pixel_values))
 
+    def forward(self, batch: Batch, image_token_id: int, attention_mask: Tensor | None) -> Tensor:
+        """Logits `[B, L, V]`: embeddings with the images scattered in, through the LLM."""
+        out = self.llm(
+            inputs_embeds=self.embed(batch, image_token_id),
+            attention_mask=attention_mask,
+            position_ids=batch.position_ids,
+            use_cache=False,
+        )
+        return out.logits
+
     def embed(self, batch: Batch, image_token_id: int) -> Tensor:  # -> [B, L, D_llm]
         """Token embeddings of the batch with every image's features at its placeholders."""
         embeds = self.llm.embed(batch.input_ids)
         features = None
         if batch.pixel_values is not None and batch.pixel_values.shape[0] > 0:
             features = self.encode_images(batch.pixel_values)
+        elif self.training and torch.distributed.is_initialized():
+            # A rank whose batch has no image still runs the vision tower and connector on a
+            # blank image, with a zero weight: sharded (FSDP) and DDP ranks must all take part
+            # in the same collectives, and the gradients do not change.
+            size = self.vision.image_size
+            blank = embeds.new_zeros(1, 3, size, size)
+            embeds = embeds + 0.0 * self.encode_images(blank).sum()
         return scatter_media(
             embeds, batch.input_ids, image_token_id, features, batch.media_per_sample, batch.ids
         )

@@ -31,6 +31,9 @@ class LlavaModule(LMMModule):
             "llm": self.model.llm,
         }
 
+    def root_module(self) -> nn.Module:
+        return self.model
+
     def media_spec(self) -> LlavaMediaSpec:
         return self.model.media_spec()
 

@@ -1,0 +1,94 @@
+"""A training job for the FSDP2 tests: one process, or several under torchrun (FSDP2).
+
+Usage: [torchrun ...] python -m tests.training.fsdp_job ASSETS DATA OUT --steps N --batch-size B
+Rank 0 writes `step loss.hex()` lines (the global-batch mean loss) to OUT/losses.txt and the
+full (unsharded) final weights to OUT/final.pt.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from pathlib import Path
+
+import lightning as L
+import torch
+import torch.distributed as dist
+from lightning.pytorch.strategies import ModelParallelStrategy
+
+from lmm.data.datamodule import ChatDataModule
+from lmm.data.templates import Llama3
+from tests.helpers import tiny_llava
+
+
+class Record(L.Callback):
+    def __init__(self, path: Path):
+        self.path = path
+
+    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
+        loss = outputs["loss"].detach().clone()
+        if dist.is_initialized():  # each rank holds its share of the global mean
+            dist.all_reduce(loss)
+            loss /= trainer.world_size
+        if trainer.global_rank == 0:
+            with self.path.open("a") as f:
+                f.write(f"{trainer.global_step} {float(loss).hex()}\n")
+
+
+def full_state(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    out = {}
+    for k, v in module.state_dict().items():
+        out[k] = v.full_tensor() if hasattr(v, "full_tensor") else v
+    return out
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("assets", type=Path)
+    p.add_argument("data", type=Path)
+    p.add_argument("out", type=Path)
+    p.add_argument("--steps", type=int, required=True)
+    p.add_argument("--batch-size", type=int, required=True)
+    a = p.parse_args()
+    torch.set_num_threads(1)
+    a.out.mkdir(parents=True, exist_ok=True)
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    L.seed_everything(0)
+    assets = {k: a.assets / k for k in ("tokenizer", "llm", "vision")}
+    module = tiny_llava(assets, optimizer=lambda params: torch.optim.AdamW(params, lr=1e-3))
+    data = ChatDataModule(
+        template=Llama3(),
+        train=str(a.data / "train.jsonl"),
+        batch_size=a.batch_size,
+        streaming=True,
+        buffer_size=1,  # keep file order, so the test decides which rank gets which sample
+    )
+    kwargs = {}
+    if world > 1:
+        nodes = world // int(os.environ["LOCAL_WORLD_SIZE"])
+        kwargs = dict(
+            devices=int(os.environ["LOCAL_WORLD_SIZE"]),
+            num_nodes=nodes,
+            strategy=ModelParallelStrategy(data_parallel_size=world, tensor_parallel_size=1),
+        )
+    trainer = L.Trainer(
+        accelerator="cpu",
+        max_steps=a.steps,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        limit_val_batches=0,
+        deterministic=True,
+        default_root_dir=a.out,
+        callbacks=[Record(a.out / "losses.txt")],
+        **kwargs,
+    )
+    trainer.fit(module, datamodule=data)
+    state = full_state(module)
+    if trainer.global_rank == 0:
+        torch.save(state, a.out / "final.pt")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,118 @@
+"""FSDP2 on CPU (gloo): 2 processes, and 2 nodes on localhost, equal one process on the global batch."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _env() -> dict:
+    return {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+
+
+def _job_args(assets: Path, data: Path, out: Path, steps: int, batch_size: int) -> list[str]:
+    return [
+        "-m",
+        "tests.training.fsdp_job",
+        str(assets),
+        str(data),
+        str(out),
+        f"--steps={steps}",
+        f"--batch-size={batch_size}",
+    ]
+
+
+def _single(assets, data, out, steps, batch_size):
+    cmd = [sys.executable, *_job_args(assets, data, out, steps, batch_size)]
+    r = subprocess.run(cmd, env=_env(), cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-4000:]
+
+
+def _torchrun(assets, data, out, steps, batch_size, nnodes: int, nproc: int):
+    port = _free_port()
+    procs = []
+    for node in range(nnodes):
+        cmd = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            f"--nnodes={nnodes}",
+            f"--nproc-per-node={nproc}",
+            f"--node-rank={node}",
+            "--master-addr=127.0.0.1",
+            f"--master-port={port}",
+            *_job_args(assets, data, out, steps, batch_size),
+        ]
+        procs.append(
+            subprocess.Popen(
+                cmd, env=_env(), cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+            )
+        )
+    for p in procs:
+        _, err = p.communicate(timeout=600)
+        assert p.returncode == 0, err[-4000:]
+
+
+def _losses(out: Path) -> list[float]:
+    rows = [r.split() for r in (out / "losses.txt").read_text().splitlines()]
+    assert [int(r[0]) for r in rows] == list(range(1, len(rows) + 1))
+    return [float.fromhex(r[1]) for r in rows]
+
+
+@pytest.fixture(scope="module")
+def data(synthetic_data, tmp_path_factory) -> Path:
+    """Train records in file order; in the first global batch of 4, rank 1's two are text-only."""
+    records = json.loads((synthetic_data / "train.json").read_text())[:14]
+    text = [
+        {
+            "id": f"text-{i}",
+            "conversation": [{"role": "user", "content": q}, {"role": "assistant", "content": a}],
+        }
+        for i, (q, a) in enumerate([("Say red.", "red"), ("Say blue.", "blue")])
+    ]
+    ordered = [records[0], text[0], records[1], text[1], *records[2:]]
+    out = tmp_path_factory.mktemp("fsdp_data")
+    (out / "images").symlink_to(synthetic_data / "images")
+    (out / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in ordered))
+    return out
+
+
+def _compare(reference: Path, sharded: Path):
+    expected, got = _losses(reference), _losses(sharded)
+    torch.testing.assert_close(torch.tensor(got), torch.tensor(expected), rtol=1e-5, atol=1e-6)
+    a = torch.load(reference / "final.pt", weights_only=True)
+    b = torch.load(sharded / "final.pt", weights_only=True)
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], rtol=1e-5, atol=1e-5, msg=k)
+
+
+@pytest.mark.slow
+def test_fsdp2_matches_single_process(tiny_assets, data, tmp_path):
+    assets = Path(tiny_assets["llm"]).parent
+    _single(assets, data, tmp_path / "one", steps=4, batch_size=4)
+    _torchrun(assets, data, tmp_path / "two", steps=4, batch_size=2, nnodes=1, nproc=2)
+    _compare(tmp_path / "one", tmp_path / "two")
+
+
+@pytest.mark.slow
+def test_two_nodes_localhost(tiny_assets, data, tmp_path):
+    assets = Path(tiny_assets["llm"]).parent
+    _single(assets, data, tmp_path / "one", steps=3, batch_size=4)
+    _torchrun(assets, data, tmp_path / "nodes", steps=3, batch_size=2, nnodes=2, nproc=1)
+    _compare(tmp_path / "one", tmp_path / "nodes")
