@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import random
+import re
 import time
 from collections.abc import Mapping
 
 import lightning as L
+import numpy as np
 import torch
 from lightning.pytorch.cli import OptimizerCallable
 from lightning.pytorch.strategies import ModelParallelStrategy
@@ -18,6 +21,7 @@ from lmm.data.packing import block_causal_mask
 from lmm.data.processor import MediaSpec
 from lmm.evaluation.generate import cut_at_stop, generate_tokens
 from lmm.evaluation.metrics import ExactMatch, normalize_answer
+from lmm.training.checkpoint import init_from_checkpoint
 from lmm.training.optim import WarmupCosine, param_groups
 from lmm.training.strategies import FSDP2Config, apply_fsdp2
 from lmm.utils.logging import get_logger
@@ -57,6 +61,8 @@ class LMMModule(L.LightningModule):
         max_new_tokens: int = 32,
         stop_strings: list[str] | None = None,
         fsdp: FSDP2Config | None = None,
+        init_from: str | None = None,
+        init_include: list[str] | None = None,
     ):
         """
         Args:
@@ -70,6 +76,9 @@ class LMMModule(L.LightningModule):
             stop_strings: strings that end generation (default: the data template's, plus eos).
             fsdp: how FSDP2 shards the model under `ModelParallelStrategy` (default: fp32 on
                 CPU, bf16 params + fp32 reduce on GPU, no activation checkpointing).
+            init_from: a checkpoint of an earlier stage (.ckpt or .safetensors) to start from.
+            init_include: regexes of the weight names taken from `init_from` (default: all),
+                e.g. `["model\\.connector\\..*"]` for stage 2 to take the stage-1 connector.
         """
         super().__init__()
         self.image_token = image_token
@@ -82,6 +91,8 @@ class LMMModule(L.LightningModule):
         self.max_new_tokens = max_new_tokens
         self.stop_strings = stop_strings
         self.fsdp = fsdp or FSDP2Config()
+        self.init_from = init_from
+        self.init_include = list(init_include or [".*"])
         self.test_accuracy = ExactMatch()
         self.task_accuracy = nn.ModuleDict()
         self.predictions: list[dict] = []
@@ -104,15 +115,48 @@ class LMMModule(L.LightningModule):
         raise NotImplementedError
 
     # --- shared ---------------------------------------------------------------------------
+    def setup_weights(self) -> None:
+        """After a family built its model: stage init from a checkpoint, then freezing."""
+        if self.init_from:
+            init_from_checkpoint(self, self.init_from, self.init_include)
+        self.apply_freeze()
+
     def apply_freeze(self) -> None:
+        """Freeze the parts named in `freeze`, and parameters matching `re:<regex>` entries."""
         parts = self.parts()
-        unknown = set(self.freeze_parts) - set(parts)
+        patterns = [f[3:] for f in self.freeze_parts if f.startswith("re:")]
+        names = [f for f in self.freeze_parts if not f.startswith("re:")]
+        unknown = set(names) - set(parts)
         if unknown:
             raise ValueError(
-                f"freeze names unknown parts {sorted(unknown)}; parts: {sorted(parts)}"
+                f"freeze names unknown parts {sorted(unknown)}; parts: {sorted(parts)}, "
+                "or give a parameter-name regex as 're:<regex>'"
             )
-        for name in self.freeze_parts:
+        for name in names:
             parts[name].requires_grad_(False)
+        for pattern in patterns:
+            hits = [p for n, p in self.named_parameters() if re.fullmatch(pattern, n)]
+            if not hits:
+                raise ValueError(f"freeze pattern {pattern!r} matches no parameter")
+            for p in hits:
+                p.requires_grad_(False)
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        # Lightning does not save the RNG states; an exact resume needs them (dropout, sampling).
+        name, keys, pos, has_gauss, gauss = np.random.get_state()
+        checkpoint["lmm_rng"] = {  # plain types and tensors: loadable with weights_only=True
+            "torch": torch.get_rng_state(),
+            "numpy": [name, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, gauss],
+            "python": random.getstate(),
+        }
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        rng = checkpoint.get("lmm_rng")
+        if rng:
+            torch.set_rng_state(rng["torch"])
+            name, keys, pos, has_gauss, gauss = rng["numpy"]
+            np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
+            random.setstate(rng["python"])
 
     def attention_mask(self, batch: Batch, dtype: torch.dtype = torch.float32) -> Tensor | None:
         """The mask the LLM gets: the 2-D padding mask, or for packed rows a block-diagonal one.

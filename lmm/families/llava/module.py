@@ -21,7 +21,7 @@ class LlavaModule(LMMModule):
         super().__init__(tokenizer=tokenizer, **kwargs)
         self.model = model
         model.llm.resize_vocab(len(self.tokenizer))
-        self.apply_freeze()
+        self.setup_weights()
         self.train()  # from_pretrained leaves modules in eval mode
 
     def parts(self) -> dict[str, nn.Module]:
