@@ -187,7 +187,30 @@ def convert(argv: list[str]) -> Path:
     return convert_main(argv)
 
 
-TOOLS = {"synth": synth, "tiny": tiny, "demo": demo, "data": data, "convert": convert}
+def bench(argv: list[str]) -> float:
+    """`lmm bench peak`: this machine's matmul FLOP/s, the denominator of MFU."""
+    from lmm.training.throughput import measure_peak_flops
+
+    parser = argparse.ArgumentParser(prog="lmm bench", description=bench.__doc__)
+    parser.add_argument("what", choices=["peak"])
+    parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
+    parser.add_argument("--size", type=int, default=2048)
+    a = parser.parse_args(argv)
+    import torch
+
+    peak = measure_peak_flops(a.size, getattr(torch, a.dtype))
+    sys.stdout.write(json.dumps({"peak_flops": peak, "dtype": a.dtype, "size": a.size}) + "\n")
+    return peak
+
+
+TOOLS = {
+    "bench": bench,
+    "synth": synth,
+    "tiny": tiny,
+    "demo": demo,
+    "data": data,
+    "convert": convert,
+}
 
 
 def main(argv: list[str] | None = None) -> None:

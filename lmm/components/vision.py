@@ -77,10 +77,13 @@ class HFVisionTower(VisionEncoder):
         self.patch_size = vcfg.patch_size
         self.image_mean, self.image_std = _normalization(path, kind)
 
-    def num_tokens(self, image_size: tuple[int, int]) -> int:
+    def sequence_length(self, image_size: tuple[int, int]) -> int:
+        """Tokens the encoder runs on: the patches, plus CLIP's CLS token."""
         h, w = image_size
-        tokens = (h // self.patch_size) * (w // self.patch_size) + (self.kind == "clip")
-        return tokens - (self.select == "default")
+        return (h // self.patch_size) * (w // self.patch_size) + (self.kind == "clip")
+
+    def num_tokens(self, image_size: tuple[int, int]) -> int:
+        return self.sequence_length(image_size) - (self.select == "default")
 
     def forward(self, pixel_values: Tensor) -> Tensor:  # [N, 3, H, W] -> [N, T, D]
         dtype = next(self.model.parameters()).dtype
