@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 from torch import Tensor, nn
-from transformers import AutoModelForCausalLM, PreTrainedModel
+from transformers import AutoModelForCausalLM, BitsAndBytesConfig, PreTrainedModel
 
 from lmm.components.attention import resolve_attention
 from lmm.utils.logging import get_logger
@@ -28,6 +28,7 @@ class CausalLM(nn.Module):
         attn_implementation: str = "auto",
         dtype: str = "float32",
         trust_remote_code: bool = False,
+        quantization: dict | None = None,
     ):
         """
         Args:
@@ -35,10 +36,16 @@ class CausalLM(nn.Module):
             attn_implementation: `auto`, `flash_attention_2`, `sdpa` or `eager`.
             dtype: parameter dtype: `float32`, `bfloat16` or `float16`.
             trust_remote_code: allow code from the checkpoint (off by default).
+            quantization: load the linear layers quantized by bitsandbytes (QLoRA), given as
+                `BitsAndBytesConfig` arguments, e.g. `{load_in_4bit: true, bnb_4bit_quant_type:
+                nf4, bnb_4bit_use_double_quant: true}`; `lmm.training.lora.quantization_kwargs`
+                builds them from a LoRA config. None: full precision.
         """
         super().__init__()
         attn = resolve_attention(attn_implementation)
         kwargs = dict(dtype=_dtype(dtype), trust_remote_code=trust_remote_code)
+        if quantization is not None:
+            kwargs["quantization_config"] = BitsAndBytesConfig(**quantization)
         try:
             self.model: PreTrainedModel = AutoModelForCausalLM.from_pretrained(
                 path, attn_implementation=attn, **kwargs
