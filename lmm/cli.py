@@ -70,6 +70,9 @@ def tiny(argv: list[str]) -> None:
         llm_layers=a.llm_layers,
         seed=a.seed,
     )
+    from lmm.tiny import build_tiny_blip2
+
+    paths["blip2"] = build_tiny_blip2(Path(a.out) / "blip2", paths["llm"], paths["tokenizer"])
     log.info("tiny assets: %s", {k: str(v) for k, v in paths.items()})
 
 
@@ -203,7 +206,25 @@ def bench(argv: list[str]) -> float:
     return peak
 
 
+def chat(argv: list[str]) -> int:
+    """`lmm chat MODEL`: chat in the terminal; images and videos by path, replies streamed."""
+    from lmm.chat import main as chat_main
+
+    return chat_main(argv)
+
+
+def report(argv: list[str]) -> str:
+    """`lmm report RESULTS...`: markdown table and radar chart of `lmm test` results."""
+    from lmm.evaluation.report import main as report_main
+
+    text = report_main(argv)
+    sys.stdout.write(text)
+    return text
+
+
 TOOLS = {
+    "chat": chat,
+    "report": report,
     "bench": bench,
     "synth": synth,
     "tiny": tiny,

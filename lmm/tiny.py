@@ -13,6 +13,10 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import (
     AutoConfig,
     AutoModelForCausalLM,
+    Blip2Config,
+    Blip2ForConditionalGeneration,
+    Blip2QFormerConfig,
+    Blip2VisionConfig,
     CLIPVisionConfig,
     CLIPVisionModel,
     PreTrainedTokenizerFast,
@@ -124,6 +128,44 @@ def build_vision(
     )
     torch.manual_seed(seed)
     model = model_cls(config)
+    out = Path(out)
+    model.save_pretrained(out)
+    return out
+
+
+def build_tiny_blip2(
+    out: str | Path, llm: str | Path, tokenizer: str | Path, queries: int = 8, seed: int = 0
+) -> Path:
+    """A tiny transformers BLIP-2 (EVA-style ViT 32 px / patch 8, 2-layer Q-Former, 8 queries)
+    around the tiny LLM, saved with `save_pretrained`."""
+    tok = PreTrainedTokenizerFast.from_pretrained(tokenizer)
+    text = AutoModelForCausalLM.from_pretrained(llm)
+    config = Blip2Config(
+        vision_config=Blip2VisionConfig(
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            image_size=32,
+            patch_size=8,
+            initializer_range=0.02,  # the default 1e-10 makes every image look the same
+        ),
+        qformer_config=Blip2QFormerConfig(
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            encoder_hidden_size=32,
+            cross_attention_frequency=2,
+        ),
+        text_config=text.config,
+        num_query_tokens=queries,
+        image_token_index=tok.convert_tokens_to_ids("<image>"),
+    )
+    torch.manual_seed(seed)
+    model = Blip2ForConditionalGeneration(config)
+    model.query_tokens.data.normal_(0.0, 0.02)  # transformers starts them at zero (explodes)
+    model.language_model.load_state_dict(text.state_dict())
     out = Path(out)
     model.save_pretrained(out)
     return out

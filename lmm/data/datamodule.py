@@ -25,6 +25,22 @@ from lmm.utils.logging import get_logger
 log = get_logger(__name__)
 
 
+class PromptTask:
+    """A named set of prompts to answer and score (a benchmark); see `lmm.evaluation.runner.Task`.
+
+    The data module turns a task into a generation dataloader (left-padded prompts); the model
+    scores the answers with the task. A sample's `meta["assistant_prefix"]`, if any, is text
+    the answer starts with, appended after the assistant header (MVBench's "Best option:(").
+    """
+
+    name: str = "task"
+    max_new_tokens: int | None = None
+
+    def samples(self) -> list[Sample]:
+        """The task's prompts, in a fixed order."""
+        raise NotImplementedError
+
+
 class ChatDataset(Dataset):
     """Samples processed on access (in the loader workers): images are read lazily."""
 
@@ -69,6 +85,8 @@ class ChatDataModule(L.LightningDataModule):
         max_frames: int = 8,
         fps: float | None = None,
         labels: list[str] | None = None,
+        val_tasks: list[PromptTask] | None = None,
+        test_tasks: list[PromptTask] | None = None,
     ):
         """
         Args:
@@ -93,6 +111,10 @@ class ChatDataModule(L.LightningDataModule):
             max_frames: frames sampled from each video (spread uniformly unless `fps`).
             fps: sample videos at this many frames per second (Mantis), at most `max_frames`.
             labels: the score names of scored (classification) records, in target order.
+            val_tasks: benchmark tasks answered and scored at every validation, logged as
+                `val/<task>/<metric>` (e.g. `lmm.evaluation.runner.Task`).
+            test_tasks: benchmark tasks answered and scored by `lmm test` (`test/<task>/<metric>`,
+                plus predictions JSONL and results JSON in the log folder).
         """
         super().__init__()
         self.template = template
@@ -111,6 +133,11 @@ class ChatDataModule(L.LightningDataModule):
         self.group_by_modality_length = group_by_modality_length
         self.video = VideoOptions(max_frames=max_frames, fps=fps)
         self.labels = labels
+        self.tasks: dict[str, list[PromptTask]] = {
+            "val": list(val_tasks or []),
+            "test": list(test_tasks or []),
+        }
+        _check_task_names(self.tasks)
         self.position = (0, 0)  # (epoch, batches of it consumed): the training loader's state
         self.processor: Processor | None = None
         self.samples: dict[str, list[Sample]] = {}
@@ -222,11 +249,63 @@ class ChatDataModule(L.LightningDataModule):
     def load_state_dict(self, state: dict) -> None:
         self.position = (int(state["epoch"]), int(state["batches"]))
 
-    def val_dataloader(self) -> DataLoader:
-        return self._loader("val", train=False)
+    def val_dataloader(self) -> DataLoader | list[DataLoader]:
+        if not self.files["val"] and not self.tasks["val"]:
+            return []  # no validation: Lightning skips the loop
+        return self._eval_loaders("val")
 
-    def test_dataloader(self) -> DataLoader:
-        return self._loader("test", train=False)
+    def test_dataloader(self) -> DataLoader | list[DataLoader]:
+        return self._eval_loaders("test")
+
+    def loader_tasks(self, split: str) -> list[PromptTask | None]:
+        """What each `{split}_dataloader` loader holds: None for the data file, else its task."""
+        head: list[PromptTask | None] = [None] if self.files.get(split) else []
+        return head + list(self.tasks.get(split, []))
+
+    def _eval_loaders(self, split: str) -> DataLoader | list[DataLoader]:
+        """The split's data file loader, followed by one loader per task (if there are tasks)."""
+        if not self.tasks[split]:
+            return self._loader(split, train=False)
+        loaders = [self._loader(split, train=False)] if self.files[split] else []
+        return loaders + [self.task_loader(task) for task in self.tasks[split]]
+
+    def task_loader(self, task: PromptTask) -> DataLoader:
+        """A generation dataloader of a task's prompts (left-padded, in order)."""
+        assert self.processor is not None, "call connect() or let the trainer call setup()"
+        samples = task.samples()
+        log.info("task %s: %d prompts", task.name, len(samples))
+        return DataLoader(
+            ChatDataset(samples, self.task_prompt),
+            batch_size=self.eval_batch_size,
+            shuffle=False,
+            num_workers=self.num_workers,
+            persistent_workers=self.num_workers > 0,
+            collate_fn=PadCollator(self.processor.tokenizer.pad_token_id, "left"),
+        )
+
+    def task_prompt(self, sample: Sample) -> Features:
+        """Generation features of a task sample, ending with its `assistant_prefix` if any."""
+        assert self.processor is not None, "call connect() or let the trainer call setup()"
+        features = self.processor.prompt(sample)
+        prefix = sample.meta.get("assistant_prefix")
+        if prefix:
+            ids = self.processor.tokenizer(prefix, add_special_tokens=False)["input_ids"]
+            extra = torch.tensor(ids, dtype=torch.long)
+            features.input_ids = torch.cat([features.input_ids, extra])
+            features.labels = torch.cat([features.labels, torch.full_like(extra, -100)])
+        return features
 
     def predict_dataloader(self) -> DataLoader:
         return self._loader("predict", train=False)
+
+
+def _check_task_names(tasks: dict[str, list[PromptTask]]) -> None:
+    """Task names key the logged metrics and output files: they must be unique per split."""
+    for split, items in tasks.items():
+        names = [t.name for t in items]
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if dupes:
+            raise ValueError(
+                f"data.{split}_tasks: task names {dupes} appear more than once; "
+                "give each task its own `name`"
+            )

@@ -141,10 +141,14 @@ _BUILDERS: dict[str, Callable[[np.random.Generator, int, int], Drawn]] = {
 
 
 def _prompt(num_images: int, question: str) -> str:
-    """The user turn: one `<image>` marker per image, then the question."""
+    """The user turn: the question first, then the image, or each image after its label.
+
+    Question first lets the image tokens attend to what is asked (attention is causal), so a
+    model this small can learn all five tasks together within minutes of CPU training.
+    """
     if num_images == 1:
-        return f"{IMAGE_MARKER}\n{question}"
-    return "".join(f"Image {j + 1}: {IMAGE_MARKER}\n" for j in range(num_images)) + question
+        return f"{question}\n{IMAGE_MARKER}"
+    return question + "".join(f"\nImage {j + 1}: {IMAGE_MARKER}" for j in range(num_images))
 
 
 def corpus() -> list[str]:

@@ -5,7 +5,8 @@ from __future__ import annotations
 import random
 import re
 import time
-from collections.abc import Mapping
+import zlib
+from collections.abc import Iterator, Mapping
 
 import lightning as L
 import numpy as np
@@ -19,8 +20,9 @@ from lmm.components.losses import causal_lm_loss
 from lmm.data.batch import Batch
 from lmm.data.packing import block_causal_mask
 from lmm.data.processor import MediaSpec
-from lmm.evaluation.generate import cut_at_stop, generate_tokens
+from lmm.evaluation.generate import Step, cut_at_stop, kernels, stream_tokens
 from lmm.evaluation.metrics import ExactMatch, normalize_answer
+from lmm.evaluation.runner import write_results
 from lmm.training.checkpoint import init_from_checkpoint
 from lmm.training.optim import WarmupCosine, param_groups
 from lmm.training.strategies import FSDP2Config, apply_fsdp2
@@ -240,66 +242,181 @@ class LMMModule(L.LightningModule):
         if elapsed > 0:
             self.log("train/tokens_per_s", batch.num_tokens / elapsed, batch_size=len(batch))
 
-    def validation_step(self, batch: Batch, batch_idx: int) -> Tensor:
+    # --- validation, generation, test and predict ------------------------------------------
+    def validation_step(
+        self, batch: Batch, batch_idx: int, dataloader_idx: int = 0
+    ) -> Tensor | None:
+        """Loss on chat validation data; answers scored by the task on a task's dataloader."""
+        task = self._loader_task("val", dataloader_idx)
+        if task is not None:
+            self._score_task(task, batch, "val")
+            return None
         loss, _ = self.loss(batch)
-        self.log("val/loss", loss, prog_bar=True, batch_size=len(batch), sync_dist=True)
+        self.log(
+            "val/loss",
+            loss,
+            prog_bar=True,
+            batch_size=len(batch),
+            sync_dist=True,
+            add_dataloader_idx=False,
+        )
         return loss
 
-    def generate(self, batch: Batch, max_new_tokens: int | None = None, **sampling) -> list[str]:
-        """Answers for a left-padded prompt batch (greedy unless `temperature` > 0)."""
+    def on_validation_epoch_end(self) -> None:
+        self._log_tasks("val")
+
+    def generation_stream(
+        self,
+        batch: Batch,
+        max_new_tokens: int | None = None,
+        *,
+        temperature: float = 0.0,
+        top_p: float = 1.0,
+        seed: int | None = None,
+        use_cache: bool = True,
+        batch_invariant: bool = True,
+    ) -> Iterator[Step]:
+        """Decoding steps for a left-padded prompt batch (`lmm.evaluation.generate.stream_tokens`).
+
+        The media of the whole batch are encoded in one forward and the prompts prefilled
+        together, with kernels that make each row's answer independent of the batch. With
+        `seed`, row `i` samples from a generator seeded by (seed, sample id): the same answer at
+        any batch size and in any order.
+        """
+        with kernels(batch_invariant):
+            embeds = self.embed(batch)  # [B, L, D]
         stops = self._stop_strings()
-        stop_ids = [self.tokenizer.eos_token_id] if self.tokenizer.eos_token_id is not None else []
-        for s in stops:
-            ids = (
-                self.tokenizer.convert_tokens_to_ids(s) if s in self.tokenizer.get_vocab() else None
-            )
-            if isinstance(ids, int):
-                stop_ids.append(ids)
-        tokens = generate_tokens(
+        seeds = None
+        if seed is not None:
+            seeds = [zlib.crc32(f"{seed}:{sid}".encode()) for sid in batch.ids]
+
+        def hit_stop_string(row: int, tokens: list[int]) -> bool:
+            tail = self.tokenizer.decode(tokens[-16:], skip_special_tokens=False)
+            return any(s and s in tail for s in stops)
+
+        return stream_tokens(
             self.llm,
-            self.embed(batch),
+            embeds,
             batch.attention_mask,
             max_new_tokens=max_new_tokens or self.max_new_tokens,
-            stop_token_ids=stop_ids,
-            **sampling,
+            stop_token_ids=self._stop_token_ids(stops),
+            stop=hit_stop_string if stops else None,
+            temperature=temperature,
+            top_p=top_p,
+            seeds=seeds,
+            use_cache=use_cache,
+            batch_invariant=batch_invariant,
         )
-        texts = self.tokenizer.batch_decode(tokens, skip_special_tokens=False)
+
+    @torch.no_grad()
+    def generate(self, batch: Batch, max_new_tokens: int | None = None, **sampling) -> list[str]:
+        """Answers for a prompt batch: greedy unless `temperature` > 0 (see `generation_stream`)."""
+        answers: list[list[int]] = [[] for _ in range(len(batch))]
+        for step in self.generation_stream(batch, max_new_tokens, **sampling):
+            for row, token in zip(step.rows, step.tokens, strict=True):
+                if token is not None:
+                    answers[row].append(token)
+        texts = self.tokenizer.batch_decode(answers, skip_special_tokens=False)
+        stops = self._stop_strings()
         return [cut_at_stop(t, stops) for t in texts]
 
     def _stop_strings(self) -> list[str]:
         if self.stop_strings is not None:
             return list(self.stop_strings)
         datamodule = getattr(self._trainer, "datamodule", None) if self._trainer else None
-        template = getattr(datamodule, "template", None)
+        template = getattr(datamodule, "template", None) or getattr(self, "template", None)
         return list(getattr(template, "stop_strings", ()))
 
-    def test_step(self, batch: Batch, batch_idx: int) -> None:
+    def _stop_token_ids(self, stops: list[str]) -> list[int]:
+        """eos plus every stop string that is a single token of the tokenizer."""
+        ids = [self.tokenizer.eos_token_id] if self.tokenizer.eos_token_id is not None else []
+        vocab = self.tokenizer.get_vocab()
+        return ids + [vocab[s] for s in stops if s in vocab]
+
+    def test_step(self, batch: Batch, batch_idx: int, dataloader_idx: int = 0) -> None:
+        task = self._loader_task("test", dataloader_idx)
+        if task is not None:
+            self._score_task(task, batch, "test")
+            return
         predictions = self.generate(batch)
         refs = [r or "" for r in batch.references]
         self.test_accuracy.update(predictions, refs)
         for pred, ref, meta, sid in zip(predictions, refs, batch.meta, batch.ids, strict=True):
-            task = meta.get("task")
-            if task is not None:
-                if task not in self.task_accuracy:
-                    self.task_accuracy[task] = ExactMatch().to(self.device)
-                self.task_accuracy[task].update([pred], [ref])
+            task_name = meta.get("task")
+            if task_name is not None:
+                if task_name not in self.task_accuracy:
+                    self.task_accuracy[task_name] = ExactMatch().to(self.device)
+                self.task_accuracy[task_name].update([pred], [ref])
             correct = normalize_answer(pred) == normalize_answer(ref)
             self.predictions.append(
-                {"id": sid, "task": task, "prediction": pred, "reference": ref, "correct": correct}
+                {
+                    "id": sid,
+                    "task": task_name,
+                    "prediction": pred,
+                    "reference": ref,
+                    "correct": correct,
+                }
             )
-        self.log("test/accuracy", self.test_accuracy, batch_size=len(batch))
+        self.log(
+            "test/accuracy", self.test_accuracy, batch_size=len(batch), add_dataloader_idx=False
+        )
 
     def on_test_epoch_start(self) -> None:
         self.predictions = []
+        self.task_results: dict[str, dict[str, float]] = {}
+        self.task_predictions: dict[str, list[dict]] = {}
 
     def on_test_epoch_end(self) -> None:
         for task, metric in self.task_accuracy.items():
             self.log(f"test/accuracy/{task}", metric.compute())
             metric.reset()
+        if self._log_tasks("test"):
+            tasks = [t for t in self._tasks("test") if t is not None]
+            write_results(self.trainer, tasks, self.task_results, self.task_predictions)
 
     def predict_step(self, batch: Batch, batch_idx: int) -> list[dict]:
         answers = self.generate(batch)
         return [{"id": i, "prediction": a} for i, a in zip(batch.ids, answers, strict=True)]
+
+    # --- benchmark tasks as dataloaders (lmm.evaluation.runner.Task) --------------------------
+    def _tasks(self, split: str) -> list:
+        datamodule = getattr(self._trainer, "datamodule", None) if self._trainer else None
+        loader_tasks = getattr(datamodule, "loader_tasks", None)
+        return list(loader_tasks(split)) if loader_tasks is not None else []
+
+    def _loader_task(self, split: str, dataloader_idx: int):
+        tasks = self._tasks(split)
+        return tasks[dataloader_idx] if dataloader_idx < len(tasks) else None
+
+    def _score_task(self, task, batch: Batch, split: str) -> None:
+        answers = self.generate(batch, max_new_tokens=task.max_new_tokens)
+        datamodule = self.trainer.datamodule
+        rows = task.update(answers, batch, template=getattr(datamodule, "template", None))
+        if split == "test":
+            self.task_predictions.setdefault(task.name, []).extend(rows)
+
+    def _log_tasks(self, split: str) -> bool:
+        """Log `{split}/{task}/{metric}` for every task scored this epoch; True if any was."""
+        scored = False
+        for task in self._tasks(split):
+            if task is None:
+                continue
+            # Every rank must agree before `compute` (a collective): sum the samples seen.
+            seen = self.trainer.strategy.reduce(
+                torch.tensor(float(task.seen), device=self.device), reduce_op="sum"
+            )
+            if not float(seen):
+                continue
+            results = task.compute()
+            task.reset()
+            scored = True
+            self.log_dict(
+                {f"{split}/{task.name}/{k}": v for k, v in results.items()},
+                add_dataloader_idx=False,
+            )
+            if split == "test":
+                self.task_results[task.name] = results
+        return scored
 
     def configure_optimizers(self):
         groups = param_groups(

@@ -170,7 +170,7 @@ def test_same_colour_balanced_and_which_image_spread(tmp_path: Path) -> None:
         if record["task"] == "same_colour":
             assert (colours[0] == colours[1]) == (_answer(record) == "yes"), record["id"]
         else:
-            asked = record["conversation"][0]["content"].split()[-2]
+            asked = re.search(r"shows a (\w+) shape", record["conversation"][0]["content"])[1]
             assert NUMBERS.index(_answer(record)) < len(record["images"])
             assert [c == asked for c in colours].count(True) == 1, record["id"]
             assert colours[NUMBERS.index(_answer(record))] == asked, record["id"]

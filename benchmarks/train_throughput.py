@@ -1,0 +1,426 @@
+"""Training throughput of lmm vs transformers' Trainer on the same LLaVA and samples; MFU at ~50M.
+
+Part 1, `speedup_vs_hf`: supervised (answer) tokens trained per second. One tiny-ish LLaVA
+(CLIP 32 px / patch 8 = 16 tokens per image, width 128 x 4 layers; Llama width 256 x 4 layers,
+as CPU.md section 10's tiny model) is built once and exported with `export_hf`; both sides start
+from these weights and train one pass over the same N samples of the packing benchmark's
+LLaVA-Instruct-like length mix (docs/benchmarks.md), with AdamW at the same lr, no weight
+decay, no clipping, a constant schedule, in the same precision:
+- lmm: what `lmm fit` runs — `LlavaModule` + `ChatDataModule(pack_tokens=...)` (the resumable
+  packed stream) under a Lightning `Trainer`;
+- baseline: the exported `LlavaForConditionalGeneration` under the HF `Trainer` +
+  `TrainingArguments`, random order, a padding collator, `--batch-size` samples per step. Its
+  dataset encodes samples with lmm's processor (same tokens, labels and pixels), lazily, as
+  lmm's stream does.
+Times run from the trainers' train-start to train-end hooks (data loading included, one-time
+setup not).
+
+Part 2, `mfu`: a ~50M-parameter LLaVA (ViT 256 x 4, Llama 640 x 10, intermediate 1728) trained
+by lmm's Lightning path on packed rows of the same mix for 2 x `--mfu-window` steps;
+`ThroughputMonitor` counts analytic FLOPs (vision + connector + LLM, forward + backward) over
+the last window and divides by `measure_peak_flops` of the training dtype, measured in this run.
+
+The last line is one JSON object.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import logging
+import tempfile
+import time
+from functools import partial
+from pathlib import Path
+
+import lightning as L
+import torch
+from transformers import (
+    LlamaConfig,
+    LlamaForCausalLM,
+    LlavaForConditionalGeneration,
+    PreTrainedTokenizerFast,
+    Trainer,
+    TrainerCallback,
+    TrainingArguments,
+)
+
+from lmm.components.connectors import MLPConnector
+from lmm.components.language import CausalLM
+from lmm.components.vision import HFVisionTower
+from lmm.data.datamodule import ChatDataModule
+from lmm.data.formats import load_samples
+from lmm.data.synthetic import generate, vocabulary
+from lmm.data.templates import Llama3
+from lmm.families.llava import LlavaModel, LlavaModule
+from lmm.families.llava.convert import export_hf
+from lmm.tiny import build_tokenizer, build_vision
+from lmm.training.throughput import ThroughputMonitor, matmul_params, measure_peak_flops
+
+# (vision width, vision layers, LLM width, LLM layers, LLM MLP width, heads)
+SIZES = {
+    "tiny": (128, 4, 256, 4, 688, 4),  # CPU.md section 10 "tiny LLaVA"
+    "50m": (256, 4, 640, 10, 1728, 10),  # CPU.md section 10 "~50M LLaVA"
+}
+
+
+def make_records(n: int, images: list[str], words: list[str], seed: int) -> list[dict]:
+    """The packing benchmark's LLaVA-Instruct-like mix (benchmarks/packing.py, beside this file)."""
+    path = Path(__file__).with_name("packing.py")
+    spec = importlib.util.spec_from_file_location("_lmm_bench_packing", path)
+    packing = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(packing)
+    return packing.make_records(n, images, words, seed)
+
+
+def build_assets(root: Path, size: str, seed: int) -> dict[str, Path]:
+    """Tokenizer, CLIP tower and Llama of `size`, written with `save_pretrained`."""
+    v_width, v_layers, width, layers, mlp, heads = SIZES[size]
+    tokenizer = build_tokenizer([" ".join(vocabulary())] * 4, root / "tokenizer")
+    vision = build_vision(
+        root / "vision", "clip", 32, 8, v_width, v_layers, heads=4, seed=seed
+    )  # 32 px, patch 8: 16 tokens per image, as the mix assumes
+    tok = PreTrainedTokenizerFast.from_pretrained(tokenizer)
+    config = LlamaConfig(
+        vocab_size=len(tok),
+        hidden_size=width,
+        intermediate_size=mlp,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=heads,
+        head_dim=width // heads,
+        max_position_embeddings=4096,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+        tie_word_embeddings=False,
+    )
+    torch.manual_seed(seed)
+    LlamaForCausalLM(config).save_pretrained(root / "llm")
+    return {"tokenizer": tokenizer, "vision": vision, "llm": root / "llm"}
+
+
+def build_module(assets: dict[str, Path], lr: float, seed: int) -> LlavaModule:
+    """The lmm LLaVA on `assets` (2-layer MLP connector, as transformers' Llava), AdamW at `lr`."""
+    torch.manual_seed(seed)
+    model = LlavaModel(
+        HFVisionTower(str(assets["vision"])), CausalLM(str(assets["llm"])), MLPConnector
+    )
+    return LlavaModule(
+        model=model,
+        tokenizer=str(assets["tokenizer"]),
+        optimizer=partial(torch.optim.AdamW, lr=lr, weight_decay=0.0),
+    )
+
+
+def write_mix(root: Path, n: int, seed: int) -> Path:
+    """The length mix of `n` samples over 32 synthetic images, as `root/mix.json`."""
+    generate(root / "shapes", train=32, val=1, test=1, tasks=["colour"], seed=seed)
+    images = [f"shapes/images/{p.name}" for p in sorted((root / "shapes/images").iterdir())]
+    (root / "mix.json").write_text(json.dumps(make_records(n, images, vocabulary(), seed)))
+    return root / "mix.json"
+
+
+def lightning_trainer(precision: str, callbacks: list, **kwargs) -> L.Trainer:
+    """A quiet single-process CPU Trainer, as `lmm fit` builds it (no logger or checkpoints)."""
+    return L.Trainer(
+        accelerator="cpu",
+        devices=1,
+        precision=precision,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        callbacks=callbacks,
+        **kwargs,
+    )
+
+
+class LightningMeter(L.Callback):
+    """Train-loop wall time, steps, samples and supervised tokens of a Lightning run."""
+
+    def __init__(self):
+        self.start = self.end = 0.0
+        self.steps = self.samples = self.supervised = self.slots = self.real = 0
+
+    def on_train_start(self, trainer, module) -> None:
+        self.start = time.perf_counter()
+
+    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx) -> None:
+        self.steps += 1
+        rows = batch.seq_lens or [[1]] * len(batch)
+        self.samples += sum(1 for row in rows for k in row if k > 1) if batch.seq_lens else len(batch)
+        self.supervised += int((batch.labels[:, 1:] != -100).sum())
+        self.slots += batch.input_ids.numel()
+        self.real += batch.num_tokens
+
+    def on_train_end(self, trainer, module) -> None:
+        self.end = time.perf_counter()
+
+
+def train_lmm(module: LlavaModule, mix: Path, a: argparse.Namespace) -> dict:
+    """One pass of `lmm fit`'s path over the mix: packed stream + Lightning Trainer."""
+    data = ChatDataModule(
+        template=Llama3(),
+        train=str(mix),
+        batch_size=a.rows,
+        pack_tokens=a.pack_tokens,
+        max_length=a.pack_tokens,
+        buffer_size=a.samples,
+        seed=a.seed,
+    )
+    meter = LightningMeter()
+    lightning_trainer(a.precision, [meter], max_epochs=1).fit(module, datamodule=data)
+    seconds = meter.end - meter.start
+    return {
+        "seconds": seconds,
+        "steps": meter.steps,
+        "samples": meter.samples,
+        "supervised_tokens": meter.supervised,
+        "tokens_per_s": meter.supervised / seconds,
+        "real_token_share": meter.real / meter.slots,
+    }
+
+
+class HFChat(torch.utils.data.Dataset):
+    """The mix encoded on access by lmm's processor, as plain dicts for the HF Trainer."""
+
+    def __init__(self, samples, processor):
+        self.samples, self.processor = samples, processor
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, i: int) -> dict:
+        f = self.processor(self.samples[i])
+        return {"input_ids": f.input_ids, "labels": f.labels, "pixel_values": f.pixel_values}
+
+
+class PadCollate:
+    """The usual HF padding collator (right padding, -100 labels), counting what it hands out."""
+
+    def __init__(self, pad_id: int):
+        self.pad_id = pad_id
+        self.supervised = self.slots = self.real = self.samples = 0
+
+    def __call__(self, features: list[dict]) -> dict:
+        pad = torch.nn.utils.rnn.pad_sequence
+        ids = pad([f["input_ids"] for f in features], batch_first=True, padding_value=self.pad_id)
+        labels = pad([f["labels"] for f in features], batch_first=True, padding_value=-100)
+        mask = pad([torch.ones_like(f["input_ids"]) for f in features], batch_first=True)
+        pixels = [f["pixel_values"] for f in features if f["pixel_values"] is not None]
+        self.supervised += int((labels[:, 1:] != -100).sum())
+        self.slots += ids.numel()
+        self.real += int(mask.sum())
+        self.samples += len(features)
+        batch = {"input_ids": ids, "attention_mask": mask, "labels": labels}
+        if pixels:
+            batch["pixel_values"] = torch.cat(pixels)
+        return batch
+
+
+class HFMeter(TrainerCallback):
+    """Train-loop wall time and steps of an HF Trainer run."""
+
+    def __init__(self):
+        self.start = self.end = 0.0
+        self.steps = 0
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.start = time.perf_counter()
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self.steps += 1
+
+    def on_train_end(self, args, state, control, **kwargs):
+        self.end = time.perf_counter()
+
+
+def train_hf(folder: Path, samples, processor, pad_id: int, out: Path, a) -> dict:
+    """One pass of the HF Trainer over the same samples: random order, padded batches."""
+    model = LlavaForConditionalGeneration.from_pretrained(folder, dtype=torch.float32)
+    args = TrainingArguments(
+        output_dir=str(out),
+        per_device_train_batch_size=a.batch_size,
+        num_train_epochs=1,
+        learning_rate=a.lr,
+        weight_decay=0.0,
+        lr_scheduler_type="constant",
+        max_grad_norm=0.0,  # lmm's default Trainer does not clip either
+        bf16=a.precision == "bf16-mixed",
+        use_cpu=True,
+        seed=a.seed,
+        report_to="none",
+        save_strategy="no",
+        logging_strategy="no",
+        disable_tqdm=True,
+        remove_unused_columns=False,
+        dataloader_num_workers=0,
+    )
+    collate, meter = PadCollate(pad_id), HFMeter()
+    trainer = Trainer(
+        model=model,
+        args=args,
+        train_dataset=HFChat(samples, processor),
+        data_collator=collate,
+        callbacks=[meter],
+    )
+    trainer.train()
+    seconds = meter.end - meter.start
+    return {
+        "seconds": seconds,
+        "steps": meter.steps,
+        "samples": collate.samples,
+        "supervised_tokens": collate.supervised,
+        "tokens_per_s": collate.supervised / seconds,
+        "real_token_share": collate.real / collate.slots,
+    }
+
+
+def speedup(root: Path, a: argparse.Namespace) -> dict:
+    """Part 1: the same weights and samples trained by lmm and by the HF Trainer."""
+    mix = write_mix(root, a.samples, a.seed)
+    assets = build_assets(root / "tiny", "tiny", a.seed)
+    module = build_module(assets, a.lr, a.seed)
+    folder = export_hf(module, root / "hf")  # before lmm trains: both start from these weights
+    params = sum(p.numel() for p in module.parameters())
+    data = ChatDataModule(template=Llama3(), max_length=a.pack_tokens)
+    data.connect(module.tokenizer, module.media_spec(), module.image_token)
+    samples = load_samples(mix)
+    lengths = sorted(data.processor.length(s) for s in samples)
+    print(
+        f"model {params / 1e6:.1f}M params; {len(samples)} samples, tokens per sample: "
+        f"median {lengths[len(lengths) // 2]}, mean {sum(lengths) / len(lengths):.0f}, "
+        f"max {lengths[-1]}; {a.precision}"
+    )
+    runs = {}
+    for side in a.order.split(","):
+        if side == "hf":
+            pad = module.tokenizer.pad_token_id
+            runs["hf"] = train_hf(folder, samples, data.processor, pad, root / "hf_out", a)
+        else:
+            runs["lmm"] = train_lmm(module, mix, a)
+        r = runs[side]
+        print(
+            f"{side:>4}: {r['steps']} steps, {r['samples']} samples, {r['seconds']:.1f}s, "
+            f"{r['tokens_per_s']:.0f} supervised tok/s, real tokens {r['real_token_share']:.1%}"
+        )
+    lmm, hf = runs["lmm"], runs["hf"]
+    if lmm["supervised_tokens"] != hf["supervised_tokens"] or lmm["samples"] != hf["samples"]:
+        raise RuntimeError(
+            f"the two sides trained different data: lmm {lmm['samples']} samples / "
+            f"{lmm['supervised_tokens']} tokens, hf {hf['samples']} / {hf['supervised_tokens']}"
+        )
+    return {"params": params, "lmm": lmm, "hf": hf}
+
+
+def mfu(root: Path, mix: Path, a: argparse.Namespace) -> dict:
+    """Part 2: MFU of the ~50M config trained by lmm, against this run's matmul peak."""
+    assets = build_assets(root / "m50", "50m", a.seed)
+    module = build_module(assets, a.lr, a.seed)
+    params = sum(p.numel() for p in module.parameters())
+    dtype = torch.bfloat16 if a.precision == "bf16-mixed" else torch.float32
+    peak = measure_peak_flops(dtype=dtype)
+    print(
+        f"~50M model: {params / 1e6:.1f}M params ({matmul_params(module)[0] / 1e6:.1f}M in "
+        f"matmuls); measured {dtype} matmul peak {peak / 1e9:.0f} GFLOP/s"
+    )
+    data = ChatDataModule(
+        template=Llama3(),
+        train=str(mix),
+        batch_size=a.mfu_rows,
+        pack_tokens=a.mfu_pack_tokens,
+        max_length=a.mfu_pack_tokens,
+        buffer_size=a.samples,
+        seed=a.seed,
+    )
+    monitor = ThroughputMonitor(peak_flops=peak, log_every_n_steps=a.mfu_window)
+    windows: list[dict] = []
+
+    class Windows(L.Callback):
+        """The monitor's logged figures after each window (the first one includes warm-up)."""
+
+        def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx) -> None:
+            if trainer.global_step % a.mfu_window == 0:
+                m = trainer.callback_metrics
+                windows.append({k: float(m[k]) for k in m if k.startswith("perf/")})
+
+    trainer = lightning_trainer(
+        a.precision, [monitor, Windows()], max_steps=2 * a.mfu_window, max_epochs=-1
+    )
+    trainer.fit(module, datamodule=data)
+    last = windows[-1]
+    print(
+        "  "
+        + "; ".join(
+            f"window {i + 1}: MFU {w['perf/mfu']:.1%}, {w['perf/tokens_per_s']:.0f} tok/s"
+            for i, w in enumerate(windows)
+        )
+    )
+    return {"params": params, "peak_flops": peak, "windows": windows, "last": last}
+
+
+def main(argv: list[str] | None = None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--samples", type=int, default=384, help="samples each side trains on")
+    p.add_argument("--batch-size", type=int, default=8, help="HF Trainer samples per step")
+    p.add_argument("--pack-tokens", type=int, default=2048, help="lmm packed row length")
+    p.add_argument("--rows", type=int, default=1, help="lmm packed rows per step")
+    p.add_argument("--lr", type=float, default=1e-4)
+    p.add_argument("--precision", choices=["bf16-mixed", "32-true"], default="bf16-mixed")
+    p.add_argument("--order", default="hf,lmm", help="which side trains first")
+    p.add_argument("--mfu-pack-tokens", type=int, default=1024)
+    p.add_argument("--mfu-rows", type=int, default=1)
+    p.add_argument("--mfu-window", type=int, default=4, help="steps per MFU window (2 windows)")
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--quick", action="store_true", help="a < 1 minute smoke run")
+    a = p.parse_args(argv)
+    if a.quick:
+        a.samples, a.mfu_window = 48, 1
+    torch.set_num_threads(a.threads)
+    for name in ("lightning.pytorch", "lightning.fabric", "transformers"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    start = time.perf_counter()
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        part1 = speedup(root, a)
+        part2 = mfu(root, root / "mix.json", a)
+    lmm, hf = part1["lmm"], part1["hf"]
+    result = {
+        "speedup_vs_hf": round(lmm["tokens_per_s"] / hf["tokens_per_s"], 3),
+        "mfu": round(part2["last"]["perf/mfu"], 4),
+        "tokens_per_s_lmm": round(lmm["tokens_per_s"], 1),
+        "tokens_per_s_hf": round(hf["tokens_per_s"], 1),
+        "seconds_lmm": round(lmm["seconds"], 2),
+        "seconds_hf": round(hf["seconds"], 2),
+        "steps_lmm": lmm["steps"],
+        "steps_hf": hf["steps"],
+        "real_token_share_lmm": round(lmm["real_token_share"], 4),
+        "real_token_share_hf": round(hf["real_token_share"], 4),
+        "samples": lmm["samples"],
+        "supervised_tokens": lmm["supervised_tokens"],
+        "params_speedup_model": part1["params"],
+        "batch_size_hf": a.batch_size,
+        "pack_tokens_lmm": a.pack_tokens,
+        "rows_lmm": a.rows,
+        "precision": a.precision,
+        "params_mfu_model": part2["params"],
+        "peak_gflops": round(part2["peak_flops"] / 1e9, 1),
+        "achieved_gflops": round(part2["last"]["perf/mfu"] * part2["peak_flops"] / 1e9, 1),
+        "mfu_windows": [round(w["perf/mfu"], 4) for w in part2["windows"]],
+        "mfu_tokens_per_s": round(part2["last"]["perf/tokens_per_s"], 1),
+        "mfu_pack_tokens": a.mfu_pack_tokens,
+        "mfu_rows": a.mfu_rows,
+        "mfu_steps_per_window": a.mfu_window,
+        "threads": a.threads,
+        "wall_s": round(time.perf_counter() - start, 1),
+    }
+    print(json.dumps(result))
+    return result
+
+
+if __name__ == "__main__":
+    main()
