@@ -24,6 +24,7 @@ from lmm.evaluation.generate import Step, cut_at_stop, kernels, stream_tokens
 from lmm.evaluation.metrics import ExactMatch, normalize_answer
 from lmm.evaluation.runner import write_results
 from lmm.training.checkpoint import init_from_checkpoint
+from lmm.training.lora import LoraConfig, apply_lora
 from lmm.training.optim import WarmupCosine, param_groups
 from lmm.training.strategies import FSDP2Config, apply_fsdp2
 from lmm.utils.logging import get_logger
@@ -65,6 +66,7 @@ class LMMModule(L.LightningModule):
         fsdp: FSDP2Config | None = None,
         init_from: str | None = None,
         init_include: list[str] | None = None,
+        lora: LoraConfig | None = None,
     ):
         """
         Args:
@@ -81,6 +83,7 @@ class LMMModule(L.LightningModule):
             init_from: a checkpoint of an earlier stage (.ckpt or .safetensors) to start from.
             init_include: regexes of the weight names taken from `init_from` (default: all),
                 e.g. `["model\\.connector\\..*"]` for stage 2 to take the stage-1 connector.
+            lora: LoRA / DoRA / QLoRA adapters on the LLM (docs/lora.md); None trains weights.
         """
         super().__init__()
         self.image_token = image_token
@@ -95,6 +98,7 @@ class LMMModule(L.LightningModule):
         self.fsdp = fsdp or FSDP2Config()
         self.init_from = init_from
         self.init_include = list(init_include or [".*"])
+        self.lora = lora
         self.test_accuracy = ExactMatch()
         self.task_accuracy = nn.ModuleDict()
         self.predictions: list[dict] = []
@@ -122,6 +126,8 @@ class LMMModule(L.LightningModule):
         if self.init_from:
             init_from_checkpoint(self, self.init_from, self.init_include)
         self.apply_freeze()
+        if self.lora is not None:
+            apply_lora(self, self.lora)
 
     def apply_freeze(self) -> None:
         """Freeze the parts named in `freeze`, and parameters matching `re:<regex>` entries."""

@@ -16,7 +16,11 @@ RECIPES = Path(__file__).resolve().parents[2] / "recipes"
 @pytest.mark.slow
 @pytest.mark.parametrize(
     ("recipe", "vision_type", "llm_type"),
-    [("mantis/stage2_siglip.yaml", "siglip", "llama"), ("mipha/3b_stage2.yaml", "siglip", "phi")],
+    [
+        ("mantis/stage2_siglip.yaml", "siglip", "llama"),
+        ("mantis/stage2_clip_qlora.yaml", "clip", "llama"),
+        ("mipha/3b_stage2.yaml", "siglip", "phi"),
+    ],
 )
 def test_seed_recipe_trains_two_steps(
     recipe, vision_type, llm_type, tiny_assets, synthetic_data, tmp_path
