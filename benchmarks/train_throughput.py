@@ -29,14 +29,20 @@ import argparse
 import importlib.util
 import json
 import logging
+import os
 import tempfile
 import time
 from functools import partial
 from pathlib import Path
 
-import lightning as L
-import torch
-from transformers import (
+# Idle OpenMP threads sleep instead of spinning (both sides): on a shared 2-core machine
+# spinning threads slow 2-thread torch down several times over. Set before torch loads.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import lightning as L  # noqa: E402
+import torch  # noqa: E402
+from transformers import (  # noqa: E402
     LlamaConfig,
     LlamaForCausalLM,
     LlavaForConditionalGeneration,
@@ -46,17 +52,17 @@ from transformers import (
     TrainingArguments,
 )
 
-from lmm.components.connectors import MLPConnector
-from lmm.components.language import CausalLM
-from lmm.components.vision import HFVisionTower
-from lmm.data.datamodule import ChatDataModule
-from lmm.data.formats import load_samples
-from lmm.data.synthetic import generate, vocabulary
-from lmm.data.templates import Llama3
-from lmm.families.llava import LlavaModel, LlavaModule
-from lmm.families.llava.convert import export_hf
-from lmm.tiny import build_tokenizer, build_vision
-from lmm.training.throughput import ThroughputMonitor, matmul_params, measure_peak_flops
+from lmm.components.connectors import MLPConnector  # noqa: E402
+from lmm.components.language import CausalLM  # noqa: E402
+from lmm.components.vision import HFVisionTower  # noqa: E402
+from lmm.data.datamodule import ChatDataModule  # noqa: E402
+from lmm.data.formats import load_samples  # noqa: E402
+from lmm.data.synthetic import generate, vocabulary  # noqa: E402
+from lmm.data.templates import Llama3  # noqa: E402
+from lmm.families.llava import LlavaModel, LlavaModule  # noqa: E402
+from lmm.families.llava.convert import export_hf  # noqa: E402
+from lmm.tiny import build_tokenizer, build_vision  # noqa: E402
+from lmm.training.throughput import ThroughputMonitor, matmul_params, measure_peak_flops  # noqa: E402
 
 # (vision width, vision layers, LLM width, LLM layers, LLM MLP width, heads)
 SIZES = {
@@ -102,7 +108,11 @@ def build_assets(root: Path, size: str, seed: int) -> dict[str, Path]:
 
 
 def build_module(assets: dict[str, Path], lr: float, seed: int) -> LlavaModule:
-    """The lmm LLaVA on `assets` (2-layer MLP connector, as transformers' Llava), AdamW at `lr`."""
+    """The lmm LLaVA on `assets` (2-layer MLP connector, as transformers' Llava), AdamW at `lr`.
+
+    Fused AdamW, as the HF Trainer's default `adamw_torch_fused`; in a recipe:
+    `optimizer: {class_path: torch.optim.AdamW, init_args: {lr: ..., fused: true}}`.
+    """
     torch.manual_seed(seed)
     model = LlavaModel(
         HFVisionTower(str(assets["vision"])), CausalLM(str(assets["llm"])), MLPConnector
@@ -110,7 +120,7 @@ def build_module(assets: dict[str, Path], lr: float, seed: int) -> LlavaModule:
     return LlavaModule(
         model=model,
         tokenizer=str(assets["tokenizer"]),
-        optimizer=partial(torch.optim.AdamW, lr=lr, weight_decay=0.0),
+        optimizer=partial(torch.optim.AdamW, lr=lr, weight_decay=0.0, fused=True),
     )
 
 
@@ -151,7 +161,9 @@ class LightningMeter(L.Callback):
     def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx) -> None:
         self.steps += 1
         rows = batch.seq_lens or [[1]] * len(batch)
-        self.samples += sum(1 for row in rows for k in row if k > 1) if batch.seq_lens else len(batch)
+        self.samples += (
+            sum(1 for row in rows for k in row if k > 1) if batch.seq_lens else len(batch)
+        )
         self.supervised += int((batch.labels[:, 1:] != -100).sum())
         self.slots += batch.input_ids.numel()
         self.real += batch.num_tokens
@@ -249,6 +261,7 @@ def train_hf(folder: Path, samples, processor, pad_id: int, out: Path, a) -> dic
         weight_decay=0.0,
         lr_scheduler_type="constant",
         max_grad_norm=0.0,  # lmm's default Trainer does not clip either
+        optim="adamw_torch_fused",  # the default; named so that it stays the same as lmm's
         bf16=a.precision == "bf16-mixed",
         use_cpu=True,
         seed=a.seed,
@@ -270,6 +283,7 @@ def train_hf(folder: Path, samples, processor, pad_id: int, out: Path, a) -> dic
     trainer.train()
     seconds = meter.end - meter.start
     return {
+        "mixed_precision": str(trainer.accelerator.mixed_precision),
         "seconds": seconds,
         "steps": meter.steps,
         "samples": collate.samples,
@@ -306,6 +320,7 @@ def speedup(root: Path, a: argparse.Namespace) -> dict:
         print(
             f"{side:>4}: {r['steps']} steps, {r['samples']} samples, {r['seconds']:.1f}s, "
             f"{r['tokens_per_s']:.0f} supervised tok/s, real tokens {r['real_token_share']:.1%}"
+            + (f", accelerate mixed precision {r['mixed_precision']}" if side == "hf" else "")
         )
     lmm, hf = runs["lmm"], runs["hf"]
     if lmm["supervised_tokens"] != hf["supervised_tokens"] or lmm["samples"] != hf["samples"]:
@@ -313,7 +328,7 @@ def speedup(root: Path, a: argparse.Namespace) -> dict:
             f"the two sides trained different data: lmm {lmm['samples']} samples / "
             f"{lmm['supervised_tokens']} tokens, hf {hf['samples']} / {hf['supervised_tokens']}"
         )
-    return {"params": params, "lmm": lmm, "hf": hf}
+    return {"params": params, "lmm": lmm, "hf": hf, "max_tokens": lengths[-1]}
 
 
 def mfu(root: Path, mix: Path, a: argparse.Namespace) -> dict:
@@ -355,7 +370,8 @@ def mfu(root: Path, mix: Path, a: argparse.Namespace) -> dict:
     print(
         "  "
         + "; ".join(
-            f"window {i + 1}: MFU {w['perf/mfu']:.1%}, {w['perf/tokens_per_s']:.0f} tok/s"
+            f"window {i + 1}: MFU {w['perf/mfu']:.1%}, {w['perf/tokens_per_s']:.0f} tok/s, "
+            f"data wait {w['perf/data_wait_share']:.1%}"
             for i, w in enumerate(windows)
         )
     )
@@ -364,16 +380,16 @@ def mfu(root: Path, mix: Path, a: argparse.Namespace) -> dict:
 
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--samples", type=int, default=384, help="samples each side trains on")
+    p.add_argument("--samples", type=int, default=512, help="samples each side trains on")
     p.add_argument("--batch-size", type=int, default=8, help="HF Trainer samples per step")
-    p.add_argument("--pack-tokens", type=int, default=2048, help="lmm packed row length")
-    p.add_argument("--rows", type=int, default=1, help="lmm packed rows per step")
+    p.add_argument("--pack-tokens", type=int, default=1024, help="lmm packed row length")
+    p.add_argument("--rows", type=int, default=2, help="lmm packed rows per step")
     p.add_argument("--lr", type=float, default=1e-4)
     p.add_argument("--precision", choices=["bf16-mixed", "32-true"], default="bf16-mixed")
     p.add_argument("--order", default="hf,lmm", help="which side trains first")
     p.add_argument("--mfu-pack-tokens", type=int, default=1024)
     p.add_argument("--mfu-rows", type=int, default=1)
-    p.add_argument("--mfu-window", type=int, default=4, help="steps per MFU window (2 windows)")
+    p.add_argument("--mfu-window", type=int, default=5, help="steps per MFU window (2 windows)")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--quick", action="store_true", help="a < 1 minute smoke run")
@@ -401,6 +417,10 @@ def main(argv: list[str] | None = None) -> dict:
         "real_token_share_lmm": round(lmm["real_token_share"], 4),
         "real_token_share_hf": round(hf["real_token_share"], 4),
         "samples": lmm["samples"],
+        "samples_per_step_lmm": round(lmm["samples"] / lmm["steps"], 2),
+        "samples_per_step_hf": round(hf["samples"] / hf["steps"], 2),
+        "max_tokens_per_sample": part1["max_tokens"],
+        "hf_mixed_precision": hf["mixed_precision"],
         "supervised_tokens": lmm["supervised_tokens"],
         "params_speedup_model": part1["params"],
         "batch_size_hf": a.batch_size,
