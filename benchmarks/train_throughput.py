@@ -62,7 +62,11 @@ from lmm.data.templates import Llama3  # noqa: E402
 from lmm.families.llava import LlavaModel, LlavaModule  # noqa: E402
 from lmm.families.llava.convert import export_hf  # noqa: E402
 from lmm.tiny import build_tokenizer, build_vision  # noqa: E402
-from lmm.training.throughput import ThroughputMonitor, matmul_params, measure_peak_flops  # noqa: E402
+from lmm.training.throughput import (  # noqa: E402
+    ThroughputMonitor,
+    matmul_params,
+    measure_peak_flops,
+)
 
 # (vision width, vision layers, LLM width, LLM layers, LLM MLP width, heads)
 SIZES = {

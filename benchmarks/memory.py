@@ -1,0 +1,177 @@
+"""Peak memory of lmm training steps with and without activation checkpointing (same model, batch).
+
+Each configuration runs in its own child process, which builds the model, takes the first
+batch of lmm's packed training stream over the packing benchmark's length mix, and trains
+`--steps` AdamW steps (bf16 autocast by default). Memory is the process's RSS high-water mark
+(`resource.getrusage(RUSAGE_SELF).ru_maxrss`, read in the child): torch has no CPU allocator
+statistics to read, and the high-water mark is what decides whether a run fits in RAM. It
+includes Python, torch, the weights, gradients and AdamW state, so `baseline_mb` (the mark
+before the first step) is reported too.
+
+Checkpointing is what `FSDP2Config(activation_checkpointing=True)` applies: HF gradient
+checkpointing of every decoder layer (`gradient_checkpointing_enable(use_reentrant=False)`),
+called here directly because `apply_fsdp2` runs only under `ModelParallelStrategy`. The
+model is the ~50M LLaVA of `train_throughput.py` (ViT 256 x 4, Llama 640 x 10) by default.
+The last line is one JSON object with `peak_mb_ckpt` and `peak_mb_no_ckpt`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # see train_throughput.py
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import torch  # noqa: E402
+
+
+def _throughput_module():
+    """benchmarks/train_throughput.py (beside this file): model sizes, assets and the mix."""
+    path = Path(__file__).with_name("train_throughput.py")
+    spec = importlib.util.spec_from_file_location("_lmm_bench_throughput", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def peak_mb() -> float:
+    """This process's RSS high-water mark in MiB (Linux reports KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def child(config: dict) -> dict:
+    """Build the model, take the stream's first batch, train `steps` steps; report memory."""
+    from lmm.data.datamodule import ChatDataModule
+    from lmm.data.templates import Llama3
+
+    tt = _throughput_module()
+    torch.set_num_threads(config["threads"])
+    root = Path(config["root"])
+    assets = {k: root / "assets" / k for k in ("tokenizer", "vision", "llm")}
+    module = tt.build_module(assets, 1e-4, config["seed"])
+    if config["checkpointing"]:
+        # what apply_fsdp2 does for FSDP2Config(activation_checkpointing=True)
+        module.llm.gradient_checkpointing_enable(
+            gradient_checkpointing_kwargs={"use_reentrant": False}
+        )
+    data = ChatDataModule(
+        template=Llama3(),
+        train=str(root / "mix.json"),
+        batch_size=config["rows"],
+        pack_tokens=config["pack_tokens"],
+        max_length=config["pack_tokens"],
+        buffer_size=config["samples"],
+        seed=config["seed"],
+    )
+    data.connect(module.tokenizer, module.media_spec(), module.image_token)
+    batch = next(iter(data.train_stream()))
+    optimizer = module.configure_optimizers()
+    module.train()
+    baseline = peak_mb()
+    losses, times = [], []
+    for _ in range(config["steps"]):
+        start = time.perf_counter()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=config["bf16"]):
+            loss, _ = module.loss(batch)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        times.append(time.perf_counter() - start)
+        losses.append(float(loss))
+    return {
+        "peak_mb": peak_mb(),
+        "baseline_mb": baseline,
+        "losses": losses,
+        "step_s": times,
+        "shape": list(batch.input_ids.shape),
+        "tokens": batch.num_tokens,
+        "params": sum(p.numel() for p in module.parameters()),
+    }
+
+
+def main(argv: list[str] | None = None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--size", choices=["tiny", "50m"], default="50m")
+    p.add_argument("--rows", type=int, default=2, help="packed rows in the batch")
+    p.add_argument("--pack-tokens", type=int, default=1024)
+    p.add_argument("--steps", type=int, default=2)
+    p.add_argument("--samples", type=int, default=64, help="samples in the mix")
+    p.add_argument("--precision", choices=["bf16-mixed", "32-true"], default="bf16-mixed")
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--child", help=argparse.SUPPRESS)  # a JSON config: run one configuration
+    a = p.parse_args(argv)
+    if a.child:
+        sys.stdout.write(json.dumps(child(json.loads(a.child))) + "\n")
+        return {}
+    tt = _throughput_module()
+    start = time.perf_counter()
+    results = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        tt.write_mix(root, a.samples, a.seed)
+        tt.build_assets(root / "assets", a.size, a.seed)
+        for ckpt in (False, True):
+            config = {
+                "root": str(root),
+                "checkpointing": ckpt,
+                "rows": a.rows,
+                "pack_tokens": a.pack_tokens,
+                "steps": a.steps,
+                "samples": a.samples,
+                "bf16": a.precision == "bf16-mixed",
+                "threads": a.threads,
+                "seed": a.seed,
+            }
+            run = subprocess.run(
+                [sys.executable, __file__, "--child", json.dumps(config)],
+                capture_output=True,
+                text=True,
+            )
+            if run.returncode != 0:
+                raise RuntimeError(f"child (checkpointing={ckpt}) failed:\n{run.stderr[-3000:]}")
+            r = json.loads(run.stdout.strip().splitlines()[-1])
+            results[ckpt] = r
+            print(
+                f"checkpointing {'on ' if ckpt else 'off'}: peak RSS {r['peak_mb']:.0f} MiB "
+                f"(before the first step {r['baseline_mb']:.0f} MiB), batch {r['shape']} "
+                f"({r['tokens']} tokens), step {min(r['step_s']):.2f}s, losses "
+                + ", ".join(f"{x:.4f}" for x in r["losses"])
+            )
+    on, off = results[True], results[False]
+    result = {
+        "peak_mb_ckpt": round(on["peak_mb"], 1),
+        "peak_mb_no_ckpt": round(off["peak_mb"], 1),
+        "saved_mb": round(off["peak_mb"] - on["peak_mb"], 1),
+        "baseline_mb_ckpt": round(on["baseline_mb"], 1),
+        "baseline_mb_no_ckpt": round(off["baseline_mb"], 1),
+        "training_mb_ckpt": round(on["peak_mb"] - on["baseline_mb"], 1),
+        "training_mb_no_ckpt": round(off["peak_mb"] - off["baseline_mb"], 1),
+        "step_s_ckpt": round(min(on["step_s"]), 3),
+        "step_s_no_ckpt": round(min(off["step_s"]), 3),
+        "max_loss_diff": max(abs(x - y) for x, y in zip(on["losses"], off["losses"], strict=True)),
+        "measure": "RSS high-water mark of a child process per configuration (ru_maxrss)",
+        "model": a.size,
+        "params": on["params"],
+        "batch_shape": on["shape"],
+        "batch_tokens": on["tokens"],
+        "steps": a.steps,
+        "precision": a.precision,
+        "threads": a.threads,
+        "wall_s": round(time.perf_counter() - start, 1),
+    }
+    print(json.dumps(result))
+    return result
+
+
+if __name__ == "__main__":
+    main()
