@@ -94,7 +94,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--samples", type=int, default=384)
     p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--pack-tokens", type=int, default=2048)
+    p.add_argument("--pack-tokens", type=int, default=1024)
     p.add_argument("--buffer", type=int, default=384)
     p.add_argument("--seed", type=int, default=0)
     a = p.parse_args()
