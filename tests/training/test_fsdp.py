@@ -45,7 +45,8 @@ def _single(assets, data, out, steps, batch_size):
 
 def _torchrun(assets, data, out, steps, batch_size, nnodes: int, nproc: int):
     port = _free_port()
-    procs = []
+    procs, logs = [], []
+    out.mkdir(parents=True, exist_ok=True)
     for node in range(nnodes):
         cmd = [
             sys.executable,
@@ -58,14 +59,16 @@ def _torchrun(assets, data, out, steps, batch_size, nnodes: int, nproc: int):
             f"--master-port={port}",
             *_job_args(assets, data, out, steps, batch_size),
         ]
+        # Output goes to files, not pipes: an unread pipe fills up and blocks that node, and
+        # the other node then waits for it at the exit barrier.
+        logs.append((out / f"node{node}.log").open("w"))
         procs.append(
-            subprocess.Popen(
-                cmd, env=_env(), cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
-            )
+            subprocess.Popen(cmd, env=_env(), cwd=ROOT, stdout=logs[-1], stderr=subprocess.STDOUT)
         )
-    for p in procs:
-        _, err = p.communicate(timeout=600)
-        assert p.returncode == 0, err[-4000:]
+    for p, log in zip(procs, logs, strict=True):
+        p.wait(timeout=600)
+        log.close()
+        assert p.returncode == 0, Path(log.name).read_text()[-4000:]
 
 
 def _losses(out: Path) -> list[float]:
