@@ -89,7 +89,8 @@ class HFVisionTower(VisionEncoder):
         dtype = next(self.model.parameters()).dtype
         out = self.model(pixel_values.to(dtype), output_hidden_states=True)
         features = out.hidden_states[self.feature_layer]
-        return features[:, 1:] if self.select == "default" else features
+        # contiguous: a view out of an FSDP2 unit is unsafe for in-place ops downstream
+        return features[:, 1:].contiguous() if self.select == "default" else features
 
 
 def _normalization(path: str, kind: str) -> tuple[tuple, tuple]:
