@@ -43,10 +43,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import lightning as L  # noqa: E402
 import torch  # noqa: E402
 from transformers import (  # noqa: E402
-    LlamaConfig,
-    LlamaForCausalLM,
     LlavaForConditionalGeneration,
-    PreTrainedTokenizerFast,
     Trainer,
     TrainerCallback,
     TrainingArguments,
@@ -61,7 +58,7 @@ from lmm.data.synthetic import generate, vocabulary  # noqa: E402
 from lmm.data.templates import Llama3  # noqa: E402
 from lmm.families.llava import LlavaModel, LlavaModule  # noqa: E402
 from lmm.families.llava.convert import export_hf  # noqa: E402
-from lmm.tiny import build_tokenizer, build_vision  # noqa: E402
+from lmm.tiny import build_llm, build_tokenizer, build_vision  # noqa: E402
 from lmm.training.throughput import (  # noqa: E402
     ThroughputMonitor,
     matmul_params,
@@ -91,24 +88,18 @@ def build_assets(root: Path, size: str, seed: int) -> dict[str, Path]:
     vision = build_vision(
         root / "vision", "clip", 32, 8, v_width, v_layers, heads=4, seed=seed
     )  # 32 px, patch 8: 16 tokens per image, as the mix assumes
-    tok = PreTrainedTokenizerFast.from_pretrained(tokenizer)
-    config = LlamaConfig(
-        vocab_size=len(tok),
-        hidden_size=width,
-        intermediate_size=mlp,
-        num_hidden_layers=layers,
-        num_attention_heads=heads,
-        num_key_value_heads=heads,
-        head_dim=width // heads,
-        max_position_embeddings=4096,
-        bos_token_id=tok.bos_token_id,
-        eos_token_id=tok.eos_token_id,
-        pad_token_id=tok.pad_token_id,
-        tie_word_embeddings=False,
+    llm = build_llm(
+        root / "llm",
+        tokenizer,
+        "llama",
+        width,
+        layers,
+        heads,
+        seed,
+        intermediate=mlp,
+        max_positions=4096,
     )
-    torch.manual_seed(seed)
-    LlamaForCausalLM(config).save_pretrained(root / "llm")
-    return {"tokenizer": tokenizer, "vision": vision, "llm": root / "llm"}
+    return {"tokenizer": tokenizer, "vision": vision, "llm": llm}
 
 
 def build_module(assets: dict[str, Path], lr: float, seed: int) -> LlavaModule:

@@ -77,19 +77,24 @@ def build_llm(
     layers: int = 2,
     heads: int = 4,
     seed: int = 0,
+    intermediate: int | None = None,
+    max_positions: int = 2048,
 ) -> Path:
-    """A randomly initialised causal LM of `model_type` (llama, qwen2, phi, gemma, ...) sized to the tokenizer."""
+    """A randomly initialised causal LM of `model_type` (llama, qwen2, phi, gemma, ...) sized to the tokenizer.
+
+    `intermediate` is the MLP width (default 4 × hidden).
+    """
     tok = PreTrainedTokenizerFast.from_pretrained(tokenizer)
     config = AutoConfig.for_model(
         model_type,
         vocab_size=len(tok),
         hidden_size=hidden,
-        intermediate_size=hidden * 4,
+        intermediate_size=intermediate or hidden * 4,
         num_hidden_layers=layers,
         num_attention_heads=heads,
         num_key_value_heads=heads,
         head_dim=hidden // heads,
-        max_position_embeddings=2048,
+        max_position_embeddings=max_positions,
         bos_token_id=tok.bos_token_id,
         eos_token_id=tok.eos_token_id,
         pad_token_id=tok.pad_token_id,
