@@ -88,6 +88,11 @@ def main() -> None:
     state = full_state(module)
     if trainer.global_rank == 0:
         torch.save(state, a.out / "final.pt")
+    if dist.is_initialized():
+        # Tear the process group down before exit: a rank leaving with gloo's threads still
+        # running aborts ("terminate called without an active exception").
+        dist.barrier()
+        dist.destroy_process_group()
 
 
 if __name__ == "__main__":
