@@ -4,6 +4,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import lightning as L
+import torch
+
 from lmm.components.connectors import MLPConnector
 from lmm.components.language import CausalLM
 from lmm.components.vision import HFVisionTower
@@ -32,3 +35,34 @@ def tiny_data(data: Path, module: LlavaModule | None = None, **kwargs) -> ChatDa
     if module is not None:
         dm.connect(module.tokenizer, module.media_spec(), module.image_token)
     return dm
+
+
+def quiet_trainer(tmp_path: Path, max_steps: int, callbacks: list, **kwargs) -> L.Trainer:
+    """A CPU Trainer for tests: no logger, checkpoints, progress bar, summary or validation."""
+    return L.Trainer(
+        accelerator="cpu",
+        max_steps=max_steps,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        limit_val_batches=0,
+        callbacks=callbacks,
+        default_root_dir=tmp_path,
+        **kwargs,
+    )
+
+
+def assert_logits_match_hf(module, hf, batch, **tol) -> torch.Tensor:
+    """Our logits equal a transformers model's on the batch's real tokens; returns ours."""
+    with torch.no_grad():
+        ours = module(batch)
+        theirs = hf(
+            input_ids=batch.input_ids,
+            attention_mask=batch.attention_mask,
+            pixel_values=batch.pixel_values,
+        ).logits
+    real = batch.attention_mask.bool()
+    assert ours.shape == theirs.shape
+    torch.testing.assert_close(ours[real], theirs[real], **tol)
+    return ours

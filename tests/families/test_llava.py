@@ -9,7 +9,7 @@ from transformers import LlavaConfig, LlavaForConditionalGeneration
 
 from lmm.data.collate import PadCollator
 from lmm.data.formats import load_samples
-from tests.helpers import tiny_data, tiny_llava
+from tests.helpers import assert_logits_match_hf, quiet_trainer, tiny_data, tiny_llava
 
 
 def _batch(module, data, n=6):
@@ -44,16 +44,8 @@ def test_llava_against_hf(tiny_assets, synthetic_data):
     batch, samples = _batch(module, synthetic_data)
     assert sum(batch.media_per_sample) > len(batch), "want multi-image rows in the batch"
     hf = _hf_llava(module)
-    with torch.no_grad():
-        ours = module(batch)
-        theirs = hf(
-            input_ids=batch.input_ids,
-            attention_mask=batch.attention_mask,
-            pixel_values=batch.pixel_values,
-        ).logits
+    ours = assert_logits_match_hf(module, hf, batch, rtol=1e-5, atol=1e-5)
     real = batch.attention_mask.bool()
-    assert ours.shape == theirs.shape
-    torch.testing.assert_close(ours[real], theirs[real], rtol=1e-5, atol=1e-5)
     # the images matter: zeroing them changes the logits at text positions after the image
     batch.pixel_values = torch.zeros_like(batch.pixel_values)
     with torch.no_grad():
@@ -112,18 +104,7 @@ def _run(tiny_assets, synthetic_data, tmp_path, seed: int) -> list[torch.Tensor]
     module = tiny_llava(tiny_assets, optimizer=lambda p: torch.optim.AdamW(p, lr=1e-3))
     dm = tiny_data(synthetic_data, batch_size=4, seed=seed)
     record = _Losses()
-    trainer = L.Trainer(
-        accelerator="cpu",
-        max_steps=5,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        limit_val_batches=0,
-        callbacks=[record],
-        default_root_dir=tmp_path,
-        deterministic=True,
-    )
+    trainer = quiet_trainer(tmp_path, 5, [record], deterministic=True)
     trainer.fit(module, datamodule=dm)
     return record.losses
 

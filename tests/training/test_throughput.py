@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import lightning as L
 import pytest
 from torch.utils.flop_counter import FlopCounterMode
 
@@ -13,7 +12,7 @@ from lmm.data.collate import PadCollator
 from lmm.data.formats import load_samples
 from lmm.families.llava import LlavaModel, LlavaModule
 from lmm.training.throughput import ThroughputMonitor, measure_peak_flops, step_flops
-from tests.helpers import tiny_data, tiny_llava
+from tests.helpers import quiet_trainer, tiny_data, tiny_llava
 
 
 def _batch(module, data, n=6):
@@ -56,17 +55,7 @@ def test_monitor_logs_mfu(tiny_assets, synthetic_data, tmp_path):
     module = tiny_llava(tiny_assets)
     dm = tiny_data(synthetic_data, batch_size=4)
     monitor = ThroughputMonitor(peak_flops=1e12, log_every_n_steps=2)
-    trainer = L.Trainer(
-        accelerator="cpu",
-        max_steps=4,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        limit_val_batches=0,
-        callbacks=[monitor],
-        default_root_dir=tmp_path,
-    )
+    trainer = quiet_trainer(tmp_path, 4, [monitor])
     trainer.fit(module, datamodule=dm)
     m = trainer.callback_metrics
     assert 0 < float(m["perf/mfu"]) < 1
