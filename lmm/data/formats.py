@@ -300,26 +300,13 @@ def stream_records(path: str | Path) -> Iterator[tuple[int, dict]]:
     yield from enumerate(dataset)
 
 
-def load_samples(
-    path: str | Path,
-    *,
-    root: str | Path | None = None,
-    check_media: bool = True,
-    allow_outside_root: bool = False,
-    video: VideoOptions | None = None,
-    labels: Sequence[str] | None = None,
-) -> list[Sample]:
-    """Read every record of a json/jsonl file; the first bad record raises."""
+def load_samples(path: str | Path, **options) -> list[Sample]:
+    """Read every record of a json/jsonl file; the first bad record raises.
+
+    `options` are those of `parse_record` (root, check_media, allow_outside_root, video, labels).
+    """
     samples = []
-    for item in iter_samples(
-        read_records(path),
-        source=path,
-        root=root,
-        check_media=check_media,
-        allow_outside_root=allow_outside_root,
-        video=video,
-        labels=labels,
-    ):
+    for item in iter_samples(read_records(path), source=path, **options):
         if isinstance(item, BadRecordError):
             raise item
         samples.append(item)
