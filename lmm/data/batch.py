@@ -15,10 +15,15 @@ class Features:
     id: str
     input_ids: Tensor  # [L]
     labels: Tensor  # [L], -100 where not trained
-    pixel_values: Tensor | None  # [N_img, 3, H, W]
+    pixel_values: Tensor | None  # [N_views, 3, H, W]: every view (tile, frame) of every item
     reference: str | None = None  # the expected answer, for generation
     meta: dict = field(default_factory=dict)
     target: Tensor | None = None  # [n_labels] scores / label targets of a scored sample
+    # One entry per media item (image or video), in order: its original (height, width),
+    # how it was shown (`image`, `multi`, `video`) and how many rows of pixel_values it has.
+    image_sizes: list[tuple[int, int]] = field(default_factory=list)
+    media_modes: list[str] = field(default_factory=list)
+    views_per_media: list[int] = field(default_factory=list)
 
     @property
     def num_media(self) -> int:
@@ -42,6 +47,10 @@ class Batch:
     seq_lens: list[list[int]] | None = None  # packed rows: the sample lengths of each row
     stream_position: tuple[int, int] | None = None  # (epoch, batch index) in a TrainStream
     skipped: int = 0  # bad records skipped on the way to this batch
+    # Per media item of the batch, rows' items in order (see Features).
+    image_sizes: Tensor | None = None  # [M, 2] original (height, width)
+    media_modes: list[str] = field(default_factory=list)
+    views_per_media: list[int] = field(default_factory=list)
 
     @property
     def packed(self) -> bool:
@@ -63,8 +72,19 @@ class Batch:
             "labels",
             "pixel_values",
             "targets",
+            "image_sizes",
         ):
             value = getattr(self, name)
             if value is not None:
                 setattr(self, name, value.to(device))
         return self
+
+
+def media_fields(features: list[Features]) -> dict:
+    """The per-media-item Batch fields of features in batch order."""
+    sizes = [s for f in features for s in f.image_sizes]
+    return {
+        "image_sizes": torch.tensor(sizes, dtype=torch.long) if sizes else None,
+        "media_modes": [m for f in features for m in f.media_modes],
+        "views_per_media": [v for f in features for v in f.views_per_media],
+    }

@@ -22,7 +22,7 @@ from tqdm import tqdm
 from lmm.data.media import ImageTransform
 from lmm.data.mixture import Mixture, SkippedRecord
 from lmm.data.packing import first_fit_decreasing
-from lmm.data.processor import Processor
+from lmm.data.processor import MediaSpec, Processor
 from lmm.data.sample import BadRecordError, Sample
 from lmm.utils.logging import get_logger
 
@@ -35,7 +35,7 @@ _STD = (0.26862954, 0.26130258, 0.27577711)
 
 
 @dataclass(frozen=True)
-class StubMedia:
+class StubMedia(MediaSpec):
     """A media spec with a fixed token count per image: counts tokens without a model."""
 
     transform: ImageTransform

@@ -7,7 +7,7 @@ from typing import Literal
 
 import torch
 
-from lmm.data.batch import Batch, Features
+from lmm.data.batch import Batch, Features, media_fields
 
 
 class PadCollator:
@@ -45,4 +45,5 @@ class PadCollator:
             references=[f.reference for f in features],
             meta=[f.meta for f in features],
             targets=torch.stack(targets) if targets else None,
+            **media_fields(list(features)),
         )

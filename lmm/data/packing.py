@@ -14,7 +14,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from lmm.data.batch import Batch, Features
+from lmm.data.batch import Batch, Features, media_fields
 
 
 def first_fit_decreasing(lengths: Sequence[int], capacity: int) -> list[list[int]]:
@@ -91,6 +91,7 @@ class PackCollator:
             references=[None] * n,
             meta=[{"samples": [f.id for f in row]} for row in rows],
             seq_lens=seq_lens,
+            **media_fields(ordered),
         )
 
 

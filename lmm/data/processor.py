@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
-from typing import Protocol
+from typing import Literal
 
 import torch
+from PIL import Image
+from torch import Tensor
 from transformers import PreTrainedTokenizerBase
 
 from lmm.data.batch import Features
@@ -14,15 +16,43 @@ from lmm.data.templates import ChatTemplate
 from lmm.data.tokenization import SegmentTokenizer
 from lmm.data.video import VideoError, VideoReader, load_video, sample_indices
 
+MediaMode = Literal["image", "multi", "video"]
+"""How a media item is shown: the only image of its sample, one of several, or a video."""
 
-class MediaSpec(Protocol):
-    """What the processor needs to know from a family: the transform and the tokens per image."""
+
+class MediaSpec:
+    """How a family turns a media item into pixels and placeholder tokens.
+
+    The default (classic LLaVA, Q-Former): an image is one view, `transform(image)`, and a
+    marker becomes `num_image_tokens` feature slots per view (per frame for a video). Families
+    with tiles (OneVision anyres, Idefics2 splitting), pooled video frames or structural tokens
+    around the features (Idefics2's `<fake_token_around_image>`, Fuyu's row breaks) override
+    `views` and `marker_tokens`; the processor knows every token count before decoding.
+    """
 
     transform: ImageTransform
+    # True when `marker_tokens` depends on the original image size (anyres, Fuyu): the
+    # processor then reads image headers to count tokens (never decoding pixels).
+    size_dependent: bool = False
 
     def num_image_tokens(self, image_size: tuple[int, int]) -> int:
-        """Placeholder tokens an image of (height, width), after the transform, becomes."""
-        ...
+        """Feature slots one transformed view of (height, width) becomes."""
+        raise NotImplementedError
+
+    def views(self, image: Image.Image, mode: MediaMode) -> Tensor:
+        """`[V, 3, H, W]`: the pixel views one image (or one video frame) becomes."""
+        return self.transform(image)[None]
+
+    def marker_tokens(
+        self, image_size: tuple[int, int], mode: MediaMode, frames: int = 1
+    ) -> list[str | None]:
+        """What one marker becomes: `None` is a feature slot, a string a token of the tokenizer.
+
+        `image_size` is the original (height, width) of the image or of the video's frames,
+        `frames` the frame count of a video (1 for an image).
+        """
+        size = (self.transform.size, self.transform.size)
+        return [None] * (self.num_image_tokens(size) * frames)
 
 
 def _rounds(turns: list[Turn]) -> list[list[Turn]]:
@@ -114,11 +144,40 @@ class Processor:
             rounds = rounds[:-1]
 
     def _expanded_length(self, sample: Sample, segments: list, ids: list[int]) -> int:
-        size = self.media.transform.size
-        per_image = self.media.num_image_tokens((size, size))
         markers = [s.media for s in segments if s.media is not None]
-        frames = sum(self._num_frames(sample, i) for i in markers)
-        return len(ids) - len(markers) + frames * per_image
+        n = len(ids) - len(markers)
+        for index in markers:
+            mode = self._mode(sample, index)
+            frames = self._num_frames(sample, index)
+            size = self._header_size(sample, index) if self.media.size_dependent else None
+            size = size or (self.media.transform.size, self.media.transform.size)
+            n += len(self.media.marker_tokens(size, mode, frames))
+        return n
+
+    @staticmethod
+    def _mode(sample: Sample, index: int) -> MediaMode:
+        if isinstance(sample.images[index], VideoRef):
+            return "video"
+        images = sum(not isinstance(m, VideoRef) for m in sample.images)
+        return "multi" if images > 1 else "image"
+
+    def _header_size(self, sample: Sample, index: int) -> tuple[int, int]:
+        """(height, width) of an image or a video's frames, from the file header only."""
+        item = sample.images[index]
+        try:
+            if isinstance(item, VideoRef):
+                info = self.video_reader.info(item.path)
+                return info.height, info.width
+            with Image.open(item) as img:
+                return img.height, img.width
+        except FileNotFoundError as err:
+            raise BadRecordError(
+                sample.source, sample.id, f"media {index} not found: {err}"
+            ) from err
+        except Exception as err:  # PIL and the video readers raise several types
+            raise BadRecordError(
+                sample.source, sample.id, f"media {index} cannot be read: {err}"
+            ) from err
 
     def _num_frames(self, sample: Sample, index: int) -> int:
         """Images a media marker becomes: 1, or the frames sampled from its video (header only)."""
@@ -149,22 +208,30 @@ class Processor:
 
     def _encode(self, sample: Sample, turns: list[Turn], add_generation_prompt: bool) -> Features:
         segments, ids, labels = self._tokens(sample, turns, add_generation_prompt)
-        pixels: list[torch.Tensor] = []
-        tokens_per_marker: list[int] = []
+        pixels: list[Tensor] = []
+        markers: list[list[int]] = []
+        sizes: list[tuple[int, int]] = []
+        modes: list[str] = []
+        views: list[int] = []
         for index in (s.media for s in segments if s.media is not None):
+            mode = self._mode(sample, index)
             images = self._media(sample, index)
-            pixels += images
-            tokens_per_marker.append(
-                sum(self.media.num_image_tokens(tuple(p.shape[-2:])) for p in images)
-            )
-        counts = iter(tokens_per_marker)
+            size = (images[0].height, images[0].width)
+            item = torch.cat([self.media.views(im, mode) for im in images])
+            pixels.append(item)
+            sizes.append(size)
+            modes.append(mode)
+            views.append(item.shape[0])
+            tokens = self.media.marker_tokens(size, mode, len(images))
+            markers.append([self._token_id(sample, t) for t in tokens])
+        expansions = iter(markers)
         out_ids: list[int] = []
         out_labels: list[int] = []
         for tok, lab in zip(ids, labels, strict=True):
             if tok == self.image_token_id:
-                n = next(counts)
-                out_ids += [tok] * n
-                out_labels += [-100] * n
+                expansion = next(expansions)
+                out_ids += expansion
+                out_labels += [-100] * len(expansion)
             else:
                 out_ids.append(tok)
                 out_labels.append(lab)
@@ -172,15 +239,30 @@ class Processor:
             id=sample.id,
             input_ids=torch.tensor(out_ids, dtype=torch.long),
             labels=torch.tensor(out_labels, dtype=torch.long),
-            pixel_values=torch.stack(pixels) if pixels else None,
+            pixel_values=torch.cat(pixels) if pixels else None,
             meta=dict(sample.meta),
+            image_sizes=sizes,
+            media_modes=modes,
+            views_per_media=views,
         )
 
-    def _media(self, sample: Sample, index: int) -> list[torch.Tensor]:
-        """The transformed images of one media marker: an image, or a video's sampled frames."""
+    def _token_id(self, sample: Sample, token: str | None) -> int:
+        """The id of a marker's token: `None` is the image token (a feature slot)."""
+        if token is None:
+            return self.image_token_id
+        tid = self.tokenizer.convert_tokens_to_ids(token)
+        if tid is None or tid == self.tokenizer.unk_token_id:
+            raise ValueError(
+                f"the model's media tokens include {token!r}, which the tokenizer does not have "
+                f"(record {sample.id} of {sample.source}); add it as a special token"
+            )
+        return tid
+
+    def _media(self, sample: Sample, index: int) -> list[Image.Image]:
+        """The images of one media marker: an image, or a video's sampled frames."""
         item = sample.images[index]
         if isinstance(item, VideoRef):
-            frames = load_video(
+            return load_video(
                 item.path,
                 **item.sampling,
                 min_frames=item.min_frames,
@@ -188,13 +270,12 @@ class Processor:
                 source=sample.source,
                 record_id=sample.id,
             )
-            return [self.media.transform(f) for f in frames]
         return [self._image(sample, index)]
 
-    def _image(self, sample: Sample, index: int) -> torch.Tensor:
+    def _image(self, sample: Sample, index: int) -> Image.Image:
         path = sample.images[index]
         try:
-            image = load_image(path)
+            return load_image(path)
         except FileNotFoundError as err:
             raise BadRecordError(
                 sample.source, sample.id, f"image {index} not found: {path}"
@@ -203,4 +284,3 @@ class Processor:
             raise BadRecordError(
                 sample.source, sample.id, f"image {index} ({path}) cannot be read: {err}"
             ) from err
-        return self.media.transform(image)

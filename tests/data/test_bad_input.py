@@ -16,7 +16,7 @@ from PIL import Image
 from lmm.data import media
 from lmm.data.formats import load_samples, read_records
 from lmm.data.media import ImageTransform
-from lmm.data.processor import Processor
+from lmm.data.processor import MediaSpec, Processor
 from lmm.data.sample import BadRecordError
 from lmm.data.stream import TrainStream
 from lmm.data.templates import Llama3
@@ -24,7 +24,7 @@ from lmm.families.base import load_tokenizer
 from tests.data.test_video import write_video
 
 
-class _Spec:
+class _Spec(MediaSpec):
     transform = ImageTransform(8, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5), "pad")
 
     def num_image_tokens(self, image_size):

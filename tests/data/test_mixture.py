@@ -351,13 +351,13 @@ def test_samples_feed_a_train_stream(tmp_path):
     from transformers import AutoTokenizer
 
     from lmm.data.media import ImageTransform
-    from lmm.data.processor import Processor
+    from lmm.data.processor import MediaSpec, Processor
     from lmm.data.stream import TrainStream
     from lmm.data.synthetic import corpus
     from lmm.data.templates import Llama3
     from lmm.tiny import build_tokenizer
 
-    class Spec:
+    class Spec(MediaSpec):
         transform = ImageTransform(8, (0.5,) * 3, (0.5,) * 3)
 
         def num_image_tokens(self, image_size):

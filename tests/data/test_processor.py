@@ -9,13 +9,13 @@ from PIL import Image
 
 from lmm.data.collate import PadCollator
 from lmm.data.media import ImageTransform, expand_to_square
-from lmm.data.processor import Processor
+from lmm.data.processor import MediaSpec, Processor
 from lmm.data.sample import BadRecordError, Media, Sample, Turn
 from lmm.data.templates import Llama3
 from lmm.families.base import load_tokenizer
 
 
-class _Spec:
+class _Spec(MediaSpec):
     """A media spec with 5 tokens per image and an 8 px transform."""
 
     transform = ImageTransform(8, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5), "pad")

@@ -15,10 +15,11 @@ from lmm.components.merge import scatter_media
 from lmm.components.vision import VisionEncoder
 from lmm.data.batch import Batch
 from lmm.data.media import ImageTransform
+from lmm.data.processor import MediaSpec
 
 
 @dataclass(frozen=True)
-class LlavaMediaSpec:
+class LlavaMediaSpec(MediaSpec):
     """Tokens per image and the image transform, as the LLaVA family sees them."""
 
     transform: ImageTransform

@@ -36,6 +36,7 @@ from lmm.components.qformer import QFormer
 from lmm.components.vision import VisionEncoder
 from lmm.data.batch import Batch
 from lmm.data.media import ImageTransform
+from lmm.data.processor import MediaSpec
 from lmm.training.strategies import layer_list
 from lmm.utils.logging import get_logger
 
@@ -43,7 +44,7 @@ log = get_logger(__name__)
 
 
 @dataclass(frozen=True)
-class QFormerMediaSpec:
+class QFormerMediaSpec(MediaSpec):
     """Tokens per image (the Q-Former's query count, whatever the size) and the image transform."""
 
     transform: ImageTransform
