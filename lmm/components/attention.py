@@ -1,32 +1,175 @@
-"""Choose the attention kernel: flash-attn 2 on CUDA when installed, else sdpa, else eager."""
+"""Choose the attention kernel, and `sdpa_packed`: sdpa that attends within each packed sample only.
+
+flash-attn 2 on CUDA when installed; otherwise causal LMs get `sdpa_packed` and encoders `sdpa`
+(eager when a model has no sdpa).
+
+`sdpa_packed` is transformers' sdpa for everything but one case: a forward with no attention
+mask whose position ids restart inside a row (lmm's packed rows; transformers' flash-attn 2
+reads packed rows the same way). There, each sample is attended on its own with a causal
+kernel, instead of the whole row under a block-diagonal mask: a row of n samples costs
+sum(len_i^2) rather than (sum len_i)^2 query-key pairs, and the CPU kernel runs unmasked.
+"""
 
 from __future__ import annotations
 
 import importlib.util
 
 import torch
+from torch import Tensor
+from torch.nn import functional as F
+from transformers import AttentionInterface
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 from lmm.utils.logging import get_logger
 
 log = get_logger(__name__)
 _logged: set[str] = set()
 
+PACKED_SDPA = "sdpa_packed"
 
-def resolve_attention(requested: str = "auto") -> str:
+
+def resolve_attention(requested: str = "auto", causal_lm: bool = False) -> str:
     """Return the `attn_implementation` to pass to transformers for `requested`.
 
-    `auto` picks `flash_attention_2` when CUDA is available and `flash_attn` imports, else `sdpa`.
-    An explicit `flash_attention_2` without CUDA or the package falls back to `sdpa` with a warning.
+    `auto` picks `flash_attention_2` when CUDA is available and `flash_attn` imports, else
+    `sdpa_packed` for a causal LM (`causal_lm`) and `sdpa` for other models. An explicit
+    `flash_attention_2` without CUDA or the package falls back the same way, with a warning.
     """
     has_flash = torch.cuda.is_available() and importlib.util.find_spec("flash_attn") is not None
+    fallback = PACKED_SDPA if causal_lm else "sdpa"
     if requested == "auto":
-        choice = "flash_attention_2" if has_flash else "sdpa"
+        choice = "flash_attention_2" if has_flash else fallback
     elif requested == "flash_attention_2" and not has_flash:
-        log.warning("flash_attention_2 needs CUDA and the flash-attn package; using sdpa instead")
-        choice = "sdpa"
+        log.warning(
+            "flash_attention_2 needs CUDA and the flash-attn package; using %s instead", fallback
+        )
+        choice = fallback
     else:
         choice = requested
     if choice not in _logged:
         _logged.add(choice)
         log.info("attention implementation: %s", choice)
     return choice
+
+
+def segments(position_ids: Tensor, rows: int) -> list[list[tuple[int, int]]]:
+    """Per row, the (start, end) spans where positions count up by one: the packed samples."""
+    pos = position_ids.expand(rows, -1)
+    starts = torch.ones_like(pos, dtype=torch.bool)
+    starts[:, 1:] = pos[:, 1:] != pos[:, :-1] + 1
+    spans = []
+    length = pos.shape[1]
+    for row in starts.tolist():
+        begin = [i for i, s in enumerate(row) if s]
+        spans.append(list(zip(begin, begin[1:] + [length], strict=True)))
+    return spans
+
+
+def packed_sdpa_attention(
+    module: torch.nn.Module,
+    query: Tensor,  # [B, H, L, D]
+    key: Tensor,  # [B, H_kv, L, D]
+    value: Tensor,  # [B, H_kv, L, D]
+    attention_mask: Tensor | None,
+    dropout: float = 0.0,
+    scaling: float | None = None,
+    **kwargs,
+) -> tuple[Tensor, None]:
+    """sdpa; with no mask, causal attention within each span of counting-up position ids."""
+    position_ids = kwargs.get("position_ids")
+    is_causal = kwargs.get("is_causal")
+    is_causal = getattr(module, "is_causal", True) if is_causal is None else is_causal
+    length = query.shape[2]
+    if (
+        attention_mask is not None
+        or position_ids is None
+        or not is_causal
+        or length != key.shape[2]
+        or length == 1
+        or kwargs.get("softcap") is not None
+    ):
+        return sdpa_attention_forward(
+            module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs
+        )
+    window = kwargs.get("sliding_window")
+    groups = query.shape[1] // key.shape[1]
+    rows = []
+    # unbind + split (not indexing): their backward is one stack / cat, not a zero-filled
+    # full-size gradient per slice.
+    for spans, q, k, v in zip(
+        segments(position_ids, query.shape[0]),
+        query.unbind(0),
+        key.unbind(0),
+        value.unbind(0),
+        strict=True,
+    ):
+        merged = _merge_singletons(spans)
+        sizes = [end - start for start, end, _ in merged]
+        pieces = []
+        for (_, _, alone), qs, ks, vs in zip(
+            merged, q.split(sizes, 1), k.split(sizes, 1), v.split(sizes, 1), strict=True
+        ):
+            if alone:  # one-token samples (pads): each attends to itself, its output is v
+                pieces.append(vs.repeat_interleave(groups, dim=0) if groups > 1 else vs)
+            else:
+                pieces.append(_causal(qs, ks, vs, dropout, scaling, window))
+        rows.append(torch.cat(pieces, dim=1) if len(pieces) > 1 else pieces[0])
+    out = torch.stack(rows)  # [B, H, L, D]
+    return out.transpose(1, 2).contiguous(), None
+
+
+def _merge_singletons(spans: list[tuple[int, int]]) -> list[tuple[int, int, bool]]:
+    """Spans with each run of one-token spans merged into one, flagged `alone`."""
+    out: list[tuple[int, int, bool]] = []
+    for start, end in spans:
+        alone = end - start == 1
+        if alone and out and out[-1][2]:
+            out[-1] = (out[-1][0], end, True)
+        else:
+            out.append((start, end, alone))
+    return out
+
+
+def _causal(
+    q: Tensor,  # [H, n, D]
+    k: Tensor,  # [H_kv, n, D]
+    v: Tensor,  # [H_kv, n, D]
+    dropout: float,
+    scaling: float | None,
+    window: int | None,
+) -> Tensor:
+    """Causal sdpa over one sample (within a sliding window if the layer has one)."""
+    n = q.shape[1]
+    mask = None
+    if window is not None and n > window:
+        i = torch.arange(n, device=q.device)
+        offset = i[:, None] - i[None, :]
+        mask = (offset >= 0) & (offset < window)
+    return F.scaled_dot_product_attention(
+        q,
+        k,
+        v,
+        attn_mask=mask,
+        dropout_p=dropout,
+        is_causal=mask is None,
+        scale=scaling,
+        enable_gqa=q.shape[0] != k.shape[0],
+    )
+
+
+def packed_sdpa_mask(*args, attention_mask: Tensor | None = None, **kwargs) -> Tensor | None:
+    """transformers' sdpa mask, but none for a mask-free prefill: the attention finds the samples.
+
+    Masks combined with extra mask functions (`use_vmap`, e.g. bidirectional image spans) are
+    built as sdpa builds them.
+    """
+    q_length = kwargs.get("q_length", args[1] if len(args) > 1 else None)
+    kv_length = kwargs.get("kv_length", args[2] if len(args) > 2 else None)
+    if attention_mask is None and q_length == kv_length and not kwargs.get("use_vmap"):
+        return None
+    return sdpa_mask(*args, attention_mask=attention_mask, **kwargs)
+
+
+AttentionInterface.register(PACKED_SDPA, packed_sdpa_attention)
+AttentionMaskInterface.register(PACKED_SDPA, packed_sdpa_mask)

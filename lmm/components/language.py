@@ -33,7 +33,8 @@ class CausalLM(nn.Module):
         """
         Args:
             path: local folder or hub id of a transformers causal LM (`from_pretrained`).
-            attn_implementation: `auto`, `flash_attention_2`, `sdpa` or `eager`.
+            attn_implementation: `auto`, `flash_attention_2`, `sdpa_packed` (sdpa, packed rows
+                attended per sample: lmm.components.attention), `sdpa` or `eager`.
             dtype: parameter dtype: `float32`, `bfloat16` or `float16`.
             trust_remote_code: allow code from the checkpoint (off by default).
             quantization: load the linear layers quantized by bitsandbytes (QLoRA), given as
@@ -42,7 +43,7 @@ class CausalLM(nn.Module):
                 builds them from a LoRA config. None: full precision.
         """
         super().__init__()
-        attn = resolve_attention(attn_implementation)
+        attn = resolve_attention(attn_implementation, causal_lm=True)
         kwargs = dict(dtype=_dtype(dtype), trust_remote_code=trust_remote_code)
         if quantization is not None:
             kwargs["quantization_config"] = BitsAndBytesConfig(**quantization)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import random
 import re
 import time
@@ -14,9 +15,12 @@ import torch
 from lightning.pytorch.cli import OptimizerCallable
 from lightning.pytorch.strategies import ModelParallelStrategy
 from torch import Tensor, nn
+from torch.distributed.fsdp import fully_shard
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
+from lmm.components.attention import PACKED_SDPA
 from lmm.components.losses import causal_lm_loss
+from lmm.components.score_head import ScoreConfig, ScoreHead, ScoreMetrics
 from lmm.data.batch import Batch
 from lmm.data.packing import block_causal_mask
 from lmm.data.processor import MediaSpec
@@ -26,7 +30,7 @@ from lmm.evaluation.runner import write_results
 from lmm.training.checkpoint import init_from_checkpoint
 from lmm.training.lora import LoraConfig, apply_lora
 from lmm.training.optim import WarmupCosine, param_groups
-from lmm.training.strategies import FSDP2Config, apply_fsdp2
+from lmm.training.strategies import FSDP2Config, apply_fsdp2, mp_policy
 from lmm.utils.logging import get_logger
 
 log = get_logger(__name__)
@@ -50,7 +54,9 @@ class LMMModule(L.LightningModule):
 
     A family subclass provides `parts()` (named sub-modules: vision / connector / llm),
     `media_spec()`, `embed(batch)` (token embeddings with media scattered in) and `llm`
-    (the transformers causal LM used for the forward pass and generation).
+    (the transformers causal LM used for the forward pass and generation). With `score`, the
+    module trains and predicts scores with a `ScoreHead` (part `score`) instead of text; the
+    family model's forward then needs a `return_hidden` keyword (docs/families.md).
     """
 
     def __init__(
@@ -67,6 +73,7 @@ class LMMModule(L.LightningModule):
         init_from: str | None = None,
         init_include: list[str] | None = None,
         lora: LoraConfig | None = None,
+        score: ScoreConfig | None = None,
     ):
         """
         Args:
@@ -84,6 +91,9 @@ class LMMModule(L.LightningModule):
             init_include: regexes of the weight names taken from `init_from` (default: all),
                 e.g. `["model\\.connector\\..*"]` for stage 2 to take the stage-1 connector.
             lora: LoRA / DoRA / QLoRA adapters on the LLM (docs/lora.md); None trains weights.
+            score: a score head on the last non-pad token (VideoScore: regression of 5
+                dimensions); the module then trains on scored records and predicts scores.
+                None: a chat model (next-token loss, generation).
         """
         super().__init__()
         self.image_token = image_token
@@ -99,6 +109,9 @@ class LMMModule(L.LightningModule):
         self.init_from = init_from
         self.init_include = list(init_include or [".*"])
         self.lora = lora
+        self.score = score
+        self.score_head: ScoreHead | None = None  # built by setup_weights (needs the LLM width)
+        self.score_metrics = nn.ModuleDict()
         self.test_accuracy = ExactMatch()
         self.task_accuracy = nn.ModuleDict()
         self.predictions: list[dict] = []
@@ -121,8 +134,24 @@ class LMMModule(L.LightningModule):
         raise NotImplementedError
 
     # --- shared ---------------------------------------------------------------------------
+    def all_parts(self) -> dict[str, nn.Module]:
+        """`parts()` plus the score head as `score`, if any: what `freeze`, `part_lr` and the
+        optimizer see (LoRA adapts `parts()` only and leaves the head trainable)."""
+        parts = dict(self.parts())
+        if self.score_head is not None:
+            parts["score"] = self.score_head
+        return parts
+
     def setup_weights(self) -> None:
-        """After a family built its model: stage init from a checkpoint, then freezing."""
+        """After a family built its model: the score head, stage init from a checkpoint, freezing."""
+        if self.score is not None and self.score_head is None:
+            self._check_hidden_contract()
+            head = self.llm.get_output_embeddings() or self.llm.get_input_embeddings()
+            width = head.weight.shape[1]  # the LLM width: what lm_head reads
+            self.score_head = ScoreHead(width, self.score)
+            self.score_metrics = nn.ModuleDict(
+                {split: ScoreMetrics(self.score) for split in ("val", "test")}
+            )
         if self.init_from:
             init_from_checkpoint(self, self.init_from, self.init_include)
         self.apply_freeze()
@@ -131,7 +160,7 @@ class LMMModule(L.LightningModule):
 
     def apply_freeze(self) -> None:
         """Freeze the parts named in `freeze`, and parameters matching `re:<regex>` entries."""
-        parts = self.parts()
+        parts = self.all_parts()
         patterns = [f[3:] for f in self.freeze_parts if f.startswith("re:")]
         names = [f for f in self.freeze_parts if not f.startswith("re:")]
         unknown = set(names) - set(parts)
@@ -169,13 +198,13 @@ class LMMModule(L.LightningModule):
     def attention_mask(self, batch: Batch, dtype: torch.dtype = torch.float32) -> Tensor | None:
         """The mask the LLM gets: the 2-D padding mask, or for packed rows a block-diagonal one.
 
-        flash-attn 2 gets no mask for packed rows: transformers derives the varlen sequence
-        lengths from the restarting position ids.
+        flash-attn 2 and `sdpa_packed` get no mask for packed rows: they attend within each
+        sample, which they find from the restarting position ids.
         """
         if not batch.packed:
             return batch.attention_mask
         impl = self.llm.config._attn_implementation
-        if impl == "flash_attention_2":
+        if impl in ("flash_attention_2", PACKED_SDPA):
             return None
         mask = block_causal_mask(batch.seq_lens, batch.input_ids.shape[1], batch.input_ids.device)
         if impl == "sdpa":
@@ -190,15 +219,57 @@ class LMMModule(L.LightningModule):
         """
         return self.root_module()(batch, self.image_token_id, self.attention_mask(batch))
 
+    def hidden_states(self, batch: Batch) -> Tensor:
+        """The LLM's last hidden states `[B, L, D]` (the input of its `lm_head`), through the
+        family model's forward (`return_hidden=True`), so that FSDP2 gathers its parameters."""
+        mask = self.attention_mask(batch)
+        return self.root_module()(batch, self.image_token_id, mask, return_hidden=True)
+
+    def scores(self, batch: Batch) -> Tensor:
+        """The score head's raw outputs `[B, n_labels]` at each row's last non-pad token."""
+        if self.score_head is None:
+            raise ValueError(
+                f"{type(self).__name__} has no score head; give `score` (a ScoreConfig) to score"
+            )
+        if batch.packed:
+            raise ValueError(
+                f"batch {batch.ids[:2]}...: score heads need padded batches (one sample per row, "
+                "scored at its last token), not packed rows; set data.init_args.pack_tokens: null"
+            )
+        return self.score_head(self.hidden_states(batch), batch.attention_mask)
+
+    def _check_hidden_contract(self) -> None:
+        """A score head needs the family model's forward to take `return_hidden`."""
+        root = self.root_module()
+        if "return_hidden" not in inspect.signature(root.forward).parameters:
+            raise TypeError(
+                f"{type(root).__name__}.forward has no `return_hidden` argument, which a score "
+                "head needs (the LLM's last hidden states instead of logits); add it to the "
+                "family model (docs/families.md, 'Score heads')"
+            )
+
+    def _targets(self, batch: Batch) -> Tensor:
+        if batch.targets is None:
+            raise ValueError(
+                f"batch {batch.ids[:2]}... has no score targets, but the module has a score head "
+                f"({self.score_head.labels}); train it on scored records (Mantis `classification`: "
+                "`prompt` + `labels`), or drop `score` to train a chat model"
+            )
+        return batch.targets
+
     def loss(self, batch: Batch) -> tuple[Tensor, Tensor]:
-        """Mean next-token loss over the trained tokens of the global batch, and their count.
+        """Mean next-token loss over the trained tokens of the global batch, and their count
+        (with a score head: its mean loss over the samples, and their count).
 
         With several ranks each rank's sum is divided by the global token count (times the
         world size, which data-parallel gradient averaging divides out again), so the
         gradients equal those of one process on the whole global batch, whatever the split
         of tokens between ranks.
         """
-        loss_sum, n = causal_lm_loss(self(batch), batch.labels)
+        if self.score_head is not None:
+            loss_sum, n = self.score_head.loss(self.scores(batch), self._targets(batch))
+        else:
+            loss_sum, n = causal_lm_loss(self(batch), batch.labels)
         world = self.trainer.world_size if self._trainer is not None else 1
         if world > 1 and torch.distributed.is_initialized():
             n_global = n.detach().clone()
@@ -218,6 +289,10 @@ class LMMModule(L.LightningModule):
                 self.device_mesh["data_parallel"],
                 self.fsdp,
             )
+            if self.score_head is not None:  # outside the family model: its own FSDP unit
+                mesh = self.device_mesh["data_parallel"]
+                policy = mp_policy(self.fsdp, torch.device(mesh.device_type))
+                fully_shard(self.score_head, mesh=mesh, mp_policy=policy)
             self._sharded = True
 
     def root_module(self) -> nn.Module:
@@ -257,6 +332,8 @@ class LMMModule(L.LightningModule):
         if task is not None:
             self._score_task(task, batch, "val")
             return None
+        if self.score_head is not None:
+            return self._score_step(batch, "val")
         loss, _ = self.loss(batch)
         self.log(
             "val/loss",
@@ -270,6 +347,62 @@ class LMMModule(L.LightningModule):
 
     def on_validation_epoch_end(self) -> None:
         self._log_tasks("val")
+        self._log_scores("val")
+
+    # --- score heads ------------------------------------------------------------------------
+    def _score_step(self, batch: Batch, split: str) -> Tensor | None:
+        """Scores of a val/test batch: the loss and metrics where it has targets."""
+        scores = self.scores(batch)
+        predictions = self.score_head.predictions(scores)
+        loss = None
+        if batch.targets is not None:
+            loss_sum, n = self.score_head.loss(scores, batch.targets)
+            loss = loss_sum / n
+            self.score_metrics[split].update(predictions, batch.targets)
+            self.log(
+                f"{split}/loss",
+                loss,
+                prog_bar=split == "val",
+                batch_size=len(batch),
+                sync_dist=True,
+                add_dataloader_idx=False,
+            )
+        if split == "test":
+            self.predictions.extend(self._score_rows(batch, predictions))
+        return loss
+
+    def _score_rows(self, batch: Batch, predictions: Tensor) -> list[dict]:
+        """One prediction record per row: its scores by label (and targets, if the batch has them)."""
+        labels = self.score_head.labels
+        rows = []
+        for b, sid in enumerate(batch.ids):
+            row: dict = {
+                "id": sid,
+                "scores": dict(zip(labels, predictions[b].tolist(), strict=True)),
+            }
+            if self.score_head.config.problem == "single_label":
+                row["prediction"] = labels[int(predictions[b].argmax())]
+            if batch.targets is not None:
+                row["targets"] = dict(zip(labels, batch.targets[b].tolist(), strict=True))
+            rows.append(row)
+        return rows
+
+    def _log_scores(self, split: str) -> None:
+        """Log `{split}/score/<metric>[/<label>]` (Spearman, MSE or accuracy) if any rank scored."""
+        if self.score_head is None or split not in self.score_metrics:
+            return
+        metrics = self.score_metrics[split]
+        seen = self.trainer.strategy.reduce(
+            torch.tensor(float(metrics.seen), device=self.device), reduce_op="sum"
+        )
+        if float(seen) < 2:  # a rank correlation needs two samples
+            metrics.reset()
+            return
+        results = metrics.compute()
+        metrics.reset()
+        self.log_dict(
+            {f"{split}/score/{k}": v for k, v in results.items()}, add_dataloader_idx=False
+        )
 
     def generation_stream(
         self,
@@ -344,6 +477,9 @@ class LMMModule(L.LightningModule):
         if task is not None:
             self._score_task(task, batch, "test")
             return
+        if self.score_head is not None:
+            self._score_step(batch, "test")
+            return
         predictions = self.generate(batch)
         refs = [r or "" for r in batch.references]
         self.test_accuracy.update(predictions, refs)
@@ -373,6 +509,7 @@ class LMMModule(L.LightningModule):
         self.task_predictions: dict[str, list[dict]] = {}
 
     def on_test_epoch_end(self) -> None:
+        self._log_scores("test")
         for task, metric in self.task_accuracy.items():
             self.log(f"test/accuracy/{task}", metric.compute())
             metric.reset()
@@ -381,6 +518,9 @@ class LMMModule(L.LightningModule):
             write_results(self.trainer, tasks, self.task_results, self.task_predictions)
 
     def predict_step(self, batch: Batch, batch_idx: int) -> list[dict]:
+        """Generated answers (`prediction`), or with a score head the scores by label."""
+        if self.score_head is not None:
+            return self._score_rows(batch, self.score_head.predictions(self.scores(batch)))
         answers = self.generate(batch)
         return [{"id": i, "prediction": a} for i, a in zip(batch.ids, answers, strict=True)]
 
@@ -426,7 +566,7 @@ class LMMModule(L.LightningModule):
 
     def configure_optimizers(self):
         groups = param_groups(
-            self.parts(), base_lr=_base_lr(self.optimizer_factory), part_lr=self.part_lr
+            self.all_parts(), base_lr=_base_lr(self.optimizer_factory), part_lr=self.part_lr
         )
         if not groups:
             raise ValueError("nothing to train: every part is frozen")

@@ -81,9 +81,12 @@ def _counts(batch):
     return out
 
 
-def test_packing_parity(tiny_assets, synthetic_data):
+@pytest.mark.parametrize("attention", ["sdpa_packed", "sdpa", "eager"])
+def test_packing_parity(tiny_assets, synthetic_data, attention):
     torch.manual_seed(0)
     module = tiny_llava(tiny_assets).float()
+    module.model.llm.model.set_attn_implementation(attention)
+    assert module.llm.config._attn_implementation == attention
     feats = _features(module, synthetic_data, 10)  # all five tasks: 1-3 images, text lengths vary
     lengths = [len(f.input_ids) for f in feats]
     capacity = max(lengths) * 3
