@@ -19,7 +19,7 @@ from transformers.utils import cached_file
 
 from lmm.components.attention import resolve_attention
 from lmm.components.language import _dtype
-from lmm.components.vision import VisionEncoder, _normalization
+from lmm.components.vision import VisionEncoder, normalization
 from lmm.utils.logging import get_logger
 
 log = get_logger(__name__)
@@ -130,7 +130,7 @@ class Blip2VisionTower(VisionEncoder):
         self.out_dim = config.hidden_size
         self.image_size = config.image_size
         self.patch_size = config.patch_size
-        mean, std = _normalization(path, "clip")
+        mean, std = normalization(path, "clip")
         self.image_mean = tuple(image_mean) if image_mean is not None else mean
         self.image_std = tuple(image_std) if image_std is not None else std
 

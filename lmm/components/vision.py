@@ -75,7 +75,29 @@ class HFVisionTower(VisionEncoder):
         self.out_dim = vcfg.hidden_size
         self.image_size = vcfg.image_size
         self.patch_size = vcfg.patch_size
-        self.image_mean, self.image_std = _normalization(path, kind)
+        self.image_mean, self.image_std = normalization(path, kind)
+        self._freeze_unused()
+
+    def _freeze_unused(self) -> None:
+        """Freeze what the features never pass through: layers after `feature_layer`, the post
+        layernorm and SigLIP's pooling head (weights kept, for export and import layouts).
+
+        They would get no gradient ever; a trainable parameter without one has no optimizer
+        state, and a sharded (FSDP2) checkpoint then fails to load.
+        """
+        vision = getattr(self.model, "vision_model", self.model)  # transformers v4 / v5
+        layers = vision.encoder.layers
+        n = len(layers)
+        used = n + 1 + self.feature_layer if self.feature_layer < 0 else self.feature_layer
+        if not 0 <= used <= n:
+            raise ValueError(
+                f"feature_layer {self.feature_layer} is out of range for a tower of {n} layers "
+                f"(hidden states -{n + 1}..{n})"
+            )
+        unused = list(layers[used:]) + [vision.post_layernorm, getattr(vision, "head", None)]
+        for module in unused:
+            if module is not None:
+                module.requires_grad_(False)
 
     def sequence_length(self, image_size: tuple[int, int]) -> int:
         """Tokens the encoder runs on: the patches, plus CLIP's CLS token."""
@@ -93,7 +115,7 @@ class HFVisionTower(VisionEncoder):
         return features[:, 1:].contiguous() if self.select == "default" else features
 
 
-def _normalization(path: str, kind: str) -> tuple[tuple, tuple]:
+def normalization(path: str, kind: str) -> tuple[tuple, tuple]:
     """Mean and std from the checkpoint's `preprocessor_config.json`, else the family default."""
     default = (CLIP_MEAN, CLIP_STD) if kind == "clip" else (SIGLIP_MEAN, SIGLIP_STD)
     file = Path(path) / "preprocessor_config.json"

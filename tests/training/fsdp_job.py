@@ -2,7 +2,8 @@
 
 Usage: [torchrun ...] python -m tests.training.fsdp_job ASSETS DATA OUT --steps N --batch-size B
 Rank 0 writes `step loss.hex()` lines (the global-batch mean loss) to OUT/losses.txt and the
-full (unsharded) final weights to OUT/final.pt.
+full (unsharded) final weights to OUT/final.pt. `--ckpt-every K` saves a checkpoint every K
+steps to OUT/ckpt (a sharded folder under FSDP2); `--resume PATH` continues from one.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from pathlib import Path
 import lightning as L
 import torch
 import torch.distributed as dist
+from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.strategies import ModelParallelStrategy
 
 from lmm.data.datamodule import ChatDataModule
@@ -49,6 +51,8 @@ def main() -> None:
     p.add_argument("out", type=Path)
     p.add_argument("--steps", type=int, required=True)
     p.add_argument("--batch-size", type=int, required=True)
+    p.add_argument("--ckpt-every", type=int, default=0)
+    p.add_argument("--resume", type=Path, default=None)
     a = p.parse_args()
     torch.set_num_threads(1)
     a.out.mkdir(parents=True, exist_ok=True)
@@ -71,20 +75,25 @@ def main() -> None:
             num_nodes=nodes,
             strategy=ModelParallelStrategy(data_parallel_size=world, tensor_parallel_size=1),
         )
+    callbacks = [Record(a.out / "losses.txt")]
+    if a.ckpt_every:
+        callbacks.append(
+            ModelCheckpoint(a.out / "ckpt", every_n_train_steps=a.ckpt_every, save_top_k=-1)
+        )
     trainer = L.Trainer(
         accelerator="cpu",
         max_steps=a.steps,
         logger=False,
-        enable_checkpointing=False,
+        enable_checkpointing=bool(a.ckpt_every),
         enable_progress_bar=False,
         enable_model_summary=False,
         limit_val_batches=0,
         deterministic=True,
         default_root_dir=a.out,
-        callbacks=[Record(a.out / "losses.txt")],
+        callbacks=callbacks,
         **kwargs,
     )
-    trainer.fit(module, datamodule=data)
+    trainer.fit(module, datamodule=data, ckpt_path=a.resume)
     state = full_state(module)
     if trainer.global_rank == 0:
         torch.save(state, a.out / "final.pt")

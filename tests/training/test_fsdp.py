@@ -25,7 +25,9 @@ def _env() -> dict:
     return {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
 
 
-def _job_args(assets: Path, data: Path, out: Path, steps: int, batch_size: int) -> list[str]:
+def _job_args(
+    assets: Path, data: Path, out: Path, steps: int, batch_size: int, extra: list[str] = ()
+) -> list[str]:
     return [
         "-m",
         "tests.training.fsdp_job",
@@ -34,6 +36,7 @@ def _job_args(assets: Path, data: Path, out: Path, steps: int, batch_size: int) 
         str(out),
         f"--steps={steps}",
         f"--batch-size={batch_size}",
+        *extra,
     ]
 
 
@@ -43,7 +46,7 @@ def _single(assets, data, out, steps, batch_size):
     assert r.returncode == 0, r.stderr[-4000:]
 
 
-def _torchrun(assets, data, out, steps, batch_size, nnodes: int, nproc: int):
+def _torchrun(assets, data, out, steps, batch_size, nnodes: int, nproc: int, extra=()):
     port = _free_port()
     procs, logs = [], []
     out.mkdir(parents=True, exist_ok=True)
@@ -57,7 +60,7 @@ def _torchrun(assets, data, out, steps, batch_size, nnodes: int, nproc: int):
             f"--node-rank={node}",
             "--master-addr=127.0.0.1",
             f"--master-port={port}",
-            *_job_args(assets, data, out, steps, batch_size),
+            *_job_args(assets, data, out, steps, batch_size, list(extra)),
         ]
         # Output goes to files, not pipes: an unread pipe fills up and blocks that node, and
         # the other node then waits for it at the exit barrier.
@@ -119,3 +122,22 @@ def test_two_nodes_localhost(tiny_assets, data, tmp_path):
     _single(assets, data, tmp_path / "one", steps=3, batch_size=4)
     _torchrun(assets, data, tmp_path / "nodes", steps=3, batch_size=2, nnodes=2, nproc=1)
     _compare(tmp_path / "one", tmp_path / "nodes")
+
+
+@pytest.mark.slow
+def test_fsdp2_sharded_resume(tiny_assets, data, tmp_path):
+    """2 ranks: stopped after step 3 with a sharded checkpoint, resumed → the same steps 4-6."""
+    assets = Path(tiny_assets["llm"]).parent
+    _torchrun(assets, data, tmp_path / "full", steps=6, batch_size=2, nnodes=1, nproc=2)
+    run = tmp_path / "resumed"
+    _torchrun(assets, data, run, 3, 2, nnodes=1, nproc=2, extra=["--ckpt-every=3"])
+    ckpt = run / "ckpt" / "epoch=0-step=3.ckpt"
+    assert ckpt.is_dir(), "FSDP2 should write a sharded checkpoint folder"
+    assert len(list(ckpt.glob("*.distcp"))) == 2, "one shard file per rank"
+    _torchrun(assets, data, run, 6, 2, nnodes=1, nproc=2, extra=[f"--resume={ckpt}"])
+    full, resumed = _losses(tmp_path / "full"), _losses(run)
+    assert [x.hex() for x in resumed] == [x.hex() for x in full]  # bit-identical, steps 1-6
+    a = torch.load(tmp_path / "full" / "final.pt", weights_only=True)
+    b = torch.load(run / "final.pt", weights_only=True)
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
