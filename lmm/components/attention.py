@@ -146,16 +146,17 @@ def _causal(
         i = torch.arange(n, device=q.device)
         offset = i[:, None] - i[None, :]
         mask = (offset >= 0) & (offset < window)
-    return F.scaled_dot_product_attention(
-        q,
-        k,
-        v,
+    out = F.scaled_dot_product_attention(  # 4-D: what every sdpa override expects
+        q[None],
+        k[None],
+        v[None],
         attn_mask=mask,
         dropout_p=dropout,
         is_causal=mask is None,
         scale=scaling,
         enable_gqa=q.shape[0] != k.shape[0],
     )
+    return out[0]
 
 
 def packed_sdpa_mask(*args, attention_mask: Tensor | None = None, **kwargs) -> Tensor | None:

@@ -148,3 +148,20 @@ class GroupedMean(Metric):
         if not seen.any():
             return torch.tensor(0.0, dtype=torch.float64)
         return (100 * self.sums[seen] / self.counts[seen]).mean()
+
+
+class LetterAccuracy(GroupedMean):
+    """Accuracy ×100 of parsed answers against the sample's `meta["answer"]` (one group)."""
+
+    def __init__(self):
+        """No arguments: the task's `parse` turns outputs into answers."""
+        super().__init__(["all"])
+
+    def update(self, predictions: Sequence[str], metas: Sequence[Mapping]) -> None:
+        """Add parsed answers with their samples' `meta` (needs `answer`)."""
+        for pred, meta in zip(predictions, metas, strict=True):
+            self._add("all", pred == meta["answer"])
+
+    def compute(self) -> dict:
+        """`accuracy` ×100."""
+        return {"accuracy": self._overall()}

@@ -13,7 +13,14 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from lmm.data.sample import BadRecordError, Sample
-from lmm.evaluation.tasks._base import LETTER, GroupedMean, field, image_first, records, resolve
+from lmm.evaluation.tasks._base import (
+    LETTER,
+    LetterAccuracy,
+    field,
+    image_first,
+    records,
+    resolve,
+)
 from lmm.evaluation.tasks._choices import dotted_options, letters, mmmu_choice
 
 # Q-Bench's own generator, so that its draws do not depend on how many MMMU answers came first.
@@ -70,18 +77,5 @@ def parse(output: str, sample_meta: Mapping, rng: random.Random | None = None) -
     )
 
 
-class QBenchAccuracy(GroupedMean):
+class QBenchAccuracy(LetterAccuracy):
     """Q-Bench A1 accuracy ×100."""
-
-    def __init__(self):
-        """No arguments: the rule lives in `parse`."""
-        super().__init__(["all"])
-
-    def update(self, predictions: Sequence[str], metas: Sequence[Mapping]) -> None:
-        """Add parsed letters with their samples' `meta` (needs `answer`)."""
-        for pred, meta in zip(predictions, metas, strict=True):
-            self._add("all", pred == meta["answer"])
-
-    def compute(self) -> dict:
-        """`accuracy` ×100."""
-        return {"accuracy": self._overall()}

@@ -14,7 +14,14 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from lmm.data.sample import BadRecordError, Sample
-from lmm.evaluation.tasks._base import LETTER, GroupedMean, field, image_first, records, resolve
+from lmm.evaluation.tasks._base import (
+    LETTER,
+    LetterAccuracy,
+    field,
+    image_first,
+    records,
+    resolve,
+)
 from lmm.evaluation.tasks._choices import dotted_options, letters
 
 # LLaVA's `args.options`: the letters its parser knows at all.
@@ -92,18 +99,5 @@ def parse(output: str, sample_meta: Mapping, mode: str = "llava") -> str:
     raise ValueError(f"unknown ScienceQA parse mode {mode!r}; use 'llava' or 'lmms_eval'")
 
 
-class ScienceQAAccuracy(GroupedMean):
+class ScienceQAAccuracy(LetterAccuracy):
     """ScienceQA-IMG accuracy ×100 (unparsed answers are wrong)."""
-
-    def __init__(self):
-        """No arguments: the rule lives in `parse`."""
-        super().__init__(["all"])
-
-    def update(self, predictions: Sequence[str], metas: Sequence[Mapping]) -> None:
-        """Add parsed letters with their samples' `meta` (needs `answer`)."""
-        for pred, meta in zip(predictions, metas, strict=True):
-            self._add("all", pred == meta["answer"])
-
-    def compute(self) -> dict:
-        """`accuracy` ×100."""
-        return {"accuracy": self._overall()}
