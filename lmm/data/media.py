@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -42,6 +43,32 @@ def expand_to_square(img: Image.Image, fill: tuple[int, int, int]) -> Image.Imag
     out = Image.new(img.mode, (side, side), fill)
     out.paste(img, ((side - w) // 2, (side - h) // 2))
     return out
+
+
+def fit_and_pad(img: Image.Image, size: tuple[int, int]) -> Image.Image:
+    """Resize keeping the aspect to fit (height, width), centred on black (LLaVA-NeXT anyres).
+
+    The fitted side is rounded up, as LLaVA-NeXT's `resize_and_pad_image` and transformers'
+    `get_patch_output_size` do.
+    """
+    h, w = size
+    scale_w, scale_h = w / img.width, h / img.height
+    if scale_w < scale_h:
+        new_w, new_h = w, min(math.ceil(img.height * scale_w), h)
+    else:
+        new_w, new_h = min(math.ceil(img.width * scale_h), w), h
+    out = Image.new(img.mode, (w, h), (0, 0, 0))
+    out.paste(img.resize((new_w, new_h), Image.BICUBIC), ((w - new_w) // 2, (h - new_h) // 2))
+    return out
+
+
+def split_tiles(img: Image.Image, tile: int) -> list[Image.Image]:
+    """Square `tile`-pixel crops of an image whose sides are multiples of `tile`, row by row."""
+    return [
+        img.crop((x, y, x + tile, y + tile))
+        for y in range(0, img.height, tile)
+        for x in range(0, img.width, tile)
+    ]
 
 
 @dataclass(frozen=True)

@@ -20,9 +20,13 @@ from lmm.data.sample import IMAGE_MARKER, ROLES, Media, Part, Turn
 __all__ = [
     "ChatML",
     "ChatTemplate",
+    "CheetahLlama2",
+    "CheetahVicuna",
     "Gemma",
+    "Idefics2",
     "Llama2",
     "Llama3",
+    "MantisFuyu",
     "Phi",
     "Plain",
     "Qwen25",
@@ -354,4 +358,178 @@ class Llama2(ChatTemplate):
         if first_round_system:
             out.text(f"<<SYS>>\n{first_round_system}\n<</SYS>>\n\n")
         out.parts(turn.parts)
+        out.text(self.user_suffix)
+
+
+class _Cheetah(ChatTemplate):
+    """Cheetah's prompts: images as `<Img><image></Img>`, a system block always (empty by default).
+
+    Cheetah writes `<Img><HereForImage></Img>` per image. The default system prompt is "", so
+    `_user` gets `first_round_system=""` in the first round and None after it.
+    """
+
+    default_system = ""
+    image_prefix: ClassVar[str] = "<Img>"
+    image_suffix: ClassVar[str] = "</Img>"
+
+    def _system_block(self, system: str) -> str:
+        return ""  # goes into the first user turn
+
+    def _parts(self, out: _Builder, parts: Sequence[Part], trainable: bool = False) -> None:
+        for part in parts:
+            if isinstance(part, Media):
+                out.text(self.image_prefix)  # the wrapper is input, never trained
+                out.media(part.index)
+                out.text(self.image_suffix)
+            else:
+                out.text(part, trainable)
+
+    def _assistant(self, out: _Builder, turn: Turn) -> None:
+        out.text(self.assistant_header)
+        out.text(self.assistant_prefix, trainable=True)
+        self._parts(out, turn.parts, trainable=True)
+        out.text(self.assistant_end, trainable=True)
+        out.text(self.assistant_suffix)
+
+
+class CheetahVicuna(_Cheetah):
+    """Cheetah with Vicuna-7B v0 (`###` separators); trainable: ` {a}###`.
+
+    `<s>{sys}###Human: {q} ###Assistant: {a}###Human: {q2} ###Assistant: {a2}###`, each image
+    as `<Img><image></Img>`; the system prompt is empty by default. This is Cheetah's training
+    prompt `'###Human: {} ###Assistant: '` + answer + end_sym `'###'` after a BOS, and its
+    chat prompt (`CONV_VISION`, sep `###`) for later rounds: an answer's `###` starts the next
+    `Human:`. Cheetah tokenizes the prompt and the answer apart (a lone `▁` after `Assistant:`);
+    here the space belongs to the answer and the text is tokenized as one.
+    """
+
+    special_tokens = ("<s>",)
+    stop_strings = ("###",)
+    bos = "<s>"
+    user_prefix = "Human: "
+    user_suffix = " ###"
+    assistant_header = "Assistant:"
+    assistant_prefix = " "
+    assistant_end = "###"
+
+    def _user(self, out: _Builder, turn: Turn, first_round_system: str | None) -> None:
+        if first_round_system is not None:  # the first round: `{sys}###`, empty sys included
+            out.text(first_round_system + "###")
+        out.text(self.user_prefix)
+        self._parts(out, turn.parts)
+        out.text(self.user_suffix)
+
+
+class CheetahLlama2(_Cheetah):
+    """Cheetah with LLaMA-2-7B-chat: an empty `<<SYS>>` block is always written; trainable: ` {a}</s>`.
+
+    `<s>[INST] <<SYS>>\\n{sys}\\n<</SYS>>\\n\\n{q} [/INST] {a}</s><s>[INST] {q2} [/INST] {a2}</s>`,
+    each image as `<Img><image></Img>`; with the default empty system prompt the first turn
+    starts `<s>[INST] <<SYS>>\\n\\n<</SYS>>\\n\\n`, Cheetah's `'[INST] <<SYS>>\\n\\n<</SYS>>\\n\\n{}
+    [/INST]'` after a BOS, and the answer ends with its end_sym `</s>` (no space before it).
+    """
+
+    special_tokens = ("<s>", "</s>")
+    stop_strings = ("</s>",)
+    user_prefix = "<s>[INST] "
+    user_suffix = " [/INST]"
+    assistant_prefix = " "
+    assistant_end = "</s>"
+
+    def _user(self, out: _Builder, turn: Turn, first_round_system: str | None) -> None:
+        out.text(self.user_prefix)
+        if first_round_system is not None:  # the first round, empty system prompt included
+            out.text(f"<<SYS>>\n{first_round_system}\n<</SYS>>\n\n")
+        self._parts(out, turn.parts)
+        out.text(self.user_suffix)
+
+
+class Idefics2(ChatTemplate):
+    """Idefics2 (transformers' chat template, Mantis-Idefics2); trainable: ` {a}<end_of_utterance>`.
+
+    `<s>User:<image>{q}<end_of_utterance>\\nAssistant: {a}<end_of_utterance>\\n` — a role is
+    followed by `:` when its message starts with an image, else by `: `; a system prompt
+    (default none) is a `System: {sys}<end_of_utterance>\\n` turn. As transformers'
+    `Idefics2Processor` (5.x) does, text right after an image gets a leading space unless it
+    starts with whitespace or `<` (`<image>What` → `<image> What`), which keeps SentencePiece
+    word boundaries. Mantis's own `idefics_2` conversation writes `User:{q}` / `Assistant:{a}`
+    with no space and trains the `\\nAssistant:` header too; lmm follows transformers' template
+    and trains the answer and its `<end_of_utterance>` only.
+    """
+
+    special_tokens = ("<s>", "<end_of_utterance>")
+    stop_strings = ("<end_of_utterance>",)
+    bos = "<s>"
+    system_format = "System: {system}<end_of_utterance>\n"
+    user_suffix = "<end_of_utterance>\n"
+    assistant_header = "Assistant:"
+    assistant_prefix = " "
+    assistant_end = "<end_of_utterance>"
+    assistant_suffix = "\n"
+
+    def _user(self, out: _Builder, turn: Turn, first_round_system: str | None) -> None:
+        parts = turn.parts
+        out.text("User:" if parts and isinstance(parts[0], Media) else "User: ")
+        after_media = False
+        for part in parts:
+            if isinstance(part, Media):
+                out.media(part.index)
+                after_media = True
+                continue
+            if after_media and part and not part[0].isspace() and part[0] != "<":
+                part = " " + part
+            out.text(part)
+            after_media = False
+        out.text(self.user_suffix)
+
+
+MFUYU_SYSTEM = (
+    "You are a helpful language and vision assistant. You are able to understand the visual "
+    "content that the user provides, and assist the user with a variety of tasks using natural "
+    "language."
+)
+
+
+class MantisFuyu(ChatTemplate):
+    """Mantis-Fuyu (`conv_mfuyu_v1` + MFuyuProcessor's image labels); trainable: ` {a}|ENDOFTEXT|`.
+
+    `<s>{sys}\\nUSER: {q}<0x04>ASSISTANT: {a}|ENDOFTEXT|USER: {q2}<0x04>ASSISTANT: ...`, `<0x04>`
+    being Fuyu's beginning-of-answer token. Each image of a user turn is written
+    `image {i}: <image>` (`i` its index in the sample, from 0), as MFuyuProcessor labels them;
+    the tokens around an image's patches (`|IMAGE|`, `|ENDOFIMAGE|`, `<s>`) are the family's
+    (`lmm.families.fuyu.FuyuModel` `image_prefix` / `image_suffix`). Default system prompt:
+    Mantis's "You are a helpful language and vision assistant. ...". Mantis trains from the
+    token after `<0x04>` (the `ASSISTANT:` header too); lmm trains the answer and its end.
+    """
+
+    special_tokens = ("<s>", "<0x04>", "|ENDOFTEXT|")
+    stop_strings = ("|ENDOFTEXT|",)
+    default_system = MFUYU_SYSTEM
+    bos = "<s>"
+    system_format = "{system}\n"
+    user_prefix = "USER: "
+    user_suffix = "<0x04>"
+    assistant_header = "ASSISTANT:"
+    assistant_prefix = " "
+    assistant_end = "|ENDOFTEXT|"
+
+    def __init__(self, system: str | None = None, image_labels: bool = True):
+        """
+        Args:
+            system: System prompt; None uses Mantis's, "" renders none. A leading system turn
+                overrides it.
+            image_labels: write `image {i}: ` before each image, as MFuyuProcessor does.
+        """
+        super().__init__(system)
+        self.image_labels = image_labels
+
+    def _user(self, out: _Builder, turn: Turn, first_round_system: str | None) -> None:
+        out.text(self.user_prefix)
+        for part in turn.parts:
+            if isinstance(part, Media):
+                if self.image_labels:
+                    out.text(f"image {part.index}: ")
+                out.media(part.index)
+            else:
+                out.text(part)
         out.text(self.user_suffix)

@@ -10,6 +10,8 @@ from lmm.data.sample import Media, Turn
 from lmm.data.templates import (
     ChatML,
     ChatTemplate,
+    CheetahLlama2,
+    CheetahVicuna,
     Gemma,
     Llama2,
     Llama3,
@@ -28,7 +30,18 @@ from tests.data.real_tokenizers import (
     build_mistral_tokenizer,
 )
 
-TEMPLATES: list[type[ChatTemplate]] = [Plain, Llama3, ChatML, Qwen25, Phi, VicunaV1, Gemma, Llama2]
+TEMPLATES: list[type[ChatTemplate]] = [
+    Plain,
+    Llama3,
+    ChatML,
+    Qwen25,
+    Phi,
+    VicunaV1,
+    Gemma,
+    Llama2,
+    CheetahVicuna,
+    CheetahLlama2,
+]
 TOKENIZERS = ["tiny_bpe", "llama3_tokenizer", "mistral_tokenizer"]
 
 TWO_ROUNDS = [
@@ -97,6 +110,16 @@ EXPECTED_TWO_ROUNDS: dict[type[ChatTemplate], tuple[str, str]] = {
         "<s>[INST] And the shape? [/INST] a square </s>",
         " red </s> a square </s>",
     ),
+    CheetahVicuna: (
+        "<s>###Human: <Img><image></Img>\nWhat colour is the square? ###Assistant: red###"
+        "Human: And the shape? ###Assistant: a square###",
+        " red### a square###",
+    ),
+    CheetahLlama2: (
+        "<s>[INST] <<SYS>>\n\n<</SYS>>\n\n<Img><image></Img>\nWhat colour is the square? [/INST]"
+        " red</s><s>[INST] And the shape? [/INST] a square</s>",
+        " red</s> a square</s>",
+    ),
 }
 
 # template: rendered SYSTEM_PROMPT with add_generation_prompt=True, written out by hand.
@@ -114,6 +137,10 @@ EXPECTED_SYSTEM_PROMPT: dict[type[ChatTemplate], str] = {
     Gemma: "<bos><start_of_turn>user\nBe brief.\n\n<image>\nWhat colour is the square?<end_of_turn>\n"
     "<start_of_turn>model\n",
     Llama2: "<s>[INST] <<SYS>>\nBe brief.\n<</SYS>>\n\n<image>\nWhat colour is the square? [/INST]",
+    CheetahVicuna: "<s>Be brief.###Human: <Img><image></Img>\nWhat colour is the square? "
+    "###Assistant:",
+    CheetahLlama2: "<s>[INST] <<SYS>>\nBe brief.\n<</SYS>>\n\n<Img><image></Img>\n"
+    "What colour is the square? [/INST]",
 }
 
 # Harder text for the tokenizers: several images, digits, punctuation, newlines, a quote.
@@ -215,6 +242,38 @@ def test_empty_system_prompt_renders_no_system_block() -> None:
         "<|im_start|>user\n<image>\nWhat colour is the square?<|im_end|>\n"
         "<|im_start|>assistant\nred<|im_end|>\n"
     )
+
+
+# Cheetah's own format strings (DCDmllm/Cheetah eval_configs, conversation.py): the training
+# text is BOS + `prompt_template.format(question)` + `answer + end_sym`, the chat prompt (Vicuna's
+# `CONV_VISION`, sep `###`) ends with `###Assistant:`. `<HereForImage>` is lmm's <image>.
+CHEETAH_QUESTION = "<Img><image></Img> <Img><image></Img> What do these pictures show?"
+CHEETAH_ANSWER = "A wall over the years."
+CHEETAH_TURNS = [
+    Turn("user", [Media(0), " ", Media(1), " What do these pictures show?"]),
+    Turn("assistant", [CHEETAH_ANSWER]),
+]
+
+
+@pytest.mark.parametrize(
+    ("template_cls", "prompt_template", "end_sym", "answer_space"),
+    [
+        (CheetahVicuna, "###Human: {} ###Assistant: ", "###", ""),
+        # the answer is tokenized apart from the prompt: SentencePiece puts `▁` in front of it
+        (CheetahLlama2, "[INST] <<SYS>>\n\n<</SYS>>\n\n{} [/INST]", "</s>", " "),
+    ],
+)
+def test_cheetah_prompts_are_cheetahs(
+    template_cls: type[ChatTemplate], prompt_template: str, end_sym: str, answer_space: str
+) -> None:
+    prompt = prompt_template.format(CHEETAH_QUESTION)
+    segments = template_cls().render(CHEETAH_TURNS)
+    assert render_text(segments) == "<s>" + prompt + answer_space + CHEETAH_ANSWER + end_sym
+    assert trainable_text(segments) == " " + CHEETAH_ANSWER + end_sym
+    assert [s.media for s in segments if s.media is not None] == [0, 1]
+    generation = template_cls().render(CHEETAH_TURNS[:1], add_generation_prompt=True)
+    assert render_text(generation) == "<s>" + prompt.rstrip(" ")
+    assert template_cls.stop_strings == (end_sym,)
 
 
 def test_trainable_segments_are_answers_and_terminators() -> None:

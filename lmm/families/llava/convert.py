@@ -276,6 +276,11 @@ def _check_exportable(module: LlavaModule) -> None:
         )
     if not isinstance(model.vision.feature_layer, int):
         raise ValueError(f"{where}: feature_layer must be an int, got {model.vision.feature_layer}")
+    if model.anyres is not None:
+        raise ValueError(
+            f"{where}: the model uses anyres (LLaVA-OneVision tiles and newlines); transformers' "
+            "Llava has neither. Export to LlavaOnevisionForConditionalGeneration is not written yet"
+        )
     head = model.llm.model.get_output_embeddings()
     if getattr(head, "bias", None) is not None:
         raise ValueError(
@@ -344,6 +349,7 @@ class _Source:
     image_aspect: str
     image_token_index: int | None = None  # the checkpoint's <image> id, where it has one
     extra: dict[str, Tensor] = field(default_factory=dict)  # e.g. image_newline
+    model_args: dict = field(default_factory=dict)  # more LlavaModel init_args (e.g. anyres)
 
 
 def import_checkpoint(
@@ -522,14 +528,6 @@ def _read_llava_qwen(src: Path, config: dict, state: dict, vision_config) -> _So
         select = _clip_select(config.get("mm_vision_select_feature", "patch"), where)
     model_type = config.get("model_type", "llava_qwen")
     text = _text_config(TEXT_MODEL_TYPES.get(model_type, model_type), config)
-    aspect = config.get("image_aspect_ratio", "pad")
-    if aspect != "pad":
-        log.warning(
-            "%s: image_aspect_ratio %r is not in lmm yet (anyres is a later issue); the recipe "
-            "uses 'pad', as LLaVA-NeXT does for multi-image and video inputs",
-            where,
-            aspect,
-        )
     extra = parts.get("extra", {})
     return _Source(
         vision=parts["vision"],
@@ -543,7 +541,57 @@ def _read_llava_qwen(src: Path, config: dict, state: dict, vision_config) -> _So
         text_config=text,
         image_aspect="pad",
         extra=extra,
+        model_args=_onevision_args(config, extra, where),
     )
+
+
+def _onevision_args(config: dict, extra: dict[str, Tensor], where: str) -> dict:
+    """LlavaModel's `anyres` from a LLaVA-NeXT config (`image_aspect_ratio` anyres[_max_N] with
+    `mm_patch_merge_type` spatial_unpad), else nothing: classic LLaVA with `pad` images."""
+    aspect = str(config.get("image_aspect_ratio", "pad"))
+    merge = str(config.get("mm_patch_merge_type", "flat"))
+    match = re.fullmatch(r"anyres(?:_max_(\d+))?", aspect)
+    if match is None or "unpad" not in merge:
+        if aspect != "pad":
+            log.warning(
+                "%s: image_aspect_ratio %r with mm_patch_merge_type %r is not in lmm (it reads "
+                "anyres[_max_N] with spatial_unpad); the recipe uses 'pad', as LLaVA-NeXT does "
+                "for multi-image and video inputs",
+                where,
+                aspect,
+                merge,
+            )
+        return {}
+    pinpoints = config.get("image_grid_pinpoints")
+    if not pinpoints:
+        raise ValueError(
+            f"{where}: image_aspect_ratio {aspect!r} needs image_grid_pinpoints in config.json "
+            "(the training script's --image_grid_pinpoints, e.g. '(1x1),...,(6x6)'); add it"
+        )
+    if "image_newline" not in extra:
+        raise ValueError(
+            f"{where}: mm_patch_merge_type {merge!r} but the weights have no model.image_newline; "
+            "is this the full checkpoint (not a projector-only stage-1 save)?"
+        )
+    pool = config.get("mm_spatial_pool_mode", "bilinear")
+    if pool != "bilinear":
+        log.warning(
+            "%s: mm_spatial_pool_mode %r; lmm pools video frames bilinearly (transformers)",
+            where,
+            pool,
+        )
+    return {
+        "anyres": {
+            "class_path": "lmm.components.anyres.Anyres",
+            "init_args": {
+                "grid_pinpoints": pinpoints,
+                "max_tiles": int(match.group(1)) if match.group(1) else None,
+                "video_stride": int(config.get("mm_spatial_pool_stride") or 2),
+                # LLaVA-NeXT's model reads a missing mm_newline_position as one_token
+                "video_newline": config.get("mm_newline_position", "one_token"),
+            },
+        }
+    }
 
 
 def _read_mipha(src: Path, config: dict, state: dict, vision_config) -> _Source:
@@ -778,6 +826,7 @@ def _recipe(source: _Source, layout: str, src: Path, out: Path, vision: Path, ll
                         },
                         "connector": connector,
                         "image_aspect": source.image_aspect,
+                        **source.model_args,
                     },
                 },
             },
@@ -791,8 +840,8 @@ def _recipe(source: _Source, layout: str, src: Path, out: Path, vision: Path, ll
     ]
     if source.extra:
         header.append(
-            "# image_newline.safetensors holds LLaVA-NeXT's image_newline; anyres / newline "
-            "tokens are not in lmm yet."
+            "# image_newline.safetensors holds LLaVA-NeXT's image_newline (anyres); "
+            "load_imported loads it."
         )
     return "\n".join(header) + "\n" + yaml.safe_dump(model, sort_keys=False)
 
@@ -828,6 +877,9 @@ def load_imported(out: str | Path) -> LlavaModule:
     out = Path(out)
     module = module_from_recipe(out / "lmm.yaml")
     load_connector(module, out / "connector.safetensors")
+    newline = out / "image_newline.safetensors"
+    if newline.is_file() and module.model.anyres is not None:
+        module.model.anyres.load_state_dict(load_file(newline))
     return module
 
 

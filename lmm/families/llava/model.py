@@ -1,21 +1,28 @@
-"""LlavaModel: the math of the LLaVA family (encode images, project, scatter into the LLM)."""
+"""LlavaModel: the math of the LLaVA family (encode images, project, scatter into the LLM).
+
+Classic LLaVA by default (one view per image, a fixed token count); with `anyres` it is
+LLaVA-OneVision (tiles, unpadding, newlines, pooled video frames; lmm.components.anyres).
+"""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import math
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
 import torch
+from PIL import Image
 from torch import Tensor, nn
 
+from lmm.components.anyres import Anyres, scatter_items, select_best_resolution
 from lmm.components.connectors import Connector, MLPConnector
 from lmm.components.language import CausalLM
 from lmm.components.merge import scatter_media
 from lmm.components.vision import VisionEncoder
 from lmm.data.batch import Batch
-from lmm.data.media import ImageTransform
-from lmm.data.processor import MediaSpec
+from lmm.data.media import ImageTransform, expand_to_square, fit_and_pad, split_tiles
+from lmm.data.processor import MediaMode, MediaSpec
 
 
 @dataclass(frozen=True)
@@ -30,6 +37,39 @@ class LlavaMediaSpec(MediaSpec):
         return self.connector.num_tokens(self.vision.num_tokens(image_size))
 
 
+@dataclass(frozen=True)
+class OneVisionMediaSpec(LlavaMediaSpec):
+    """LLaVA-OneVision's views and token counts, known from the original size before decoding.
+
+    `image`: the image squashed to a tile (the base), then the tiles of the image fitted into
+    its best resolution on black; `multi`: padded to a square with the mean colour; video
+    frames: squashed to a tile. `transform` has aspect `resize` and only normalises tiles.
+    """
+
+    anyres: Anyres
+    size_dependent = True  # token counts depend on the original size
+
+    def views(self, image: Image.Image, mode: MediaMode) -> Tensor:
+        s = self.transform.size
+        if mode == "image":
+            best = select_best_resolution((image.height, image.width), self.anyres.pinpoints)
+            pieces = [
+                image.resize((s, s), Image.BICUBIC),
+                *split_tiles(fit_and_pad(image, best), s),
+            ]
+        elif mode == "multi":  # LLaVA-NeXT's expand2square fills with int(mean * 255)
+            fill = tuple(int(m * 255) for m in self.transform.mean)
+            pieces = [expand_to_square(image, fill)]
+        else:
+            pieces = [image]
+        return torch.stack([self.transform(p) for p in pieces])  # [V, 3, s, s]
+
+    def marker_tokens(
+        self, image_size: tuple[int, int], mode: MediaMode, frames: int = 1
+    ) -> list[str | None]:
+        return [None] * self.anyres.num_tokens(image_size, mode, frames)
+
+
 class LlavaModel(nn.Module):
     """Vision tower → connector → causal LM, with image features at the `<image>` positions."""
 
@@ -39,6 +79,7 @@ class LlavaModel(nn.Module):
         llm: CausalLM,
         connector: Callable[[int, int], Connector] = MLPConnector,
         image_aspect: Literal["pad", "resize", "crop"] = "pad",
+        anyres: Callable[[int, int, int], Anyres] | None = None,
     ):
         """
         Args:
@@ -46,15 +87,34 @@ class LlavaModel(nn.Module):
             llm: the causal language model.
             connector: connector class and arguments; built with (vision width, LLM width).
             image_aspect: how images become squares: `pad` (LLaVA), `resize` or `crop` (CLIP).
+                Unused with `anyres`, whose views are fixed by OneVision.
+            anyres: LLaVA-OneVision's image layout (lmm.components.anyres.Anyres: tiles,
+                `anyres_max_N`, `image_newline`, video pooling); built with (LLM width, tile
+                size, tokens per tile side). None = classic LLaVA.
         """
         super().__init__()
         self.vision = vision
         self.llm = llm
         self.connector = connector(vision.out_dim, llm.hidden_size)
         self.image_aspect = image_aspect
+        self.anyres: Anyres | None = None
+        if anyres is not None:
+            size = vision.image_size
+            tokens = self.connector.num_tokens(vision.num_tokens((size, size)))
+            side = math.isqrt(tokens)
+            if side * side != tokens:
+                raise ValueError(
+                    f"anyres lays tiles out as square grids of tokens, but a {size}px view gives "
+                    f"{tokens} tokens; keep every patch token and no CLS token (SigLIP "
+                    "select: full, CLIP select: default)"
+                )
+            self.anyres = anyres(llm.hidden_size, size, side)
 
     def media_spec(self) -> LlavaMediaSpec:
         v = self.vision
+        if self.anyres is not None:
+            transform = ImageTransform(v.image_size, v.image_mean, v.image_std, "resize")
+            return OneVisionMediaSpec(transform, v, self.connector, self.anyres)
         transform = ImageTransform(v.image_size, v.image_mean, v.image_std, self.image_aspect)
         return LlavaMediaSpec(transform, v, self.connector)
 
@@ -71,11 +131,42 @@ class LlavaModel(nn.Module):
         )
         return out.logits
 
+    def media_features(self, batch: Batch) -> list[Tensor]:
+        """OneVision: each media item's tokens `[N_i, D_llm]`, all views encoded in one forward."""
+        if self.anyres is None:
+            raise ValueError("media_features lays out anyres items; this model has anyres: null")
+        features = self.encode_images(batch.pixel_values)  # [N_views, T, D]
+        views = list(batch.views_per_media)
+        if sum(views) != features.shape[0] or len(views) != len(batch.media_modes):
+            raise ValueError(
+                f"batch has {features.shape[0]} pixel views but views_per_media {views} for "
+                f"modes {batch.media_modes}; build batches with lmm.data collators"
+            )
+        sizes = batch.image_sizes.tolist()
+        return [
+            self.anyres(chunk, tuple(size), mode)
+            for chunk, size, mode in zip(
+                features.split(views), sizes, batch.media_modes, strict=True
+            )
+        ]
+
     def embed(self, batch: Batch, image_token_id: int) -> Tensor:  # -> [B, L, D_llm]
-        """Token embeddings of the batch with every image's features at its placeholders."""
+        """Token embeddings of the batch with every image's features at its placeholders.
+
+        With `anyres`, a batch without per-item fields (`views_per_media`, built by hand rather
+        than by the collators) is read the classic way: each pixel row one image of T tokens.
+        """
         embeds = self.llm.embed(batch.input_ids)
+        has_media = batch.pixel_values is not None and batch.pixel_values.shape[0] > 0
+        if has_media and self.anyres is not None and batch.views_per_media:
+            items = self.media_features(batch)
+            per_row = _items_per_row(batch.media_per_sample, batch.views_per_media, batch.ids)
+            if self.training and torch.distributed.is_initialized():
+                # every rank's newline takes part, even with only `no_token` videos
+                embeds = embeds + 0.0 * self.anyres.image_newline.sum()
+            return scatter_items(embeds, batch.input_ids, image_token_id, items, per_row, batch.ids)
         features = None
-        if batch.pixel_values is not None and batch.pixel_values.shape[0] > 0:
+        if has_media:
             features = self.encode_images(batch.pixel_values)
         elif self.training and torch.distributed.is_initialized():
             # A rank whose batch has no image still runs the vision tower and connector on a
@@ -83,7 +174,30 @@ class LlavaModel(nn.Module):
             # in the same collectives, and the gradients do not change.
             size = self.vision.image_size
             blank = embeds.new_zeros(1, 3, size, size)
-            embeds = embeds + 0.0 * self.encode_images(blank).sum()
+            unused = self.encode_images(blank).sum()
+            if self.anyres is not None:
+                unused = unused + self.anyres.image_newline.sum()
+            embeds = embeds + 0.0 * unused
         return scatter_media(
             embeds, batch.input_ids, image_token_id, features, batch.media_per_sample, batch.ids
         )
+
+
+def _items_per_row(
+    views_per_row: Sequence[int], views_per_item: Sequence[int], ids: Sequence[str]
+) -> list[int]:
+    """How many media items each row holds, from its pixel views and each item's view count."""
+    out, i = [], 0
+    for b, n in enumerate(views_per_row):
+        k, total = 0, 0
+        while total < n and i + k < len(views_per_item):
+            total += views_per_item[i + k]
+            k += 1
+        if total != n:
+            raise ValueError(
+                f"sample {ids[b]!r}: {n} pixel views but its media items have "
+                f"{list(views_per_item[i : i + k])} views; build batches with lmm.data collators"
+            )
+        out.append(k)
+        i += k
+    return out

@@ -10,12 +10,13 @@ from lmm.families.llava.model import LlavaMediaSpec, LlavaModel
 
 
 class LlavaModule(LMMModule):
-    """Trains and evaluates a `LlavaModel`; parts are `vision`, `connector` and `llm`."""
+    """Trains and evaluates a `LlavaModel`; parts are `vision`, `connector`, `llm` and, with
+    anyres (OneVision), `newline` (the learned `image_newline`)."""
 
     def __init__(self, model: LlavaModel, tokenizer: str, **kwargs):
         """
         Args:
-            model: the LLaVA model (vision tower, connector, LLM).
+            model: the LLaVA model (vision tower, connector, LLM; OneVision's anyres layout).
             tokenizer: folder or hub id of the LLM's tokenizer.
         """
         super().__init__(tokenizer=tokenizer, **kwargs)
@@ -25,11 +26,14 @@ class LlavaModule(LMMModule):
         self.train()  # from_pretrained leaves modules in eval mode
 
     def parts(self) -> dict[str, nn.Module]:
-        return {
+        parts = {
             "vision": self.model.vision,
             "connector": self.model.connector,
             "llm": self.model.llm,
         }
+        if self.model.anyres is not None:
+            parts["newline"] = self.model.anyres
+        return parts
 
     def root_module(self) -> nn.Module:
         return self.model

@@ -1,0 +1,377 @@
+"""Idefics2 checkpoints: import a transformers Idefics2 folder (Mantis-8B-Idefics2, idefics2-8b) into lmm.
+
+The vision tower and the connector load from transformers' own layout (`Idefics2Vision` and
+`PerceiverConnector` read `model.vision_model.*` / `model.connector.*` of an Idefics2
+checkpoint), so import copies them unchanged; the LLM becomes a plain causal LM folder
+(`model.text_model.*` → `model.*`, `lm_head.*`) that `CausalLM` (and QLoRA's quantized loading)
+can read. `build_tiny_checkpoint` writes a tiny random Idefics2 in the published layout, for
+tests and the CPU recipe.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+from pathlib import Path
+
+import torch
+import yaml
+from huggingface_hub import save_torch_state_dict
+from safetensors.torch import save_file
+from torch import Tensor, nn
+from transformers import (
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    Idefics2Config,
+    Idefics2ForConditionalGeneration,
+    MistralConfig,
+)
+from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+from transformers.models.idefics2 import modeling_idefics2 as hf
+from transformers.models.idefics2.configuration_idefics2 import (
+    Idefics2PerceiverConfig,
+    Idefics2VisionConfig,
+)
+
+from lmm.components.qformer import checkpoint_tensors
+from lmm.families.base import load_tokenizer
+from lmm.families.idefics2.model import (
+    FAKE_IMAGE_TOKEN,
+    IDEFICS2_MEAN,
+    IDEFICS2_STD,
+    _idefics2_config,
+    _read_json,
+)
+from lmm.families.idefics2.module import Idefics2Module
+from lmm.utils.logging import get_logger
+
+log = get_logger(__name__)
+
+VISION_PREFIX, CONNECTOR_PREFIX = "model.vision_model.", "model.connector."
+TEXT_PREFIX, HEAD_PREFIX = "model.text_model.", "lm_head."
+TEMPLATE = "lmm.data.templates.Idefics2"
+END_OF_UTTERANCE = "<end_of_utterance>"
+
+
+def import_checkpoint(
+    src: str | Path, out: str | Path, tokenizer: str | Path | None = None
+) -> Path:
+    """Write lmm's layout of a transformers Idefics2 checkpoint to `out`; return `out/lmm.yaml`.
+
+    `out/vision/` holds the checkpoint's config, preprocessor config and its vision tower and
+    connector tensors under their transformers names (what `Idefics2Vision` and
+    `PerceiverConnector` read); `out/llm/` the Mistral (or other) causal LM; `out/tokenizer/` the
+    tokenizer; `out/lmm.yaml` the `model:` part of a recipe that builds the whole model from
+    them (no other weights to load). `src` is a folder or a hub id; `tokenizer` defaults to it.
+    """
+    where = str(src)
+    out = Path(out)
+    config = _idefics2_config(where)
+    vision = checkpoint_tensors(where, VISION_PREFIX)
+    connector = checkpoint_tensors(where, CONNECTOR_PREFIX)
+    text = checkpoint_tensors(where, TEXT_PREFIX)
+    try:
+        head = checkpoint_tensors(where, HEAD_PREFIX)
+    except KeyError:
+        head = {}  # tied to the input embeddings
+    _check_fits(hf.Idefics2VisionTransformer, config.vision_config, vision, f"{where} vision")
+    _check_fits(hf.Idefics2Connector, config, connector, f"{where} connector")
+    text_config = _text_config(config, tied=not head)
+    llm_state = {"model." + k: v for k, v in text.items()}
+    llm_state |= {"lm_head." + k: v for k, v in head.items()}
+    _check_fits(AutoModelForCausalLM.from_config, text_config, llm_state, f"{where} LLM")
+
+    tok = _tokenizer(tokenizer or where, config)
+    pre = _preprocessor(where, config)
+
+    vision_dir, llm_dir = out / "vision", out / "llm"
+    vision_dir.mkdir(parents=True, exist_ok=True)
+    config.save_pretrained(vision_dir)
+    tensors = {VISION_PREFIX + k: v for k, v in vision.items()}
+    tensors |= {CONNECTOR_PREFIX + k: v for k, v in connector.items()}
+    save_file(
+        {k: v.contiguous() for k, v in tensors.items()},
+        vision_dir / "model.safetensors",
+        metadata={"format": "pt"},
+    )
+    (vision_dir / "preprocessor_config.json").write_text(json.dumps(pre, indent=2) + "\n")
+    llm_dir.mkdir(parents=True, exist_ok=True)
+    text_config.save_pretrained(llm_dir)
+    save_torch_state_dict({k: v.contiguous() for k, v in llm_state.items()}, llm_dir)
+    tok.save_pretrained(out / "tokenizer")
+    recipe = out / "lmm.yaml"
+    recipe.write_text(_recipe(where, out, pre, _dtype_name(vision), _dtype_name(text)))
+    log.info("imported %s (transformers Idefics2) into %s", where, out)
+    return recipe
+
+
+def _check_fits(build, config, state: dict[str, Tensor], where: str) -> None:
+    """Names and shapes of `state` equal those of the module `build(config)` (made on meta)."""
+    with torch.device("meta"):
+        module: nn.Module = build(config)
+    expected = {k: tuple(v.shape) for k, v in module.state_dict().items()}
+    if getattr(config, "tie_word_embeddings", False):
+        expected.pop("lm_head.weight", None)
+    got = {k: tuple(v.shape) for k, v in state.items()}
+    missing, unexpected = sorted(set(expected) - set(got)), sorted(set(got) - set(expected))
+    wrong = sorted(k for k in set(got) & set(expected) if got[k] != expected[k])
+    if missing or unexpected or wrong:
+        raise ValueError(
+            f"{where}: the weights do not fit the config: missing {missing[:4]}, unexpected "
+            f"{unexpected[:4]}, other shapes {[(k, got[k], expected[k]) for k in wrong[:3]]}; "
+            "is this a transformers Idefics2 checkpoint with its own config.json?"
+        )
+
+
+def _text_config(config: Idefics2Config, tied: bool):
+    """The LLM's own config: the checkpoint's `text_config`, as a causal LM."""
+    text = copy.deepcopy(config.text_config)
+    if text.model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
+        raise ValueError(
+            f"text_config.model_type {text.model_type!r} has no transformers causal LM class"
+        )
+    text.architectures = [MODEL_FOR_CAUSAL_LM_MAPPING_NAMES[text.model_type]]
+    text.tie_word_embeddings = tied
+    return text
+
+
+def _tokenizer(name: str | Path, config: Idefics2Config):
+    """The checkpoint's tokenizer, checked against the config's image token and Idefics2's tokens."""
+    try:
+        tok = load_tokenizer(str(name))
+    except (OSError, ValueError) as err:
+        raise ValueError(
+            f"{name}: cannot load a tokenizer ({err}); pass tokenizer / --tokenizer with the "
+            "folder of the checkpoint's tokenizer"
+        ) from err
+    image_id = tok.convert_tokens_to_ids("<image>")
+    if image_id != config.image_token_id:
+        raise ValueError(
+            f"{name}: config.json has image_token_id {config.image_token_id} but the tokenizer "
+            f"maps <image> to {image_id}; pass the checkpoint's own tokenizer"
+        )
+    vocab = tok.get_vocab()
+    missing = [t for t in (FAKE_IMAGE_TOKEN, END_OF_UTTERANCE) if t not in vocab]
+    if missing:
+        raise ValueError(
+            f"{name}: the tokenizer lacks Idefics2's tokens {missing}; their embeddings would be "
+            "untrained. Pass the checkpoint's own tokenizer"
+        )
+    return tok
+
+
+def _preprocessor(where: str, config: Idefics2Config) -> dict:
+    """The checkpoint's image preprocessing (transformers' defaults where it has none), checked."""
+    pre = _read_json(where, "preprocessor_config.json") or {}
+    size = pre.get("size") or {"shortest_edge": 378, "longest_edge": 980}
+    if "shortest_edge" not in size or "longest_edge" not in size or not pre.get("do_resize", True):
+        raise ValueError(
+            f"{where}: preprocessor size {size} (do_resize {pre.get('do_resize', True)}); lmm "
+            "resizes Idefics2 images by shortest_edge / longest_edge only"
+        )
+    processor = _read_json(where, "processor_config.json") or {}
+    seq_len = processor.get("image_seq_len", config.perceiver_config.resampler_n_latents)
+    if seq_len != config.perceiver_config.resampler_n_latents:
+        raise ValueError(
+            f"{where}: processor image_seq_len {seq_len} but the perceiver has "
+            f"{config.perceiver_config.resampler_n_latents} latents; the checkpoint is inconsistent"
+        )
+    resample = pre.get("resample", 2)
+    if resample != 2:
+        log.warning("%s: resample %s; lmm resizes Idefics2 views bilinearly (2)", where, resample)
+    return {
+        **pre,
+        "do_image_splitting": bool(pre.get("do_image_splitting", False)),
+        "size": {"shortest_edge": size["shortest_edge"], "longest_edge": size["longest_edge"]},
+        "image_mean": list(pre.get("image_mean", IDEFICS2_MEAN)),
+        "image_std": list(pre.get("image_std", IDEFICS2_STD)),
+    }
+
+
+def _dtype_name(state: dict[str, Tensor]) -> str:
+    return str(next(iter(state.values())).dtype).removeprefix("torch.")
+
+
+def _recipe(src: str, out: Path, pre: dict, vision_dtype: str, llm_dtype: str) -> str:
+    """The `model:` part of a recipe that builds the imported model."""
+    vision = str((out / "vision").resolve())
+    model = {
+        "model": {
+            "class_path": "lmm.families.idefics2.Idefics2Module",
+            "init_args": {
+                "tokenizer": str((out / "tokenizer").resolve()),
+                "model": {
+                    "class_path": "lmm.families.idefics2.Idefics2Model",
+                    "init_args": {
+                        "vision": {
+                            "class_path": "lmm.families.idefics2.Idefics2Vision",
+                            "init_args": {"path": vision, "dtype": vision_dtype},
+                        },
+                        "connector": {
+                            "class_path": "lmm.families.idefics2.PerceiverConnector",
+                            "init_args": {"path": vision, "dtype": vision_dtype},
+                        },
+                        "llm": {
+                            "class_path": "lmm.components.language.CausalLM",
+                            "init_args": {
+                                "path": str((out / "llm").resolve()),
+                                "dtype": llm_dtype,
+                            },
+                        },
+                        "do_image_splitting": pre["do_image_splitting"],
+                        "shortest_edge": pre["size"]["shortest_edge"],
+                        "longest_edge": pre["size"]["longest_edge"],
+                    },
+                },
+            },
+        }
+    }
+    header = [
+        f"# Imported from {src} (transformers Idefics2) by lmm.families.idefics2.convert.",
+        "# The model part of a recipe; every weight loads from the folders it names.",
+        f"# Data template that matches the source: {TEMPLATE}.",
+    ]
+    return "\n".join(header) + "\n" + yaml.safe_dump(model, sort_keys=False)
+
+
+def module_from_recipe(recipe: str | Path) -> Idefics2Module:
+    """Instantiate the `model:` part of a recipe, as `lmm fit --config` would."""
+    from jsonargparse import ArgumentParser
+
+    from lmm.families.base import LMMModule
+
+    config = yaml.safe_load(Path(recipe).read_text())
+    if not isinstance(config, dict) or "model" not in config:
+        raise ValueError(f"{recipe}: no `model:` section; expected an lmm recipe")
+    parser = ArgumentParser(exit_on_error=False)
+    parser.add_subclass_arguments(LMMModule, "model", required=True)
+    module = parser.instantiate_classes(parser.parse_object({"model": config["model"]})).model
+    if not isinstance(module, Idefics2Module):
+        raise ValueError(f"{recipe}: model is {type(module).__name__}, not an Idefics2Module")
+    return module
+
+
+def load_imported(out: str | Path) -> Idefics2Module:
+    """The Idefics2Module `import_checkpoint` wrote to `out`."""
+    return module_from_recipe(Path(out) / "lmm.yaml")
+
+
+def build_tiny_checkpoint(
+    out: str | Path,
+    tokenizer: str | Path,
+    *,
+    vision_hidden: int = 32,
+    llm_hidden: int = 64,
+    layers: int = 2,
+    heads: int = 4,
+    patch_size: int = 8,
+    image_size: int = 32,
+    latents: int = 4,
+    do_image_splitting: bool = False,
+    shortest_edge: int = 16,
+    longest_edge: int = 32,
+    seed: int = 0,
+) -> Path:
+    """A tiny random transformers Idefics2 (SigLIP-style tower, perceiver, Mistral) at `out`.
+
+    Saved with `save_pretrained` with its tokenizer (Idefics2's `<fake_token_around_image>`,
+    `<image>` and `<end_of_utterance>` added if missing) and an image preprocessor config, as
+    published Idefics2 checkpoints are. The perceiver latents are drawn N(0, 1): transformers
+    starts them all at one, which makes every latent read the same.
+    """
+    out = Path(out)
+    tok = AutoTokenizer.from_pretrained(str(tokenizer))
+    vocab = tok.get_vocab()
+    new = [t for t in (FAKE_IMAGE_TOKEN, "<image>", END_OF_UTTERANCE) if t not in vocab]
+    if new:
+        tok.add_special_tokens(
+            {"additional_special_tokens": new}, replace_extra_special_tokens=False
+        )
+    text = MistralConfig(
+        vocab_size=len(tok),
+        hidden_size=llm_hidden,
+        intermediate_size=4 * llm_hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=max(1, heads // 2),
+        head_dim=llm_hidden // heads,
+        max_position_embeddings=4096,
+        rms_norm_eps=1e-5,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+        tie_word_embeddings=False,
+    )
+    config = Idefics2Config(
+        vision_config=Idefics2VisionConfig(
+            hidden_size=vision_hidden,
+            intermediate_size=4 * vision_hidden,
+            num_hidden_layers=layers,
+            num_attention_heads=heads,
+            image_size=image_size,
+            patch_size=patch_size,
+        ).to_dict(),
+        perceiver_config=Idefics2PerceiverConfig(
+            hidden_size=llm_hidden,
+            rms_norm_eps=1e-5,
+            resampler_n_latents=latents,
+            resampler_depth=layers,
+            resampler_n_heads=heads,
+            resampler_head_dim=llm_hidden // heads,
+            num_key_value_heads=max(1, heads // 2),
+        ).to_dict(),
+        text_config=text.to_dict(),
+        image_token_id=tok.convert_tokens_to_ids("<image>"),
+        tie_word_embeddings=False,
+    )
+    torch.manual_seed(seed)
+    model = Idefics2ForConditionalGeneration(config)
+    with torch.no_grad():
+        model.model.connector.perceiver_resampler.latents.normal_(0.0, 1.0)
+    model.save_pretrained(out)
+    tok.save_pretrained(out)
+    pre = {
+        "image_processor_type": "Idefics2ImageProcessor",
+        "do_convert_rgb": True,
+        "do_resize": True,
+        "do_rescale": True,
+        "do_normalize": True,
+        "do_pad": True,
+        "do_image_splitting": do_image_splitting,
+        "image_mean": list(IDEFICS2_MEAN),
+        "image_std": list(IDEFICS2_STD),
+        "resample": 2,
+        "rescale_factor": 1 / 255,
+        "size": {"shortest_edge": shortest_edge, "longest_edge": longest_edge},
+    }
+    (out / "preprocessor_config.json").write_text(json.dumps(pre, indent=2) + "\n")
+    processor = {"processor_class": "Idefics2Processor", "image_seq_len": latents}
+    (out / "processor_config.json").write_text(json.dumps(processor, indent=2) + "\n")
+    return out
+
+
+def main(argv: list[str] | None = None) -> Path:
+    """`import SRC OUT`: a transformers Idefics2 checkpoint → lmm; `tiny OUT --tokenizer T`: a tiny one."""
+    parser = argparse.ArgumentParser(prog="python -m lmm.families.idefics2.convert")
+    sub = parser.add_subparsers(dest="command", required=True)
+    imp = sub.add_parser("import", help="import a transformers Idefics2 folder or hub id")
+    imp.add_argument("src")
+    imp.add_argument("out")
+    imp.add_argument("--tokenizer", default=None, help="tokenizer folder (default: SRC)")
+    tiny = sub.add_parser("tiny", help="write a tiny random Idefics2 checkpoint and import it")
+    tiny.add_argument("out")
+    tiny.add_argument("--tokenizer", required=True, help="a tokenizer folder (e.g. lmm.tiny's)")
+    tiny.add_argument("--do-image-splitting", action="store_true")
+    args = parser.parse_args(argv)
+    if args.command == "import":
+        return import_checkpoint(args.src, args.out, args.tokenizer)
+    out = Path(args.out)
+    hf_dir = build_tiny_checkpoint(
+        out / "hf", args.tokenizer, do_image_splitting=args.do_image_splitting
+    )
+    return import_checkpoint(hf_dir, out)
+
+
+if __name__ == "__main__":
+    main()
