@@ -34,6 +34,10 @@ class MediaSpec:
     # True when `marker_tokens` depends on the original image size (anyres, Fuyu): the
     # processor then reads image headers to count tokens (never decoding pixels).
     size_dependent: bool = False
+    # A token that both opens and closes a marker's expansion (Idefics2's
+    # `<fake_token_around_image>`): where two expansions meet it is written once, as
+    # transformers' processor writes it.
+    boundary_token: str | None = None
 
     def num_image_tokens(self, image_size: tuple[int, int]) -> int:
         """Feature slots one transformed view of (height, width) becomes."""
@@ -144,15 +148,37 @@ class Processor:
             rounds = rounds[:-1]
 
     def _expanded_length(self, sample: Sample, segments: list, ids: list[int]) -> int:
-        markers = [s.media for s in segments if s.media is not None]
-        n = len(ids) - len(markers)
-        for index in markers:
+        expansions = []
+        for index in (s.media for s in segments if s.media is not None):
             mode = self._mode(sample, index)
             frames = self._num_frames(sample, index)
             size = self._header_size(sample, index) if self.media.size_dependent else None
             size = size or (self.media.transform.size, self.media.transform.size)
-            n += len(self.media.marker_tokens(size, mode, frames))
-        return n
+            tokens = self.media.marker_tokens(size, mode, frames)
+            expansions.append([self._token_id(sample, t) for t in tokens])
+        return len(self._expand(ids, ids, expansions)[0])
+
+    def _expand(
+        self, ids: list[int], labels: list[int], expansions: list[list[int]]
+    ) -> tuple[list[int], list[int]]:
+        """Token ids and labels with each image marker replaced by its expansion (label -100)."""
+        boundary = self.media.boundary_token
+        boundary_id = None if boundary is None else self.tokenizer.convert_tokens_to_ids(boundary)
+        it = iter(expansions)
+        out_ids: list[int] = []
+        out_labels: list[int] = []
+        for tok, lab in zip(ids, labels, strict=True):
+            if tok != self.image_token_id:
+                out_ids.append(tok)
+                out_labels.append(lab)
+                continue
+            expansion = next(it)
+            if boundary_id is not None and out_ids and expansion:
+                if out_ids[-1] == boundary_id == expansion[0]:
+                    expansion = expansion[1:]  # adjacent markers share their boundary token
+            out_ids += expansion
+            out_labels += [-100] * len(expansion)
+        return out_ids, out_labels
 
     @staticmethod
     def _mode(sample: Sample, index: int) -> MediaMode:
@@ -224,17 +250,7 @@ class Processor:
             views.append(item.shape[0])
             tokens = self.media.marker_tokens(size, mode, len(images))
             markers.append([self._token_id(sample, t) for t in tokens])
-        expansions = iter(markers)
-        out_ids: list[int] = []
-        out_labels: list[int] = []
-        for tok, lab in zip(ids, labels, strict=True):
-            if tok == self.image_token_id:
-                expansion = next(expansions)
-                out_ids += expansion
-                out_labels += [-100] * len(expansion)
-            else:
-                out_ids.append(tok)
-                out_labels.append(lab)
+        out_ids, out_labels = self._expand(ids, labels, markers)
         return Features(
             id=sample.id,
             input_ids=torch.tensor(out_ids, dtype=torch.long),

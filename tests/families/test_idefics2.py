@@ -304,11 +304,6 @@ def test_tokens_equal_idefics2_processor(hf_ckpt, hf_llm, images, mistral, split
     assert trained.strip() == "red<end_of_utterance>"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="adjacent <image> markers: transformers merges their <fake><fake> into one; lmm's "
-    "Processor expands each marker alone (needs a shared-boundary hook, docs/families.md)",
-)
 def test_adjacent_images_share_a_boundary_token(hf_ckpt, hf_llm, images):
     module = _module(hf_ckpt, hf_llm, False)
     sample = Sample(

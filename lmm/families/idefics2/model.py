@@ -224,6 +224,11 @@ class Idefics2MediaSpec(MediaSpec):
     fake_token: str
     vision: Idefics2Vision  # for throughput accounting (tokens the encoder runs on)
 
+    @property
+    def boundary_token(self) -> str:
+        """`<fake_token_around_image>`: written once where two images meet."""
+        return self.fake_token
+
     def num_image_tokens(self, image_size: tuple[int, int]) -> int:
         return self.image_seq_len
 
