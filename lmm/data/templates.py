@@ -362,7 +362,7 @@ class Llama2(ChatTemplate):
 
 
 class _Cheetah(ChatTemplate):
-    """Cheetah's prompts: images as `<Img><image></Img>`, a system block always (empty by default).
+    """Cheetah's prompts: each image as `<Img><image></Img>`; the system part always written.
 
     Cheetah writes `<Img><HereForImage></Img>` per image. The default system prompt is "", so
     `_user` gets `first_round_system=""` in the first round and None after it.
@@ -421,7 +421,7 @@ class CheetahVicuna(_Cheetah):
 
 
 class CheetahLlama2(_Cheetah):
-    """Cheetah with LLaMA-2-7B-chat: an empty `<<SYS>>` block is always written; trainable: ` {a}</s>`.
+    """Cheetah with LLaMA-2-7B-chat: the `<<SYS>>` block always written; trainable: ` {a}</s>`.
 
     `<s>[INST] <<SYS>>\\n{sys}\\n<</SYS>>\\n\\n{q} [/INST] {a}</s><s>[INST] {q2} [/INST] {a2}</s>`,
     each image as `<Img><image></Img>`; with the default empty system prompt the first turn

@@ -3,15 +3,24 @@
 from __future__ import annotations
 
 import pytest
+import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from lmm.components.connectors import MLPConnector
 from lmm.components.language import CausalLM
+from lmm.components.qformer import Blip2VisionTower, QFormer
 from lmm.components.vision import HFVisionTower
 from lmm.data.collate import PadCollator
 from lmm.data.formats import load_samples
 from lmm.families.llava import LlavaModel, LlavaModule
-from lmm.training.throughput import ThroughputMonitor, measure_peak_flops, step_flops
+from lmm.families.qformer import QFormerModel, QFormerModule
+from lmm.tiny import build_tiny_blip2
+from lmm.training.throughput import (
+    ThroughputMonitor,
+    measure_peak_flops,
+    qformer_step_flops,
+    step_flops,
+)
 from tests.helpers import quiet_trainer, tiny_data, tiny_llava
 
 
@@ -49,6 +58,53 @@ def test_step_flops_match_the_flop_counter(tiny_assets, synthetic_data, freeze):
     measured = counter.get_total_flops()
     # the analytic count leaves out norms, softmax and activations: within 5%
     assert abs(expected - measured) / measured < 0.05, (expected, measured)
+
+
+@pytest.fixture(scope="module")
+def blip2(tiny_assets, tmp_path_factory):
+    out = tmp_path_factory.mktemp("blip2")
+    return build_tiny_blip2(out, tiny_assets["llm"], tiny_assets["tokenizer"], queries=8)
+
+
+@pytest.mark.parametrize(
+    ("vpgc", "freeze"),
+    [(True, None), (False, None), (True, [])],
+    ids=["cheetah_vpgc_only", "blip2_qformer_and_projection", "everything"],
+)
+def test_qformer_step_flops_match_the_flop_counter(
+    tiny_assets, synthetic_data, blip2, vpgc, freeze
+):
+    # eager attention everywhere: torch's counter does not count sdpa on the CPU
+    model = QFormerModel(
+        Blip2VisionTower(str(blip2), attn_implementation="eager"),
+        QFormer(str(blip2), attn_implementation="eager"),
+        CausalLM(str(tiny_assets["llm"]), attn_implementation="eager"),
+        vpgc=vpgc,
+        update_layer=1,
+    )
+    module = QFormerModule(model=model, tokenizer=str(tiny_assets["tokenizer"]), freeze=freeze)
+    if vpgc:  # VPG-C's output projection starts at zero; the count must not depend on it
+        torch.nn.init.normal_(module.model.vpgc.llm_proj.weight, std=0.02)
+    batch = _batch(module, synthetic_data, n=4)
+    batch.attention_mask[:] = 1  # count every position, as the counter does (padding included)
+    vcfg = model.vision.model.config
+    llm = module.llm.config
+    shapes = ((llm.num_hidden_layers, llm.hidden_size), (vcfg.num_hidden_layers, vcfg.hidden_size))
+    # 32 px / patch 8: the Q-Former cross-attends to 16 patches + CLS
+    expected = qformer_step_flops(module.parts(), batch, 17, *shapes, update_layer=1)
+    monitor = ThroughputMonitor(peak_flops=1e12)
+    monitor.on_fit_start(None, module)
+    assert monitor.batch_flops(module, batch) == expected
+    with FlopCounterMode(display=False) as counter:
+        loss, _ = module.loss(batch)
+        loss.backward()
+    measured = counter.get_total_flops()
+    # the analytic count leaves out norms, softmax and activations: within 0.5%
+    assert abs(expected - measured) / measured < 0.005, (expected, measured)
+    if vpgc and freeze is None:
+        # LLaVA's count (no Q-Former, no VPG-C, the LLM's backward all the way down) is far off
+        llava = step_flops(module.parts(), batch, (17, 17), *shapes)
+        assert abs(llava - measured) / measured > 0.1, (llava, measured)
 
 
 def test_monitor_logs_mfu(tiny_assets, synthetic_data, tmp_path):

@@ -1,0 +1,542 @@
+"""Cheetah checkpoint import: LAVIS `.pth` state dicts (EVA ViT, BLIP-2 Q-Former, VPG-C) → lmm.
+
+Cheetah (DCDmllm/Cheetah) builds its model as MiniGPT-4 does: the EVA ViT-g from
+`eva_vit_g.pth`, then `ln_vision`, Q-Former and queries from BLIP-2's
+`blip2_pretrained_flant5xxl.pth`, then its own checkpoint (`llama_proj` and VPG-C's
+`llama_model.model.{query_tokens, qformer_proj, llm_proj}`) on top, each with
+`load_state_dict(strict=False)`; the LLM comes from its own folder. `import_checkpoint` merges
+the same files in the same order, maps every key it needs to lmm's qformer family and writes
+weights and a recipe. Key map and limits: docs/families.md (Cheetah import).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import pickle
+import re
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Literal
+
+import torch
+import yaml
+from safetensors.torch import save_file
+from torch import Tensor
+from transformers import (
+    AutoConfig,
+    Blip2Config,
+    Blip2QFormerConfig,
+    Blip2QFormerModel,
+    Blip2VisionConfig,
+    Blip2VisionModel,
+    PreTrainedModel,
+)
+
+from lmm.components.vision import CLIP_MEAN, CLIP_STD
+from lmm.families.qformer.module import QFormerModule
+from lmm.utils.logging import get_logger
+
+log = get_logger(__name__)
+
+Template = Literal["vicuna", "llama2"]
+TEMPLATES = {
+    "vicuna": "lmm.data.templates.CheetahVicuna",
+    "llama2": "lmm.data.templates.CheetahLlama2",
+}
+
+# Keys of the LAVIS files that Cheetah's model does not use, with why (they are dropped).
+SKIPPED: tuple[tuple[str, str], ...] = (
+    (r"llama_model\.(model\.(embed_tokens|layers|norm|rotary_emb)\.|lm_head\.).*", "frozen LLM"),
+    (r"Qformer\.cls\..*", "Q-Former text head"),
+    (r"Qformer\.bert\.embeddings\.(word_embeddings|position_embeddings)\..*", "Q-Former text"),
+    (r"Qformer\.bert\.embeddings\.position_ids", "Q-Former text"),
+    (r"Qformer\.bert\.encoder\.layer\.\d+\.(intermediate|output)\..*", "Q-Former text FFN"),
+    (r"(vision_proj|text_proj|itm_head)\..*|temp", "BLIP-2 stage-1 heads"),
+    (r"(t5_proj|t5_model|opt_proj|opt_model)\..*", "BLIP-2's own LLM"),
+    (r"visual_encoder\.(norm|fc_norm|head)\..*", "EVA classifier head"),
+)
+
+# Cheetah's keys → lmm's (`QFormerModule` state-dict names), for `cheetah.safetensors`.
+CHEETAH_KEYS = {
+    "llama_proj.weight": "model.connector.linear.weight",
+    "llama_proj.bias": "model.connector.linear.bias",
+    "llama_model.model.query_tokens": "model.vpgc.query_tokens",
+    "llama_model.model.qformer_proj.weight": "model.vpgc.qformer_proj.weight",
+    "llama_model.model.qformer_proj.bias": "model.vpgc.qformer_proj.bias",
+    "llama_model.model.llm_proj.weight": "model.vpgc.llm_proj.weight",
+    "llama_model.model.llm_proj.bias": "model.vpgc.llm_proj.bias",
+}
+
+# LAVIS EVA ViT (`visual_encoder.*`, `ln_vision.*`) → transformers `Blip2VisionModel`.
+_VISION_RULES = (
+    (r"visual_encoder\.cls_token", "embeddings.class_embedding"),
+    (r"visual_encoder\.pos_embed", "embeddings.position_embedding"),
+    (r"visual_encoder\.patch_embed\.proj\.(weight|bias)", r"embeddings.patch_embedding.\1"),
+    (r"visual_encoder\.blocks\.(\d+)\.norm(1|2)\.(.*)", r"encoder.layers.\1.layer_norm\2.\3"),
+    (
+        r"visual_encoder\.blocks\.(\d+)\.attn\.qkv\.weight",
+        r"encoder.layers.\1.self_attn.qkv.weight",
+    ),
+    (
+        r"visual_encoder\.blocks\.(\d+)\.attn\.proj\.(.*)",
+        r"encoder.layers.\1.self_attn.projection.\2",
+    ),
+    (r"visual_encoder\.blocks\.(\d+)\.mlp\.(fc1|fc2)\.(.*)", r"encoder.layers.\1.mlp.\2.\3"),
+    (r"ln_vision\.(weight|bias)", r"post_layernorm.\1"),
+)
+_QV_BIAS = re.compile(r"visual_encoder\.blocks\.(\d+)\.attn\.(q|v)_bias")
+
+
+# --- reading -----------------------------------------------------------------------------------
+
+
+def read_pth(path: str | Path) -> dict[str, Tensor]:
+    """The tensors of a LAVIS checkpoint (its `model` entry, or the file's dict itself).
+
+    Read with `torch.load(weights_only=True)`: a pickle holding objects other than tensors and
+    plain containers is refused, not run.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such checkpoint file")
+    try:
+        loaded = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        raise ValueError(
+            f"{path}: refusing to unpickle objects other than tensors ({err}); re-save its "
+            "`model` state dict with torch.save(checkpoint['model'], ...)"
+        ) from err
+    state = loaded.get("model", loaded) if isinstance(loaded, dict) else None
+    if not isinstance(state, dict) or not all(isinstance(v, Tensor) for v in state.values()):
+        raise ValueError(
+            f"{path}: expected a LAVIS checkpoint, a dict with a `model` state dict of tensors "
+            f"(or the state dict itself), got {type(loaded).__name__}"
+        )
+    return state
+
+
+def _merge(sources: Iterable[tuple[str, dict[str, Tensor]]]) -> dict[str, Tensor]:
+    """Later sources override earlier ones, as Cheetah's successive `load_state_dict` calls do."""
+    merged: dict[str, Tensor] = {}
+    for name, state in sources:
+        overridden = [k for k in state if k in merged]
+        if overridden:
+            log.info("%s overrides %d tensors of the files before it", name, len(overridden))
+        merged.update(state)
+    return merged
+
+
+def _eva(state: dict[str, Tensor], layers: int, where: str) -> dict[str, Tensor]:
+    """A bare EVA state dict (`eva_vit_g.pth`) under `visual_encoder.`, its first `layers` blocks.
+
+    LAVIS builds the ViT-g with 39 blocks and loads the 40-block EVA checkpoint non-strictly,
+    so the blocks after them are dropped here too.
+    """
+    if any(k.startswith("visual_encoder.") for k in state):
+        return state
+    blocks = {int(m.group(1)) for k in state if (m := re.match(r"blocks\.(\d+)\.", k))}
+    if len(blocks) < layers:
+        raise ValueError(
+            f"{where}: {len(blocks)} EVA blocks but eva_layers={layers}; pass the number of "
+            "blocks the model uses (BLIP-2's ViT-g: 39)"
+        )
+    dropped = {k for k in state if (m := re.match(r"blocks\.(\d+)\.", k)) and int(m[1]) >= layers}
+    if dropped:
+        log.info(
+            "%s: dropping EVA blocks %d.. (%d tensors), as LAVIS does", where, layers, len(dropped)
+        )
+    return {f"visual_encoder.{k}": v for k, v in state.items() if k not in dropped}
+
+
+# --- mapping -----------------------------------------------------------------------------------
+
+
+def _split(state: dict[str, Tensor]) -> dict[str, dict[str, Tensor]]:
+    """Sort LAVIS keys into vision / qformer / cheetah; drop the unused, refuse the unknown."""
+    parts: dict[str, dict[str, Tensor]] = {"vision": {}, "qformer": {}, "cheetah": {}}
+    skipped: dict[str, int] = {}
+    unknown = []
+    for key, value in state.items():
+        if key.startswith("llama_model.model.Qformer."):
+            # Cheetah's LlamaModel holds the Q-Former again (VPG-C re-runs the same module)
+            plain = key.removeprefix("llama_model.model.")
+            if plain in state:
+                if not torch.equal(state[plain], value):
+                    raise ValueError(
+                        f"{key} differs from {plain}: VPG-C re-runs the same Q-Former in "
+                        "Cheetah, so the checkpoint is inconsistent"
+                    )
+                continue
+            key = plain
+        if key in CHEETAH_KEYS:
+            parts["cheetah"][key] = value
+        elif reason := next((r for p, r in SKIPPED if re.fullmatch(p, key)), None):
+            skipped[reason] = skipped.get(reason, 0) + 1
+        elif key.startswith(("visual_encoder.", "ln_vision.")):
+            parts["vision"][key] = value
+        elif key.startswith("Qformer.bert.") or key == "query_tokens":
+            parts["qformer"][key] = value
+        else:
+            unknown.append(key)
+    if unknown:
+        raise ValueError(
+            f"{len(unknown)} keys are not part of Cheetah's LAVIS layout: {sorted(unknown)[:8]}; "
+            "expected visual_encoder.*, ln_vision.*, Qformer.bert.*, query_tokens, llama_proj.*, "
+            "llama_model.model.{query_tokens,qformer_proj,llm_proj}.* (docs/families.md)"
+        )
+    for reason, n in skipped.items():
+        log.info("dropped %d tensors: %s (unused by Cheetah)", n, reason)
+    return parts
+
+
+def vision_to_hf(state: dict[str, Tensor]) -> dict[str, Tensor]:
+    """LAVIS `visual_encoder.*` + `ln_vision.*` → `Blip2VisionModel` keys.
+
+    EVA's attention has a query and a value bias but no key bias; transformers holds one
+    `qkv.bias`: `cat(q_bias, 0, v_bias)`, as transformers' own BLIP-2 conversion does.
+    """
+    out: dict[str, Tensor] = {}
+    biases: dict[int, dict[str, Tensor]] = {}
+    unknown = []
+    for key, value in state.items():
+        if m := _QV_BIAS.fullmatch(key):
+            biases.setdefault(int(m[1]), {})[m[2]] = value
+            continue
+        for pattern, repl in _VISION_RULES:
+            if re.fullmatch(pattern, key):
+                out[re.sub(pattern, repl, key)] = value
+                break
+        else:
+            unknown.append(key)
+    if unknown:
+        raise ValueError(
+            f"vision tower: {len(unknown)} keys do not map to transformers' Blip2VisionModel: "
+            f"{sorted(unknown)[:6]} (relative position biases and layer scale are not supported)"
+        )
+    for i, qv in sorted(biases.items()):
+        if set(qv) != {"q", "v"}:
+            raise ValueError(f"vision block {i}: has {sorted(qv)} bias but needs both q and v")
+        out[f"encoder.layers.{i}.self_attn.qkv.bias"] = torch.cat(
+            (qv["q"], torch.zeros_like(qv["v"]), qv["v"])
+        )
+    return out
+
+
+def qformer_to_hf(state: dict[str, Tensor]) -> dict[str, Tensor]:
+    """LAVIS `Qformer.bert.*` → `Blip2QFormerModel` keys (`query_tokens` is left out)."""
+    out = {}
+    for key, value in state.items():
+        if key == "query_tokens":
+            continue
+        key = key.removeprefix("Qformer.bert.")
+        key = key.replace("embeddings.LayerNorm.", "layernorm.")
+        key = re.sub(r"\.(attention|crossattention)\.self\.", r".\1.attention.", key)
+        out[key] = value
+    return out
+
+
+def _layers(keys: Iterable[str], pattern: str) -> list[int]:
+    """The sorted layer indices that `pattern`'s group 1 finds in `keys`."""
+    return sorted({int(m[1]) for k in keys if (m := re.match(pattern, k))})
+
+
+def _depth(keys: Iterable[str], pattern: str) -> int:
+    """Layer count: one more than the highest index (a missing layer is then a missing key)."""
+    return max(_layers(keys, pattern), default=-1) + 1
+
+
+def _size(hf: dict[str, Tensor], key: str, dim: int, part: str) -> int:
+    """`hf[key].shape[dim]`, or an error naming the missing key."""
+    if key not in hf:
+        raise ValueError(
+            f"{part}: no weight {key!r} to read its geometry from; the file is incomplete"
+        )
+    return hf[key].shape[dim]
+
+
+def vision_config(hf: dict[str, Tensor], heads: int) -> Blip2VisionConfig:
+    """The `Blip2VisionConfig` of EVA weights (`Blip2VisionModel` keys); `heads` is not in them."""
+    width = _size(hf, "embeddings.class_embedding", -1, "vision")
+    patch = _size(hf, "embeddings.patch_embedding.weight", -1, "vision")
+    grid = math.isqrt(_size(hf, "embeddings.position_embedding", 1, "vision") - 1)
+    _check_heads(width, heads, "vision_heads")
+    return Blip2VisionConfig(
+        hidden_size=width,
+        intermediate_size=_size(hf, "encoder.layers.0.mlp.fc1.weight", 0, "vision"),
+        num_hidden_layers=_depth(hf, r"encoder\.layers\.(\d+)\."),
+        num_attention_heads=heads,
+        image_size=grid * patch,
+        patch_size=patch,
+        qkv_bias="encoder.layers.0.self_attn.qkv.bias" in hf,
+    )
+
+
+def qformer_config(hf: dict[str, Tensor], heads: int) -> Blip2QFormerConfig:
+    """The `Blip2QFormerConfig` of Q-Former weights (`Blip2QFormerModel` keys)."""
+    width = _size(hf, "layernorm.weight", 0, "Q-Former")
+    depth = _depth(hf, r"encoder\.layer\.(\d+)\.")
+    cross = _layers(hf, r"encoder\.layer\.(\d+)\.crossattention\.")
+    every = cross[1] - cross[0] if len(cross) > 1 else depth
+    if not cross or cross != list(range(0, depth, every)):
+        raise ValueError(
+            f"Q-Former: cross-attention in layers {cross} of {depth}; transformers' Q-Former "
+            "needs it in every k-th layer from layer 0"
+        )
+    _check_heads(width, heads, "qformer_heads")
+    return Blip2QFormerConfig(
+        hidden_size=width,
+        num_hidden_layers=depth,
+        num_attention_heads=heads,
+        intermediate_size=_size(
+            hf, "encoder.layer.0.intermediate_query.dense.weight", 0, "Q-Former"
+        ),
+        cross_attention_frequency=every,
+        encoder_hidden_size=_size(
+            hf, "encoder.layer.0.crossattention.attention.key.weight", 1, "Q-Former"
+        ),
+    )
+
+
+def _check_heads(width: int, heads: int, name: str) -> None:
+    if width % heads:
+        raise ValueError(f"{name}={heads} does not divide the width {width}; pass the head count")
+
+
+def _check_keys(model_cls: type[PreTrainedModel], config, hf: dict[str, Tensor], where: str):
+    """Raise naming the missing and unexpected keys if `hf` does not fill `model_cls(config)`."""
+    with torch.device("meta"):
+        model = model_cls(config)
+    expected = set(model.state_dict())
+    missing, unexpected = sorted(expected - set(hf)), sorted(set(hf) - expected)
+    if missing or unexpected:
+        raise ValueError(
+            f"{where}: the weights do not fit transformers' {model_cls.__name__}: "
+            f"{len(missing)} missing {missing[:6]}, {len(unexpected)} unexpected {unexpected[:6]}"
+        )
+    shapes = [k for k, v in model.state_dict().items() if v.shape != hf[k].shape]
+    if shapes:
+        raise ValueError(f"{where}: {len(shapes)} weights have another shape, e.g. {shapes[:4]}")
+
+
+# --- import ------------------------------------------------------------------------------------
+
+
+def import_checkpoint(
+    src: str | Path,
+    out: str | Path,
+    llm: str | Path,
+    blip2: str | Path | None = None,
+    eva: str | Path | None = None,
+    tokenizer: str | Path | None = None,
+    template: Template = "vicuna",
+    update_layer: int = 16,
+    vision_heads: int = 16,
+    qformer_heads: int = 12,
+    eva_layers: int = 39,
+    dtype: str | None = None,
+) -> Path:
+    """Convert Cheetah's LAVIS checkpoints to lmm's qformer layout in `out`; return `out/lmm.yaml`.
+
+    Args:
+        src: Cheetah's `.pth` (`llama_proj`, VPG-C; a whole model's state dict works too).
+        out: output folder: `blip2/` (ViT + Q-Former as a transformers BLIP-2),
+            `cheetah.safetensors` (projection + VPG-C), `lmm.yaml`.
+        llm: folder or hub id of the LLM Cheetah was trained on (Vicuna-7B v0, LLaMA-2-7B-chat).
+        blip2: BLIP-2's `.pth` (`blip2_pretrained_flant5xxl.pth`): `ln_vision`, Q-Former,
+            queries (and the ViT, if it holds it).
+        eva: the EVA ViT `.pth` (LAVIS `eva_vit_g.pth`) if neither file holds the ViT.
+        tokenizer: the LLM's tokenizer (default: `llm`).
+        template: the prompt of the recipe's data section: `vicuna` or `llama2`.
+        update_layer: the decoder layer VPG-C runs at (Cheetah: 16; not in the checkpoint).
+        vision_heads: attention heads of the ViT (EVA ViT-g: 16; not in the weights).
+        qformer_heads: attention heads of the Q-Former (BERT-base: 12).
+        eva_layers: blocks of a bare EVA checkpoint the ViT keeps (BLIP-2's ViT-g: 39 of 40).
+        dtype: dtype of the ViT and LLM in the recipe (default: the ViT weights' and the LLM
+            config's); the Q-Former stays float32, as BLIP-2 keeps it.
+    """
+    src, out = Path(src), Path(out)
+    if template not in TEMPLATES:
+        raise ValueError(f"template must be one of {sorted(TEMPLATES)}, got {template!r}")
+    sources = []
+    if eva is not None:
+        sources.append((str(eva), _eva(read_pth(eva), eva_layers, str(eva))))
+    if blip2 is not None:
+        sources.append((str(blip2), read_pth(blip2)))
+    sources.append((str(src), read_pth(src)))
+    parts = _split(_merge(sources))
+    given = ", ".join(name for name, _ in sources)
+
+    missing = sorted(set(CHEETAH_KEYS) - set(parts["cheetah"]))
+    if missing:
+        raise ValueError(
+            f"{given}: missing Cheetah's {missing}; pass the Cheetah checkpoint as src"
+        )
+    found = {
+        "the ViT (visual_encoder.*)": any(k.startswith("visual_encoder.") for k in parts["vision"]),
+        "ln_vision": "ln_vision.weight" in parts["vision"],
+        "the Q-Former (Qformer.bert.*)": any(k.startswith("Qformer.") for k in parts["qformer"]),
+        "its queries (query_tokens)": "query_tokens" in parts["qformer"],
+    }
+    lacking = [what for what, present in found.items() if not present]
+    if lacking:
+        raise ValueError(
+            f"{given}: missing {', '.join(lacking)}; pass blip2=blip2_pretrained_flant5xxl.pth "
+            "(and eva=eva_vit_g.pth if neither file holds visual_encoder.*)"
+        )
+    vision = vision_to_hf(parts["vision"])
+    qformer = qformer_to_hf(parts["qformer"])
+    vcfg = vision_config(vision, vision_heads)
+    qcfg = qformer_config(qformer, qformer_heads)
+    _check_keys(Blip2VisionModel, vcfg, vision, f"{given}: vision tower")
+    _check_keys(Blip2QFormerModel, qcfg, qformer, f"{given}: Q-Former")
+    queries = parts["qformer"]["query_tokens"]
+    text_config = AutoConfig.from_pretrained(str(llm))
+    cheetah = {CHEETAH_KEYS[k]: v.contiguous() for k, v in parts["cheetah"].items()}
+    _check_cheetah(cheetah, queries, qcfg.hidden_size, text_config.hidden_size, given)
+
+    blip2_dir = out / "blip2"
+    blip2_dir.mkdir(parents=True, exist_ok=True)
+    config = Blip2Config(
+        vision_config=vcfg.to_dict(),
+        qformer_config=qcfg.to_dict(),
+        text_config=text_config.to_dict(),
+        num_query_tokens=queries.shape[1],
+    )
+    config.save_pretrained(blip2_dir)
+    tensors = {f"vision_model.{k}": v for k, v in vision.items()}
+    tensors |= {f"qformer.{k}": v.float() for k, v in qformer.items()}
+    tensors["query_tokens"] = queries.float()
+    save_file({k: v.contiguous() for k, v in tensors.items()}, blip2_dir / "model.safetensors")
+    (blip2_dir / "preprocessor_config.json").write_text(
+        json.dumps(
+            {"image_mean": list(CLIP_MEAN), "image_std": list(CLIP_STD), "size": vcfg.image_size}
+        )
+    )
+    save_file(cheetah, out / "cheetah.safetensors")
+
+    vdtype = dtype or str(vision["embeddings.patch_embedding.weight"].dtype).removeprefix("torch.")
+    ldtype = dtype or _config_dtype(text_config)
+    recipe = out / "lmm.yaml"
+    recipe.write_text(
+        _recipe(given, out, str(llm), str(tokenizer or llm), template, update_layer, vdtype, ldtype)
+    )
+    log.info("imported Cheetah (%s) into %s", given, out)
+    return recipe
+
+
+def _check_cheetah(
+    cheetah: dict[str, Tensor], queries: Tensor, d_q: int, d_llm: int, where: str
+) -> None:
+    """Projection and VPG-C shapes against the Q-Former width, its queries and the LLM width."""
+    if queries.ndim != 3 or queries.shape[::2] != (1, d_q):
+        raise ValueError(
+            f"{where}: query_tokens has shape {tuple(queries.shape)}; expected (1, queries, {d_q})"
+        )
+    expected = {
+        "model.connector.linear.weight": (d_llm, d_q),
+        "model.connector.linear.bias": (d_llm,),
+        "model.vpgc.query_tokens": tuple(queries.shape),
+        "model.vpgc.qformer_proj.weight": (d_q, d_llm),
+        "model.vpgc.qformer_proj.bias": (d_q,),
+        "model.vpgc.llm_proj.weight": (d_llm, d_q),
+        "model.vpgc.llm_proj.bias": (d_llm,),
+    }
+    wrong = {
+        k: tuple(cheetah[k].shape) for k, shape in expected.items() if cheetah[k].shape != shape
+    }
+    if wrong:
+        inverse = {v: k for k, v in CHEETAH_KEYS.items()}
+        raise ValueError(
+            f"{where}: shapes do not fit a {d_q}-d Q-Former with {queries.shape[1]} queries and a "
+            f"{d_llm}-d LLM: "
+            + ", ".join(f"{inverse[k]} {s} (expected {expected[k]})" for k, s in wrong.items())
+            + "; is llm the LLM this checkpoint was trained on?"
+        )
+
+
+def _config_dtype(config) -> str:
+    dtype = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
+    return str(dtype or "float32").removeprefix("torch.")
+
+
+def _recipe(
+    given: str,
+    out: Path,
+    llm: str,
+    tokenizer: str,
+    template: Template,
+    update_layer: int,
+    vdtype: str,
+    ldtype: str,
+) -> str:
+    """A recipe (model + data template) that builds the imported Cheetah with its weights."""
+    blip2 = str((out / "blip2").resolve())
+    local = lambda p: str(Path(p).resolve()) if Path(p).exists() else p  # noqa: E731
+    model = {
+        "class_path": "lmm.families.qformer.QFormerModule",
+        "init_args": {
+            "tokenizer": local(tokenizer),
+            "model": {
+                "class_path": "lmm.families.qformer.QFormerModel",
+                "init_args": {
+                    "vision": {
+                        "class_path": "lmm.components.qformer.Blip2VisionTower",
+                        "init_args": {"path": blip2, "dtype": vdtype},
+                    },
+                    "qformer": {
+                        "class_path": "lmm.components.qformer.QFormer",
+                        "init_args": {"path": blip2, "dtype": "float32"},
+                    },
+                    "llm": {
+                        "class_path": "lmm.components.language.CausalLM",
+                        "init_args": {"path": local(llm), "dtype": ldtype},
+                    },
+                    "connector": {"class_path": "lmm.components.connectors.LinearConnector"},
+                    "vpgc": True,
+                    "update_layer": update_layer,
+                    "image_aspect": "resize",
+                },
+            },
+            "max_new_tokens": 300,
+            "init_from": str((out / "cheetah.safetensors").resolve()),
+            "init_include": [r"model\.connector\..*", r"model\.vpgc\..*"],
+        },
+    }
+    data = {
+        "class_path": "lmm.data.datamodule.ChatDataModule",
+        "init_args": {"template": TEMPLATES[template]},
+    }
+    header = [
+        f"# Cheetah imported from {given} by lmm.families.qformer.convert.import_checkpoint.",
+        "# blip2/: EVA ViT + ln_vision and Q-Former + queries (transformers BLIP-2 names);",
+        "# cheetah.safetensors: llama_proj (model.connector), VPG-C (model.vpgc), for init_from.",
+        "# Cheetah samples its answers: top_p 0.9, temperature 1.0.",
+    ]
+    body = yaml.safe_dump({"model": model, "data": data}, sort_keys=False)
+    return "\n".join(header) + "\n" + body
+
+
+# --- loading -----------------------------------------------------------------------------------
+
+
+def module_from_recipe(recipe: str | Path) -> QFormerModule:
+    """Instantiate the `model:` part of a recipe, as `lmm fit --config` would."""
+    from jsonargparse import ArgumentParser
+
+    from lmm.families.base import LMMModule
+
+    config = yaml.safe_load(Path(recipe).read_text())
+    if not isinstance(config, dict) or "model" not in config:
+        raise ValueError(f"{recipe}: no `model:` section; expected an lmm recipe")
+    parser = ArgumentParser(exit_on_error=False)
+    parser.add_subclass_arguments(LMMModule, "model", required=True)
+    module = parser.instantiate_classes(parser.parse_object({"model": config["model"]})).model
+    if not isinstance(module, QFormerModule):
+        raise ValueError(f"{recipe}: model is {type(module).__name__}, not a QFormerModule")
+    return module
+
+
+def load_imported(out: str | Path) -> QFormerModule:
+    """The Cheetah `import_checkpoint` wrote to `out`, all weights loaded (by the recipe)."""
+    return module_from_recipe(Path(out) / "lmm.yaml")
