@@ -296,7 +296,7 @@ def load(
                 f"{path} is a folder without lmm.yaml; loading a transformers folder is not "
                 "supported yet: import it with `lmm convert import` first"
             )
-        from lmm.families.llava.convert import load_imported
+        from lmm.convert import load_imported
 
         module = load_imported(path)
         config: dict = yaml.safe_load((path / "lmm.yaml").read_text()) or {}

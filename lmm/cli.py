@@ -184,8 +184,8 @@ def data(argv: list[str]) -> dict:
 
 
 def convert(argv: list[str]) -> Path:
-    """`lmm convert import|export`: published LLaVA checkpoints in, transformers Llava out."""
-    from lmm.families.llava.convert import main as convert_main
+    """`lmm convert import|export`: published checkpoints in, transformers folders out."""
+    from lmm.convert import main as convert_main
 
     return convert_main(argv)
 

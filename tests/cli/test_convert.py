@@ -1,0 +1,61 @@
+"""`lmm convert`: one command for the six published layouts, dispatched to the families."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+import lmm
+from lmm.cli import main as cli_main
+from lmm.convert import LAYOUTS, family_of, import_checkpoint, load_imported
+from lmm.families.idefics2 import Idefics2Module
+from lmm.families.idefics2.convert import build_tiny_checkpoint
+from lmm.families.idefics2.convert import load_imported as idefics2_imported
+
+
+def test_layouts_cover_the_published_checkpoints():
+    assert LAYOUTS == {
+        "mantis": "llava",
+        "llava_qwen": "llava",
+        "mipha": "llava",
+        "cheetah": "qformer",
+        "idefics2": "idefics2",
+        "fuyu": "fuyu",
+    }
+
+
+def test_cli_import_then_lmm_load(tiny_assets, tmp_path):
+    """`lmm convert import --layout idefics2` writes a folder that `lmm.load` reads as its family."""
+    hf = build_tiny_checkpoint(tmp_path / "hf", tiny_assets["tokenizer"])
+    out = tmp_path / "out"
+    cli_main(["convert", "import", "--layout", "idefics2", "--src", str(hf), "--out", str(out)])
+    recipe = out / "lmm.yaml"
+    assert family_of(recipe) == "idefics2"
+    model = lmm.load(out, template="lmm.data.templates.Idefics2")
+    assert isinstance(model.module, Idefics2Module)
+    reference = idefics2_imported(out)
+    for (name, a), (_, b) in zip(
+        model.module.state_dict().items(), reference.state_dict().items(), strict=True
+    ):
+        assert torch.equal(a, b), name
+    assert isinstance(load_imported(out), Idefics2Module)
+
+
+def test_errors_name_the_fix(tmp_path):
+    with pytest.raises(ValueError, match="unknown layout 'llava_next'; known: mantis"):
+        import_checkpoint("llava_next", tmp_path, tmp_path / "out")
+    with pytest.raises(ValueError, match="needs the frozen LLM's folder: pass --llm"):
+        import_checkpoint("cheetah", tmp_path / "cheetah.pth", tmp_path / "out")
+    with pytest.raises(ValueError, match="takes no \\['vision_config'\\]"):
+        import_checkpoint("fuyu", tmp_path, tmp_path / "out", vision_config="x")
+    with pytest.raises(FileNotFoundError, match="no lmm.yaml"):
+        load_imported(tmp_path)
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("model:\n  class_path: mypkg.Model\n")
+    with pytest.raises(ValueError, match="not an lmm family"):
+        family_of(recipe)
+    qformer = Path(__file__).parents[2] / "recipes" / "cheetah" / "vicuna.yaml"
+    with pytest.raises(ValueError, match="export to transformers exists for the llava and fuyu"):
+        cli_main(["convert", "export", "--config", str(qformer), "--out", str(tmp_path / "hf")])
