@@ -355,6 +355,17 @@ def build_module(config: Mapping, where: str = "<recipe>") -> LMMModule:
     return parser.instantiate_classes(parsed).model
 
 
+def module_from_recipe(recipe: str | Path, family: type[LMMModule] = LMMModule) -> LMMModule:
+    """Instantiate the `model:` section of a recipe file, checking it is a `family` module."""
+    config = yaml.safe_load(Path(recipe).read_text())
+    if not isinstance(config, dict):
+        raise ValueError(f"{recipe}: not a YAML mapping; expected an lmm recipe")
+    module = build_module(config, where=str(recipe))
+    if not isinstance(module, family):
+        raise ValueError(f"{recipe}: model is {type(module).__name__}, not a {family.__name__}")
+    return module
+
+
 def build_template(template: ChatTemplate | str | Mapping | type) -> ChatTemplate:
     """A template instance from an instance, a class, a class path or `{class_path, init_args}`."""
     if isinstance(template, ChatTemplate):

@@ -21,17 +21,18 @@ from transformers import (
     SiglipVisionModel,
 )
 
+from lmm.api import module_from_recipe
 from lmm.components.connectors import LinearConnector, MLPConnector
+from lmm.convert import main
 from lmm.data.batch import Batch
 from lmm.data.collate import PadCollator
 from lmm.data.formats import load_samples
 from lmm.data.media import load_image
+from lmm.families.llava import LlavaModule
 from lmm.families.llava.convert import (
     export_hf,
     import_checkpoint,
     load_imported,
-    main,
-    module_from_recipe,
 )
 from lmm.tiny import build_llm, build_vision
 from tests.helpers import tiny_data, tiny_llava
@@ -129,7 +130,7 @@ def test_main_export_from_recipe_and_ckpt(tiny_assets, tmp_path):
         },
     }
     recipe.write_text(yaml.safe_dump({"seed_everything": 0, "model": model, "trainer": {}}))
-    module = module_from_recipe(recipe)
+    module = module_from_recipe(recipe, LlavaModule)
     trained = {k: torch.randn_like(v) for k, v in module.model.connector.state_dict().items()}
     module.model.connector.load_state_dict(trained)
     ckpt = tmp_path / "last.ckpt"

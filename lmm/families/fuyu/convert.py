@@ -10,15 +10,13 @@ the whole model from those files. Export writes a folder `FuyuForCausalLM.from_p
 
 from __future__ import annotations
 
-import argparse
 import copy
 import json
 from pathlib import Path
 
 import torch
 import yaml
-from safetensors.torch import load_file, save_file
-from torch import nn
+from safetensors.torch import save_file
 from transformers import (
     AutoConfig,
     AutoModelForCausalLM,
@@ -134,24 +132,9 @@ def export_hf(module: FuyuModule, out: str | Path) -> Path:
 
 def load_imported(out: str | Path) -> FuyuModule:
     """The FuyuModule `import_checkpoint` wrote to `out` (its recipe loads every weight)."""
-    recipe = Path(out) / "lmm.yaml"
-    return module_from_config(yaml.safe_load(recipe.read_text()), str(recipe))
+    from lmm.api import module_from_recipe
 
-
-def module_from_config(config: dict, where: str = "<recipe>") -> FuyuModule:
-    """Instantiate the `model:` section of a recipe (a FuyuModule) as `lmm fit` would."""
-    from jsonargparse import ArgumentParser
-
-    from lmm.families.base import LMMModule
-
-    if not isinstance(config, dict) or "model" not in config:
-        raise ValueError(f"{where}: no `model:` section; expected an lmm recipe")
-    parser = ArgumentParser(exit_on_error=False)
-    parser.add_subclass_arguments(LMMModule, "model", required=True)
-    module = parser.instantiate_classes(parser.parse_object({"model": config["model"]})).model
-    if not isinstance(module, FuyuModule):
-        raise ValueError(f"{where}: model is {type(module).__name__}, not a FuyuModule")
-    return module
+    return module_from_recipe(Path(out) / "lmm.yaml", FuyuModule)
 
 
 # --- helpers --------------------------------------------------------------------------------
@@ -249,44 +232,3 @@ def _recipe(
         *text,
     ]
     return "\n".join(header) + "\n" + yaml.safe_dump(model, sort_keys=False)
-
-
-def _load_weights(module: nn.Module, ckpt: Path) -> None:
-    """Load a Lightning `.ckpt` (its `state_dict`) or a `.safetensors` state dict, strictly."""
-    if ckpt.suffix == ".safetensors":
-        state = load_file(ckpt)
-    else:
-        loaded = torch.load(ckpt, map_location="cpu", weights_only=True)
-        state = loaded.get("state_dict", loaded)
-    missing, unexpected = module.load_state_dict(state, strict=False)
-    if missing or unexpected:
-        raise ValueError(
-            f"{ckpt}: does not fit the recipe's model: missing {list(missing)[:6]}, unexpected "
-            f"{list(unexpected)[:6]}; is --config the recipe this checkpoint was trained with?"
-        )
-
-
-def main(argv: list[str] | None = None) -> Path:
-    """`lmm convert import|export` for Fuyu: transformers Fuyu folder → lmm; lmm → transformers."""
-    parser = argparse.ArgumentParser(prog="lmm convert (fuyu)", description=main.__doc__)
-    sub = parser.add_subparsers(dest="command", required=True)
-    imp = sub.add_parser("import", help="transformers Fuyu folder → lmm folders + lmm.yaml")
-    imp.add_argument("--src", required=True, type=Path, help="checkpoint folder")
-    imp.add_argument("--out", required=True, type=Path)
-    imp.add_argument("--tokenizer", help="tokenizer folder (default: --src)")
-    exp = sub.add_parser("export", help="lmm FuyuModule → transformers Fuyu folder")
-    exp.add_argument("--config", required=True, type=Path, help="the recipe of the model")
-    exp.add_argument("--ckpt", type=Path, help="Lightning .ckpt or .safetensors state dict")
-    exp.add_argument("--out", required=True, type=Path)
-    args = parser.parse_args(argv)
-    if args.command == "import":
-        return import_checkpoint(args.src, args.out, args.tokenizer)
-    config = yaml.safe_load(args.config.read_text())
-    module = module_from_config(config, str(args.config))
-    if args.ckpt is not None:
-        _load_weights(module, args.ckpt)
-    return export_hf(module.eval(), args.out)
-
-
-if __name__ == "__main__":
-    main()

@@ -235,26 +235,11 @@ def _recipe(src: str, out: Path, pre: dict, vision_dtype: str, llm_dtype: str) -
     return "\n".join(header) + "\n" + yaml.safe_dump(model, sort_keys=False)
 
 
-def module_from_recipe(recipe: str | Path) -> Idefics2Module:
-    """Instantiate the `model:` part of a recipe, as `lmm fit --config` would."""
-    from jsonargparse import ArgumentParser
-
-    from lmm.families.base import LMMModule
-
-    config = yaml.safe_load(Path(recipe).read_text())
-    if not isinstance(config, dict) or "model" not in config:
-        raise ValueError(f"{recipe}: no `model:` section; expected an lmm recipe")
-    parser = ArgumentParser(exit_on_error=False)
-    parser.add_subclass_arguments(LMMModule, "model", required=True)
-    module = parser.instantiate_classes(parser.parse_object({"model": config["model"]})).model
-    if not isinstance(module, Idefics2Module):
-        raise ValueError(f"{recipe}: model is {type(module).__name__}, not an Idefics2Module")
-    return module
-
-
 def load_imported(out: str | Path) -> Idefics2Module:
     """The Idefics2Module `import_checkpoint` wrote to `out`."""
-    return module_from_recipe(Path(out) / "lmm.yaml")
+    from lmm.api import module_from_recipe
+
+    return module_from_recipe(Path(out) / "lmm.yaml", Idefics2Module)
 
 
 def build_tiny_checkpoint(

@@ -7,7 +7,6 @@ Import writes lmm's layout (`vision/`, `llm/`, `tokenizer/` folders, `connector.
 
 from __future__ import annotations
 
-import argparse
 import copy
 import json
 import math
@@ -849,24 +848,6 @@ def _recipe(source: _Source, layout: str, src: Path, out: Path, vision: Path, ll
 # --- building modules -----------------------------------------------------------------------
 
 
-def module_from_recipe(recipe: str | Path) -> LlavaModule:
-    """Instantiate the `model:` part of a recipe, as `lmm fit --config` would."""
-    from jsonargparse import ArgumentParser
-
-    from lmm.families.base import LMMModule
-
-    config = yaml.safe_load(Path(recipe).read_text())
-    if not isinstance(config, dict) or "model" not in config:
-        raise ValueError(f"{recipe}: no `model:` section; expected an lmm recipe")
-    parser = ArgumentParser(exit_on_error=False)
-    parser.add_subclass_arguments(LMMModule, "model", required=True)
-    parsed = parser.parse_object({"model": config["model"]})
-    module = parser.instantiate_classes(parsed).model
-    if not isinstance(module, LlavaModule):
-        raise ValueError(f"{recipe}: model is {type(module).__name__}; convert handles LlavaModule")
-    return module
-
-
 def load_connector(module: LlavaModule, file: str | Path) -> None:
     """Load `connector.safetensors` (written by `import_checkpoint`) into the module's connector."""
     module.model.connector.load_state_dict(load_file(Path(file)))
@@ -874,65 +855,12 @@ def load_connector(module: LlavaModule, file: str | Path) -> None:
 
 def load_imported(out: str | Path) -> LlavaModule:
     """The LlavaModule `import_checkpoint` wrote to `out`, connector weights loaded."""
+    from lmm.api import module_from_recipe
+
     out = Path(out)
-    module = module_from_recipe(out / "lmm.yaml")
+    module = module_from_recipe(out / "lmm.yaml", LlavaModule)
     load_connector(module, out / "connector.safetensors")
     newline = out / "image_newline.safetensors"
     if newline.is_file() and module.model.anyres is not None:
         module.model.anyres.load_state_dict(load_file(newline))
     return module
-
-
-def load_checkpoint_weights(module: nn.Module, ckpt: str | Path) -> None:
-    """Load a Lightning `.ckpt` (its `state_dict`) or a `.safetensors` state dict, strictly."""
-    ckpt = Path(ckpt)
-    if ckpt.suffix == ".safetensors":
-        state = load_file(ckpt)
-    else:
-        loaded = _torch_load(ckpt)
-        state = loaded.get("state_dict", loaded) if isinstance(loaded, dict) else loaded
-    fix = "is --config the recipe this checkpoint was trained with?"
-    try:
-        missing, unexpected = module.load_state_dict(state, strict=False)
-    except RuntimeError as err:  # shape mismatches
-        raise ValueError(f"{ckpt}: does not fit the recipe's model: {err}; {fix}") from err
-    if missing or unexpected:
-        raise ValueError(
-            f"{ckpt}: does not fit the recipe's model: missing {missing[:6]}, unexpected "
-            f"{unexpected[:6]}; {fix}"
-        )
-
-
-# --- command line -----------------------------------------------------------------------------
-
-
-def main(argv: list[str] | None = None) -> Path:
-    """`lmm convert import|export`: published LLaVA checkpoints → lmm; lmm → transformers Llava.
-
-    See docs/convert.md for the layouts, the key maps and what export cannot express.
-    """
-    parser = argparse.ArgumentParser(
-        prog="lmm convert",
-        description=main.__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    sub = parser.add_subparsers(dest="command", required=True)
-    imp = sub.add_parser("import", help="published LLaVA checkpoint → lmm folders + lmm.yaml")
-    imp.add_argument("--layout", required=True, choices=LAYOUTS)
-    imp.add_argument("--src", required=True, type=Path, help="checkpoint folder")
-    imp.add_argument("--out", required=True, type=Path)
-    imp.add_argument("--vision-config", help="vision tower folder/config.json (llava_qwen)")
-    imp.add_argument("--tokenizer", help="tokenizer folder (default: --src)")
-    exp = sub.add_parser("export", help="lmm LlavaModule → transformers Llava folder")
-    exp.add_argument("--config", required=True, type=Path, help="the recipe of the model")
-    exp.add_argument("--ckpt", type=Path, help="Lightning .ckpt or .safetensors state dict")
-    exp.add_argument("--out", required=True, type=Path)
-    args = parser.parse_args(argv)
-    if args.command == "import":
-        return import_checkpoint(
-            args.src, args.out, args.layout, args.vision_config, args.tokenizer
-        )
-    module = module_from_recipe(args.config)
-    if args.ckpt is not None:
-        load_checkpoint_weights(module, args.ckpt)
-    return export_hf(module.eval(), args.out)

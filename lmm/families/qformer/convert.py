@@ -520,23 +520,8 @@ def _recipe(
 # --- loading -----------------------------------------------------------------------------------
 
 
-def module_from_recipe(recipe: str | Path) -> QFormerModule:
-    """Instantiate the `model:` part of a recipe, as `lmm fit --config` would."""
-    from jsonargparse import ArgumentParser
-
-    from lmm.families.base import LMMModule
-
-    config = yaml.safe_load(Path(recipe).read_text())
-    if not isinstance(config, dict) or "model" not in config:
-        raise ValueError(f"{recipe}: no `model:` section; expected an lmm recipe")
-    parser = ArgumentParser(exit_on_error=False)
-    parser.add_subclass_arguments(LMMModule, "model", required=True)
-    module = parser.instantiate_classes(parser.parse_object({"model": config["model"]})).model
-    if not isinstance(module, QFormerModule):
-        raise ValueError(f"{recipe}: model is {type(module).__name__}, not a QFormerModule")
-    return module
-
-
 def load_imported(out: str | Path) -> QFormerModule:
     """The Cheetah `import_checkpoint` wrote to `out`, all weights loaded (by the recipe)."""
-    return module_from_recipe(Path(out) / "lmm.yaml")
+    from lmm.api import module_from_recipe
+
+    return module_from_recipe(Path(out) / "lmm.yaml", QFormerModule)
