@@ -73,3 +73,23 @@ class CausalLM(nn.Module):
 
     def forward(self, **kwargs):
         return self.model(**kwargs)
+
+    def run(
+        self,
+        inputs_embeds: Tensor,  # [B, L, D]
+        attention_mask: Tensor | None,
+        position_ids: Tensor | None,
+        return_hidden: bool = False,
+    ) -> Tensor:
+        """A training / scoring pass: logits `[B, L, V]`, or with `return_hidden` the last
+        hidden states `[B, L, D]` (for score heads; the vocabulary projection then runs at
+        one position only)."""
+        extra = {"output_hidden_states": True, "logits_to_keep": 1} if return_hidden else {}
+        out = self.model(
+            inputs_embeds=inputs_embeds,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            use_cache=False,
+            **extra,
+        )
+        return out.hidden_states[-1] if return_hidden else out.logits

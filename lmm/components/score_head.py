@@ -1,8 +1,9 @@
-"""Score heads (VideoScore): a linear head on each row's last non-pad token, its losses and metrics."""
+"""Score heads (VideoScore): a linear head on each row's last non-pad token, losses, metrics."""
 
 from __future__ import annotations
 
 import re
+import warnings
 from dataclasses import dataclass
 from typing import Literal
 
@@ -86,7 +87,7 @@ class ScoreHead(nn.Module):
         return list(self.config.labels)
 
     def forward(self, hidden: Tensor, attention_mask: Tensor) -> Tensor:  # -> [B, n_labels]
-        """Raw scores (regression values or logits) of hidden `[B, L, D]` at each row's last token."""
+        """Raw scores (values or logits) of hidden states `[B, L, D]` at each row's last token."""
         rows = torch.arange(hidden.shape[0], device=hidden.device)
         pooled = hidden[rows, last_token_index(attention_mask)]  # [B, D]
         return self.proj(pooled.to(self.proj.weight.dtype))
@@ -147,7 +148,9 @@ class ScoreMetrics(nn.Module):
         self.config = config
         n = len(config.labels)
         self.names = [metric_name(label) for label in config.labels]
-        self.spearman = SpearmanCorrCoef(num_outputs=n)
+        with warnings.catch_warnings():  # "will save all targets and predictions": it must
+            warnings.filterwarnings("ignore", message=".*save all targets", category=UserWarning)
+            self.spearman = SpearmanCorrCoef(num_outputs=n)
         self.mse = MeanSquaredError(num_outputs=n) if config.problem == "regression" else None
         self.accuracy: nn.Module | None = None
         if config.problem == "single_label":
@@ -191,9 +194,12 @@ class ScoreMetrics(nn.Module):
         return out
 
     def reset(self) -> None:
-        self.spearman.reset()
-        if self.mse is not None:
-            self.mse.reset()
-        if self.accuracy is not None:
-            self.accuracy.reset()
+        # Fresh states must be normal tensors even when reset runs in a validation loop's
+        # inference mode: a later update outside it (another loop) could not write to them.
+        with torch.inference_mode(False):
+            self.spearman.reset()
+            if self.mse is not None:
+                self.mse.reset()
+            if self.accuracy is not None:
+                self.accuracy.reset()
         self.seen = 0

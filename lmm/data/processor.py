@@ -127,6 +127,8 @@ class Processor:
             raise BadRecordError(sample.source, sample.id, "no user turn to answer")
         features = self._encode(sample, turns, add_generation_prompt=True)
         features.reference = reference
+        if sample.target is not None:  # scored samples keep their target for test metrics
+            features.target = torch.tensor(sample.target, dtype=torch.float32)
         return features
 
     def _fit(self, sample: Sample) -> list[Turn]:

@@ -2,6 +2,11 @@
 
 Used by the CPU quickstart (`make demo`, `lmm synth`) and by tests: coloured shapes on a
 grey background, one-word answers from a closed vocabulary, byte-identical for a given seed.
+Beyond the five image tasks (`TASKS`, the default): `motion`, a short mp4 of a shape moving
+left, right, up or down (answer: the direction), and `score`, Mantis `classification`
+records (VideoScore's form) whose targets, `brightness` and `count` in [1, 4], are read
+from the image. Score records cannot share a batch with chat records, so `score` is
+generated on its own.
 """
 
 from __future__ import annotations
@@ -15,12 +20,16 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
+from lmm.data.formats import VIDEO_MARKER
 from lmm.data.sample import IMAGE_MARKER
 from lmm.utils.logging import get_logger
 
 log = get_logger(__name__)
 
 TASKS: tuple[str, ...] = ("colour", "shape", "count", "which_image", "same_colour")
+VIDEO_TASKS: tuple[str, ...] = ("motion",)
+SCORE_TASKS: tuple[str, ...] = ("score",)
+ALL_TASKS: tuple[str, ...] = TASKS + VIDEO_TASKS + SCORE_TASKS
 SPLITS: tuple[str, ...] = ("train", "val", "test")
 # Saturated and far apart in RGB, so they stay distinct from each other and from the grey
 # background after noise.
@@ -43,7 +52,19 @@ QUESTIONS: dict[str, str] = {
     "count": "How many shapes are there?",
     "which_image": "Which image shows a {colour} shape?",
     "same_colour": "Do image 1 and image 2 show the same colour?",
+    "motion": "Which way does the shape move?",
 }
+DIRECTIONS: dict[str, tuple[int, int]] = {  # answer -> (dx, dy) in image coordinates
+    "left": (-1, 0),
+    "right": (1, 0),
+    "up": (0, -1),
+    "down": (0, 1),
+}
+MOTION_SPAN = 0.4  # how far the shape travels over the clip, as a fraction of the frame
+VIDEO_FPS = 4
+SCORE_PROMPT = "Rate the brightness of the background and the number of shapes, from 1 to 4."
+SCORE_LABELS: tuple[str, ...] = ("brightness", "count")
+SCORE_GREY = (40, 220)  # background grey level of brightness 1.0 and 4.0
 
 Box = tuple[int, int, int, int]  # x0, y0, x1, y1 (inclusive)
 Shape = tuple[str, str, Box]  # kind, colour name, box
@@ -72,9 +93,12 @@ def _near(a: Box, b: Box, gap: int = 2) -> bool:
     return a[0] <= b[2] + gap and b[0] <= a[2] + gap and a[1] <= b[3] + gap and b[1] <= a[3] + gap
 
 
-def _draw(shapes: list[Shape], size: int, rng: np.random.Generator) -> Image.Image:
-    """Render `shapes` on a grey background with mild per-pixel noise."""
-    grey = int(rng.integers(*BACKGROUND))
+def _draw(
+    shapes: list[Shape], size: int, rng: np.random.Generator, grey: int | None = None
+) -> Image.Image:
+    """Render `shapes` on a grey background (random unless `grey`) with mild per-pixel noise."""
+    if grey is None:
+        grey = int(rng.integers(*BACKGROUND))
     image = Image.new("RGB", (size, size), (grey, grey, grey))
     draw = ImageDraw.Draw(image)
     for kind, colour, (x0, y0, x1, y1) in shapes:
@@ -140,6 +164,69 @@ _BUILDERS: dict[str, Callable[[np.random.Generator, int, int], Drawn]] = {
 }
 
 
+def _motion(
+    rng: np.random.Generator, size: int, k: int, frames: int
+) -> tuple[list[Image.Image], str]:
+    """Frames of one shape moving `MOTION_SPAN`·size in a straight line, and the direction.
+
+    Directions cycle with `k`, so they are exactly balanced per split. The start is random
+    within the room the path leaves, so no single frame tells the direction for sure.
+    """
+    direction = list(DIRECTIONS)[k % len(DIRECTIONS)]
+    dx, dy = DIRECTIONS[direction]
+    side = int(rng.integers(round(0.25 * size), round(0.35 * size) + 1))
+    span = round(MOTION_SPAN * size)
+    far = size - 1 - side  # the last top-left coordinate that keeps the shape inside
+
+    def start(d: int) -> int:
+        lo, hi = (1, far - span) if d > 0 else (1 + span, far) if d < 0 else (1, far)
+        return int(rng.integers(lo, hi + 1))
+
+    x, y = start(dx), start(dy)
+    kind = _pick(rng, SHAPES)
+    colour = _pick(rng, list(COLOURS))
+    grey = int(rng.integers(*BACKGROUND))  # one background for the whole clip
+    images = []
+    for t in range(frames):
+        step = round(span * t / (frames - 1))
+        x0, y0 = x + dx * step, y + dy * step
+        images.append(
+            _draw([(kind, colour, (x0, y0, x0 + side - 1, y0 + side - 1))], size, rng, grey)
+        )
+    return images, direction
+
+
+def _score(rng: np.random.Generator, size: int, k: int) -> tuple[Image.Image, dict[str, float]]:
+    """One image and its scores: `brightness` (of the background, 1.0-4.0) and `count` (1-4)."""
+    brightness = round(float(rng.uniform(1.0, 4.0)), 2)
+    lo, hi = SCORE_GREY
+    grey = round(lo + (brightness - 1.0) / 3.0 * (hi - lo))
+    n, colour = 1 + int(rng.integers(4)), _pick(rng, list(COLOURS))
+    shapes = [(_pick(rng, SHAPES), colour, box) for box in _place(rng, size, n, 0.2, 0.3)]
+    return _draw(shapes, size, rng, grey), {"brightness": brightness, "count": float(n)}
+
+
+def write_video(path: str | Path, frames: Sequence[Image.Image], fps: int = VIDEO_FPS) -> Path:
+    """Encode RGB frames as an H.264 mp4 with PyAV, byte-identical for the same frames.
+
+    Constant quantiser, one thread: x264's rate control (CRF with mb-tree and adaptive
+    quantisation) gave different bytes for the same frames within one process.
+    """
+    import av  # PyAV: only needed to write the video tasks
+
+    width, height = frames[0].size
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream("libx264", rate=fps, options={"qp": "10"})
+        stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
+        stream.codec_context.thread_count = 1
+        for image in frames:
+            for packet in stream.encode(av.VideoFrame.from_image(image)):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+    return Path(path)
+
+
 def _prompt(num_images: int, question: str) -> str:
     """The user turn: the question first, then the image, or each image after its label.
 
@@ -151,20 +238,70 @@ def _prompt(num_images: int, question: str) -> str:
     return question + "".join(f"\nImage {j + 1}: {IMAGE_MARKER}" for j in range(num_images))
 
 
-def corpus() -> list[str]:
-    """Every user prompt and every answer the dataset can contain, for tokenizer training."""
-    prompts = [_prompt(1, QUESTIONS[t]) for t in ("colour", "shape", "count")]
-    prompts += [
-        _prompt(n, QUESTIONS["which_image"].format(colour=c)) for n in (2, 3) for c in COLOURS
-    ]
-    prompts.append(_prompt(2, QUESTIONS["same_colour"]))
-    return prompts + [*COLOURS, *SHAPES, *NUMBERS, "yes", "no"]
+def _video_prompt(question: str) -> str:
+    return f"{question}\n{VIDEO_MARKER}"
 
 
-def vocabulary() -> list[str]:
-    """Every word and punctuation mark of the questions and answers (without `<image>`)."""
-    text = " ".join(corpus()).replace(IMAGE_MARKER, " ")
+def corpus(tasks: Sequence[str] = TASKS) -> list[str]:
+    """Every user prompt and every answer `tasks` can contain, for tokenizer training.
+
+    The image tasks share one corpus (any of them brings all of it, as before the video and
+    score tasks existed, so the default tokenizer is unchanged); `motion` and `score` add theirs.
+    """
+    texts: list[str] = []
+    if any(t in TASKS for t in tasks):
+        texts += [_prompt(1, QUESTIONS[t]) for t in ("colour", "shape", "count")]
+        texts += [
+            _prompt(n, QUESTIONS["which_image"].format(colour=c)) for n in (2, 3) for c in COLOURS
+        ]
+        texts.append(_prompt(2, QUESTIONS["same_colour"]))
+        texts += [*COLOURS, *SHAPES, *NUMBERS, "yes", "no"]
+    if "motion" in tasks:
+        texts += [_video_prompt(QUESTIONS["motion"]), *DIRECTIONS]
+    if "score" in tasks:
+        texts.append(SCORE_PROMPT)
+    return texts
+
+
+def vocabulary(tasks: Sequence[str] = TASKS) -> list[str]:
+    """Every word and punctuation mark of the questions and answers (without media markers)."""
+    text = " ".join(corpus(tasks)).replace(IMAGE_MARKER, " ").replace(VIDEO_MARKER, " ")
     return sorted(set(re.findall(r"\w+|[^\w\s]", text)))
+
+
+def _record(
+    task: str, rng: np.random.Generator, out: Path, record_id: str, size: int, k: int, frames: int
+) -> dict:
+    """Draw sample `k` of `task`, write its media under `out` and return its record."""
+    if task == "score":
+        image, scores = _score(rng, size, k)
+        path = f"images/{record_id}_0.png"
+        image.save(out / path)
+        return {
+            "id": record_id,
+            "task": task,
+            "images": [path],
+            "prompt": SCORE_PROMPT,
+            "labels": {name: scores[name] for name in SCORE_LABELS},
+        }
+    if task == "motion":
+        clip, answer = _motion(rng, size, k, frames)
+        path = f"videos/{record_id}.mp4"
+        write_video(out / path, clip)
+        media = {"video": path}
+        question = _video_prompt(QUESTIONS["motion"])
+    else:
+        images, question, answer = _BUILDERS[task](rng, size, k)
+        paths = [f"images/{record_id}_{j}.png" for j in range(len(images))]
+        for path, shapes in zip(paths, images, strict=True):
+            _draw(shapes, size, rng).save(out / path)
+        media = {"images": paths}
+        question = _prompt(len(images), question)
+    conversation = [
+        {"role": "user", "content": question},
+        {"role": "assistant", "content": answer},
+    ]
+    return {"id": record_id, "task": task, **media, "conversation": conversation}
 
 
 def generate(
@@ -176,18 +313,33 @@ def generate(
     image_size: int = 32,
     tasks: Sequence[str] = TASKS,
     seed: int = 0,
+    frames: int = 4,
 ) -> dict:
-    """Write images, `{train,val,test}.json` and `meta.json` under `out`; return the meta dict."""
+    """Write media, `{train,val,test}.json` and `meta.json` under `out`; return the meta dict.
+
+    `frames` is the length of the `motion` task's clips (mp4 under `videos/`).
+    """
     tasks = tuple(tasks)
-    unknown = [t for t in tasks if t not in _BUILDERS]
+    unknown = [t for t in tasks if t not in ALL_TASKS]
     if not tasks or unknown:
-        raise ValueError(f"unknown task(s) {unknown} in {list(tasks)}; choose from {list(TASKS)}")
+        raise ValueError(
+            f"unknown task(s) {unknown} in {list(tasks)}; choose from {list(ALL_TASKS)}"
+        )
+    if "score" in tasks and len(tasks) > 1:
+        raise ValueError(
+            f"tasks {list(tasks)}: `score` writes scored (classification) records, which cannot "
+            "share a batch with chat records; generate it on its own, into its own folder"
+        )
     if image_size < MIN_IMAGE_SIZE:
         raise ValueError(f"image_size {image_size} is too small; use at least {MIN_IMAGE_SIZE}")
     if seed < 0:
         raise ValueError(f"seed {seed} is negative; use a seed >= 0")
+    if frames < 2:
+        raise ValueError(f"frames {frames}: a motion clip needs at least 2 frames")
     out = Path(out)
     (out / "images").mkdir(parents=True, exist_ok=True)
+    if "motion" in tasks:
+        (out / "videos").mkdir(exist_ok=True)
     counts: dict[str, dict[str, int]] = {}
     offset = 0  # ids run on across splits so image files never collide
     for split_index, (split, n) in enumerate(zip(SPLITS, (train, val, test), strict=True)):
@@ -197,19 +349,9 @@ def generate(
             task = tasks[i % len(tasks)]
             # One generator per sample, keyed by (seed, split, index): splits never share seeds.
             rng = np.random.default_rng([seed, split_index, i])
-            images, question, answer = _BUILDERS[task](rng, image_size, per_task[task])
-            per_task[task] += 1
             record_id = f"{task}-{offset + i:06d}"
-            paths = [f"images/{record_id}_{j}.png" for j in range(len(images))]
-            for path, shapes in zip(paths, images, strict=True):
-                _draw(shapes, image_size, rng).save(out / path)
-            conversation = [
-                {"role": "user", "content": _prompt(len(images), question)},
-                {"role": "assistant", "content": answer},
-            ]
-            records.append(
-                {"id": record_id, "task": task, "images": paths, "conversation": conversation}
-            )
+            records.append(_record(task, rng, out, record_id, image_size, per_task[task], frames))
+            per_task[task] += 1
         (out / f"{split}.json").write_text(json.dumps(records, indent=1) + "\n")
         counts[split] = per_task
         offset += n
@@ -221,10 +363,13 @@ def generate(
             "image_size": image_size,
             "tasks": list(tasks),
             "seed": seed,
+            "frames": frames,
         },
         "counts": counts,
-        "vocabulary": vocabulary(),
+        "vocabulary": vocabulary(tasks),
     }
+    if "score" in tasks:
+        meta["labels"] = list(SCORE_LABELS)
     (out / "meta.json").write_text(json.dumps(meta, indent=1) + "\n")
     log.info(
         "wrote %d train / %d val / %d test samples (%d px, tasks %s) to %s",
@@ -243,8 +388,13 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--val", type=int, default=200, help="validation samples")
     parser.add_argument("--test", type=int, default=200, help="test samples")
     parser.add_argument("--image-size", type=int, default=32, help="image side in pixels")
-    parser.add_argument("--tasks", default=",".join(TASKS), help="comma-separated task names")
+    parser.add_argument(
+        "--tasks",
+        default=",".join(TASKS),
+        help=f"comma-separated task names, of {','.join(ALL_TASKS)} (`score` on its own)",
+    )
     parser.add_argument("--seed", type=int, default=0, help="random seed")
+    parser.add_argument("--frames", type=int, default=4, help="frames of a motion clip")
     args = parser.parse_args(argv)
     return generate(
         args.out,
@@ -254,6 +404,7 @@ def main(argv: list[str] | None = None) -> dict:
         image_size=args.image_size,
         tasks=[t.strip() for t in args.tasks.split(",") if t.strip()],
         seed=args.seed,
+        frames=args.frames,
     )
 
 

@@ -135,19 +135,20 @@ class LMMModule(L.LightningModule):
 
     # --- shared ---------------------------------------------------------------------------
     def all_parts(self) -> dict[str, nn.Module]:
-        """`parts()` plus the score head as `score`, if any: what `freeze`, `part_lr` and the
-        optimizer see (LoRA adapts `parts()` only and leaves the head trainable)."""
+        """`parts()` plus the score head (`score`), if any: what freeze, part_lr, the optimizer see.
+
+        LoRA adapts `parts()` only, and leaves the head trainable.
+        """
         parts = dict(self.parts())
         if self.score_head is not None:
             parts["score"] = self.score_head
         return parts
 
     def setup_weights(self) -> None:
-        """After a family built its model: the score head, stage init from a checkpoint, freezing."""
+        """After a family built its model: score head, stage init from a checkpoint, freezing."""
         if self.score is not None and self.score_head is None:
             self._check_hidden_contract()
-            head = self.llm.get_output_embeddings() or self.llm.get_input_embeddings()
-            width = head.weight.shape[1]  # the LLM width: what lm_head reads
+            width = self.llm.get_input_embeddings().embedding_dim  # the LLM's hidden width
             self.score_head = ScoreHead(width, self.score)
             self.score_metrics = nn.ModuleDict(
                 {split: ScoreMetrics(self.score) for split in ("val", "test")}
@@ -220,8 +221,11 @@ class LMMModule(L.LightningModule):
         return self.root_module()(batch, self.image_token_id, self.attention_mask(batch))
 
     def hidden_states(self, batch: Batch) -> Tensor:
-        """The LLM's last hidden states `[B, L, D]` (the input of its `lm_head`), through the
-        family model's forward (`return_hidden=True`), so that FSDP2 gathers its parameters."""
+        """The LLM's last hidden states `[B, L, D]`: what its `lm_head` reads.
+
+        They come through the family model's own forward (`return_hidden=True`), so that FSDP2
+        gathers its parameters.
+        """
         mask = self.attention_mask(batch)
         return self.root_module()(batch, self.image_token_id, mask, return_hidden=True)
 
@@ -372,7 +376,7 @@ class LMMModule(L.LightningModule):
         return loss
 
     def _score_rows(self, batch: Batch, predictions: Tensor) -> list[dict]:
-        """One prediction record per row: its scores by label (and targets, if the batch has them)."""
+        """One prediction record per row: its scores by label (and its targets, if any)."""
         labels = self.score_head.labels
         rows = []
         for b, sid in enumerate(batch.ids):

@@ -191,15 +191,19 @@ class FuyuModel(nn.Module):
         """The tokenizer tokens an image's text holds, besides the placeholder."""
         return [self.newline_token, *self.image_prefix, *self.image_suffix]
 
-    def forward(self, batch: Batch, image_token_id: int, attention_mask: Tensor | None) -> Tensor:
-        """Logits `[B, L, V]`: embeddings with the patches scattered in, through the LLM."""
-        out = self.llm(
-            inputs_embeds=self.embed(batch, image_token_id),
-            attention_mask=attention_mask,
-            position_ids=batch.position_ids,
-            use_cache=False,
-        )
-        return out.logits
+    def forward(
+        self,
+        batch: Batch,
+        image_token_id: int,
+        attention_mask: Tensor | None,
+        return_hidden: bool = False,
+    ) -> Tensor:
+        """Logits `[B, L, V]`: embeddings with the patches scattered in, through the LLM.
+
+        With `return_hidden`, the LLM's last hidden states `[B, L, D]` instead (score heads).
+        """
+        embeds = self.embed(batch, image_token_id)
+        return self.llm.run(embeds, attention_mask, batch.position_ids, return_hidden)
 
     def embed(self, batch: Batch, image_token_id: int) -> Tensor:  # -> [B, L, D]
         """Token embeddings of the batch with every patch embedding at its placeholder."""

@@ -365,15 +365,19 @@ class Idefics2Model(nn.Module):
         features = self.vision(pixel_values, mask)  # [N, P, D_v]
         return self.connector(features, mask.flatten(1))
 
-    def forward(self, batch: Batch, image_token_id: int, attention_mask: Tensor | None) -> Tensor:
-        """Logits `[B, L, V]`: embeddings with the views scattered in, through the LLM."""
-        out = self.llm(
-            inputs_embeds=self.embed(batch, image_token_id),
-            attention_mask=attention_mask,
-            position_ids=batch.position_ids,
-            use_cache=False,
-        )
-        return out.logits
+    def forward(
+        self,
+        batch: Batch,
+        image_token_id: int,
+        attention_mask: Tensor | None,
+        return_hidden: bool = False,
+    ) -> Tensor:
+        """Logits `[B, L, V]`: embeddings with the views scattered in, through the LLM.
+
+        With `return_hidden`, the LLM's last hidden states `[B, L, D]` instead (score heads).
+        """
+        embeds = self.embed(batch, image_token_id)
+        return self.llm.run(embeds, attention_mask, batch.position_ids, return_hidden)
 
     def embed(self, batch: Batch, image_token_id: int) -> Tensor:  # -> [B, L, D_llm]
         """Token embeddings of the batch with every view's latents at its image slots."""

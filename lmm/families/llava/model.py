@@ -121,15 +121,19 @@ class LlavaModel(nn.Module):
     def encode_images(self, pixel_values: Tensor) -> Tensor:  # [N, 3, H, W] -> [N, T, D_llm]
         return self.connector(self.vision(pixel_values))
 
-    def forward(self, batch: Batch, image_token_id: int, attention_mask: Tensor | None) -> Tensor:
-        """Logits `[B, L, V]`: embeddings with the images scattered in, through the LLM."""
-        out = self.llm(
-            inputs_embeds=self.embed(batch, image_token_id),
-            attention_mask=attention_mask,
-            position_ids=batch.position_ids,
-            use_cache=False,
-        )
-        return out.logits
+    def forward(
+        self,
+        batch: Batch,
+        image_token_id: int,
+        attention_mask: Tensor | None,
+        return_hidden: bool = False,
+    ) -> Tensor:
+        """Logits `[B, L, V]`: embeddings with the images scattered in, through the LLM.
+
+        With `return_hidden`, the LLM's last hidden states `[B, L, D]` instead (score heads).
+        """
+        embeds = self.embed(batch, image_token_id)
+        return self.llm.run(embeds, attention_mask, batch.position_ids, return_hidden)
 
     def media_features(self, batch: Batch) -> list[Tensor]:
         """OneVision: each media item's tokens `[N_i, D_llm]`, all views encoded in one forward."""

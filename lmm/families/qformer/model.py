@@ -166,17 +166,20 @@ class QFormerModel(nn.Module):
         return features, self.connector(self.qformer(features))
 
     # --- forward --------------------------------------------------------------------------
-    def forward(self, batch: Batch, image_token_id: int, attention_mask: Tensor | None) -> Tensor:
-        """Logits `[B, L, V]`: embeddings with the images scattered in, through the LLM (+VPG-C)."""
+    def forward(
+        self,
+        batch: Batch,
+        image_token_id: int,
+        attention_mask: Tensor | None,
+        return_hidden: bool = False,
+    ) -> Tensor:
+        """Logits `[B, L, V]`: embeddings with the images scattered in, through the LLM (+VPG-C).
+
+        With `return_hidden`, the LLM's last hidden states `[B, L, D]` instead (score heads).
+        """
         embeds, context = self.prepare(batch, image_token_id)
         with self.vpgc_context(context):
-            out = self.llm(
-                inputs_embeds=embeds,
-                attention_mask=attention_mask,
-                position_ids=batch.position_ids,
-                use_cache=False,
-            )
-        return out.logits
+            return self.llm.run(embeds, attention_mask, batch.position_ids, return_hidden)
 
     def embed(self, batch: Batch, image_token_id: int) -> Tensor:  # -> [B, L, D_llm]
         """Token embeddings of the batch with every image's query outputs at its placeholders."""
