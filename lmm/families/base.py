@@ -19,6 +19,7 @@ from torch.distributed.fsdp import fully_shard
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 from lmm.components.attention import PACKED_SDPA
+from lmm.components.language import CausalLM
 from lmm.components.losses import causal_lm_loss
 from lmm.components.score_head import ScoreConfig, ScoreHead, ScoreMetrics
 from lmm.data.batch import Batch
@@ -49,12 +50,40 @@ def load_tokenizer(path: str, image_token: str = "<image>") -> PreTrainedTokeniz
     return tokenizer
 
 
+class FamilyModel(nn.Module):
+    """The math of a family: `embed` puts the media into the token embeddings, `llm` (a
+    `CausalLM`) runs them. Its `forward` is what the Lightning steps call (the FSDP2 root)."""
+
+    llm: CausalLM
+
+    def media_spec(self) -> MediaSpec:
+        raise NotImplementedError
+
+    def embed(self, batch: Batch, image_token_id: int) -> Tensor:  # -> [B, L, D]
+        raise NotImplementedError
+
+    def forward(
+        self,
+        batch: Batch,
+        image_token_id: int,
+        attention_mask: Tensor | None,
+        return_hidden: bool = False,
+    ) -> Tensor:
+        """Logits `[B, L, V]`: embeddings with the media in, through the LLM.
+
+        With `return_hidden`, the LLM's last hidden states `[B, L, D]` instead (score heads).
+        """
+        embeds = self.embed(batch, image_token_id)
+        return self.llm.run(embeds, attention_mask, batch.position_ids, return_hidden)
+
+
 class LMMModule(L.LightningModule):
     """Training, validation (loss) and test/predict (generation) steps for any family.
 
-    A family subclass provides `parts()` (named sub-modules: vision / connector / llm),
-    `media_spec()`, `embed(batch)` (token embeddings with media scattered in) and `llm`
-    (the transformers causal LM used for the forward pass and generation). With `score`, the
+    A family subclass holds its `FamilyModel` as `self.model` and names its `parts()` (named
+    sub-modules: vision / connector / llm); `media_spec()`, `embed(batch)` (token embeddings
+    with media scattered in), `llm` (the transformers causal LM used for generation) and
+    `root_module()` come from the model unless the family overrides them. With `score`, the
     module trains and predicts scores with a `ScoreHead` (part `score`) instead of text; the
     family model's forward then needs a `return_hidden` keyword (docs/families.md).
     """
@@ -124,14 +153,14 @@ class LMMModule(L.LightningModule):
         raise NotImplementedError
 
     def media_spec(self) -> MediaSpec:
-        raise NotImplementedError
+        return self.model.media_spec()
 
     def embed(self, batch: Batch) -> Tensor:
-        raise NotImplementedError
+        return self.model.embed(batch, self.image_token_id)
 
     @property
     def llm(self) -> nn.Module:
-        raise NotImplementedError
+        return self.model.llm.model
 
     # --- shared ---------------------------------------------------------------------------
     def all_parts(self) -> dict[str, nn.Module]:
@@ -300,8 +329,8 @@ class LMMModule(L.LightningModule):
             self._sharded = True
 
     def root_module(self) -> nn.Module:
-        """The family's nn.Module, the root FSDP unit."""
-        raise NotImplementedError
+        """The family's model, the root FSDP unit."""
+        return self.model
 
     def on_train_batch_start(self, batch: Batch, batch_idx: int) -> None:
         self._step_start = time.perf_counter()

@@ -27,6 +27,7 @@ from lmm.components.language import CausalLM
 from lmm.components.merge import scatter_media
 from lmm.data.batch import Batch
 from lmm.data.processor import MediaMode, MediaSpec
+from lmm.families.base import FamilyModel
 
 IMAGE_TOKEN = "|SPEAKER|"  # Fuyu's placeholder of a patch (its config's image_token_id)
 NEWLINE_TOKEN = "|NEWLINE|"  # ends each row of patches
@@ -119,7 +120,7 @@ class FuyuMediaSpec(MediaSpec):
         return [*self.image_prefix, *lines, *self.image_suffix] * frames
 
 
-class FuyuModel(nn.Module):
+class FuyuModel(FamilyModel):
     """Patch embedding + Persimmon causal LM, with each patch's embedding at its placeholder."""
 
     def __init__(
@@ -190,20 +191,6 @@ class FuyuModel(nn.Module):
     def media_tokens(self) -> list[str]:
         """The tokenizer tokens an image's text holds, besides the placeholder."""
         return [self.newline_token, *self.image_prefix, *self.image_suffix]
-
-    def forward(
-        self,
-        batch: Batch,
-        image_token_id: int,
-        attention_mask: Tensor | None,
-        return_hidden: bool = False,
-    ) -> Tensor:
-        """Logits `[B, L, V]`: embeddings with the patches scattered in, through the LLM.
-
-        With `return_hidden`, the LLM's last hidden states `[B, L, D]` instead (score heads).
-        """
-        embeds = self.embed(batch, image_token_id)
-        return self.llm.run(embeds, attention_mask, batch.position_ids, return_hidden)
 
     def embed(self, batch: Batch, image_token_id: int) -> Tensor:  # -> [B, L, D]
         """Token embeddings of the batch with every patch embedding at its placeholder."""

@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 from lightning.pytorch.strategies import ModelParallelStrategy
-from torch import Tensor, nn
+from torch import nn
 from transformers import PreTrainedTokenizerBase
 
-from lmm.data.batch import Batch
 from lmm.families.base import LMMModule
-from lmm.families.fuyu.model import IMAGE_TOKEN, FuyuMediaSpec, FuyuModel
+from lmm.families.fuyu.model import IMAGE_TOKEN, FuyuModel
 from lmm.training.strategies import apply_fsdp2
 from lmm.utils.logging import get_logger
 
@@ -58,19 +57,6 @@ class FuyuModule(LMMModule):
 
     def parts(self) -> dict[str, nn.Module]:
         return {"vision": self.model.vision, "llm": self.model.llm}
-
-    def root_module(self) -> nn.Module:
-        return self.model
-
-    def media_spec(self) -> FuyuMediaSpec:
-        return self.model.media_spec()
-
-    def embed(self, batch: Batch) -> Tensor:
-        return self.model.embed(batch, self.image_token_id)
-
-    @property
-    def llm(self) -> nn.Module:
-        return self.model.llm.model
 
     def configure_model(self) -> None:
         """Under ModelParallelStrategy, shard with the FSDP2 plan: decoder layers, then the root.

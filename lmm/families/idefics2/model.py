@@ -37,6 +37,7 @@ from lmm.components.vision import VisionEncoder
 from lmm.data.batch import Batch
 from lmm.data.media import ImageTransform
 from lmm.data.processor import MediaMode, MediaSpec
+from lmm.families.base import FamilyModel
 
 IDEFICS2 = "idefics2"  # model_type of a whole transformers Idefics2 checkpoint
 FAKE_IMAGE_TOKEN = "<fake_token_around_image>"
@@ -262,7 +263,7 @@ class Idefics2MediaSpec(MediaSpec):
         return tokens
 
 
-class Idefics2Model(nn.Module):
+class Idefics2Model(FamilyModel):
     """Vision tower → perceiver connector → causal LM, with view features at the `<image>` slots."""
 
     def __init__(
@@ -364,20 +365,6 @@ class Idefics2Model(nn.Module):
         mask = self.patch_mask(sizes, pixel_values.shape[-2], pixel_values.shape[-1])
         features = self.vision(pixel_values, mask)  # [N, P, D_v]
         return self.connector(features, mask.flatten(1))
-
-    def forward(
-        self,
-        batch: Batch,
-        image_token_id: int,
-        attention_mask: Tensor | None,
-        return_hidden: bool = False,
-    ) -> Tensor:
-        """Logits `[B, L, V]`: embeddings with the views scattered in, through the LLM.
-
-        With `return_hidden`, the LLM's last hidden states `[B, L, D]` instead (score heads).
-        """
-        embeds = self.embed(batch, image_token_id)
-        return self.llm.run(embeds, attention_mask, batch.position_ids, return_hidden)
 
     def embed(self, batch: Batch, image_token_id: int) -> Tensor:  # -> [B, L, D_llm]
         """Token embeddings of the batch with every view's latents at its image slots."""

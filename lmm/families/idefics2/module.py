@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-from torch import Tensor, nn
+from torch import nn
 
-from lmm.data.batch import Batch
 from lmm.families.base import LMMModule
 from lmm.families.idefics2.model import FAKE_IMAGE_TOKEN, Idefics2MediaSpec, Idefics2Model
 
@@ -45,15 +44,5 @@ class Idefics2Module(LMMModule):
             "llm": self.model.llm,
         }
 
-    def root_module(self) -> nn.Module:
-        return self.model
-
     def media_spec(self) -> Idefics2MediaSpec:
         return self.model.media_spec(self.fake_image_token)
-
-    def embed(self, batch: Batch) -> Tensor:
-        return self.model.embed(batch, self.image_token_id)
-
-    @property
-    def llm(self) -> nn.Module:
-        return self.model.llm.model

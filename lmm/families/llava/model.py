@@ -13,7 +13,7 @@ from typing import Literal
 
 import torch
 from PIL import Image
-from torch import Tensor, nn
+from torch import Tensor
 
 from lmm.components.anyres import Anyres, scatter_items, select_best_resolution
 from lmm.components.connectors import Connector, MLPConnector
@@ -23,6 +23,7 @@ from lmm.components.vision import VisionEncoder
 from lmm.data.batch import Batch
 from lmm.data.media import ImageTransform, expand_to_square, fit_and_pad, split_tiles
 from lmm.data.processor import MediaMode, MediaSpec
+from lmm.families.base import FamilyModel
 
 
 @dataclass(frozen=True)
@@ -70,7 +71,7 @@ class OneVisionMediaSpec(LlavaMediaSpec):
         return [None] * self.anyres.num_tokens(image_size, mode, frames)
 
 
-class LlavaModel(nn.Module):
+class LlavaModel(FamilyModel):
     """Vision tower → connector → causal LM, with image features at the `<image>` positions."""
 
     def __init__(
@@ -120,20 +121,6 @@ class LlavaModel(nn.Module):
 
     def encode_images(self, pixel_values: Tensor) -> Tensor:  # [N, 3, H, W] -> [N, T, D_llm]
         return self.connector(self.vision(pixel_values))
-
-    def forward(
-        self,
-        batch: Batch,
-        image_token_id: int,
-        attention_mask: Tensor | None,
-        return_hidden: bool = False,
-    ) -> Tensor:
-        """Logits `[B, L, V]`: embeddings with the images scattered in, through the LLM.
-
-        With `return_hidden`, the LLM's last hidden states `[B, L, D]` instead (score heads).
-        """
-        embeds = self.embed(batch, image_token_id)
-        return self.llm.run(embeds, attention_mask, batch.position_ids, return_hidden)
 
     def media_features(self, batch: Batch) -> list[Tensor]:
         """OneVision: each media item's tokens `[N_i, D_llm]`, all views encoded in one forward."""

@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-from torch import Tensor, nn
+from torch import nn
 
-from lmm.data.batch import Batch
 from lmm.families.base import LMMModule
-from lmm.families.llava.model import LlavaMediaSpec, LlavaModel
+from lmm.families.llava.model import LlavaModel
 
 
 class LlavaModule(LMMModule):
@@ -34,16 +33,3 @@ class LlavaModule(LMMModule):
         if self.model.anyres is not None:
             parts["newline"] = self.model.anyres
         return parts
-
-    def root_module(self) -> nn.Module:
-        return self.model
-
-    def media_spec(self) -> LlavaMediaSpec:
-        return self.model.media_spec()
-
-    def embed(self, batch: Batch) -> Tensor:
-        return self.model.embed(batch, self.image_token_id)
-
-    @property
-    def llm(self) -> nn.Module:
-        return self.model.llm.model

@@ -37,6 +37,7 @@ from lmm.components.vision import VisionEncoder
 from lmm.data.batch import Batch
 from lmm.data.media import ImageTransform
 from lmm.data.processor import MediaSpec
+from lmm.families.base import FamilyModel
 from lmm.training.strategies import layer_list
 from lmm.utils.logging import get_logger
 
@@ -102,7 +103,7 @@ class VPGC(nn.Module):
         return self.llm_proj(out.to(self.llm_proj.weight.dtype))
 
 
-class QFormerModel(nn.Module):
+class QFormerModel(FamilyModel):
     """Vision tower → Q-Former → projection → causal LM, with optional VPG-C inside the LLM."""
 
     def __init__(

@@ -9,7 +9,7 @@ from torch import Tensor, nn
 from lmm.data.batch import Batch
 from lmm.evaluation.generate import Step
 from lmm.families.base import LMMModule
-from lmm.families.qformer.model import QFormerMediaSpec, QFormerModel, VPGCContext
+from lmm.families.qformer.model import QFormerModel, VPGCContext
 
 # What Cheetah trains: VPG-C only. Without VPG-C, BLIP-2's stage 2: Q-Former and projection.
 FROZEN_WITH_VPGC = ["vision", "qformer", "connector", "llm"]
@@ -49,12 +49,6 @@ class QFormerModule(LMMModule):
             parts["vpgc"] = self.model.vpgc
         return parts
 
-    def root_module(self) -> nn.Module:
-        return self.model
-
-    def media_spec(self) -> QFormerMediaSpec:
-        return self.model.media_spec()
-
     def embed(self, batch: Batch) -> Tensor:
         embeds, context = self.model.prepare(batch, self.image_token_id)
         if self._prompts is not None and context is not None:
@@ -76,7 +70,3 @@ class QFormerModule(LMMModule):
     def _with_prompts(self, prompts: list, steps: Iterator[Step]) -> Iterator[Step]:
         with self.model.prompts(prompts):
             yield from steps
-
-    @property
-    def llm(self) -> nn.Module:
-        return self.model.llm.model
