@@ -86,7 +86,9 @@ class ImageTransform:
 
     def __call__(self, img: Image.Image) -> Tensor:
         if self.aspect == "pad":
-            fill = tuple(int(round(m * 255)) for m in self.mean)
+            # LLaVA's expand2square fills with tuple(int(x * 255) for x in image_mean):
+            # truncated, not rounded (122, 116, 104 for CLIP; 127 for SigLIP)
+            fill = tuple(int(m * 255) for m in self.mean)
             img = expand_to_square(img, fill).resize((self.size, self.size), Image.BICUBIC)
         elif self.aspect == "resize":
             img = img.resize((self.size, self.size), Image.BICUBIC)

@@ -100,6 +100,11 @@ def test_pad_transform_uses_mean_colour():
     assert t.shape == (3, 4, 4)
     assert torch.allclose(t[:, 0, 0], torch.zeros(3), atol=0.01)  # mean colour normalises to 0
     assert torch.allclose(t[:, 2, 2], torch.ones(3), atol=0.01)  # white → 1
+    # the fill is LLaVA's int(mean * 255), truncated: 127 for 0.5, not 128
+    clip_mean = (0.48145466, 0.4578275, 0.40821073)
+    t = ImageTransform(4, clip_mean, (1 / 255, 1 / 255, 1 / 255), "pad")(img)
+    fill = (t[:, 0, 0] + torch.tensor(clip_mean) * 255).round()  # undo (x/255 - mean) / std
+    assert fill.tolist() == [122.0, 116.0, 104.0]
 
 
 def test_collate_right_and_left_padding(processor, two_images):
