@@ -112,6 +112,12 @@ def _root(module) -> nn.ModuleDict:
     return nn.ModuleDict(module.parts())
 
 
+def _saved_root(module) -> nn.ModuleDict:
+    """`_root` plus the parts LoRA leaves alone but an adapter directory keeps (a score head)."""
+    parts = module.all_parts() if hasattr(module, "all_parts") else module.parts()
+    return nn.ModuleDict(parts)
+
+
 def _is_lora_param(name: str) -> bool:
     return any(piece.startswith("lora_") for piece in name.split("."))
 
@@ -263,8 +269,9 @@ def _trainable_params(root: nn.Module) -> dict[str, nn.Parameter]:
 
 
 def non_lora_trainables(module) -> dict[str, torch.Tensor]:
-    """Every trainable parameter that is not an adapter's, keyed `{part}.{path}`."""
-    return {k: p.detach() for k, p in _trainable_params(_root(module)).items()}
+    """Every trainable parameter that is not an adapter's, keyed `{part}.{path}` (with a score
+    head's, `score.*`)."""
+    return {k: p.detach() for k, p in _trainable_params(_saved_root(module)).items()}
 
 
 def save_adapter(module, out_dir: str | Path) -> Path:
@@ -313,9 +320,9 @@ def load_adapter(module, in_dir: str | Path) -> None:
             f"{sorted(extra)[:4]}, only in the adapter {sorted(lacking)[:4]}; use the training "
             "LoRA config (lora.target / lora.exclude)"
         )
-    root = _root(module)
-    _copy_into(_adapter_params(root), load_file(src / ADAPTER_FILE), src / ADAPTER_FILE)
-    _copy_into(_trainable_params(root), load_file(src / TRAINABLES_FILE), src / TRAINABLES_FILE)
+    _copy_into(_adapter_params(_root(module)), load_file(src / ADAPTER_FILE), src / ADAPTER_FILE)
+    trainables = _trainable_params(_saved_root(module))
+    _copy_into(trainables, load_file(src / TRAINABLES_FILE), src / TRAINABLES_FILE)
 
 
 @torch.no_grad()

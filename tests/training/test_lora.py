@@ -293,3 +293,36 @@ def test_lora_config_from_yaml():
         "bnb_4bit_compute_dtype": "bfloat16",
     }
     assert "full-matched against" in parser.format_help()  # field docs reach --help
+
+
+def test_adapter_keeps_the_score_head(tiny_assets, tmp_path):
+    """LoRA leaves a score head trainable; the adapter directory saves and restores it."""
+    from lmm.components.score_head import ScoreConfig
+
+    def build():
+        torch.manual_seed(0)
+        model = LlavaModel(
+            HFVisionTower(str(tiny_assets["vision"])),
+            CausalLM(str(tiny_assets["llm"])),
+            MLPConnector,
+        )
+        return LlavaModule(
+            model=model,
+            tokenizer=str(tiny_assets["tokenizer"]),
+            score=ScoreConfig(["a", "b"]),
+            lora=LoraConfig(r=4, alpha=8),
+        )
+
+    module = build()
+    head = module.score_head.proj.weight
+    assert head.requires_grad
+    with torch.no_grad():
+        head.add_(1.0)  # as if trained
+    save_adapter(module, tmp_path / "adapter")
+    assert {k for k in load_file(tmp_path / "adapter" / "non_lora_trainables.safetensors")} >= {
+        "score.proj.weight"
+    }
+    fresh = build()
+    assert not torch.equal(fresh.score_head.proj.weight, head)
+    load_adapter(fresh, tmp_path / "adapter")
+    assert torch.equal(fresh.score_head.proj.weight, head)
