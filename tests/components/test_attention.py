@@ -7,6 +7,7 @@ import torch
 from torch import nn
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
+from lmm.components import attention
 from lmm.components.attention import packed_sdpa_attention, resolve_attention, segments
 from lmm.data.packing import block_causal_mask
 
@@ -29,8 +30,16 @@ def _packed(seq_lens: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
     return positions, block_causal_mask(seq_lens, length)
 
 
+@pytest.fixture(params=["per_sample", "block_mask"])
+def row_path(request, monkeypatch):
+    """Both paths of `sdpa_packed`: per-sample calls (long rows) and the block mask (short)."""
+    minimum = 0 if request.param == "per_sample" else 10_000
+    monkeypatch.setattr(attention, "PER_SAMPLE_MIN_LENGTH", minimum)
+    return request.param
+
+
 @pytest.mark.parametrize("heads,kv_heads", [(4, 4), (4, 2)])
-def test_packed_sdpa_equals_block_mask(heads, kv_heads):
+def test_packed_sdpa_equals_block_mask(heads, kv_heads, row_path):
     torch.manual_seed(0)
     seq_lens = [[5, 1, 7, 3, 1, 1], [1, 9, 4, 1, 1, 1, 1]]  # one-token samples and pad runs
     positions, mask = _packed(seq_lens)
@@ -49,7 +58,7 @@ def test_packed_sdpa_equals_block_mask(heads, kv_heads):
         torch.testing.assert_close(g, r, rtol=1e-5, atol=1e-6)
 
 
-def test_packed_sdpa_sliding_window():
+def test_packed_sdpa_sliding_window(row_path):
     torch.manual_seed(0)
     positions, mask = _packed([[6, 10]])
     offset = torch.arange(16)[:, None] - torch.arange(16)[None, :]
