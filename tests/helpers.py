@@ -66,3 +66,17 @@ def assert_logits_match_hf(module, hf, batch, **tol) -> torch.Tensor:
     assert ours.shape == theirs.shape
     torch.testing.assert_close(ours[real], theirs[real], **tol)
     return ours
+
+
+def cpu_fit_args(tmp_path: Path, steps: int = 2) -> list[str]:
+    """`lmm fit` overrides that run a recipe for `steps` steps on one CPU process, fp32, in tmp_path."""
+    return [
+        "--trainer.strategy=auto",
+        "--trainer.accelerator=cpu",
+        "--trainer.devices=1",
+        "--trainer.precision=32-true",
+        f"--trainer.max_steps={steps}",
+        "--trainer.accumulate_grad_batches=1",
+        f"--trainer.default_root_dir={tmp_path}",
+        f"--trainer.logger.init_args.save_dir={tmp_path}",
+    ]

@@ -9,6 +9,7 @@ import pytest
 from lmm.cli import LMMCLI
 from lmm.tiny import build_llm, build_vision
 from lmm.training.throughput import ThroughputMonitor
+from tests.helpers import cpu_fit_args
 
 RECIPES = Path(__file__).resolve().parents[2] / "recipes"
 
@@ -31,14 +32,7 @@ def test_seed_recipe_trains_two_steps(
         args=[
             "fit",
             f"--config={RECIPES / recipe}",
-            "--trainer.strategy=auto",
-            "--trainer.accelerator=cpu",
-            "--trainer.devices=1",
-            "--trainer.precision=32-true",
-            "--trainer.max_steps=2",
-            "--trainer.accumulate_grad_batches=1",
-            f"--trainer.default_root_dir={tmp_path}",
-            f"--trainer.logger.init_args.save_dir={tmp_path}",
+            *cpu_fit_args(tmp_path),
             f"--model.init_args.tokenizer={tiny_assets['tokenizer']}",
             f"--model.init_args.model.init_args.vision.init_args.path={vision}",
             "--model.init_args.model.init_args.vision.init_args.dtype=float32",

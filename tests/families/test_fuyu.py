@@ -23,6 +23,7 @@ from lmm.data.templates import MantisFuyu, render_text, trainable_text
 from lmm.families.fuyu import FuyuImageTransform, FuyuMediaSpec
 from lmm.families.fuyu.convert import export_hf, import_checkpoint, load_imported
 from lmm.families.fuyu.model import IMAGE_TOKEN, NEWLINE_TOKEN
+from tests.helpers import cpu_fit_args
 
 CANVAS = (24, 32)  # (height, width) images are fitted into and padded to
 PATCH = 4
@@ -365,14 +366,7 @@ def test_mantis_fuyu_recipe_trains_two_steps(fuyu, tiny_assets, synthetic_data, 
         args=[
             "fit",
             f"--config={RECIPES / 'mantis' / 'fuyu.yaml'}",
-            "--trainer.strategy=auto",
-            "--trainer.accelerator=cpu",
-            "--trainer.devices=1",
-            "--trainer.precision=32-true",
-            "--trainer.max_steps=2",
-            "--trainer.accumulate_grad_batches=1",
-            f"--trainer.default_root_dir={tmp_path}",
-            f"--trainer.logger.init_args.save_dir={tmp_path}",
+            *cpu_fit_args(tmp_path),
             f"--model.init_args.tokenizer={tiny_assets['tokenizer']}",  # no Fuyu token in it
             f"--model.init_args.model.init_args.llm.init_args.path={imported / 'llm'}",
             "--model.init_args.model.init_args.llm.init_args.dtype=float32",

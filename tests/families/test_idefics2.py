@@ -38,6 +38,7 @@ from lmm.families.idefics2.convert import build_tiny_checkpoint, import_checkpoi
 from lmm.families.idefics2.model import view_sizes
 from lmm.training.lora import trainable_counts
 from tests.data.real_tokenizers import add_special_tokens, build_mistral_tokenizer
+from tests.helpers import cpu_fit_args
 
 RECIPES = Path(__file__).resolve().parents[2] / "recipes"
 SHORTEST, LONGEST, LATENTS = 16, 32, 4  # the tiny checkpoint's image sizes and perceiver
@@ -492,14 +493,7 @@ def test_mantis_idefics2_qlora_recipe_trains_two_steps(imported, synthetic_data,
     cli = LMMCLI(
         args=[
             f"--config={RECIPES / 'mantis' / 'idefics2_qlora.yaml'}",
-            "--trainer.strategy=auto",
-            "--trainer.accelerator=cpu",
-            "--trainer.devices=1",
-            "--trainer.precision=32-true",
-            "--trainer.max_steps=2",
-            "--trainer.accumulate_grad_batches=1",
-            f"--trainer.default_root_dir={tmp_path}",
-            f"--trainer.logger.init_args.save_dir={tmp_path}",
+            *cpu_fit_args(tmp_path),
             *_paths(imported),
             *(f"{model}.{part}.init_args.dtype=float32" for part in ("vision", "connector", "llm")),
             f"{model}.shortest_edge={SHORTEST}",
