@@ -259,9 +259,17 @@ def _adapter_params(root: nn.Module) -> dict[str, nn.Parameter]:
     return {_saved_key(k): p for k, p in root.named_parameters() if _is_lora_param(k)}
 
 
+def _full(p: torch.Tensor) -> torch.Tensor:
+    """A parameter's whole value: FSDP2 shards (DTensors) are gathered (a collective)."""
+    p = p.detach()
+    return p.full_tensor() if hasattr(p, "full_tensor") else p
+
+
 def adapter_state_dict(module) -> dict[str, torch.Tensor]:
-    """The adapter weights keyed `{part}.{path}.lora_A.weight` (peft style, no adapter name)."""
-    return {k: p.detach() for k, p in _adapter_params(_root(module)).items()}
+    """The adapter weights keyed `{part}.{path}.lora_A.weight` (peft style, no adapter name).
+
+    Under FSDP2 every rank must call it (the shards are gathered)."""
+    return {k: _full(p) for k, p in _adapter_params(_root(module)).items()}
 
 
 def _trainable_params(root: nn.Module) -> dict[str, nn.Parameter]:
@@ -270,22 +278,30 @@ def _trainable_params(root: nn.Module) -> dict[str, nn.Parameter]:
 
 def non_lora_trainables(module) -> dict[str, torch.Tensor]:
     """Every trainable parameter that is not an adapter's, keyed `{part}.{path}` (with a score
-    head's, `score.*`)."""
-    return {k: p.detach() for k, p in _trainable_params(_saved_root(module)).items()}
+    head's, `score.*`). Under FSDP2 every rank must call it (the shards are gathered)."""
+    return {k: _full(p) for k, p in _trainable_params(_saved_root(module)).items()}
 
 
 def save_adapter(module, out_dir: str | Path) -> Path:
-    """Write the adapter, the non-LoRA trainables and the config to `out_dir` (each file atomically)."""
+    """Write the adapter, the non-LoRA trainables and the config to `out_dir` (each file atomically).
+
+    Under FSDP2 (or any process group) every rank calls it: the shards are gathered, rank 0
+    writes.
+    """
     cfg = getattr(module, "lora_config", None)
     if cfg is None or not has_lora(module):
         raise ValueError(f"{type(module).__name__} has no LoRA adapters to save; call apply_lora")
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     meta = {"format": "lmm-lora/1", "config": asdict(cfg), "targets": _adapted_names(module)}
-    for name, state in (
+    states = (
         (ADAPTER_FILE, adapter_state_dict(module)),
         (TRAINABLES_FILE, non_lora_trainables(module)),
-    ):
+    )
+    distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
+    if distributed and torch.distributed.get_rank() != 0:
+        return out
+    out.mkdir(parents=True, exist_ok=True)
+    for name, state in states:
         tmp = out / f".{name}.tmp"
         save_file({k: v.cpu().contiguous() for k, v in state.items()}, tmp)
         tmp.replace(out / name)

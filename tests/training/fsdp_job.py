@@ -3,7 +3,7 @@
 Usage: [torchrun ...] python -m tests.training.fsdp_job ASSETS DATA OUT --steps N --batch-size B
 Rank 0 writes `step loss.hex()` lines (the global-batch mean loss) to OUT/losses.txt and the
 full (unsharded) final weights to OUT/final.pt. `--ckpt-every K` saves a checkpoint every K
-steps to OUT/ckpt (a sharded folder under FSDP2); `--resume PATH` continues from one.
+steps to OUT/ckpt (a sharded folder under FSDP2); `--resume PATH` continues from one; `--lora` trains LoRA adapters and saves them to OUT/adapter.
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ from lightning.pytorch.strategies import ModelParallelStrategy
 
 from lmm.data.datamodule import ChatDataModule
 from lmm.data.templates import Llama3
+from lmm.training.lora import LoraConfig, save_adapter
 from tests.helpers import tiny_llava
 
 
@@ -53,13 +54,19 @@ def main() -> None:
     p.add_argument("--batch-size", type=int, required=True)
     p.add_argument("--ckpt-every", type=int, default=0)
     p.add_argument("--resume", type=Path, default=None)
+    p.add_argument(
+        "--lora", action="store_true", help="LoRA r=4 on the LLM; adapter to OUT/adapter"
+    )
     a = p.parse_args()
     torch.set_num_threads(1)
     a.out.mkdir(parents=True, exist_ok=True)
     world = int(os.environ.get("WORLD_SIZE", "1"))
     L.seed_everything(0)
     assets = {k: a.assets / k for k in ("tokenizer", "llm", "vision")}
-    module = tiny_llava(assets, optimizer=lambda params: torch.optim.AdamW(params, lr=1e-3))
+    lora = LoraConfig(r=4, alpha=8, dropout=0.0, train_parts=["connector"]) if a.lora else None
+    module = tiny_llava(
+        assets, optimizer=lambda params: torch.optim.AdamW(params, lr=1e-3), lora=lora
+    )
     data = ChatDataModule(
         template=Llama3(),
         train=str(a.data / "train.jsonl"),
@@ -94,6 +101,8 @@ def main() -> None:
         **kwargs,
     )
     trainer.fit(module, datamodule=data, ckpt_path=a.resume)
+    if a.lora:  # every rank takes part (the shards are gathered); rank 0 writes
+        save_adapter(module, a.out / "adapter")
     state = full_state(module)
     if trainer.global_rank == 0:
         torch.save(state, a.out / "final.pt")

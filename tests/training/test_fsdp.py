@@ -40,8 +40,8 @@ def _job_args(
     ]
 
 
-def _single(assets, data, out, steps, batch_size):
-    cmd = [sys.executable, *_job_args(assets, data, out, steps, batch_size)]
+def _single(assets, data, out, steps, batch_size, extra=()):
+    cmd = [sys.executable, *_job_args(assets, data, out, steps, batch_size, list(extra))]
     r = subprocess.run(cmd, env=_env(), cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-4000:]
 
@@ -141,3 +141,27 @@ def test_fsdp2_sharded_resume(tiny_assets, data, tmp_path):
     b = torch.load(run / "final.pt", weights_only=True)
     for k in a:
         assert torch.equal(a[k], b[k]), k
+
+
+@pytest.mark.slow
+def test_fsdp2_lora_adapter(tiny_assets, data, tmp_path):
+    """LoRA under FSDP2 (2 ranks): same losses as 1 process; the saved adapter is the same."""
+    from safetensors.torch import load_file
+
+    assets = Path(tiny_assets["llm"]).parent
+    _single(assets, data, tmp_path / "one", steps=3, batch_size=4, extra=["--lora"])
+    _torchrun(assets, data, tmp_path / "two", 3, 2, nnodes=1, nproc=2, extra=["--lora"])
+    torch.testing.assert_close(
+        torch.tensor(_losses(tmp_path / "two")),
+        torch.tensor(_losses(tmp_path / "one")),
+        rtol=1e-5,
+        atol=1e-6,
+    )
+    for name in ("adapter_model.safetensors", "non_lora_trainables.safetensors"):
+        a = load_file(tmp_path / "one" / "adapter" / name)
+        b = load_file(tmp_path / "two" / "adapter" / name)
+        assert a.keys() == b.keys() and a, name
+        for k in a:
+            torch.testing.assert_close(b[k], a[k], rtol=1e-5, atol=1e-5, msg=k)
+    trained = load_file(tmp_path / "one" / "adapter" / "adapter_model.safetensors")
+    assert any(k.endswith("lora_B.weight") and v.abs().sum() > 0 for k, v in trained.items())
