@@ -15,10 +15,10 @@ from lmm.data.templates import Llama3
 from lmm.families.llava import LlavaModel, LlavaModule
 
 
-def tiny_llava(assets: dict[str, Path], **kwargs) -> LlavaModule:
+def tiny_llava(assets: dict[str, Path], quantization: dict | None = None, **kwargs) -> LlavaModule:
     model = LlavaModel(
         vision=HFVisionTower(str(assets["vision"]), feature_layer=-2),
-        llm=CausalLM(str(assets["llm"])),
+        llm=CausalLM(str(assets["llm"]), quantization=quantization),
         connector=MLPConnector,
     )
     return LlavaModule(model=model, tokenizer=str(assets["tokenizer"]), **kwargs)

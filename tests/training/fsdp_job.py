@@ -20,7 +20,7 @@ from lightning.pytorch.strategies import ModelParallelStrategy
 
 from lmm.data.datamodule import ChatDataModule
 from lmm.data.templates import Llama3
-from lmm.training.lora import LoraConfig, save_adapter
+from lmm.training.lora import LoraConfig, quantization_kwargs, save_adapter
 from tests.helpers import tiny_llava
 
 
@@ -57,15 +57,29 @@ def main() -> None:
     p.add_argument(
         "--lora", action="store_true", help="LoRA r=4 on the LLM; adapter to OUT/adapter"
     )
+    p.add_argument("--qlora", action="store_true", help="--lora on a 4-bit nf4 LLM")
     a = p.parse_args()
     torch.set_num_threads(1)
     a.out.mkdir(parents=True, exist_ok=True)
     world = int(os.environ.get("WORLD_SIZE", "1"))
     L.seed_everything(0)
     assets = {k: a.assets / k for k in ("tokenizer", "llm", "vision")}
-    lora = LoraConfig(r=4, alpha=8, dropout=0.0, train_parts=["connector"]) if a.lora else None
+    lora = None
+    if a.lora or a.qlora:
+        quantize = "nf4" if a.qlora else None
+        lora = LoraConfig(
+            r=4,
+            alpha=8,
+            dropout=0.0,
+            quantize=quantize,
+            compute_dtype="float32",
+            train_parts=["connector"],
+        )
     module = tiny_llava(
-        assets, optimizer=lambda params: torch.optim.AdamW(params, lr=1e-3), lora=lora
+        assets,
+        quantization=quantization_kwargs(lora) if a.qlora else None,
+        optimizer=lambda params: torch.optim.AdamW(params, lr=1e-3),
+        lora=lora,
     )
     data = ChatDataModule(
         template=Llama3(),
@@ -101,7 +115,7 @@ def main() -> None:
         **kwargs,
     )
     trainer.fit(module, datamodule=data, ckpt_path=a.resume)
-    if a.lora:  # every rank takes part (the shards are gathered); rank 0 writes
+    if lora is not None:  # every rank takes part (the shards are gathered); rank 0 writes
         save_adapter(module, a.out / "adapter")
     state = full_state(module)
     if trainer.global_rank == 0:

@@ -144,13 +144,15 @@ def test_fsdp2_sharded_resume(tiny_assets, data, tmp_path):
 
 
 @pytest.mark.slow
-def test_fsdp2_lora_adapter(tiny_assets, data, tmp_path):
-    """LoRA under FSDP2 (2 ranks): same losses as 1 process; the saved adapter is the same."""
+@pytest.mark.parametrize("kind", ["--lora", "--qlora"])
+def test_fsdp2_lora_adapter(tiny_assets, data, tmp_path, kind):
+    """LoRA, and QLoRA on a 4-bit nf4 LLM (fp32 compute), under FSDP2 (2 ranks): the losses of
+    1 process, and the saved adapter is the same."""
     from safetensors.torch import load_file
 
     assets = Path(tiny_assets["llm"]).parent
-    _single(assets, data, tmp_path / "one", steps=3, batch_size=4, extra=["--lora"])
-    _torchrun(assets, data, tmp_path / "two", 3, 2, nnodes=1, nproc=2, extra=["--lora"])
+    _single(assets, data, tmp_path / "one", steps=3, batch_size=4, extra=[kind])
+    _torchrun(assets, data, tmp_path / "two", 3, 2, nnodes=1, nproc=2, extra=[kind])
     torch.testing.assert_close(
         torch.tensor(_losses(tmp_path / "two")),
         torch.tensor(_losses(tmp_path / "one")),
