@@ -185,8 +185,20 @@ class LMMModule(L.LightningModule):
         if self.init_from:
             init_from_checkpoint(self, self.init_from, self.init_include)
         self.apply_freeze()
+        if self.score_head is not None:
+            self._freeze_lm_head()
         if self.lora is not None:
             apply_lora(self, self.lora)
+
+    def _freeze_lm_head(self) -> None:
+        """A score model never reads its LM head: freeze it (unless tied to the embeddings).
+
+        It would get no gradient ever; a trainable parameter without one has no optimizer
+        state, and a sharded (FSDP2) checkpoint then fails to load.
+        """
+        head = self.llm.get_output_embeddings()
+        if head is not None and head.weight is not self.llm.get_input_embeddings().weight:
+            head.requires_grad_(False)
 
     def apply_freeze(self) -> None:
         """Freeze the parts named in `freeze`, and parameters matching `re:<regex>` entries."""

@@ -118,6 +118,18 @@ def test_scores_do_not_depend_on_batch_or_padding_side(tiny_assets, synthetic_da
     assert not torch.allclose(alone[0], alone[1], atol=1e-3)  # rows really differ
 
 
+def test_every_trainable_parameter_gets_a_gradient(tiny_assets, synthetic_data):
+    """The untied LM head, which a score model never reads, is frozen; all else trains."""
+    module = _scored_module(tiny_assets)
+    head = module.llm.get_output_embeddings()
+    assert head.weight is not module.llm.get_input_embeddings().weight
+    assert not head.weight.requires_grad
+    features = _features(module, synthetic_data, TARGETS["regression"])
+    module.loss(PadCollator(module.tokenizer.pad_token_id)(features))[0].backward()
+    no_grad = [n for n, p in module.named_parameters() if p.requires_grad and p.grad is None]
+    assert not no_grad
+
+
 def test_last_token_index_right_and_left_padding():
     mask = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1], [0, 0, 1, 1, 1], [1, 0, 0, 0, 0]])
     assert last_token_index(mask).tolist() == [2, 4, 4, 0]
