@@ -58,17 +58,38 @@ def resolve_attention(requested: str = "auto", causal_lm: bool = False) -> str:
     return choice
 
 
-def segments(position_ids: Tensor, rows: int) -> list[list[tuple[int, int]]]:
-    """Per row, the (start, end) spans where positions count up by one: the packed samples."""
+def _starts(position_ids: Tensor, rows: int) -> Tensor:
+    """`[B, L]` bool: where a sample starts (the positions stop counting up by one)."""
     pos = position_ids.expand(rows, -1)
     starts = torch.ones_like(pos, dtype=torch.bool)
     starts[:, 1:] = pos[:, 1:] != pos[:, :-1] + 1
+    return starts
+
+
+def segments(position_ids: Tensor, rows: int) -> list[list[tuple[int, int]]]:
+    """Per row, the (start, end) spans where positions count up by one: the packed samples."""
+    starts = _starts(position_ids, rows)
     spans = []
-    length = pos.shape[1]
+    length = starts.shape[1]
     for row in starts.tolist():
         begin = [i for i, s in enumerate(row) if s]
         spans.append(list(zip(begin, begin[1:] + [length], strict=True)))
     return spans
+
+
+# What the layers of one forward derive from its position ids (the same tensor reaches every
+# layer, and the recomputation of activation checkpointing): computed once, for the last
+# position ids seen.
+_derived: dict = {"position_ids": None}
+
+
+def _once(position_ids: Tensor, key: tuple, build):
+    if _derived["position_ids"] is not position_ids:
+        _derived.clear()
+        _derived["position_ids"] = position_ids
+    if key not in _derived:
+        _derived[key] = build()
+    return _derived[key]
 
 
 def packed_sdpa_attention(
@@ -99,7 +120,11 @@ def packed_sdpa_attention(
         )
     window = kwargs.get("sliding_window")
     if length < PER_SAMPLE_MIN_LENGTH:
-        mask = _block_causal(position_ids, query.shape[0])
+        mask = _once(
+            position_ids,
+            ("mask", query.shape[0]),
+            lambda: _block_causal(position_ids, query.shape[0]),
+        )
         if window is not None and length > window:
             i = torch.arange(length, device=mask.device)
             mask = mask & ((i[:, None] - i[None, :]) < window)
@@ -111,7 +136,9 @@ def packed_sdpa_attention(
     # unbind + split (not indexing): their backward is one stack / cat, not a zero-filled
     # full-size gradient per slice.
     for spans, q, k, v in zip(
-        segments(position_ids, query.shape[0]),
+        _once(
+            position_ids, ("spans", query.shape[0]), lambda: segments(position_ids, query.shape[0])
+        ),
         query.unbind(0),
         key.unbind(0),
         value.unbind(0),
@@ -144,22 +171,12 @@ def _merge_singletons(spans: list[tuple[int, int]]) -> list[tuple[int, int, bool
     return out
 
 
-_block_cache: list = [None, None]  # (position ids, their mask): one forward's layers share it
-
-
 def _block_causal(position_ids: Tensor, rows: int) -> Tensor:
     """`[B, 1, L, L]` bool: causal within each span of counting-up position ids."""
-    if _block_cache[0] is position_ids:
-        return _block_cache[1]
-    pos = position_ids.expand(rows, -1)
-    starts = torch.ones_like(pos, dtype=torch.bool)
-    starts[:, 1:] = pos[:, 1:] != pos[:, :-1] + 1
-    sample = starts.cumsum(1)  # [B, L]: which sample each position belongs to
-    length = pos.shape[1]
-    causal = torch.ones(length, length, dtype=torch.bool, device=pos.device).tril()
-    mask = ((sample[:, :, None] == sample[:, None, :]) & causal)[:, None]
-    _block_cache[:] = [position_ids, mask]
-    return mask
+    sample = _starts(position_ids, rows).cumsum(1)  # [B, L]: which sample each position is in
+    length = sample.shape[1]
+    causal = torch.ones(length, length, dtype=torch.bool, device=sample.device).tril()
+    return ((sample[:, :, None] == sample[:, None, :]) & causal)[:, None]
 
 
 def _causal(
