@@ -93,6 +93,8 @@ class Processor:
         self.max_length = max_length
         self.segments = SegmentTokenizer(tokenizer, image_token)
         self.image_token_id = self.segments.image_token_id
+        boundary = media.boundary_token
+        self.boundary_id = None if boundary is None else tokenizer.convert_tokens_to_ids(boundary)
         self.video_reader = VideoReader()
 
     def __call__(self, sample: Sample) -> Features:
@@ -157,15 +159,13 @@ class Processor:
             size = self._header_size(sample, index) if self.media.size_dependent else None
             size = size or (self.media.transform.size, self.media.transform.size)
             tokens = self.media.marker_tokens(size, mode, frames)
-            expansions.append([self._token_id(sample, t) for t in tokens])
+            expansions.append(self._marker_ids(sample, tokens))
         return len(self._expand(ids, ids, expansions)[0])
 
     def _expand(
         self, ids: list[int], labels: list[int], expansions: list[list[int]]
     ) -> tuple[list[int], list[int]]:
         """Token ids and labels with each image marker replaced by its expansion (label -100)."""
-        boundary = self.media.boundary_token
-        boundary_id = None if boundary is None else self.tokenizer.convert_tokens_to_ids(boundary)
         it = iter(expansions)
         out_ids: list[int] = []
         out_labels: list[int] = []
@@ -175,8 +175,8 @@ class Processor:
                 out_labels.append(lab)
                 continue
             expansion = next(it)
-            if boundary_id is not None and out_ids and expansion:
-                if out_ids[-1] == boundary_id == expansion[0]:
+            if self.boundary_id is not None and out_ids and expansion:
+                if out_ids[-1] == self.boundary_id == expansion[0]:
                     expansion = expansion[1:]  # adjacent markers share their boundary token
             out_ids += expansion
             out_labels += [-100] * len(expansion)
@@ -251,7 +251,7 @@ class Processor:
             modes.append(mode)
             views.append(item.shape[0])
             tokens = self.media.marker_tokens(size, mode, len(images))
-            markers.append([self._token_id(sample, t) for t in tokens])
+            markers.append(self._marker_ids(sample, tokens))
         out_ids, out_labels = self._expand(ids, labels, markers)
         return Features(
             id=sample.id,
@@ -264,17 +264,19 @@ class Processor:
             views_per_media=views,
         )
 
-    def _token_id(self, sample: Sample, token: str | None) -> int:
-        """The id of a marker's token: `None` is the image token (a feature slot)."""
-        if token is None:
-            return self.image_token_id
-        tid = self.tokenizer.convert_tokens_to_ids(token)
-        if tid is None or tid == self.tokenizer.unk_token_id:
-            raise ValueError(
-                f"the model's media tokens include {token!r}, which the tokenizer does not have "
-                f"(record {sample.id} of {sample.source}); add it as a special token"
-            )
-        return tid
+    def _marker_ids(self, sample: Sample, tokens: list[str | None]) -> list[int]:
+        """The ids of a marker's tokens (`None`: the image token, a feature slot); each
+        distinct token is looked up once, however many times the expansion repeats it."""
+        ids: dict[str | None, int] = {None: self.image_token_id}
+        for token in set(tokens) - {None}:
+            tid = self.tokenizer.convert_tokens_to_ids(token)
+            if tid is None or tid == self.tokenizer.unk_token_id:
+                raise ValueError(
+                    f"the model's media tokens include {token!r}, which the tokenizer does not "
+                    f"have (record {sample.id} of {sample.source}); add it as a special token"
+                )
+            ids[token] = tid
+        return [ids[t] for t in tokens]
 
     def _media(self, sample: Sample, index: int) -> list[Image.Image]:
         """The images of one media marker: an image, or a video's sampled frames."""
