@@ -167,17 +167,22 @@ class LightningMeter(L.Callback):
         self.end = time.perf_counter()
 
 
-def train_lmm(module: LlavaModule, mix: Path, a: argparse.Namespace) -> dict:
-    """One pass of `lmm fit`'s path over the mix: packed stream + Lightning Trainer."""
-    data = ChatDataModule(
+def packed_data(mix: Path, rows: int, pack_tokens: int, a: argparse.Namespace) -> ChatDataModule:
+    """`lmm fit`'s data path over the mix: `rows` packed rows of `pack_tokens` per step."""
+    return ChatDataModule(
         template=Llama3(),
         train=str(mix),
-        batch_size=a.rows,
-        pack_tokens=a.pack_tokens,
-        max_length=a.pack_tokens,
+        batch_size=rows,
+        pack_tokens=pack_tokens,
+        max_length=pack_tokens,
         buffer_size=a.samples,
         seed=a.seed,
     )
+
+
+def train_lmm(module: LlavaModule, mix: Path, a: argparse.Namespace) -> dict:
+    """One pass of `lmm fit`'s path over the mix: packed stream + Lightning Trainer."""
+    data = packed_data(mix, a.rows, a.pack_tokens, a)
     meter = LightningMeter()
     lightning_trainer(a.precision, [meter], max_epochs=1).fit(module, datamodule=data)
     seconds = meter.end - meter.start
@@ -337,15 +342,7 @@ def mfu(root: Path, mix: Path, a: argparse.Namespace) -> dict:
         f"~50M model: {params / 1e6:.1f}M params ({matmul_params(module)[0] / 1e6:.1f}M in "
         f"matmuls); measured {dtype} matmul peak {peak / 1e9:.0f} GFLOP/s"
     )
-    data = ChatDataModule(
-        template=Llama3(),
-        train=str(mix),
-        batch_size=a.mfu_rows,
-        pack_tokens=a.mfu_pack_tokens,
-        max_length=a.mfu_pack_tokens,
-        buffer_size=a.samples,
-        seed=a.seed,
-    )
+    data = packed_data(mix, a.mfu_rows, a.mfu_pack_tokens, a)
     monitor = ThroughputMonitor(peak_flops=peak, log_every_n_steps=a.mfu_window)
     windows: list[dict] = []
 
