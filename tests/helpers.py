@@ -80,3 +80,12 @@ def cpu_fit_args(tmp_path: Path, steps: int = 2) -> list[str]:
         f"--trainer.default_root_dir={tmp_path}",
         f"--trainer.logger.init_args.save_dir={tmp_path}",
     ]
+
+
+def tiny_llava_args(assets: dict[str, Path]) -> list[str]:
+    """`lmm` CLI overrides that point a LLaVA recipe at the tiny tokenizer, tower and LLM."""
+    return [
+        f"--model.init_args.tokenizer={assets['tokenizer']}",
+        f"--model.init_args.model.init_args.vision.init_args.path={assets['vision']}",
+        f"--model.init_args.model.init_args.llm.init_args.path={assets['llm']}",
+    ]

@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from lmm.cli import LMMCLI, main
+from tests.helpers import tiny_llava_args
 
 RECIPES = sorted(Path(__file__).resolve().parents[2].joinpath("recipes").rglob("*.yaml"))
 
@@ -41,9 +42,7 @@ def _tiny_args(tiny_assets, synthetic_data, tmp_path) -> list[str]:
         f"--data.init_args.train={synthetic_data / 'train.json'}",
         f"--data.init_args.val={synthetic_data / 'val.json'}",
         f"--data.init_args.test={synthetic_data / 'test.json'}",
-        f"--model.init_args.tokenizer={tiny_assets['tokenizer']}",
-        f"--model.init_args.model.init_args.vision.init_args.path={tiny_assets['vision']}",
-        f"--model.init_args.model.init_args.llm.init_args.path={tiny_assets['llm']}",
+        *tiny_llava_args(tiny_assets),
     ]
 
 

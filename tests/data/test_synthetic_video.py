@@ -23,6 +23,7 @@ from lmm.data.video import VideoReader
 from lmm.families.base import load_tokenizer
 from lmm.tiny import build_tokenizer
 from tests.data.test_synthetic import _components, _mask, _snapshot
+from tests.helpers import tiny_llava_args
 
 FRAMES = 5
 
@@ -205,9 +206,7 @@ def test_video_recipe_trains_two_steps_and_answers(tiny_assets, motion, tmp_path
             "--trainer.enable_checkpointing=false",
             f"--trainer.default_root_dir={tmp_path}",
             f"--trainer.logger.init_args.save_dir={tmp_path}",
-            f"--model.init_args.tokenizer={tiny_assets['tokenizer']}",
-            f"--model.init_args.model.init_args.vision.init_args.path={tiny_assets['vision']}",
-            f"--model.init_args.model.init_args.llm.init_args.path={tiny_assets['llm']}",
+            *tiny_llava_args(tiny_assets),
             "--model.init_args.model.init_args.connector.init_args.merge=1",
             f"--data.init_args.train={motion / 'train.json'}",
             f"--data.init_args.val={motion / 'val.json'}",

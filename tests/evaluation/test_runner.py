@@ -16,7 +16,7 @@ from lmm.cli import main
 from lmm.data.batch import Batch
 from lmm.data.sample import Media, Sample, Turn
 from lmm.evaluation.runner import BENCHMARKS, Task
-from tests.helpers import tiny_data, tiny_llava
+from tests.helpers import tiny_data, tiny_llava, tiny_llava_args
 
 REPO = Path(__file__).resolve().parents[2]
 EVAL_RECIPES = sorted((REPO / "recipes" / "eval").glob("*.yaml"))
@@ -166,9 +166,7 @@ def write_llava_suite(data: Path, synthetic_data: Path) -> None:
 
 def _model_args(tiny_assets) -> list[str]:
     return [
-        f"--model.init_args.tokenizer={tiny_assets['tokenizer']}",
-        f"--model.init_args.model.init_args.vision.init_args.path={tiny_assets['vision']}",
-        f"--model.init_args.model.init_args.llm.init_args.path={tiny_assets['llm']}",
+        *tiny_llava_args(tiny_assets),
         "--trainer.enable_progress_bar=false",
     ]
 

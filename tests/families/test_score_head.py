@@ -25,7 +25,7 @@ from lmm.data.synthetic import SCORE_LABELS, generate
 from lmm.data.templates import Llama3
 from lmm.evaluation.tasks.videofeedback import spearman
 from lmm.families.llava import LlavaModel, LlavaModule
-from tests.helpers import quiet_trainer, tiny_llava
+from tests.helpers import quiet_trainer, tiny_llava, tiny_llava_args
 
 TOL = dict(rtol=1e-5, atol=1e-5)
 LABELS = ["a", "b", "c"]
@@ -320,9 +320,7 @@ def test_videoscore_recipe_settings_train_two_steps(tiny_assets, tmp_path):
             "--trainer.limit_val_batches=0",
             f"--trainer.default_root_dir={tmp_path}",
             f"--trainer.logger.init_args.save_dir={tmp_path}",
-            f"--model.init_args.tokenizer={tiny_assets['tokenizer']}",
-            f"--model.init_args.model.init_args.vision.init_args.path={tiny_assets['vision']}",
-            f"--model.init_args.model.init_args.llm.init_args.path={tiny_assets['llm']}",
+            *tiny_llava_args(tiny_assets),
             "--model.init_args.model.init_args.connector.init_args.merge=1",
             f"--data.init_args.train={train}",
             "--data.init_args.val=null",
@@ -365,9 +363,7 @@ def test_score_recipe_trains_two_steps(tiny_assets, score_data, tmp_path):
             "--trainer.enable_checkpointing=false",
             f"--trainer.default_root_dir={tmp_path}",
             f"--trainer.logger.init_args.save_dir={tmp_path}",
-            f"--model.init_args.tokenizer={tiny_assets['tokenizer']}",
-            f"--model.init_args.model.init_args.vision.init_args.path={tiny_assets['vision']}",
-            f"--model.init_args.model.init_args.llm.init_args.path={tiny_assets['llm']}",
+            *tiny_llava_args(tiny_assets),
             "--model.init_args.model.init_args.connector.init_args.merge=1",
             f"--data.init_args.train={score_data / 'train.json'}",
             f"--data.init_args.val={score_data / 'val.json'}",
