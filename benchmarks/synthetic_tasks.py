@@ -33,7 +33,7 @@ from lmm.cli import LMMCLI  # noqa: E402
 from lmm.data.datamodule import ChatDataModule  # noqa: E402
 from lmm.data.synthetic import ALL_TASKS, SCORE_LABELS, corpus, generate  # noqa: E402
 from lmm.data.templates import Llama3  # noqa: E402
-from lmm.tiny import build_tiny_assets  # noqa: E402
+from lmm.tiny import QUICKSTART_SIZES, build_tiny_assets  # noqa: E402
 
 RECIPES = Path(__file__).resolve().parents[1] / "recipes" / "tiny"
 
@@ -140,12 +140,7 @@ def main(argv: list[str] | None = None) -> dict:
         build_tiny_assets(
             assets,
             corpus(ALL_TASKS),
-            image_size=32,
-            patch_size=4,
-            vision_hidden=64,
-            vision_layers=2,
-            llm_hidden=128,
-            llm_layers=4,
+            **QUICKSTART_SIZES,
         )
         sizes = dict(train=args.train, val=min(200, args.test), test=args.test, seed=0)
         generate(root / "data" / "video", tasks=["motion"], **sizes)

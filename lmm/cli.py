@@ -128,7 +128,7 @@ def demo(argv: list[str]) -> dict:
 def _demo_inputs(data: Path, assets: Path, train_size: int, test_size: int) -> None:
     """Generate the synthetic data and the tiny model unless they are there already."""
     from lmm.data.synthetic import corpus, generate
-    from lmm.tiny import build_tiny_assets
+    from lmm.tiny import QUICKSTART_SIZES, build_tiny_assets
 
     if not (data / "meta.json").is_file():
         generate(data, train=train_size, val=200, test=test_size, image_size=32, seed=0)
@@ -136,12 +136,7 @@ def _demo_inputs(data: Path, assets: Path, train_size: int, test_size: int) -> N
         build_tiny_assets(
             assets,
             corpus(),
-            image_size=32,
-            patch_size=4,
-            vision_hidden=64,
-            vision_layers=2,
-            llm_hidden=128,
-            llm_layers=4,
+            **QUICKSTART_SIZES,
         )
 
 

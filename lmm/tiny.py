@@ -176,6 +176,13 @@ def build_tiny_blip2(
     return out
 
 
+# The quickstart's model (`lmm demo`, benchmarks/synthetic_tasks.py): CLIP 32 px with 4-px
+# patches, 64 wide x 2 layers; Llama 128 wide x 4 layers.
+QUICKSTART_SIZES = dict(
+    image_size=32, patch_size=4, vision_hidden=64, vision_layers=2, llm_hidden=128, llm_layers=4
+)
+
+
 def build_tiny_assets(
     out: str | Path,
     corpus: Iterable[str],
