@@ -11,6 +11,31 @@ from lmm.utils.logging import get_logger
 
 log = get_logger(__name__)
 
+# Causal LMs whose logits are `lm_head(decoder(...))` (then soft-capped where the config says
+# so): `CausalLM.run(logits_at=...)` computes them at the chosen positions only. Others (e.g.
+# Cohere's logit scale, Granite's divisor) compute every position and select after.
+PLAIN_HEADS = frozenset(
+    {
+        "llama",
+        "mistral",
+        "mixtral",
+        "qwen2",
+        "qwen2_moe",
+        "qwen3",
+        "qwen3_moe",
+        "phi",
+        "phi3",
+        "gemma",
+        "gemma2",
+        "gemma3_text",
+        "persimmon",
+        "stablelm",
+        "olmo",
+        "olmo2",
+        "starcoder2",
+    }
+)
+
 
 def _dtype(name: str) -> torch.dtype:
     dtypes = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -63,6 +88,10 @@ class CausalLM(nn.Module):
     def hidden_size(self) -> int:
         return self.model.get_input_embeddings().embedding_dim
 
+    def get_output_embeddings(self) -> nn.Module:
+        """The vocabulary projection (`lm_head`)."""
+        return self.model.get_output_embeddings()
+
     def embed(self, input_ids: Tensor) -> Tensor:  # [B, L] -> [B, L, D]
         return self.model.get_input_embeddings()(input_ids)
 
@@ -80,16 +109,37 @@ class CausalLM(nn.Module):
         attention_mask: Tensor | None,
         position_ids: Tensor | None,
         return_hidden: bool = False,
+        logits_at: Tensor | None = None,
     ) -> Tensor:
         """A training / scoring pass: logits `[B, L, V]`, or with `return_hidden` the last
         hidden states `[B, L, D]` (for score heads; the vocabulary projection then runs at
-        one position only)."""
-        extra = {"output_hidden_states": True, "logits_to_keep": 1} if return_hidden else {}
-        out = self.model(
+        one position only).
+
+        `logits_at` (bool `[B, L]`): logits only at these positions, `[N, V]` in row-major
+        order. Training needs them only where a next token is trained; the vocabulary
+        projection (and the loss's softmax) then skips prompt, image and pad positions, which
+        for a real vocabulary (32k-256k) is much of a small model's step.
+        """
+        kwargs = dict(
             inputs_embeds=inputs_embeds,
             attention_mask=attention_mask,
             position_ids=position_ids,
             use_cache=False,
-            **extra,
         )
+        if logits_at is not None:
+            if self.model.config.model_type not in PLAIN_HEADS:  # its own logit processing
+                return self.model(**kwargs).logits[logits_at]
+            hidden = self.model.get_decoder()(**kwargs).last_hidden_state
+            return self.logits(hidden[logits_at])
+        extra = {"output_hidden_states": True, "logits_to_keep": 1} if return_hidden else {}
+        out = self.model(**kwargs, **extra)
         return out.hidden_states[-1] if return_hidden else out.logits
+
+    def logits(self, hidden: Tensor) -> Tensor:
+        """The vocabulary logits `[..., V]` of last hidden states `[..., D]`, as the causal LM
+        computes them (its `lm_head`, then Gemma-2/3's final soft-capping)."""
+        logits = self.get_output_embeddings()(hidden)
+        cap = getattr(self.model.config, "final_logit_softcapping", None)
+        if cap:
+            logits = torch.tanh(logits / cap) * cap
+        return logits

@@ -33,6 +33,25 @@ def causal_lm_loss(logits: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
     return token_losses(logits, labels).sum(), (labels[:, 1:] != -100).sum()
 
 
+def trained_positions(labels: Tensor) -> tuple[Tensor, Tensor]:
+    """Where next-token logits are needed, and the tokens they predict.
+
+    Returns `(at, targets)`: `at` (bool `[B, L]`) marks position t − 1 when `labels[t]` is
+    trained; `targets` `[N]` are those labels in row-major order, the order of `logits[at]`.
+    """
+    trained = labels[:, 1:] != -100
+    return torch.nn.functional.pad(trained, (0, 1)), labels[:, 1:][trained]
+
+
+def selected_lm_loss(logits: Tensor, targets: Tensor) -> tuple[Tensor, Tensor]:
+    """Summed cross-entropy of logits `[N, V]` taken at `trained_positions`, and the count N.
+
+    Equal to `causal_lm_loss` on the full logits: the positions left out carry no loss.
+    """
+    loss = torch.nn.functional.cross_entropy(logits.float(), targets, reduction="sum")
+    return loss, torch.tensor(targets.numel(), device=targets.device)
+
+
 def per_sample_losses(
     logits: Tensor, labels: Tensor, seq_lens: Sequence[Sequence[int]] | None = None
 ) -> list[Tensor]:

@@ -19,8 +19,8 @@ from torch.distributed.fsdp import fully_shard
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 from lmm.components.attention import PACKED_SDPA
-from lmm.components.language import CausalLM
-from lmm.components.losses import causal_lm_loss
+from lmm.components.language import PLAIN_HEADS, CausalLM
+from lmm.components.losses import selected_lm_loss, trained_positions
 from lmm.components.score_head import ScoreConfig, ScoreHead, ScoreMetrics
 from lmm.data.batch import Batch
 from lmm.data.packing import block_causal_mask
@@ -68,13 +68,18 @@ class FamilyModel(nn.Module):
         image_token_id: int,
         attention_mask: Tensor | None,
         return_hidden: bool = False,
+        logits_at: Tensor | None = None,
     ) -> Tensor:
         """Logits `[B, L, V]`: embeddings with the media in, through the LLM.
 
-        With `return_hidden`, the LLM's last hidden states `[B, L, D]` instead (score heads).
+        With `return_hidden`, the LLM's last hidden states `[B, L, D]` instead (score heads);
+        with `logits_at` (bool `[B, L]`), the logits at those positions only, `[N, V]`
+        (training: where a next token is trained).
         """
         embeds = self.embed(batch, image_token_id)
-        return self.llm.run(embeds, attention_mask, batch.position_ids, return_hidden)
+        return self.llm.run(
+            embeds, attention_mask, batch.position_ids, return_hidden, logits_at=logits_at
+        )
 
 
 class LMMModule(L.LightningModule):
@@ -314,13 +319,35 @@ class LMMModule(L.LightningModule):
         if self.score_head is not None:
             loss_sum, n = self.score_head.loss(self.scores(batch), self._targets(batch))
         else:
-            loss_sum, n = causal_lm_loss(self(batch), batch.labels)
+            loss_sum, n = self.lm_loss(batch)
         world = self.trainer.world_size if self._trainer is not None else 1
         if world > 1 and torch.distributed.is_initialized():
             n_global = n.detach().clone()
             torch.distributed.all_reduce(n_global)
             return loss_sum * world / n_global.clamp(min=1), n_global
         return loss_sum / n.clamp(min=1), n
+
+    def lm_loss(self, batch: Batch) -> tuple[Tensor, Tensor]:
+        """Summed next-token loss of the batch's trained tokens, and their count.
+
+        The family model computes logits only where a next token is trained
+        (`logits_at`): prompt, image and pad positions never reach the vocabulary projection.
+        """
+        at, targets = trained_positions(batch.labels)
+        logits = self.root_module()(
+            batch, self.image_token_id, self.attention_mask(batch), logits_at=at
+        )
+        return selected_lm_loss(logits, targets)
+
+    def logit_positions(self, batch: Batch) -> int:
+        """Positions at which a training step of `batch` computes vocabulary logits (for the
+        throughput monitor's FLOP count): the trained ones (`lm_loss`), one per row with a
+        score head, every real token for an LLM whose head lmm cannot call on its own."""
+        if self.score_head is not None:
+            return len(batch)
+        if self.llm.config.model_type not in PLAIN_HEADS:
+            return batch.num_tokens
+        return int((batch.labels[:, 1:] != -100).sum())
 
     def configure_model(self) -> None:
         """Under ModelParallelStrategy, shard the family model with the FSDP2 plan."""

@@ -81,11 +81,13 @@ def step_flops(
     vision_tokens: tuple[int, int],
     llm_shape: tuple[int, int],
     vision_shape: tuple[int, int] = (0, 0),
+    head_tokens: int | None = None,
 ) -> float:
     """Training FLOPs of one batch over vision tower, connector and LLM (forward + backward).
 
     `vision_tokens` is (tokens the encoder runs on, tokens it hands the connector) per image;
-    `llm_shape` and `vision_shape` are (layers, width), for the attention term.
+    `llm_shape` and `vision_shape` are (layers, width), for the attention term; `head_tokens`
+    the positions the LLM's vocabulary projection runs at (None: every token).
     """
     n_images = 0 if batch.pixel_values is None else batch.pixel_values.shape[0]
     order = [
@@ -98,6 +100,8 @@ def step_flops(
         if name in parts:
             upstream = upstream or trains(parts[name])
             flops += matmul_flops(parts[name], n_tokens, upstream)
+    if "llm" in parts:
+        flops -= _skipped_head(parts["llm"], batch.num_tokens, head_tokens, upstream)
     flops += _llm_attention(batch, llm_shape, grad_from=0 if upstream else None)
     v_layers, v_width = vision_shape
     grad = "vision" in parts and trains(parts["vision"])
@@ -105,6 +109,14 @@ def step_flops(
         n_images, vision_tokens[0], vision_tokens[0], v_width, grad, grad
     )
     return flops
+
+
+def _skipped_head(llm: nn.Module, tokens: int, head_tokens: int | None, grad_in: bool) -> float:
+    """FLOPs of the vocabulary projection at the `tokens - head_tokens` positions it skips."""
+    head = llm.get_output_embeddings()
+    if head_tokens is None or not isinstance(head, nn.Linear):
+        return 0.0
+    return _weight_flops(head.weight, tokens - head_tokens, grad_in)
 
 
 def _llm_attention(batch: Batch, llm_shape: tuple[int, int], grad_from: int | None) -> float:
@@ -151,6 +163,7 @@ def qformer_step_flops(
     llm_shape: tuple[int, int],
     vision_shape: tuple[int, int] = (0, 0),
     update_layer: int | None = None,
+    head_tokens: int | None = None,
 ) -> float:
     """Training FLOPs of one batch of the Q-Former family (BLIP-2; Cheetah's VPG-C).
 
@@ -158,7 +171,8 @@ def qformer_step_flops(
     (`qformer_flops`), the projection on its Q outputs. The LLM on the batch's tokens. With a
     `vpgc` part, per image at decoder layer `update_layer`: `qformer_proj` on one token, the
     Q-Former again, `llm_proj` on Q tokens; when nothing before VPG-C trains (Cheetah), the
-    LLM's backward stops at `update_layer`. `llm_shape`, `vision_shape`: (layers, width).
+    LLM's backward stops at `update_layer`. `llm_shape`, `vision_shape`: (layers, width);
+    `head_tokens`: as in `step_flops`.
     """
     n = 0 if batch.pixel_values is None else batch.pixel_values.shape[0]
     vision, qformer, connector, llm = (parts[k] for k in ("vision", "qformer", "connector", "llm"))
@@ -182,6 +196,7 @@ def qformer_step_flops(
     else:
         grad_from = None
     flops += _llm_matmuls(llm, batch.num_tokens, grad_from)
+    flops -= _skipped_head(llm, batch.num_tokens, head_tokens, grad_from is not None)
     flops += _llm_attention(batch, llm_shape, grad_from)
     if vpgc is not None and n > 0:
         flops += _weight_flops(vpgc.qformer_proj.weight, n, grad_hidden)
@@ -260,11 +275,20 @@ class ThroughputMonitor(L.Callback):
     def batch_flops(self, module, batch: Batch) -> float:
         """Training FLOPs of `batch`: `qformer_step_flops` for a module with a Q-Former part."""
         parts = module.parts()
+        head = module.logit_positions(batch)
         if "qformer" in parts:
             return qformer_step_flops(
-                parts, batch, self._vision_tokens[0], self._llm, self._vision, self._update_layer
+                parts,
+                batch,
+                self._vision_tokens[0],
+                self._llm,
+                self._vision,
+                self._update_layer,
+                head_tokens=head,
             )
-        return step_flops(parts, batch, self._vision_tokens, self._llm, self._vision)
+        return step_flops(
+            parts, batch, self._vision_tokens, self._llm, self._vision, head_tokens=head
+        )
 
     def on_train_batch_start(self, trainer, module, batch: Batch, batch_idx: int) -> None:
         now = time.perf_counter()

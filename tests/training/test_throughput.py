@@ -51,6 +51,7 @@ def test_step_flops_match_the_flop_counter(tiny_assets, synthetic_data, freeze):
         (spec.vision.sequence_length((32, 32)), spec.vision.num_tokens((32, 32))),
         (llm.num_hidden_layers, llm.hidden_size),
         (vcfg.num_hidden_layers, vcfg.hidden_size),
+        head_tokens=module.logit_positions(batch),  # the loss's logits: trained positions only
     )
     with FlopCounterMode(display=False) as counter:
         loss, _ = module.loss(batch)
@@ -91,7 +92,10 @@ def test_qformer_step_flops_match_the_flop_counter(
     llm = module.llm.config
     shapes = ((llm.num_hidden_layers, llm.hidden_size), (vcfg.num_hidden_layers, vcfg.hidden_size))
     # 32 px / patch 8: the Q-Former cross-attends to 16 patches + CLS
-    expected = qformer_step_flops(module.parts(), batch, 17, *shapes, update_layer=1)
+    head = module.logit_positions(batch)  # the loss's logits: trained positions only
+    expected = qformer_step_flops(
+        module.parts(), batch, 17, *shapes, update_layer=1, head_tokens=head
+    )
     monitor = ThroughputMonitor(peak_flops=1e12)
     monitor.on_fit_start(None, module)
     assert monitor.batch_flops(module, batch) == expected
@@ -103,7 +107,7 @@ def test_qformer_step_flops_match_the_flop_counter(
     assert abs(expected - measured) / measured < 0.005, (expected, measured)
     if vpgc and freeze is None:
         # LLaVA's count (no Q-Former, no VPG-C, the LLM's backward all the way down) is far off
-        llava = step_flops(module.parts(), batch, (17, 17), *shapes)
+        llava = step_flops(module.parts(), batch, (17, 17), *shapes, head_tokens=head)
         assert abs(llava - measured) / measured > 0.1, (llava, measured)
 
 

@@ -173,14 +173,18 @@ class QFormerModel(FamilyModel):
         image_token_id: int,
         attention_mask: Tensor | None,
         return_hidden: bool = False,
+        logits_at: Tensor | None = None,
     ) -> Tensor:
         """Logits `[B, L, V]`: embeddings with the images scattered in, through the LLM (+VPG-C).
 
-        With `return_hidden`, the LLM's last hidden states `[B, L, D]` instead (score heads).
+        With `return_hidden`, the LLM's last hidden states `[B, L, D]` instead (score heads);
+        with `logits_at` (bool `[B, L]`), the logits at those positions only, `[N, V]`.
         """
         embeds, context = self.prepare(batch, image_token_id)
         with self.vpgc_context(context):
-            return self.llm.run(embeds, attention_mask, batch.position_ids, return_hidden)
+            return self.llm.run(
+                embeds, attention_mask, batch.position_ids, return_hidden, logits_at=logits_at
+            )
 
     def embed(self, batch: Batch, image_token_id: int) -> Tensor:  # -> [B, L, D_llm]
         """Token embeddings of the batch with every image's query outputs at its placeholders."""
