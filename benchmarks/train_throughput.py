@@ -2,7 +2,8 @@
 
 Part 1, `speedup_vs_hf`: supervised (answer) tokens trained per second. One tiny-ish LLaVA
 (CLIP 32 px / patch 8 = 16 tokens per image, width 128 x 4 layers; Llama width 256 x 4 layers,
-as CPU.md section 10's tiny model) is built once and exported with `export_hf`; both sides start
+as CPU.md section 10's tiny model, with LLaVA-1.5's 32,000-token vocabulary: `--vocab`; the
+tiny tokenizer uses the first 600 ids) is built once and exported with `export_hf`; both sides start
 from these weights and train one pass over the same N samples of the packing benchmark's
 LLaVA-Instruct-like length mix (docs/benchmarks.md), with AdamW at the same lr, no weight
 decay, no clipping, a constant schedule, in the same precision:
@@ -81,8 +82,9 @@ def make_records(n: int, images: list[str], words: list[str], seed: int) -> list
     return packing.make_records(n, images, words, seed)
 
 
-def build_assets(root: Path, size: str, seed: int) -> dict[str, Path]:
-    """Tokenizer, CLIP tower and Llama of `size`, written with `save_pretrained`."""
+def build_assets(root: Path, size: str, seed: int, vocab: int | None = None) -> dict[str, Path]:
+    """Tokenizer, CLIP tower and Llama of `size` (`vocab` rows of embeddings and vocabulary
+    projection; default the tokenizer's), written with `save_pretrained`."""
     v_width, v_layers, width, layers, mlp, heads = SIZES[size]
     tokenizer = build_tokenizer([" ".join(vocabulary())] * 4, root / "tokenizer")
     vision = build_vision(
@@ -98,6 +100,7 @@ def build_assets(root: Path, size: str, seed: int) -> dict[str, Path]:
         seed,
         intermediate=mlp,
         max_positions=4096,
+        vocab_size=vocab,
     )
     return {"tokenizer": tokenizer, "vision": vision, "llm": llm}
 
@@ -296,7 +299,7 @@ def train_hf(folder: Path, samples, processor, pad_id: int, out: Path, a) -> dic
 def speedup(root: Path, a: argparse.Namespace) -> dict:
     """Part 1: the same weights and samples trained by lmm and by the HF Trainer."""
     mix = write_mix(root, a.samples, a.seed)
-    assets = build_assets(root / "tiny", "tiny", a.seed)
+    assets = build_assets(root / "tiny", "tiny", a.seed, a.vocab or None)
     module = build_module(assets, a.lr, a.seed)
     folder = export_hf(module, root / "hf")  # before lmm trains: both start from these weights
     params = sum(p.numel() for p in module.parameters())
@@ -305,7 +308,8 @@ def speedup(root: Path, a: argparse.Namespace) -> dict:
     samples = load_samples(mix)
     lengths = sorted(data.processor.length(s) for s in samples)
     print(
-        f"model {params / 1e6:.1f}M params; {len(samples)} samples, tokens per sample: "
+        f"model {params / 1e6:.1f}M params (vocab "
+        f"{module.llm.get_output_embeddings().out_features}); {len(samples)} samples, tokens per sample: "
         f"median {lengths[len(lengths) // 2]}, mean {sum(lengths) / len(lengths):.0f}, "
         f"max {lengths[-1]}; {a.precision}"
     )
@@ -328,7 +332,8 @@ def speedup(root: Path, a: argparse.Namespace) -> dict:
             f"the two sides trained different data: lmm {lmm['samples']} samples / "
             f"{lmm['supervised_tokens']} tokens, hf {hf['samples']} / {hf['supervised_tokens']}"
         )
-    return {"params": params, "lmm": lmm, "hf": hf, "max_tokens": lengths[-1]}
+    vocab = module.llm.get_output_embeddings().out_features
+    return {"params": params, "lmm": lmm, "hf": hf, "max_tokens": lengths[-1], "vocab": vocab}
 
 
 def mfu(root: Path, mix: Path, a: argparse.Namespace) -> dict:
@@ -376,6 +381,13 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--batch-size", type=int, default=8, help="HF Trainer samples per step")
     p.add_argument("--pack-tokens", type=int, default=1024, help="lmm packed row length")
     p.add_argument("--rows", type=int, default=2, help="lmm packed rows per step")
+    p.add_argument(
+        "--vocab",
+        type=int,
+        default=32000,
+        help="vocabulary of the speedup model (LLaVA-1.5's Vicuna: 32000; 0: the tiny "
+        "tokenizer's 600)",
+    )
     p.add_argument("--lr", type=float, default=1e-4)
     p.add_argument("--precision", choices=["bf16-mixed", "32-true"], default="bf16-mixed")
     p.add_argument("--order", default="hf,lmm", help="which side trains first")
@@ -415,6 +427,7 @@ def main(argv: list[str] | None = None) -> dict:
         "hf_mixed_precision": hf["mixed_precision"],
         "supervised_tokens": lmm["supervised_tokens"],
         "params_speedup_model": part1["params"],
+        "vocab_speedup_model": part1["vocab"],
         "batch_size_hf": a.batch_size,
         "pack_tokens_lmm": a.pack_tokens,
         "rows_lmm": a.rows,

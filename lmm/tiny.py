@@ -79,15 +79,20 @@ def build_llm(
     seed: int = 0,
     intermediate: int | None = None,
     max_positions: int = 2048,
+    vocab_size: int | None = None,
 ) -> Path:
     """A randomly initialised causal LM of `model_type` (llama, qwen2, phi, gemma, ...) sized to the tokenizer.
 
-    `intermediate` is the MLP width (default 4 × hidden).
+    `intermediate` is the MLP width (default 4 × hidden). `vocab_size` gives the embeddings and
+    the vocabulary projection more rows than the tokenizer has (a real model's vocabulary cost
+    with the tiny tokenizer; the extra rows are never a target); default: the tokenizer's size.
     """
     tok = PreTrainedTokenizerFast.from_pretrained(tokenizer)
+    if vocab_size is not None and vocab_size < len(tok):
+        raise ValueError(f"vocab_size {vocab_size} < the tokenizer's {len(tok)} tokens")
     config = AutoConfig.for_model(
         model_type,
-        vocab_size=len(tok),
+        vocab_size=vocab_size or len(tok),
         hidden_size=hidden,
         intermediate_size=intermediate or hidden * 4,
         num_hidden_layers=layers,
