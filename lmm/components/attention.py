@@ -9,11 +9,17 @@ reads packed rows the same way). There, each sample is attended on its own with 
 kernel, instead of the whole row under a block-diagonal mask: a row of n samples costs
 sum(len_i^2) rather than (sum len_i)^2 query-key pairs, and the CPU kernel runs unmasked.
 Rows shorter than `PER_SAMPLE_MIN_LENGTH` get the block-diagonal mask, built once per forward.
+
+In bf16 on the CPU, samples (and short rows) up to `MATMUL_MAX_LENGTH` tokens are attended by
+`matmul_attention`: two matmuls around a float32 softmax with the backward written out, 2-3x
+faster forward + backward than torch's CPU flash kernel at these lengths (its scores stay in
+cache). Longer samples, float32 and other devices keep the sdpa kernel.
 """
 
 from __future__ import annotations
 
 import importlib.util
+from functools import lru_cache
 
 import torch
 from torch import Tensor
@@ -32,6 +38,9 @@ PACKED_SDPA = "sdpa_packed"
 # tokens the per-sample calls cost more than the cross-sample pairs they skip (measured on
 # the CPU: 256-token rows of 3-5 samples ~15% slower per sample, 1024-token rows ~20% faster).
 PER_SAMPLE_MIN_LENGTH = 512
+# Samples up to this length take `matmul_attention` in bf16 on the CPU (forward + backward,
+# 10 heads of 64, vs torch's flash kernel: 128 tokens 3.3x, 290 2.5x, 450 1.8x faster, 600 0.8x).
+MATMUL_MAX_LENGTH = 512
 
 
 def resolve_attention(requested: str = "auto", causal_lm: bool = False) -> str:
@@ -128,6 +137,9 @@ def packed_sdpa_attention(
         if window is not None and length > window:
             i = torch.arange(length, device=mask.device)
             mask = mask & ((i[:, None] - i[None, :]) < window)
+        if _use_matmul(query, length, dropout):
+            out = matmul_attention(query, key, value, mask, scaling)
+            return out.transpose(1, 2).contiguous(), None
         return sdpa_attention_forward(
             module, query, key, value, mask, dropout=dropout, scaling=scaling, **kwargs
         )
@@ -157,6 +169,80 @@ def packed_sdpa_attention(
         rows.append(torch.cat(pieces, dim=1) if len(pieces) > 1 else pieces[0])
     out = torch.stack(rows)  # [B, H, L, D]
     return out.transpose(1, 2).contiguous(), None
+
+
+class _MatmulAttention(torch.autograd.Function):
+    """softmax(q kᵀ · scale + bias) v with a float32 softmax; the backward reuses the saved
+    probabilities (flash attention's dS = P ∘ (dP − rowsum(dO ∘ O)))."""
+
+    @staticmethod
+    def forward(ctx, q: Tensor, k: Tensor, v: Tensor, bias: Tensor, scale: float) -> Tensor:
+        scores = torch.matmul(q, k.transpose(-1, -2)).float().mul_(scale).add_(bias)
+        probs = torch.softmax(scores, dim=-1).to(q.dtype)
+        out = torch.matmul(probs, v)
+        ctx.save_for_backward(q, k, v, probs, out)
+        ctx.scale = scale
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        q, k, v, probs, out = ctx.saved_tensors
+        grad = grad.to(q.dtype)
+        grad_v = torch.matmul(probs.transpose(-1, -2), grad)
+        grad_probs = torch.matmul(grad, v.transpose(-1, -2)).float()
+        delta = (grad.float() * out.float()).sum(-1, keepdim=True)
+        grad_scores = grad_probs.sub_(delta).mul_(probs.float()).to(q.dtype)
+        grad_q = torch.matmul(grad_scores, k).mul_(ctx.scale)
+        grad_k = torch.matmul(grad_scores.transpose(-1, -2), q).mul_(ctx.scale)
+        return grad_q, grad_k, grad_v, None, None
+
+
+def matmul_attention(
+    q: Tensor,  # [..., H, n, D]
+    k: Tensor,  # [..., H_kv, n, D]
+    v: Tensor,  # [..., H_kv, n, D]
+    allowed: Tensor,  # bool, broadcastable to [..., H, n, n]: which keys each query sees
+    scale: float | None = None,
+) -> Tensor:  # [..., H, n, D]
+    """Attention as two matmuls and a float32 softmax (sdpa's result up to rounding), in the
+    compute dtype (`compute_dtype`: autocast's, as sdpa under autocast); key / value heads are
+    repeated for grouped queries. Every query must see at least one key."""
+    dtype = compute_dtype(q)
+    groups = q.shape[-3] // k.shape[-3]
+    if groups > 1:
+        k, v = k.repeat_interleave(groups, dim=-3), v.repeat_interleave(groups, dim=-3)
+    bias = torch.zeros(allowed.shape, dtype=torch.float32, device=q.device)
+    bias.masked_fill_(~allowed, float("-inf"))
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    with torch.autocast(q.device.type, enabled=False):
+        return _MatmulAttention.apply(q.to(dtype), k.to(dtype), v.to(dtype), bias, scale)
+
+
+def compute_dtype(q: Tensor) -> torch.dtype:
+    """The dtype attention computes in: autocast's when it is on (rotary embeddings hand the
+    kernel float32 queries and keys under bf16 autocast), else the queries'."""
+    device = q.device.type
+    if q.is_floating_point() and torch.is_autocast_enabled(device):
+        return torch.get_autocast_dtype(device)
+    return q.dtype
+
+
+def _use_matmul(q: Tensor, n: int, dropout: float) -> bool:
+    """`matmul_attention` beats the sdpa kernel here: bf16 on the CPU, short, no dropout."""
+    return (
+        q.device.type == "cpu"
+        and compute_dtype(q) == torch.bfloat16
+        and n <= MATMUL_MAX_LENGTH
+        and dropout == 0.0
+    )
+
+
+@lru_cache(maxsize=64)
+def _causal_allowed(n: int, window: int | None, device: torch.device) -> Tensor:
+    """`[n, n]` bool: causal (within `window`, if given)."""
+    i = torch.arange(n, device=device)
+    offset = i[:, None] - i[None, :]
+    return (offset >= 0) & (offset < window) if window is not None else offset >= 0
 
 
 def _merge_singletons(spans: list[tuple[int, int]]) -> list[tuple[int, int, bool]]:
@@ -189,6 +275,8 @@ def _causal(
 ) -> Tensor:  # [G, H, n, D]
     """Causal sdpa over samples (within a sliding window if the layer has one)."""
     n = q.shape[2]
+    if _use_matmul(q, n, dropout):
+        return matmul_attention(q, k, v, _causal_allowed(n, window, q.device), scaling)
     mask = None
     if window is not None and n > window:
         i = torch.arange(n, device=q.device)

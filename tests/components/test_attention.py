@@ -30,11 +30,15 @@ def _packed(seq_lens: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
     return positions, block_causal_mask(seq_lens, length)
 
 
-@pytest.fixture(params=["per_sample", "block_mask"])
+@pytest.fixture(params=["per_sample", "block_mask", "per_sample_matmul", "block_mask_matmul"])
 def row_path(request, monkeypatch):
-    """Both paths of `sdpa_packed`: per-sample calls (long rows) and the block mask (short)."""
-    minimum = 0 if request.param == "per_sample" else 10_000
+    """Every path of `sdpa_packed`: per-sample calls (long rows) or the block mask (short), by
+    the sdpa kernel or by `matmul_attention` (chosen for bf16 on the CPU; forced here in fp32,
+    where both must give sdpa's result)."""
+    minimum = 0 if request.param.startswith("per_sample") else 10_000
     monkeypatch.setattr(attention, "PER_SAMPLE_MIN_LENGTH", minimum)
+    matmul = request.param.endswith("matmul")
+    monkeypatch.setattr(attention, "_use_matmul", lambda q, n, dropout: matmul)
     return request.param
 
 
@@ -93,3 +97,60 @@ def test_resolve_attention_on_cpu():
     assert resolve_attention("auto") == "sdpa"
     assert resolve_attention("flash_attention_2", causal_lm=True) == "sdpa_packed"
     assert resolve_attention("eager", causal_lm=True) == "eager"
+
+
+@pytest.mark.parametrize("per_sample", [True, False])
+def test_bf16_on_the_cpu_takes_matmul_attention(monkeypatch, per_sample):
+    """bf16 packed rows use `matmul_attention`; the result is sdpa's up to bf16 rounding."""
+    monkeypatch.setattr(attention, "PER_SAMPLE_MIN_LENGTH", 0 if per_sample else 10_000)
+    calls = []
+    real = attention._MatmulAttention.apply
+    monkeypatch.setattr(
+        attention._MatmulAttention, "apply", lambda *a: calls.append(a[0].shape) or real(*a)
+    )
+    torch.manual_seed(0)
+    seq_lens = [[40, 1, 70, 33, 1, 1], [1, 90, 44, 6, 1, 1, 1, 1, 1]]
+    positions, mask = _packed(seq_lens)
+    q32, k32, v32 = (torch.randn(2, h, 146, 16, requires_grad=True) for h in (4, 2, 2))
+    q, k, v = (t.detach().bfloat16().requires_grad_() for t in (q32, k32, v32))
+    layer = _Layer(2)
+    out, _ = packed_sdpa_attention(layer, q, k, v, None, position_ids=positions)
+    ref, _ = sdpa_attention_forward(layer, q32, k32, v32, mask)
+    assert out.dtype == torch.bfloat16 and len(calls) == (6 if per_sample else 1)
+    torch.testing.assert_close(out.float(), ref, rtol=0.02, atol=0.02)
+    weight = torch.randn_like(ref)
+    grads = torch.autograd.grad((out.float() * weight).sum(), (q, k, v))
+    grads_ref = torch.autograd.grad((ref * weight).sum(), (q32, k32, v32))
+    for g, r in zip(grads, grads_ref, strict=True):
+        assert g.dtype == torch.bfloat16
+        assert (g.float() - r).norm() <= 0.02 * r.norm()
+
+
+def test_long_samples_and_fp32_keep_the_sdpa_kernel():
+    q = torch.zeros(1, 2, 8, 4, dtype=torch.bfloat16)
+    assert attention._use_matmul(q, attention.MATMUL_MAX_LENGTH, 0.0)
+    assert not attention._use_matmul(q, attention.MATMUL_MAX_LENGTH + 1, 0.0)
+    assert not attention._use_matmul(q.float(), 8, 0.0)
+    assert not attention._use_matmul(q, 8, 0.1)  # attention dropout: sdpa's
+
+
+def test_bf16_autocast_takes_matmul_attention(monkeypatch):
+    """Under bf16 autocast, float32 queries and keys (rotary embeddings upcast them) are
+    attended in bf16 by `matmul_attention`, as autocast's sdpa would."""
+    monkeypatch.setattr(attention, "PER_SAMPLE_MIN_LENGTH", 0)
+    calls = []
+    real = attention._MatmulAttention.apply
+    monkeypatch.setattr(
+        attention._MatmulAttention, "apply", lambda *a: calls.append(a[0].dtype) or real(*a)
+    )
+    torch.manual_seed(0)
+    positions, _ = _packed([[9, 7]])
+    q, k = (torch.randn(1, 2, 16, 8, requires_grad=True) for _ in range(2))
+    v = torch.randn(1, 2, 16, 8).bfloat16().requires_grad_()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out, _ = packed_sdpa_attention(_Layer(1), q, k, v, None, position_ids=positions)
+        ref, _ = packed_sdpa_attention(_Layer(1), q, k, v, _packed([[9, 7]])[1])
+    assert calls == [torch.bfloat16] * 2 and out.dtype == ref.dtype == torch.bfloat16
+    torch.testing.assert_close(out, ref, rtol=0.02, atol=0.02)
+    out.float().sum().backward()
+    assert q.grad.dtype == torch.float32 and v.grad.dtype == torch.bfloat16
