@@ -3,7 +3,7 @@
 Part 1, `speedup_vs_hf`: supervised (answer) tokens trained per second. One tiny-ish LLaVA
 (CLIP 32 px / patch 8 = 16 tokens per image, width 128 x 4 layers; Llama width 256 x 4 layers,
 as CPU.md section 10's tiny model, with LLaVA-1.5's 32,000-token vocabulary: `--vocab`; the
-tiny tokenizer uses the first 600 ids) is built once and exported with `export_hf`; both sides start
+tiny tokenizer uses the first 372 ids) is built once and exported with `export_hf`; both sides start
 from these weights and train one pass over the same N samples of the packing benchmark's
 LLaVA-Instruct-like length mix (docs/benchmarks.md), with AdamW at the same lr, no weight
 decay, no clipping, a constant schedule, in the same precision:
@@ -386,7 +386,7 @@ def main(argv: list[str] | None = None) -> dict:
         type=int,
         default=32000,
         help="vocabulary of the speedup model (LLaVA-1.5's Vicuna: 32000; 0: the tiny "
-        "tokenizer's 600)",
+        "tokenizer's 372)",
     )
     p.add_argument("--lr", type=float, default=1e-4)
     p.add_argument("--precision", choices=["bf16-mixed", "32-true"], default="bf16-mixed")
