@@ -12,6 +12,7 @@ import lightning as L
 from lightning.pytorch.cli import LightningCLI
 
 from lmm.families.base import LMMModule
+from lmm.training.strategies import empty_init
 from lmm.utils.logging import get_logger
 
 log = get_logger(__name__)
@@ -31,6 +32,15 @@ class LMMCLI(LightningCLI):
             run=run,
             **kwargs,
         )
+
+    def instantiate_classes(self) -> None:
+        """Build the recipe's objects; with `model.init_args.fsdp.meta_init`, the model's
+        parameters on the meta device on every rank but 0 (`empty_init`)."""
+        config = self.config.get(self.subcommand) if self.subcommand else self.config
+        fsdp = config.get("model.init_args.fsdp") if config is not None else None
+        meta = bool(fsdp and (fsdp.get("meta_init") if hasattr(fsdp, "get") else fsdp.meta_init))
+        with empty_init(meta):
+            super().instantiate_classes()
 
 
 def synth(argv: list[str]) -> None:

@@ -15,6 +15,7 @@ import torch
 from lightning.pytorch.cli import OptimizerCallable
 from lightning.pytorch.strategies import ModelParallelStrategy
 from torch import Tensor, nn
+from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.fsdp import fully_shard
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
@@ -31,7 +32,13 @@ from lmm.evaluation.runner import write_results
 from lmm.training.checkpoint import init_from_checkpoint
 from lmm.training.lora import LoraConfig, apply_lora
 from lmm.training.optim import WarmupCosine, param_groups
-from lmm.training.strategies import FSDP2Config, apply_fsdp2, mp_policy
+from lmm.training.strategies import (
+    FSDP2Config,
+    apply_fsdp2,
+    broadcast_weights,
+    has_meta,
+    mp_policy,
+)
 from lmm.utils.logging import get_logger
 
 log = get_logger(__name__)
@@ -350,22 +357,54 @@ class LMMModule(L.LightningModule):
         return int((batch.labels[:, 1:] != -100).sum())
 
     def configure_model(self) -> None:
-        """Under ModelParallelStrategy, shard the family model with the FSDP2 plan."""
+        """Under ModelParallelStrategy, shard the family model with the FSDP2 plan (with
+        `fsdp.meta_init`, then give every rank its shard of rank 0's weights)."""
         strategy = self._trainer.strategy if self._trainer is not None else None
-        if isinstance(strategy, ModelParallelStrategy) and not self._sharded:
-            parts = self.parts()
-            apply_fsdp2(
-                self.root_module(),
-                parts.get("vision"),
-                self.llm,
-                self.device_mesh["data_parallel"],
-                self.fsdp,
+        sharding = isinstance(strategy, ModelParallelStrategy) and not self._sharded
+        if has_meta(self) and not sharding and not self._sharded:
+            raise RuntimeError(
+                f"{type(self).__name__} was built on the meta device (fsdp.meta_init on a rank "
+                f"other than 0) but the strategy is {type(strategy).__name__}: meta_init needs "
+                "the FSDP2 plan (trainer.strategy: ModelParallelStrategy); drop meta_init for "
+                "DDP or DeepSpeed"
             )
+        if sharding:
+            full_state = None
+            if self.fsdp.meta_init and getattr(self.llm, "is_quantized", False):
+                raise ValueError(
+                    "fsdp.meta_init cannot broadcast a quantized (4-bit / 8-bit) LLM's weights: "
+                    "each rank quantizes its own copy when it loads; set "
+                    "model.init_args.fsdp.meta_init: false for QLoRA"
+                )
+            if self.fsdp.meta_init and strategy.global_rank == 0:
+                if has_meta(self):
+                    raise RuntimeError(
+                        "fsdp.meta_init: global rank 0 was built on the meta device, but its "
+                        "weights are the ones every rank receives; check RANK / NODE_RANK / "
+                        "LOCAL_RANK in the launcher's environment (lmm.training.strategies."
+                        "launched_rank_zero)"
+                    )
+                full_state = self.state_dict()  # the full tensors, before sharding
+            self.shard(self.device_mesh["data_parallel"])
             if self.score_head is not None:  # outside the family model: its own FSDP unit
                 mesh = self.device_mesh["data_parallel"]
                 policy = mp_policy(self.fsdp, torch.device(mesh.device_type))
                 fully_shard(self.score_head, mesh=mesh, mp_policy=policy)
+            if self.fsdp.meta_init:
+                built_on_meta = has_meta(self)
+                broadcast_weights(self, full_state, strategy.root_device)
+                log.info(
+                    "FSDP2 meta_init: rank %d %s; weights broadcast from rank 0",
+                    strategy.global_rank,
+                    "built on the meta device" if built_on_meta else "loaded the weights",
+                    extra={"all_ranks": True},
+                )
             self._sharded = True
+
+    def shard(self, mesh: DeviceMesh) -> None:
+        """The family's FSDP2 plan (`apply_fsdp2`): vision layers and tower, decoder layers,
+        then the family model as the root."""
+        apply_fsdp2(self.root_module(), self.parts().get("vision"), self.llm, mesh, self.fsdp)
 
     def root_module(self) -> nn.Module:
         """The family's model, the root FSDP unit."""

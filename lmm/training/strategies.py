@@ -5,14 +5,24 @@ Lightning's `FSDPStrategy` (FSDP1) refuses the CPU; `ModelParallelStrategy` with
 tested here with 2 processes and runs on clusters. Units: every vision encoder layer, the
 vision tower, every LLM decoder layer, then the family model as the root (embeddings,
 connector, lm_head). Frozen parameters are allowed.
+
+With `meta_init`, ranks other than 0 build the model on the meta device (`empty_init`: no
+parameter memory, non-persistent buffers such as rotary frequencies computed as usual); after
+sharding, `broadcast_from_rank0` gives every rank its shard of rank 0's weights, so only rank 0
+ever holds the full model.
 """
 
 from __future__ import annotations
 
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
+from lightning.pytorch.strategies import ModelParallelStrategy, StrategyRegistry
 from torch import nn
+from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
@@ -30,6 +40,86 @@ class FSDP2Config:
     )
     activation_checkpointing: bool = False  # recompute each decoder layer in the backward pass
     reshard_after_forward: bool = True  # ZeRO-3 style; False keeps params gathered (ZeRO-2 style)
+    # Ranks other than 0 build the model on the meta device and receive rank 0's weights after
+    # sharding (the `lmm` CLI builds them under `empty_init`; in Python, build under it).
+    meta_init: bool = False
+
+
+def launched_rank_zero() -> bool:
+    """Whether this process will be global rank 0, from the launcher's environment (before the
+    process group exists): torchrun's RANK, SLURM's SLURM_PROCID, else Lightning's
+    NODE_RANK / LOCAL_RANK (its subprocess launcher). A plain single process is rank 0."""
+    for name in ("RANK", "SLURM_PROCID"):
+        if name in os.environ:
+            return int(os.environ[name]) == 0
+    return all(int(os.environ.get(name, "0")) == 0 for name in ("NODE_RANK", "LOCAL_RANK"))
+
+
+@contextmanager
+def empty_init(enabled: bool = True) -> Iterator[None]:
+    """Build modules with their parameters on the meta device on every rank but rank 0
+    (`launched_rank_zero`); buffers are real. `from_pretrained` inside still reads the
+    checkpoint, one tensor at a time, and keeps nothing."""
+    if not enabled or launched_rank_zero():
+        yield
+        return
+    from accelerate import init_empty_weights  # peft's dependency
+
+    with init_empty_weights(include_buffers=False):
+        yield
+
+
+def has_meta(module: nn.Module) -> bool:
+    """Whether any parameter of `module` is still on the meta device."""
+    return any(p.is_meta for p in module.parameters())
+
+
+def broadcast_weights(module: nn.Module, full_state: dict | None, device: torch.device) -> None:
+    """After sharding: materialise meta parameters on `device` and load rank 0's full state
+    dict `full_state` (None on the other ranks) into every rank's shards.
+
+    Buffers keep their values (`to_empty` would leave them uninitialised)."""
+    if has_meta(module):
+        buffers = {name: b.detach().clone() for name, b in module.named_buffers()}
+        module.to_empty(device=device)
+        with torch.no_grad():
+            for name, b in module.named_buffers():
+                b.copy_(buffers[name])
+    options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True)
+    set_model_state_dict(module, full_state or {}, options=options)
+
+
+class FSDP2Strategy(ModelParallelStrategy):
+    """Lightning's `ModelParallelStrategy` with every rank in the data-parallel dimension (the
+    FSDP2 plan shards over it), whatever the number of nodes and devices.
+
+    `ModelParallelStrategy(data_parallel_size="auto")` means the number of *nodes* (with
+    tensor-parallel "auto" = the devices of a node), so `data_parallel_size: auto,
+    tensor_parallel_size: 1` fails on one node of several devices; here "auto" is the world size
+    divided by `tensor_parallel_size`.
+    """
+
+    def __init__(self, tensor_parallel_size: int = 1, **kwargs):
+        super().__init__(
+            data_parallel_size="auto", tensor_parallel_size=tensor_parallel_size, **kwargs
+        )
+
+    def setup_environment(self) -> None:
+        if self._data_parallel_size == "auto":
+            world = self.num_processes * self.num_nodes
+            if world % self._tensor_parallel_size:
+                raise ValueError(
+                    f"tensor_parallel_size={self._tensor_parallel_size} does not divide the "
+                    f"world size {world} (devices x num_nodes)"
+                )
+            self._data_parallel_size = world // self._tensor_parallel_size
+        super().setup_environment()
+
+
+if "fsdp2" not in StrategyRegistry:  # `trainer.strategy: fsdp2` in a recipe or on the CLI
+    StrategyRegistry.register(
+        "fsdp2", FSDP2Strategy, description="lmm's FSDP2 plan, every rank data-parallel"
+    )
 
 
 def mp_policy(config: FSDP2Config, device: torch.device) -> MixedPrecisionPolicy:

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -87,3 +90,35 @@ def test_synth_writes_data(tmp_path):
     meta = json.loads((tmp_path / "meta.json").read_text())
     assert len(json.loads((tmp_path / "train.json").read_text())) == 10
     assert "counts" in meta
+
+
+@pytest.mark.slow
+def test_fit_meta_init_on_two_processes(tiny_assets, synthetic_data, tmp_path):
+    """`lmm fit` with FSDP2 on 2 CPU processes (Lightning launches rank 1) and
+    `fsdp.meta_init`: rank 1 builds on the meta device and trains on rank 0's weights."""
+    root = Path(__file__).resolve().parents[2]
+    args = _tiny_args(tiny_assets, synthetic_data, tmp_path)
+    cmd = [
+        sys.executable,
+        "-m",
+        "lmm.cli",
+        "fit",
+        *args,
+        "--trainer.strategy=fsdp2",  # lmm.training.strategies.FSDP2Strategy
+        "--trainer.devices=2",
+        "--trainer.precision=32-true",
+        "--trainer.max_steps=2",
+        "--trainer.limit_val_batches=0",
+        "--trainer.enable_checkpointing=false",
+        "--trainer.log_every_n_steps=1",
+        "--data.init_args.batch_size=2",
+        "--model.init_args.fsdp.meta_init=true",
+    ]
+    env = {**os.environ, "PYTHONPATH": str(root), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    r = subprocess.run(cmd, env=env, cwd=root, capture_output=True, text=True, timeout=600)
+    out = r.stdout + r.stderr
+    assert r.returncode == 0, out[-4000:]
+    assert "rank 1 built on the meta device" in out, out[-4000:]
+    assert "rank 0 loaded the weights" in out, out[-4000:]
+    assert "over 2 ranks" in out, out[-4000:]  # both ranks data-parallel (FSDP2Strategy)
+    assert "train/loss" in (tmp_path / "version_0" / "metrics.csv").read_text()

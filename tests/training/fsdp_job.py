@@ -4,6 +4,8 @@ Usage: [torchrun ...] python -m tests.training.fsdp_job ASSETS DATA OUT --steps 
 Rank 0 writes `step loss.hex()` lines (the global-batch mean loss) to OUT/losses.txt and the
 full (unsharded) final weights to OUT/final.pt. `--ckpt-every K` saves a checkpoint every K
 steps to OUT/ckpt (a sharded folder under FSDP2); `--resume PATH` continues from one; `--lora` trains LoRA adapters and saves them to OUT/adapter.
+`--meta-init` builds the model on the meta device on ranks other than 0 (FSDP2 `meta_init`)
+and writes each rank's count of meta parameters after building to OUT/meta_rank<R>.txt.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from lightning.pytorch.strategies import ModelParallelStrategy
 from lmm.data.datamodule import ChatDataModule
 from lmm.data.templates import Llama3
 from lmm.training.lora import LoraConfig, quantization_kwargs, save_adapter
+from lmm.training.strategies import FSDP2Config, empty_init
 from tests.helpers import tiny_llava
 
 
@@ -59,6 +62,7 @@ def main() -> None:
         "--lora", action="store_true", help="LoRA r=4 on the LLM; adapter to OUT/adapter"
     )
     p.add_argument("--qlora", action="store_true", help="--lora on a 4-bit nf4 LLM")
+    p.add_argument("--meta-init", action="store_true", help="FSDP2 meta_init")
     a = p.parse_args()
     torch.set_num_threads(1)
     a.out.mkdir(parents=True, exist_ok=True)
@@ -76,12 +80,18 @@ def main() -> None:
             compute_dtype="float32",
             train_parts=["connector"],
         )
-    module = tiny_llava(
-        assets,
-        quantization=quantization_kwargs(lora) if a.qlora else None,
-        optimizer=lambda params: torch.optim.AdamW(params, lr=1e-3),
-        lora=lora,
-    )
+    with empty_init(a.meta_init):
+        module = tiny_llava(
+            assets,
+            quantization=quantization_kwargs(lora) if a.qlora else None,
+            optimizer=lambda params: torch.optim.AdamW(params, lr=1e-3),
+            lora=lora,
+            fsdp=FSDP2Config(meta_init=a.meta_init),
+        )
+    if a.meta_init:
+        rank = os.environ.get("RANK", "0")
+        meta = sum(p.is_meta for p in module.parameters())
+        (a.out / f"meta_rank{rank}.txt").write_text(f"{meta} {len(list(module.parameters()))}")
     data = ChatDataModule(
         template=Llama3(),
         train=str(a.data / "train.jsonl"),

@@ -117,6 +117,20 @@ def test_fsdp2_matches_single_process(tiny_assets, data, tmp_path):
 
 
 @pytest.mark.slow
+def test_fsdp2_meta_init(tiny_assets, data, tmp_path):
+    """Rank 1 builds on the meta device (no weights held) and gets rank 0's by broadcast after
+    sharding: the same losses and final weights as one process."""
+    assets = Path(tiny_assets["llm"]).parent
+    _single(assets, data, tmp_path / "one", steps=3, batch_size=4)
+    run = tmp_path / "meta"
+    _torchrun(assets, data, run, 3, 2, nnodes=1, nproc=2, extra=["--meta-init"])
+    meta0, total0 = map(int, (run / "meta_rank0.txt").read_text().split())
+    meta1, total1 = map(int, (run / "meta_rank1.txt").read_text().split())
+    assert meta0 == 0 and meta1 == total1 == total0 > 0
+    _compare(tmp_path / "one", run)
+
+
+@pytest.mark.slow
 def test_two_nodes_localhost(tiny_assets, data, tmp_path):
     assets = Path(tiny_assets["llm"]).parent
     _single(assets, data, tmp_path / "one", steps=3, batch_size=4)

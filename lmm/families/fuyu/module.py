@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from lightning.pytorch.strategies import ModelParallelStrategy
 from torch import nn
+from torch.distributed.device_mesh import DeviceMesh
 from transformers import PreTrainedTokenizerBase
 
 from lmm.families.base import LMMModule
@@ -58,14 +58,8 @@ class FuyuModule(LMMModule):
     def parts(self) -> dict[str, nn.Module]:
         return {"vision": self.model.vision, "llm": self.model.llm}
 
-    def configure_model(self) -> None:
-        """Under ModelParallelStrategy, shard with the FSDP2 plan: decoder layers, then the root.
-
-        The patch embedding is one linear layer with no layer stack of its own: it is sharded
-        with the root (embeddings, lm_head), not as a vision unit.
-        """
-        strategy = self._trainer.strategy if self._trainer is not None else None
-        if isinstance(strategy, ModelParallelStrategy) and not self._sharded:
-            mesh = self.device_mesh["data_parallel"]
-            apply_fsdp2(self.root_module(), None, self.llm, mesh, self.fsdp)
-            self._sharded = True
+    def shard(self, mesh: DeviceMesh) -> None:
+        """The FSDP2 plan: decoder layers, then the root. The patch embedding is one linear
+        layer with no layer stack of its own: it is sharded with the root (embeddings,
+        lm_head), not as a vision unit."""
+        apply_fsdp2(self.root_module(), None, self.llm, mesh, self.fsdp)
