@@ -341,9 +341,11 @@ class LMMModule(L.LightningModule):
         (`logits_at`): prompt, image and pad positions never reach the vocabulary projection.
         """
         at, targets = trained_positions(batch.labels)
-        logits = self.root_module()(
-            batch, self.image_token_id, self.attention_mask(batch), logits_at=at
-        )
+        root = self.root_module()
+        if "logits_at" in inspect.signature(root.forward).parameters:
+            logits = root(batch, self.image_token_id, self.attention_mask(batch), logits_at=at)
+        else:  # a family model without the argument: every position, then select
+            logits = self(batch)[at]
         return selected_lm_loss(logits, targets)
 
     def logit_positions(self, batch: Batch) -> int:

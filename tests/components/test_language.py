@@ -8,6 +8,7 @@ from transformers import AutoConfig, AutoModelForCausalLM
 
 from lmm.components.language import PLAIN_HEADS, CausalLM
 from lmm.components.losses import causal_lm_loss, selected_lm_loss, trained_positions
+from lmm.families.llava import LlavaModel
 from tests.helpers import tiny_data, tiny_llava
 
 TINY = dict(
@@ -71,10 +72,20 @@ def test_selected_loss_equals_full_loss():
     torch.testing.assert_close(picked, total, rtol=1e-6, atol=0)
 
 
-def test_module_loss_equals_full_logits_loss(tiny_assets, synthetic_data):
+@pytest.mark.parametrize("takes_logits_at", [True, False])
+def test_module_loss_equals_full_logits_loss(tiny_assets, synthetic_data, takes_logits_at):
     """The training loss (logits at trained positions only) and its gradients equal the loss of
-    the full logits, on a padded batch of images and text."""
+    the full logits, on a padded batch of images and text; also for a family model whose
+    forward has no `logits_at` (the loss then selects from the full logits)."""
     module = tiny_llava(tiny_assets)
+    if not takes_logits_at:
+
+        class OldForward(LlavaModel):
+            def forward(self, batch, image_token_id, attention_mask, return_hidden=False):
+                assert not return_hidden
+                return super().forward(batch, image_token_id, attention_mask)
+
+        module.model.__class__ = OldForward
     dm = tiny_data(synthetic_data, module, batch_size=4)
     dm.setup("fit")
     batch = next(iter(dm.train_dataloader()))
