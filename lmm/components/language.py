@@ -7,6 +7,7 @@ from torch import Tensor, nn
 from transformers import AutoModelForCausalLM, BitsAndBytesConfig, PreTrainedModel
 
 from lmm.components.attention import resolve_attention
+from lmm.components.pretrained import MetaInitError, from_pretrained, reads_weights
 from lmm.utils.logging import get_logger
 
 log = get_logger(__name__)
@@ -73,15 +74,15 @@ class CausalLM(nn.Module):
         if quantization is not None:
             kwargs["quantization_config"] = BitsAndBytesConfig(**quantization)
         try:
-            self.model: PreTrainedModel = AutoModelForCausalLM.from_pretrained(
-                path, attn_implementation=attn, **kwargs
+            self.model: PreTrainedModel = from_pretrained(
+                AutoModelForCausalLM, path, attn_implementation=attn, **kwargs
             )
         except ValueError as err:  # e.g. Gemma2 has no sdpa
-            if attn == "eager":
+            if attn == "eager" or isinstance(err, MetaInitError):
                 raise
             log.warning("%s does not support %s (%s); using eager attention", path, attn, err)
-            self.model = AutoModelForCausalLM.from_pretrained(
-                path, attn_implementation="eager", **kwargs
+            self.model = from_pretrained(
+                AutoModelForCausalLM, path, attn_implementation="eager", **kwargs
             )
 
     @property
@@ -98,7 +99,9 @@ class CausalLM(nn.Module):
     def resize_vocab(self, size: int) -> None:
         """Grow the embeddings to `size` tokens (after adding `<image>` or a pad token)."""
         if size > self.model.get_input_embeddings().num_embeddings:
-            self.model.resize_token_embeddings(size)
+            # new rows start at the old rows' mean (transformers); on the meta device there is
+            # nothing to average: rank 0's rows arrive after sharding
+            self.model.resize_token_embeddings(size, mean_resizing=reads_weights())
 
     def forward(self, **kwargs):
         return self.model(**kwargs)

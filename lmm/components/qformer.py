@@ -19,6 +19,7 @@ from transformers.utils import cached_file
 
 from lmm.components.attention import resolve_attention
 from lmm.components.language import _dtype
+from lmm.components.pretrained import from_pretrained, reads_weights
 from lmm.components.vision import VisionEncoder, normalization
 from lmm.utils.logging import get_logger
 
@@ -73,11 +74,15 @@ def _load_part(
     """A BLIP-2 sub-model: from a whole BLIP-2 checkpoint (by key prefix) or from its own folder."""
     config = AutoConfig.from_pretrained(path)
     if config.model_type != BLIP2:
-        return model_cls.from_pretrained(path, attn_implementation=attn_implementation, dtype=dtype)
+        return from_pretrained(
+            model_cls, path, attn_implementation=attn_implementation, dtype=dtype
+        )
     with no_init_weights():  # every parameter comes from the checkpoint
         model = model_cls._from_config(
             getattr(config, sub_config), attn_implementation=attn_implementation, dtype=dtype
         )
+    if not reads_weights():  # built on the meta device: rank 0's weights come later
+        return model
     state = checkpoint_tensors(path, prefix)
     missing, unexpected = model.load_state_dict(state, strict=False)
     if missing or unexpected:
@@ -179,11 +184,15 @@ class QFormer(nn.Module):
             torch_dtype,
         )
         config = AutoConfig.from_pretrained(path)
-        if config.model_type == BLIP2:
+        if not reads_weights():  # on the meta device: rank 0's values come later
+            queries = torch.empty(
+                1, num_queries, self.model.config.hidden_size, dtype=torch_dtype, device="meta"
+            )
+        elif config.model_type == BLIP2:
             queries = checkpoint_tensors(path, "query_tokens")[""].to(torch_dtype)
         else:
             queries = torch.zeros(1, num_queries, self.model.config.hidden_size, dtype=torch_dtype)
-        if not queries.any():
+        if not queries.is_meta and not queries.any():
             log.warning("%s: query tokens are all zero; starting them at N(0, %g)", path, init_std)
             queries.normal_(0.0, init_std)
         self.query_tokens = nn.Parameter(queries)  # [1, Q, D_q]

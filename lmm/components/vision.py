@@ -11,6 +11,7 @@ from transformers import AutoConfig, CLIPVisionModel, SiglipVisionModel
 
 from lmm.components.attention import resolve_attention
 from lmm.components.language import _dtype
+from lmm.components.pretrained import from_pretrained
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -66,8 +67,8 @@ class HFVisionTower(VisionEncoder):
         attn = resolve_attention(attn_implementation)
         if attn == "flash_attention_2":
             attn = "sdpa"  # the vision towers run at fixed length; sdpa is exact and fast
-        self.model = classes[kind].from_pretrained(
-            path, attn_implementation=attn, dtype=_dtype(dtype)
+        self.model = from_pretrained(
+            classes[kind], path, attn_implementation=attn, dtype=_dtype(dtype)
         )
         vcfg = self.model.config
         self.kind = kind

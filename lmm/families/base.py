@@ -22,6 +22,7 @@ from transformers import AutoTokenizer, PreTrainedTokenizerBase
 from lmm.components.attention import PACKED_SDPA
 from lmm.components.language import PLAIN_HEADS, CausalLM
 from lmm.components.losses import selected_lm_loss, trained_positions
+from lmm.components.pretrained import reads_weights
 from lmm.components.score_head import ScoreConfig, ScoreHead, ScoreMetrics
 from lmm.data.batch import Batch
 from lmm.data.packing import block_causal_mask
@@ -194,7 +195,7 @@ class LMMModule(L.LightningModule):
             self.score_metrics = nn.ModuleDict(
                 {split: ScoreMetrics(self.score) for split in ("val", "test")}
             )
-        if self.init_from:
+        if self.init_from and reads_weights():  # (meta: rank 0's values come after sharding)
             init_from_checkpoint(self, self.init_from, self.init_include)
         self.apply_freeze()
         if self.score_head is not None:

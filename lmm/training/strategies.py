@@ -14,9 +14,6 @@ ever holds the full model.
 
 from __future__ import annotations
 
-import os
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -26,9 +23,22 @@ from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
+from lmm.components.pretrained import empty_init, launched_rank_zero
 from lmm.utils.logging import get_logger
 
 log = get_logger(__name__)
+
+__all__ = [
+    "FSDP2Config",
+    "FSDP2Strategy",
+    "apply_fsdp2",
+    "broadcast_weights",
+    "empty_init",
+    "has_meta",
+    "launched_rank_zero",
+    "layer_list",
+    "mp_policy",
+]
 
 
 @dataclass
@@ -43,30 +53,6 @@ class FSDP2Config:
     # Ranks other than 0 build the model on the meta device and receive rank 0's weights after
     # sharding (the `lmm` CLI builds them under `empty_init`; in Python, build under it).
     meta_init: bool = False
-
-
-def launched_rank_zero() -> bool:
-    """Whether this process will be global rank 0, from the launcher's environment (before the
-    process group exists): torchrun's RANK, SLURM's SLURM_PROCID, else Lightning's
-    NODE_RANK / LOCAL_RANK (its subprocess launcher). A plain single process is rank 0."""
-    for name in ("RANK", "SLURM_PROCID"):
-        if name in os.environ:
-            return int(os.environ[name]) == 0
-    return all(int(os.environ.get(name, "0")) == 0 for name in ("NODE_RANK", "LOCAL_RANK"))
-
-
-@contextmanager
-def empty_init(enabled: bool = True) -> Iterator[None]:
-    """Build modules with their parameters on the meta device on every rank but rank 0
-    (`launched_rank_zero`); buffers are real. `from_pretrained` inside still reads the
-    checkpoint, one tensor at a time, and keeps nothing."""
-    if not enabled or launched_rank_zero():
-        yield
-        return
-    from accelerate import init_empty_weights  # peft's dependency
-
-    with init_empty_weights(include_buffers=False):
-        yield
 
 
 def has_meta(module: nn.Module) -> bool:

@@ -31,6 +31,7 @@ def test_launched_rank_zero(monkeypatch, env, zero):
 
 
 def test_empty_init_builds_on_meta_only_off_rank_zero(tiny_assets, monkeypatch):
+    """Off rank 0 every parameter is on the meta device and no weight file is read."""
     for name in LAUNCH_ENV:
         monkeypatch.delenv(name, raising=False)
     with empty_init(True):
@@ -38,9 +39,19 @@ def test_empty_init_builds_on_meta_only_off_rank_zero(tiny_assets, monkeypatch):
     monkeypatch.setenv("RANK", "1")
     with empty_init(False):
         assert not has_meta(tiny_llava(tiny_assets))
+    import safetensors
+
+    def no_reading(*args, **kwargs):
+        raise AssertionError("a weight file was read on the meta device")
+
+    monkeypatch.setattr(safetensors, "safe_open", no_reading)
+    monkeypatch.setattr("safetensors.torch.load_file", no_reading)
+    monkeypatch.setattr("transformers.modeling_utils.safe_open", no_reading)
     with empty_init(True):
         module = tiny_llava(tiny_assets, fsdp=FSDP2Config(meta_init=True))
+        module.model.llm.resize_vocab(module.llm.config.vocab_size + 8)  # on meta tensors
     assert all(p.is_meta for p in module.parameters())
+    assert module.llm.get_input_embeddings().num_embeddings == module.llm.config.vocab_size
     rotary = module.llm.model.rotary_emb.inv_freq  # buffers are computed as usual
     assert not rotary.is_meta and rotary[0] == 1.0
     with pytest.raises(RuntimeError, match="meta_init needs the FSDP2 plan"):

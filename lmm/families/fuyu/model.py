@@ -25,6 +25,7 @@ from torch import Tensor, nn
 
 from lmm.components.language import CausalLM
 from lmm.components.merge import scatter_media
+from lmm.components.pretrained import reads_weights
 from lmm.data.batch import Batch
 from lmm.data.processor import MediaMode, MediaSpec
 from lmm.families.base import FamilyModel
@@ -164,7 +165,7 @@ class FuyuModel(FamilyModel):
         self.newline_token = newline_token
         dtype = llm.model.get_input_embeddings().weight.dtype
         self.vision = nn.Linear(3 * patch_size**2, llm.hidden_size, dtype=dtype)
-        if patch_embedding is not None:
+        if patch_embedding is not None and reads_weights():  # (meta: rank 0's come later)
             self.load_patch_embedding(patch_embedding)
 
     def load_patch_embedding(self, path: str | Path) -> None:

@@ -32,6 +32,7 @@ from transformers.utils import cached_file
 from lmm.components.attention import resolve_attention
 from lmm.components.language import CausalLM, _dtype
 from lmm.components.merge import scatter_media
+from lmm.components.pretrained import reads_weights
 from lmm.components.qformer import checkpoint_tensors
 from lmm.components.vision import VisionEncoder
 from lmm.data.batch import Batch
@@ -102,7 +103,10 @@ def _idefics2_config(path: str):
 
 
 def _load_tensors(module: nn.Module, path: str, prefix: str) -> None:
-    """Load the `prefix*` tensors of the checkpoint at `path` into `module`, strictly."""
+    """Load the `prefix*` tensors of the checkpoint at `path` into `module`, strictly (none
+    when built on the meta device: rank 0's weights come after sharding)."""
+    if not reads_weights():
+        return
     try:
         state = checkpoint_tensors(path, prefix)
     except (FileNotFoundError, KeyError) as err:

@@ -1,0 +1,75 @@
+"""Loading transformers weights, or building without them on the meta device (FSDP2 meta_init).
+
+Inside `empty_init` on a rank other than 0, `from_pretrained` builds the model from its
+config with every parameter on the meta device and reads no weight, and `reads_weights()` is
+False so that components skip their own checkpoint reads; after sharding, these ranks receive
+rank 0's weights (`lmm.training.strategies.broadcast_weights`). Buffers are real: the
+non-persistent ones (rotary frequencies, position ids) are computed as usual.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+from transformers import AutoConfig, PreTrainedModel
+
+_state = {"meta": False}  # inside empty_init, off rank 0
+
+
+class MetaInitError(ValueError):
+    """A model that cannot be built on the meta device (quantized on load)."""
+
+
+def launched_rank_zero() -> bool:
+    """Whether this process will be global rank 0, from the launcher's environment (before the
+    process group exists): torchrun's RANK, SLURM's SLURM_PROCID, else Lightning's
+    NODE_RANK / LOCAL_RANK (its subprocess launcher). A plain single process is rank 0."""
+    for name in ("RANK", "SLURM_PROCID"):
+        if name in os.environ:
+            return int(os.environ[name]) == 0
+    return all(int(os.environ.get(name, "0")) == 0 for name in ("NODE_RANK", "LOCAL_RANK"))
+
+
+@contextmanager
+def empty_init(enabled: bool = True) -> Iterator[None]:
+    """Build modules with their parameters on the meta device, reading no weights, on every
+    rank but rank 0 (`launched_rank_zero`); a no-op on rank 0 or when not `enabled`."""
+    if not enabled or launched_rank_zero() or _state["meta"]:
+        yield
+        return
+    from accelerate import init_empty_weights  # peft's dependency
+
+    _state["meta"] = True
+    try:
+        with init_empty_weights(include_buffers=False):
+            yield
+    finally:
+        _state["meta"] = False
+
+
+def reads_weights() -> bool:
+    """False inside `empty_init` off rank 0: build the module, skip reading its checkpoint."""
+    return not _state["meta"]
+
+
+def from_pretrained(cls: type, path: str, **kwargs) -> PreTrainedModel:
+    """`cls.from_pretrained(path, **kwargs)`; inside `empty_init` off rank 0, the same model
+    from its config (`attn_implementation`, `dtype`, `trust_remote_code` kept) on the meta
+    device. `cls` is a model class or an `AutoModel*` class."""
+    if reads_weights():
+        return cls.from_pretrained(path, **kwargs)
+    if kwargs.get("quantization_config") is not None:
+        raise MetaInitError(
+            f"{path}: a quantized (4-bit / 8-bit) model cannot be built on the meta device: each "
+            "rank quantizes its own copy when it loads; set model.init_args.fsdp.meta_init: "
+            "false for QLoRA"
+        )
+    keep = {k: kwargs[k] for k in ("attn_implementation", "dtype") if k in kwargs}
+    remote = kwargs.get("trust_remote_code", False)
+    if isinstance(cls, type) and issubclass(cls, PreTrainedModel):  # its config class reads
+        config = cls.config_class.from_pretrained(path, trust_remote_code=remote)
+        return cls._from_config(config, **keep)
+    config = AutoConfig.from_pretrained(path, trust_remote_code=remote)
+    return cls.from_config(config, trust_remote_code=remote, **keep)
