@@ -18,7 +18,6 @@ import argparse
 import importlib.util
 import json
 import os
-import resource
 import socket
 import subprocess
 import sys
@@ -30,18 +29,14 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # see train_throughput.py
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
-def _throughput_module():
-    """benchmarks/train_throughput.py (beside this file): model sizes, assets and the mix."""
-    path = Path(__file__).with_name("train_throughput.py")
-    spec = importlib.util.spec_from_file_location("_lmm_bench_throughput", path)
+def _memory():
+    """benchmarks/memory.py (beside this file): `peak_mb`, and its `_throughput_module` (model
+    sizes, assets and the mix of train_throughput.py)."""
+    path = Path(__file__).with_name("memory.py")
+    spec = importlib.util.spec_from_file_location("_lmm_bench_memory", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
-
-
-def peak_mb() -> float:
-    """This process's RSS high-water mark in MiB (Linux reports KiB)."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def to_bf16(folder: Path) -> None:
@@ -63,13 +58,14 @@ def rank_job(config: dict) -> None:
     from lmm.training.strategies import FSDP2Config, FSDP2Strategy, empty_init
 
     torch.set_num_threads(1)
-    tt = _throughput_module()
+    memory = _memory()
+    tt = memory._throughput_module()
     root, rank = Path(config["root"]), int(os.environ["RANK"])
     assets = {k: root / "assets" / k for k in ("tokenizer", "vision", "llm")}
     with empty_init(config["meta_init"]):
         module = tt.build_module(assets, 1e-4, config["seed"])
     module.fsdp = FSDP2Config(meta_init=config["meta_init"])
-    built = peak_mb()
+    built = memory.peak_mb()
     a = argparse.Namespace(samples=config["samples"], seed=config["seed"])
     data = tt.packed_data(root / "mix.json", 1, config["pack_tokens"], a)
     losses: list[float] = []
@@ -94,7 +90,7 @@ def rank_job(config: dict) -> None:
         callbacks=[Record()],
     )
     trainer.fit(module, datamodule=data)
-    out = {"rank": rank, "built_mb": built, "peak_mb": peak_mb(), "losses": losses}
+    out = {"rank": rank, "built_mb": built, "peak_mb": memory.peak_mb(), "losses": losses}
     (root / f"{config['name']}_rank{rank}.json").write_text(json.dumps(out))
     dist.barrier()
     dist.destroy_process_group()
@@ -150,7 +146,7 @@ def main(argv: list[str] | None = None) -> dict:
     if a.rank_job:
         rank_job(json.loads(a.rank_job))
         return {}
-    tt = _throughput_module()
+    tt = _memory()._throughput_module()
     start = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
