@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import inspect
 import random
 import re
@@ -56,6 +57,12 @@ def load_tokenizer(path: str, image_token: str = "<image>") -> PreTrainedTokeniz
     if tokenizer.pad_token is None:
         tokenizer.add_special_tokens({"pad_token": "<pad>"})
     return tokenizer
+
+
+@functools.cache
+def forward_arguments(cls: type[nn.Module]) -> frozenset[str]:
+    """The argument names of a module class's `forward` (looked up once per class)."""
+    return frozenset(inspect.signature(cls.forward).parameters)
 
 
 class FamilyModel(nn.Module):
@@ -299,7 +306,7 @@ class LMMModule(L.LightningModule):
     def _check_hidden_contract(self) -> None:
         """A score head needs the family model's forward to take `return_hidden`."""
         root = self.root_module()
-        if "return_hidden" not in inspect.signature(root.forward).parameters:
+        if "return_hidden" not in forward_arguments(type(root)):
             raise TypeError(
                 f"{type(root).__name__}.forward has no `return_hidden` argument, which a score "
                 "head needs (the LLM's last hidden states instead of logits); add it to the "
@@ -343,7 +350,7 @@ class LMMModule(L.LightningModule):
         """
         at, targets = trained_positions(batch.labels)
         root = self.root_module()
-        if "logits_at" in inspect.signature(root.forward).parameters:
+        if "logits_at" in forward_arguments(type(root)):
             logits = root(batch, self.image_token_id, self.attention_mask(batch), logits_at=at)
         else:  # a family model without the argument: every position, then select
             logits = self(batch)[at]
