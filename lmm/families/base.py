@@ -375,7 +375,7 @@ class LMMModule(L.LightningModule):
             raise RuntimeError(
                 f"{type(self).__name__} was built on the meta device (fsdp.meta_init on a rank "
                 f"other than 0) but the strategy is {type(strategy).__name__}: meta_init needs "
-                "the FSDP2 plan (trainer.strategy: ModelParallelStrategy); drop meta_init for "
+                "the FSDP2 plan (trainer.strategy: fsdp2); drop meta_init for "
                 "DDP or DeepSpeed"
             )
         if sharding:
