@@ -129,16 +129,13 @@ def packed_sdpa_attention(
         )
     window = kwargs.get("sliding_window")
     if length < PER_SAMPLE_MIN_LENGTH:
+        rows = query.shape[0]
         mask = _once(
-            position_ids,
-            ("mask", query.shape[0]),
-            lambda: _block_causal(position_ids, query.shape[0]),
+            position_ids, ("mask", rows, window), lambda: _block_causal(position_ids, rows, window)
         )
-        if window is not None and length > window:
-            i = torch.arange(length, device=mask.device)
-            mask = mask & ((i[:, None] - i[None, :]) < window)
         if _use_matmul(query, length, dropout):
-            out = matmul_attention(query, key, value, mask, scaling)
+            bias = _once(position_ids, ("bias", rows, window), lambda: additive_bias(mask))
+            out = matmul_attention(query, key, value, bias, scaling)
             return out.transpose(1, 2).contiguous(), None
         return sdpa_attention_forward(
             module, query, key, value, mask, dropout=dropout, scaling=scaling, **kwargs
@@ -201,21 +198,25 @@ def matmul_attention(
     q: Tensor,  # [..., H, n, D]
     k: Tensor,  # [..., H_kv, n, D]
     v: Tensor,  # [..., H_kv, n, D]
-    allowed: Tensor,  # bool, broadcastable to [..., H, n, n]: which keys each query sees
+    bias: Tensor,  # float32, broadcastable to [..., H, n, n]: 0 where a query sees a key, else -inf
     scale: float | None = None,
 ) -> Tensor:  # [..., H, n, D]
     """Attention as two matmuls and a float32 softmax (sdpa's result up to rounding), in the
     compute dtype (`compute_dtype`: autocast's, as sdpa under autocast); key / value heads are
-    repeated for grouped queries. Every query must see at least one key."""
+    repeated for grouped queries. Every query must see at least one key (`additive_bias`)."""
     dtype = compute_dtype(q)
     groups = q.shape[-3] // k.shape[-3]
     if groups > 1:
         k, v = k.repeat_interleave(groups, dim=-3), v.repeat_interleave(groups, dim=-3)
-    bias = torch.zeros(allowed.shape, dtype=torch.float32, device=q.device)
-    bias.masked_fill_(~allowed, float("-inf"))
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     with torch.autocast(q.device.type, enabled=False):
         return _MatmulAttention.apply(q.to(dtype), k.to(dtype), v.to(dtype), bias, scale)
+
+
+def additive_bias(allowed: Tensor) -> Tensor:
+    """The float32 bias of a boolean mask: 0 where `allowed`, -inf elsewhere."""
+    bias = torch.zeros(allowed.shape, dtype=torch.float32, device=allowed.device)
+    return bias.masked_fill_(~allowed, float("-inf"))
 
 
 def compute_dtype(q: Tensor) -> torch.dtype:
@@ -245,6 +246,12 @@ def _causal_allowed(n: int, window: int | None, device: torch.device) -> Tensor:
     return (offset >= 0) & (offset < window) if window is not None else offset >= 0
 
 
+@lru_cache(maxsize=64)
+def _causal_bias(n: int, window: int | None, device: torch.device) -> Tensor:
+    """`additive_bias` of `_causal_allowed` (kept: every layer and sample of that length)."""
+    return additive_bias(_causal_allowed(n, window, device))
+
+
 def _merge_singletons(spans: list[tuple[int, int]]) -> list[tuple[int, int, bool]]:
     """Spans with each run of one-token spans merged into one, flagged `alone`."""
     out: list[tuple[int, int, bool]] = []
@@ -257,11 +264,11 @@ def _merge_singletons(spans: list[tuple[int, int]]) -> list[tuple[int, int, bool
     return out
 
 
-def _block_causal(position_ids: Tensor, rows: int) -> Tensor:
-    """`[B, 1, L, L]` bool: causal within each span of counting-up position ids."""
+def _block_causal(position_ids: Tensor, rows: int, window: int | None = None) -> Tensor:
+    """`[B, 1, L, L]` bool: causal within each span of counting-up position ids (and within
+    `window`, if given)."""
     sample = _starts(position_ids, rows).cumsum(1)  # [B, L]: which sample each position is in
-    length = sample.shape[1]
-    causal = torch.ones(length, length, dtype=torch.bool, device=sample.device).tril()
+    causal = _causal_allowed(sample.shape[1], window, sample.device)
     return ((sample[:, :, None] == sample[:, None, :]) & causal)[:, None]
 
 
@@ -276,12 +283,8 @@ def _causal(
     """Causal sdpa over samples (within a sliding window if the layer has one)."""
     n = q.shape[2]
     if _use_matmul(q, n, dropout):
-        return matmul_attention(q, k, v, _causal_allowed(n, window, q.device), scaling)
-    mask = None
-    if window is not None and n > window:
-        i = torch.arange(n, device=q.device)
-        offset = i[:, None] - i[None, :]
-        mask = (offset >= 0) & (offset < window)
+        return matmul_attention(q, k, v, _causal_bias(n, window, q.device), scaling)
+    mask = _causal_allowed(n, window, q.device) if window is not None and n > window else None
     return F.scaled_dot_product_attention(
         q,
         k,
