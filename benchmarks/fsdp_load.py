@@ -55,7 +55,8 @@ def rank_job(config: dict) -> None:
     import torch
     import torch.distributed as dist
 
-    from lmm.training.strategies import FSDP2Config, FSDP2Strategy, empty_init
+    from lmm.components.pretrained import empty_init
+    from lmm.training.strategies import FSDP2Config, FSDP2Strategy
 
     torch.set_num_threads(1)
     memory = _memory()

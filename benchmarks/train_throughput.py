@@ -303,13 +303,14 @@ def speedup(root: Path, a: argparse.Namespace) -> dict:
     module = build_module(assets, a.lr, a.seed)
     folder = export_hf(module, root / "hf")  # before lmm trains: both start from these weights
     params = sum(p.numel() for p in module.parameters())
+    vocab = module.llm.get_output_embeddings().out_features
     data = ChatDataModule(template=Llama3(), max_length=a.pack_tokens)
     data.connect(module.tokenizer, module.media_spec(), module.image_token)
     samples = load_samples(mix)
     lengths = sorted(data.processor.length(s) for s in samples)
     print(
-        f"model {params / 1e6:.1f}M params (vocab "
-        f"{module.llm.get_output_embeddings().out_features}); {len(samples)} samples, tokens per sample: "
+        f"model {params / 1e6:.1f}M params (vocab {vocab}); {len(samples)} samples, "
+        "tokens per sample: "
         f"median {lengths[len(lengths) // 2]}, mean {sum(lengths) / len(lengths):.0f}, "
         f"max {lengths[-1]}; {a.precision}"
     )
@@ -332,7 +333,6 @@ def speedup(root: Path, a: argparse.Namespace) -> dict:
             f"the two sides trained different data: lmm {lmm['samples']} samples / "
             f"{lmm['supervised_tokens']} tokens, hf {hf['samples']} / {hf['supervised_tokens']}"
         )
-    vocab = module.llm.get_output_embeddings().out_features
     return {"params": params, "lmm": lmm, "hf": hf, "max_tokens": lengths[-1], "vocab": vocab}
 
 

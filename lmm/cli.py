@@ -11,8 +11,8 @@ from pathlib import Path
 import lightning as L
 from lightning.pytorch.cli import LightningCLI
 
+from lmm.components.pretrained import empty_init
 from lmm.families.base import LMMModule
-from lmm.training.strategies import empty_init
 from lmm.utils.logging import get_logger
 
 log = get_logger(__name__)
@@ -37,9 +37,7 @@ class LMMCLI(LightningCLI):
         """Build the recipe's objects; with `model.init_args.fsdp.meta_init`, the model's
         parameters on the meta device on every rank but 0 (`empty_init`)."""
         config = self.config.get(self.subcommand) if self.subcommand else self.config
-        fsdp = config.get("model.init_args.fsdp") if config is not None else None
-        meta = bool(fsdp and (fsdp.get("meta_init") if hasattr(fsdp, "get") else fsdp.meta_init))
-        with empty_init(meta):
+        with empty_init(bool(config and config.get("model.init_args.fsdp.meta_init"))):
             super().instantiate_classes()
 
 

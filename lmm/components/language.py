@@ -89,6 +89,12 @@ class CausalLM(nn.Module):
     def hidden_size(self) -> int:
         return self.model.get_input_embeddings().embedding_dim
 
+    @property
+    def selects_logits(self) -> bool:
+        """Whether `run(logits_at=...)` projects only the chosen positions (`PLAIN_HEADS`);
+        otherwise it computes every position's logits and selects."""
+        return self.model.config.model_type in PLAIN_HEADS
+
     def get_output_embeddings(self) -> nn.Module:
         """The vocabulary projection (`lm_head`)."""
         return self.model.get_output_embeddings()
@@ -130,7 +136,7 @@ class CausalLM(nn.Module):
             use_cache=False,
         )
         if logits_at is not None:
-            if self.model.config.model_type not in PLAIN_HEADS:  # its own logit processing
+            if not self.selects_logits:  # the model's own logit processing
                 return self.model(**kwargs).logits[logits_at]
             hidden = self.model.get_decoder()(**kwargs).last_hidden_state
             return self.logits(hidden[logits_at])

@@ -21,7 +21,7 @@ from torch.distributed.fsdp import fully_shard
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 from lmm.components.attention import PACKED_SDPA
-from lmm.components.language import PLAIN_HEADS, CausalLM
+from lmm.components.language import CausalLM
 from lmm.components.losses import selected_lm_loss, trained_positions
 from lmm.components.pretrained import reads_weights
 from lmm.components.score_head import ScoreConfig, ScoreHead, ScoreMetrics
@@ -362,7 +362,7 @@ class LMMModule(L.LightningModule):
         score head, every real token for an LLM whose head lmm cannot call on its own."""
         if self.score_head is not None:
             return len(batch)
-        if self.llm.config.model_type not in PLAIN_HEADS:
+        if not self.model.llm.selects_logits:
             return batch.num_tokens
         return int((batch.labels[:, 1:] != -100).sum())
 
@@ -391,7 +391,7 @@ class LMMModule(L.LightningModule):
                     raise RuntimeError(
                         "fsdp.meta_init: global rank 0 was built on the meta device, but its "
                         "weights are the ones every rank receives; check RANK / NODE_RANK / "
-                        "LOCAL_RANK in the launcher's environment (lmm.training.strategies."
+                        "LOCAL_RANK in the launcher's environment (lmm.components.pretrained."
                         "launched_rank_zero)"
                     )
                 full_state = self.state_dict()  # the full tensors, before sharding

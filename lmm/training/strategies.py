@@ -6,7 +6,8 @@ tested here with 2 processes and runs on clusters. Units: every vision encoder l
 vision tower, every LLM decoder layer, then the family model as the root (embeddings,
 connector, lm_head). Frozen parameters are allowed.
 
-With `meta_init`, ranks other than 0 build the model on the meta device (`empty_init`: no
+With `meta_init`, ranks other than 0 build the model on the meta device
+(`lmm.components.pretrained.empty_init`: no
 parameter memory, non-persistent buffers such as rotary frequencies computed as usual); after
 sharding, `broadcast_from_rank0` gives every rank its shard of rank 0's weights, so only rank 0
 ever holds the full model.
@@ -23,22 +24,9 @@ from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
-from lmm.components.pretrained import empty_init, launched_rank_zero
 from lmm.utils.logging import get_logger
 
 log = get_logger(__name__)
-
-__all__ = [
-    "FSDP2Config",
-    "FSDP2Strategy",
-    "apply_fsdp2",
-    "broadcast_weights",
-    "empty_init",
-    "has_meta",
-    "launched_rank_zero",
-    "layer_list",
-    "mp_policy",
-]
 
 
 @dataclass
@@ -51,7 +39,8 @@ class FSDP2Config:
     activation_checkpointing: bool = False  # recompute each decoder layer in the backward pass
     reshard_after_forward: bool = True  # ZeRO-3 style; False keeps params gathered (ZeRO-2 style)
     # Ranks other than 0 build the model on the meta device and receive rank 0's weights after
-    # sharding (the `lmm` CLI builds them under `empty_init`; in Python, build under it).
+    # sharding (the `lmm` CLI builds them under `lmm.components.pretrained.empty_init`; in
+    # Python, build the module under it).
     meta_init: bool = False
 
 

@@ -21,10 +21,11 @@ import torch.distributed as dist
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.strategies import ModelParallelStrategy
 
+from lmm.components.pretrained import empty_init
 from lmm.data.datamodule import ChatDataModule
 from lmm.data.templates import Llama3
 from lmm.training.lora import LoraConfig, quantization_kwargs, save_adapter
-from lmm.training.strategies import FSDP2Config, empty_init
+from lmm.training.strategies import FSDP2Config
 from tests.helpers import tiny_llava
 
 

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from lmm.training.strategies import FSDP2Config, empty_init, has_meta, launched_rank_zero
+from lmm.components.pretrained import empty_init, launched_rank_zero
+from lmm.training.strategies import FSDP2Config, has_meta
 from tests.helpers import tiny_llava
 
 LAUNCH_ENV = ("RANK", "SLURM_PROCID", "NODE_RANK", "LOCAL_RANK")
