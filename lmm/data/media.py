@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -93,15 +94,32 @@ class ImageTransform:
         elif self.aspect == "resize":
             img = img.resize((self.size, self.size), Image.BICUBIC)
         elif self.aspect == "crop":
-            w, h = img.size
-            scale = self.size / min(w, h)
-            img = img.resize((max(self.size, round(w * scale)), max(self.size, round(h * scale))))
+            img = img.resize(shortest_edge_size(img.width, img.height, self.size), Image.BICUBIC)
             w, h = img.size
             left, top = (w - self.size) // 2, (h - self.size) // 2
             img = img.crop((left, top, left + self.size, top + self.size))
         else:
             raise ValueError(f"aspect must be pad, resize or crop, got {self.aspect!r}")
-        x = torch.from_numpy(np.asarray(img, dtype=np.float32) / 255.0).permute(2, 0, 1)
-        mean = torch.tensor(self.mean).view(3, 1, 1)
-        std = torch.tensor(self.std).view(3, 1, 1)
-        return (x - mean) / std  # [3, size, size]
+        return normalize(img, self.mean, self.std)  # [3, size, size]
+
+
+def shortest_edge_size(width: int, height: int, size: int) -> tuple[int, int]:
+    """(width, height) with the short side `size` and the long side `int(size * long / short)`.
+
+    Truncated, not rounded: transformers' `get_resize_output_image_size` (CLIPImageProcessor,
+    and so LLaVA's and Mantis-CLIP's preprocessing) computes the long side this way.
+    """
+    if width <= height:
+        return size, int(size * height / width)
+    return int(size * width / height), size
+
+
+def normalize(img: Image.Image, mean: Sequence[float], std: Sequence[float]) -> Tensor:
+    """`[3, H, W]` float32: `(x / 255 - mean) / std` in the arithmetic of transformers' processors.
+
+    Rescaling in float64 then casting, and normalizing in float32, gives the bits of
+    `CLIPImageProcessor` / `SiglipImageProcessor`, so pixels equal theirs exactly.
+    """
+    x = (np.asarray(img).astype(np.float64) * (1 / 255)).astype(np.float32)
+    x = (x - np.array(mean, dtype=np.float32)) / np.array(std, dtype=np.float32)
+    return torch.from_numpy(np.ascontiguousarray(x.transpose(2, 0, 1)))
