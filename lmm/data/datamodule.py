@@ -16,6 +16,7 @@ from lmm.data.batch import Batch, Features
 from lmm.data.collate import PadCollator
 from lmm.data.formats import VideoOptions, iter_samples, load_samples, read_records, stream_records
 from lmm.data.mixture import Mixture
+from lmm.data.policy import Preprocessing
 from lmm.data.processor import MediaSpec, Processor
 from lmm.data.sample import Sample
 from lmm.data.stream import StreamLoader, TrainStream, shuffled
@@ -87,6 +88,7 @@ class ChatDataModule(L.LightningDataModule):
         labels: list[str] | None = None,
         val_tasks: list[PromptTask] | None = None,
         test_tasks: list[PromptTask] | None = None,
+        preprocessing: Preprocessing | None = None,
     ):
         """
         Args:
@@ -115,6 +117,9 @@ class ChatDataModule(L.LightningDataModule):
                 `val/<task>/<metric>` (e.g. `lmm.evaluation.runner.Task`).
             test_tasks: benchmark tasks answered and scored by `lmm test` (`test/<task>/<metric>`,
                 plus predictions JSONL and results JSON in the log folder).
+            preprocessing: marker placement, truncation and tokenization policies
+                (lmm.data.policy.Preprocessing); the seed recipes set their seed's, the default
+                is lmm's.
         """
         super().__init__()
         self.template = template
@@ -133,6 +138,7 @@ class ChatDataModule(L.LightningDataModule):
         self.group_by_modality_length = group_by_modality_length
         self.video = VideoOptions(max_frames=max_frames, fps=fps)
         self.labels = labels
+        self.preprocessing = preprocessing or Preprocessing()
         self.tasks: dict[str, list[PromptTask]] = {
             "val": list(val_tasks or []),
             "test": list(test_tasks or []),
@@ -146,7 +152,9 @@ class ChatDataModule(L.LightningDataModule):
         self, tokenizer: PreTrainedTokenizerBase, media: MediaSpec, image_token: str = "<image>"
     ) -> None:
         """Bind the model's tokenizer and media spec (token counts, image transform)."""
-        self.processor = Processor(tokenizer, self.template, media, self.max_length, image_token)
+        self.processor = Processor(
+            tokenizer, self.template, media, self.max_length, image_token, self.preprocessing
+        )
 
     def setup(self, stage: str | None = None) -> None:
         if self.processor is None:
@@ -168,6 +176,7 @@ class ChatDataModule(L.LightningDataModule):
             allow_outside_root=self.allow_outside_root,
             video=self.video,
             labels=self.labels,
+            policy=self.preprocessing,
         )
 
     def load(self, split: str) -> list[Sample]:
@@ -206,7 +215,10 @@ class ChatDataModule(L.LightningDataModule):
             mixture = Mixture.from_yaml(path, "train", seed=self.seed)
             log.info("train mixture %s: %d samples per epoch", path, len(mixture))
             source = partial(
-                mixture.samples, root=self.root, allow_outside_root=self.allow_outside_root
+                mixture.samples,
+                root=self.root,
+                allow_outside_root=self.allow_outside_root,
+                policy=self.preprocessing,
             )
         elif self.streaming:
 

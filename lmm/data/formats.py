@@ -10,7 +10,8 @@ One parser reads both formats (they differ only in key names):
 
 Markers and images (docs/data.md): the i-th `<image>` marker is the i-th image. A record with
 images but no marker gets one marker per image, each followed by a newline, at the start of the
-first user turn (what LLaVA and Mantis do). Any other disagreement is an error naming the record.
+first user turn; `Preprocessing.unmarked_media` and `marker_placement` give the seeds' other
+policies. Any other disagreement is an error naming the record.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from lmm.data.policy import DEFAULT, Preprocessing
 from lmm.data.sample import IMAGE_MARKER, BadRecordError, Media, Part, Sample, Turn, VideoRef
 
 VIDEO_MARKER = "<video>"
@@ -129,11 +131,15 @@ def parse_record(
     allow_outside_root: bool = False,
     video: VideoOptions | None = None,
     labels: Sequence[str] | None = None,
+    policy: Preprocessing | None = None,
 ) -> Sample:
     """Turn one Mantis or LLaVA record (chat, chat_video or classification) into a `Sample`.
 
-    Raises `BadRecordError` naming the file, the record and the fix.
+    `policy` gives the marker placement and the handling of unmarked media (lmm's default:
+    markers where written, unmarked images first). Raises `BadRecordError` naming the file,
+    the record and the fix.
     """
+    policy = policy or DEFAULT
     source = Path(source)
     root = Path(root) if root is not None else source.parent
     record_id = str(record.get("id", f"#{index}"))
@@ -177,12 +183,22 @@ def parse_record(
             raise bad(f"turn {k} has no text content")
         if media and isinstance(media[0], VideoRef):
             text = text.replace(VIDEO_MARKER, IMAGE_MARKER)
+        if media:  # the seeds move markers only in records that have media
+            text = _place_marker(text, policy.marker_placement)
         parts, n_markers = _split_markers(text, n_markers)
+        if role == "system" and policy.system_turn == "refuse":
+            raise bad(
+                f"turn {k} is a system turn, which this recipe's seed code cannot read (its "
+                "reader knows only human/gpt roles and fails on the record)",
+                "drop the system turn, or set preprocessing.system_turn: use",
+            )
         if role != "user" and any(isinstance(p, Media) for p in parts):
             raise bad(f"turn {k} ({role}) holds an {IMAGE_MARKER} marker; only user turns may")
         turns.append(Turn(role, parts))
 
-    _place_media(turns, n_markers, len(media), bad)
+    if n_markers == 0 and media and policy.unmarked_media == "drop":
+        media = []  # LLaVA's code loads such images but never places them: the model sees none
+    _place_media(turns, n_markers, len(media), bad, policy.unmarked_media)
     if check_media:
         _check_files(media, bad)
     meta = {k: record[k] for k in ("task", "source", "category") if k in record}
@@ -204,13 +220,29 @@ def _image_paths(record: dict, bad) -> list[str]:
     return out
 
 
-def _place_media(turns: list[Turn], n_markers: int, n_media: int, bad) -> None:
+def _place_marker(text: str, placement: str) -> str:
+    """A turn's text with its marker moved as LLaVA's `preprocess_multimodal` moves it.
+
+    `turn_start` (LLaVA-1.5): a turn holding markers loses them all, is stripped, and starts
+    with one `<image>\n`. `turn_start_unless_first` (LLaVA-NeXT): only a turn with exactly one
+    marker that does not already start it.
+    """
+    n = text.count(IMAGE_MARKER)
+    if placement == "keep" or n == 0:
+        return text
+    if placement == "turn_start_unless_first" and (n != 1 or text.startswith(IMAGE_MARKER)):
+        return text
+    return (IMAGE_MARKER + "\n" + text.replace(IMAGE_MARKER, "").strip()).strip()
+
+
+def _place_media(turns: list[Turn], n_markers: int, n_media: int, bad, unmarked: str) -> None:
     """Apply the marker policy (module docstring): place unmarked media first, else counts must agree."""
     if n_markers == 0 and n_media:
         first_user = next((t for t in turns if t.role == "user"), None)
         if first_user is None:
             raise bad("has media but no user turn to place them in")
-        first_user.parts[:0] = [p for i in range(n_media) for p in (Media(i), "\n")]
+        after = ("\n",) if unmarked == "newline" else ()
+        first_user.parts[:0] = [p for i in range(n_media) for p in (Media(i), *after)]
     elif n_markers != n_media:
         raise bad(
             f"{n_markers} {IMAGE_MARKER} markers but {n_media} images",
@@ -271,6 +303,7 @@ def iter_samples(
     allow_outside_root: bool = False,
     video: VideoOptions | None = None,
     labels: Sequence[str] | None = None,
+    policy: Preprocessing | None = None,
 ) -> Iterator[Sample | BadRecordError]:
     """Parse records one by one, yielding the error of a bad record in its place."""
     for i, rec in records:
@@ -287,6 +320,7 @@ def iter_samples(
                 allow_outside_root=allow_outside_root,
                 video=video,
                 labels=labels,
+                policy=policy,
             )
         except BadRecordError as err:
             yield err
@@ -303,7 +337,8 @@ def stream_records(path: str | Path) -> Iterator[tuple[int, dict]]:
 def load_samples(path: str | Path, **options) -> list[Sample]:
     """Read every record of a json/jsonl file; the first bad record raises.
 
-    `options` are those of `parse_record` (root, check_media, allow_outside_root, video, labels).
+    `options` are those of `parse_record` (root, check_media, allow_outside_root, video, labels,
+    policy).
     """
     samples = []
     for item in iter_samples(read_records(path), source=path, **options):

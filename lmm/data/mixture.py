@@ -30,6 +30,7 @@ from typing import Any
 import numpy as np
 
 from lmm.data.formats import VideoOptions, _json_line, parse_record
+from lmm.data.policy import Preprocessing
 from lmm.data.sample import IMAGE_MARKER, BadRecordError, Sample
 from lmm.utils.logging import get_logger
 
@@ -518,6 +519,7 @@ class Mixture:
         root: str | Path | None = None,
         allow_outside_root: bool = False,
         check_media: bool = True,
+        policy: Preprocessing | None = None,
     ) -> Sample | BadRecordError:
         """Record `index` of source `source_no` as a Sample, or the error saying why not."""
         source = self.sources[source_no]
@@ -545,6 +547,7 @@ class Mixture:
                 allow_outside_root=allow_outside_root,
                 video=self._video_options(source),
                 labels=source.labels,
+                policy=policy,
             )
         except BadRecordError as err:
             return err
@@ -590,6 +593,7 @@ class Mixture:
         allow_outside_root: bool = False,
         check_media: bool = True,
         keep_skipped: bool = True,
+        policy: Preprocessing | None = None,
     ) -> Iterator[Sample | BadRecordError]:
         """The epoch's samples in order, each bad or skipped record's error in its place.
 
@@ -606,6 +610,7 @@ class Mixture:
                 root=root,
                 allow_outside_root=allow_outside_root,
                 check_media=check_media,
+                policy=policy,
             )
             if isinstance(item, SkippedRecord):
                 skipped[self.sources[s].name] += 1

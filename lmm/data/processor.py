@@ -11,9 +11,10 @@ from transformers import PreTrainedTokenizerBase
 
 from lmm.data.batch import Features
 from lmm.data.media import ImageTransform, load_image
+from lmm.data.policy import DEFAULT, Preprocessing
 from lmm.data.sample import BadRecordError, Sample, Turn, VideoRef
 from lmm.data.templates import ChatTemplate
-from lmm.data.tokenization import SegmentTokenizer
+from lmm.data.tokenization import IGNORE_INDEX, SegmentTokenizer
 from lmm.data.video import VideoError, VideoReader, load_video, sample_indices
 
 MediaMode = Literal["image", "multi", "video"]
@@ -74,9 +75,10 @@ class Processor:
     """Renders a sample with a chat template and tokenizes it segment by segment.
 
     Each image marker becomes exactly `media.num_image_tokens(...)` image tokens (label -100);
-    labels are the ids of trainable segments only. A sample longer than `max_length` loses whole
-    rounds from the end (never part of a turn, never part of an image); if even one round is too
-    long it is a bad record.
+    labels are the ids of trainable segments only (plus the template's `train_tokens`). By
+    default a sample longer than `max_length` loses whole rounds from the end (never part of a
+    turn, never part of an image); if even one round is too long it is a bad record. `policy`
+    (lmm.data.policy.Preprocessing) gives the seeds' other truncations and quirks.
     """
 
     def __init__(
@@ -86,13 +88,19 @@ class Processor:
         media: MediaSpec,
         max_length: int = 2048,
         image_token: str = "<image>",
+        policy: Preprocessing | None = None,
     ):
         self.tokenizer = tokenizer
         self.template = template
         self.media = media
         self.max_length = max_length
-        self.segments = SegmentTokenizer(tokenizer, image_token)
+        self.policy = policy or DEFAULT
+        self.segments = SegmentTokenizer(
+            tokenizer, image_token, self.policy.tokenization, self.policy.sentencepiece
+        )
         self.image_token_id = self.segments.image_token_id
+        self.train_ids = {self._single_id(t, "train_tokens") for t in template.train_tokens}
+        self.drop_ids = {self._single_id(t, "drop_tokens") for t in self.policy.drop_tokens}
         boundary = media.boundary_token
         self.boundary_id = None if boundary is None else tokenizer.convert_tokens_to_ids(boundary)
         self.video_reader = VideoReader()
@@ -107,14 +115,25 @@ class Processor:
             features = self._encode(sample, sample.turns, add_generation_prompt=True)
             features.target = torch.tensor(sample.target, dtype=torch.float32)
             return features
-        return self._encode(sample, self._fit(sample), add_generation_prompt=False)
+        return self._encode(sample, self._train_turns(sample), add_generation_prompt=False)
 
     def length(self, sample: Sample) -> int:
         """The token count `__call__` gives, computed without decoding an image or a video."""
         scored = sample.target is not None
-        turns = sample.turns if scored else self._fit(sample)
-        segments, ids, _ = self._tokens(sample, turns, add_generation_prompt=scored)
-        return self._expanded_length(sample, segments, ids)
+        turns = sample.turns if scored else self._train_turns(sample)
+        _, ids, _, media = self._sequence(sample, turns, add_generation_prompt=scored)
+        n = self._expanded_length(sample, media, ids)
+        if self.policy.truncation == "cut_tail" and not scored and n > self.max_length:
+            expansions = [self._header_expansion(sample, index) for index in media]
+            out_ids, _ = self._expand(ids, ids, expansions)
+            n = len(self._cut_expanded(sample, out_ids, out_ids)[0])
+        return n
+
+    def _train_turns(self, sample: Sample) -> list[Turn]:
+        """The turns a training sample renders: those that fit (`drop_rounds`), else all."""
+        if self.policy.truncation == "drop_rounds":
+            return self._fit(sample)
+        return sample.turns
 
     def prompt(self, sample: Sample) -> Features:
         """Features for generation: turns up to the last user turn plus the assistant header.
@@ -138,8 +157,8 @@ class Processor:
         rounds = _rounds(sample.turns)
         while True:
             turns = [t for r in rounds for t in r]
-            segments, ids, _ = self._tokens(sample, turns, add_generation_prompt=False)
-            n = self._expanded_length(sample, segments, ids)
+            _, ids, _, media = self._sequence(sample, turns, add_generation_prompt=False)
+            n = self._expanded_length(sample, media, ids)
             if n <= self.max_length:
                 return turns
             if sum(r[0].role == "user" for r in rounds) <= 1:
@@ -151,16 +170,34 @@ class Processor:
                 )
             rounds = rounds[:-1]
 
-    def _expanded_length(self, sample: Sample, segments: list, ids: list[int]) -> int:
-        expansions = []
-        for index in (s.media for s in segments if s.media is not None):
-            mode = self._mode(sample, index)
-            frames = self._num_frames(sample, index)
-            size = self._header_size(sample, index) if self.media.size_dependent else None
-            size = size or (self.media.transform.size, self.media.transform.size)
-            tokens = self.media.marker_tokens(size, mode, frames)
-            expansions.append(self._marker_ids(sample, tokens))
+    def _expanded_length(self, sample: Sample, media: list[int], ids: list[int]) -> int:
+        expansions = [self._header_expansion(sample, index) for index in media]
         return len(self._expand(ids, ids, expansions)[0])
+
+    def _header_expansion(self, sample: Sample, index: int) -> list[int]:
+        """The token ids media `index` becomes, known from its file header alone."""
+        mode = self._mode(sample, index)
+        frames = self._num_frames(sample, index)
+        size = self._header_size(sample, index) if self.media.size_dependent else None
+        size = size or (self.media.transform.size, self.media.transform.size)
+        return self._marker_ids(sample, self.media.marker_tokens(size, mode, frames))
+
+    def _cut_expanded(
+        self, sample: Sample, ids: list[int], labels: list[int]
+    ) -> tuple[list[int], list[int]]:
+        """`cut_tail`: the expanded sequence cut at `max_length`, never inside a media item."""
+        n = self.max_length
+        if len(ids) <= n:
+            return ids, labels
+        if ids[n - 1] == self.image_token_id and ids[n] == self.image_token_id:
+            raise BadRecordError(
+                sample.source,
+                sample.id,
+                f"cutting it at max_length={n} tokens would cut an image's tokens apart (the "
+                "seed feeds the first part of its features; lmm feeds whole media only)",
+                "raise max_length, or use truncation: drop_rounds",
+            )
+        return ids[:n], labels[:n]
 
     def _expand(
         self, ids: list[int], labels: list[int], expansions: list[list[int]]
@@ -232,16 +269,38 @@ class Processor:
         except ValueError as err:
             raise BadRecordError(sample.source, sample.id, str(err)) from err
         ids, labels = self.segments.encode(segments)
+        if self.train_ids:
+            labels = [i if i in self.train_ids else lab for i, lab in zip(ids, labels, strict=True)]
+        if self.policy.answer_max_tokens is not None:
+            ids, labels = _cap_answers(ids, labels, self.policy.answer_max_tokens)
         return segments, ids, labels
 
-    def _encode(self, sample: Sample, turns: list[Turn], add_generation_prompt: bool) -> Features:
+    def _sequence(self, sample: Sample, turns: list[Turn], add_generation_prompt: bool):
+        """Segments, ids and labels before media expansion, and the media indices they keep.
+
+        The order is the seeds': the text cut (`cut_tail_text`, a marker counting one token)
+        comes before tokens are dropped (`drop_tokens`), as the LLaVA-Phi collator cuts
+        before the model drops the masked positions.
+        """
         segments, ids, labels = self._tokens(sample, turns, add_generation_prompt)
+        media = [s.media for s in segments if s.media is not None]
+        generating = add_generation_prompt and sample.target is None
+        if self.policy.truncation == "cut_tail_text" and not generating:
+            ids, labels = ids[: self.max_length], labels[: self.max_length]
+            media = media[: ids.count(self.image_token_id)]
+        if self.drop_ids:
+            keep = [k for k, i in enumerate(ids) if i not in self.drop_ids]
+            ids, labels = [ids[k] for k in keep], [labels[k] for k in keep]
+        return segments, ids, labels, media
+
+    def _encode(self, sample: Sample, turns: list[Turn], add_generation_prompt: bool) -> Features:
+        _, ids, labels, media = self._sequence(sample, turns, add_generation_prompt)
         pixels: list[Tensor] = []
         markers: list[list[int]] = []
         sizes: list[tuple[int, int]] = []
         modes: list[str] = []
         views: list[int] = []
-        for index in (s.media for s in segments if s.media is not None):
+        for index in media:
             mode = self._mode(sample, index)
             images = self._media(sample, index)
             size = (images[0].height, images[0].width)
@@ -253,6 +312,8 @@ class Processor:
             tokens = self.media.marker_tokens(size, mode, len(images))
             markers.append(self._marker_ids(sample, tokens))
         out_ids, out_labels = self._expand(ids, labels, markers)
+        if self.policy.truncation == "cut_tail" and not add_generation_prompt:
+            out_ids, out_labels = self._cut_expanded(sample, out_ids, out_labels)
         return Features(
             id=sample.id,
             input_ids=torch.tensor(out_ids, dtype=torch.long),
@@ -263,6 +324,16 @@ class Processor:
             media_modes=modes,
             views_per_media=views,
         )
+
+    def _single_id(self, token: str, option: str) -> int:
+        """The id of `token`, which must be one token of the tokenizer (`option` names it)."""
+        ids = self.tokenizer(token, add_special_tokens=False).input_ids
+        if len(ids) != 1:
+            raise ValueError(
+                f"{option}: {token!r} is {len(ids)} tokens ({ids}) for this tokenizer, not one; "
+                "name tokens the tokenizer has"
+            )
+        return ids[0]
 
     def _marker_ids(self, sample: Sample, tokens: list[str | None]) -> list[int]:
         """The ids of a marker's tokens (`None`: the image token, a feature slot); each
@@ -304,3 +375,17 @@ class Processor:
             raise BadRecordError(
                 sample.source, sample.id, f"image {index} ({path}) cannot be read: {err}"
             ) from err
+
+
+def _cap_answers(ids: list[int], labels: list[int], cap: int) -> tuple[list[int], list[int]]:
+    """Each run of trained tokens (an answer and its terminator) cut to its first `cap` tokens."""
+    out_ids: list[int] = []
+    out_labels: list[int] = []
+    run = 0
+    for tok, lab in zip(ids, labels, strict=True):
+        run = run + 1 if lab != IGNORE_INDEX else 0
+        if run > cap:
+            continue
+        out_ids.append(tok)
+        out_labels.append(lab)
+    return out_ids, out_labels

@@ -13,7 +13,7 @@ from __future__ import annotations
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import ClassVar, Literal
 
 from lmm.data.sample import IMAGE_MARKER, ROLES, Media, Part, Turn
 
@@ -42,6 +42,12 @@ LLAVA_SYSTEM = (
 )
 _LEADING_NEWLINES = re.compile(r"\s*[\r\n]")  # leading whitespace up to its last newline
 
+LabelPolicy = Literal["answers", "assistant_turn", "all_text"]
+"""What a template trains: `answers` (each answer and its terminator: lmm's default),
+`assistant_turn` (the whole assistant turn as written, header and suffix included: Mantis's
+`llama_3` / `SINGLE` masking, LLaVA-NeXT's `preprocess_qwen`), `all_text` (every text token,
+media excluded: Mantis's `plain` pretraining)."""
+
 
 @dataclass(frozen=True)
 class Segment:
@@ -60,6 +66,17 @@ def render_text(segments: Sequence[Segment]) -> str:
 def trainable_text(segments: Sequence[Segment]) -> str:
     """The concatenated text of the trainable segments: what the loss is computed on."""
     return "".join(s.text for s in segments if s.trainable and s.media is None)
+
+
+def _all_trainable(segments: list[Segment]) -> list[Segment]:
+    """Every text segment trainable, adjacent text merged (`labels: all_text`)."""
+    out = _Builder()
+    for seg in segments:
+        if seg.media is None:
+            out.text(seg.text, trainable=True)
+        else:
+            out.segments.append(seg)
+    return out.segments
 
 
 class _Builder:
@@ -86,13 +103,20 @@ class _Builder:
         else:
             self.segments.append(Segment(text=text, trainable=trainable))
 
-    def media(self, index: int) -> None:
+    def media(self, index: int, image_text: str = "{image}") -> None:
+        """The media marker `index`, inside its `image_text` (untrainable wrapper text)."""
+        if image_text == "{image}":
+            self.segments.append(Segment(media=index))
+            return
+        before, _, after = image_text.partition("{image}")
+        self.text(before.format(k=index + 1, i=index))
         self.segments.append(Segment(media=index))
+        self.text(after.format(k=index + 1, i=index))
 
-    def parts(self, parts: Sequence[Part], trainable: bool = False) -> None:
+    def parts(self, parts: Sequence[Part], trainable: bool = False, image_text: str = "{image}"):
         for part in parts:
             if isinstance(part, Media):
-                self.media(part.index)
+                self.media(part.index, image_text)
             else:
                 self.text(part, trainable)
 
@@ -108,7 +132,8 @@ class ChatTemplate:
     special_tokens: ClassVar[tuple[str, ...]] = ()  # strings that must be single tokens
     stop_strings: ClassVar[tuple[str, ...]] = ()  # what ends an assistant turn at generation
     default_system: ClassVar[str | None] = None  # used when neither argument nor turn gives one
-    bos: ClassVar[str] = ""
+    default_bos: ClassVar[str] = ""  # written first, untrainable (unless labels="all_text")
+    default_image_text: ClassVar[str] = "{image}"  # how a media marker is written
     system_format: ClassVar[str] = "{system}"
     user_prefix: ClassVar[str] = ""
     user_suffix: ClassVar[str] = ""
@@ -117,13 +142,40 @@ class ChatTemplate:
     assistant_end: ClassVar[str] = ""  # trainable terminator: the model must learn to stop
     assistant_suffix: ClassVar[str] = ""  # untrainable, after the terminator
 
-    def __init__(self, system: str | None = None):
+    def __init__(
+        self,
+        system: str | None = None,
+        bos: str | None = None,
+        image_text: str | None = None,
+        labels: LabelPolicy = "answers",
+        train_tokens: Sequence[str] = (),
+    ):
         """
         Args:
             system: System prompt; None uses the template's default (which may be none),
                 "" renders no system prompt. A leading system turn overrides it.
+            bos: text written first (the tokenizer's BOS token, e.g. `<|begin_of_text|>`);
+                None uses the template's default, "" writes none.
+            image_text: how each media marker is written, `{image}` standing for the media
+                tokens, `{k}` for its 1-based and `{i}` for its 0-based index in the sample
+                (Mantis: `(image {k}: <Image>{image}</Image>)`); None: the template's default.
+                The text around `{image}` is input, trained only under `labels: all_text`.
+            labels: what is trained: `answers` (each answer and its terminator), `assistant_turn`
+                (the whole assistant turn as written, header included) or `all_text` (every
+                text token); docs/data.md lists which seed does which.
+            train_tokens: tokens trained wherever they stand, whatever `labels` says (LLaVA-NeXT's
+                `preprocess_qwen` trains every `<|im_start|>`, `<|im_end|>` and `\n`); each must
+                be one token of the tokenizer.
         """
         self.system = self.default_system if system is None else system
+        self.bos = self.default_bos if bos is None else bos
+        self.image_text = self.default_image_text if image_text is None else image_text
+        if "{image}" not in self.image_text:
+            raise ValueError(f"image_text {self.image_text!r} has no {{image}} placeholder")
+        if labels not in ("answers", "assistant_turn", "all_text"):
+            raise ValueError(f"labels must be answers, assistant_turn or all_text, got {labels!r}")
+        self.labels = labels
+        self.train_tokens = tuple(train_tokens)
 
     def render(self, turns: Sequence[Turn], add_generation_prompt: bool = False) -> list[Segment]:
         """Segments of a conversation: an optional system turn, then user/assistant rounds.
@@ -142,6 +194,8 @@ class ChatTemplate:
                 out.text(self.assistant_header)
             else:
                 self._assistant(out, assistant)
+        if self.labels == "all_text" and not add_generation_prompt:
+            return _all_trainable(out.segments)
         return out.segments
 
     # hooks --------------------------------------------------------------------------------
@@ -151,15 +205,16 @@ class ChatTemplate:
 
     def _user(self, out: _Builder, turn: Turn, first_round_system: str | None) -> None:
         out.text(self.user_prefix)
-        out.parts(turn.parts)
+        out.parts(turn.parts, image_text=self.image_text)
         out.text(self.user_suffix)
 
     def _assistant(self, out: _Builder, turn: Turn) -> None:
-        out.text(self.assistant_header)
+        whole = self.labels == "assistant_turn"
+        out.text(self.assistant_header, trainable=whole)
         out.text(self.assistant_prefix, trainable=True)
-        out.parts(turn.parts, trainable=True)
+        out.parts(turn.parts, trainable=True, image_text=self.image_text)
         out.text(self.assistant_end, trainable=True)
-        out.text(self.assistant_suffix)
+        out.text(self.assistant_suffix, trainable=whole)
 
     # validation ---------------------------------------------------------------------------
 
@@ -211,12 +266,65 @@ class ChatTemplate:
 class Plain(ChatTemplate):
     """LLaVA stage-1 pretraining: media then caption; trainable: each answer and its `\\n`.
 
-    Renders `<image>{a}\\n` per round: user text is dropped (as LLaVA's `plain` does) and so
-    is any system prompt; only the user's media are kept.
+    Renders `[bos]<image>{a}\\n` per round: user text is dropped (as LLaVA's `plain` does) and so
+    is any system prompt; only the user's media are kept, each written with `image_text` and
+    followed by `media_separator`. `rounds` says which rounds a record may have: `all` (lmm),
+    `first` (the sample's media, then its first answer only: Mantis's `plain`) or `one` (exactly
+    one round with media, else the record is refused, as LLaVA's `preprocess_plain` asserts;
+    the user turn becomes one `<image>`, so only the first image is fed).
     """
 
     stop_strings = ("\n",)
     assistant_end = "\n"
+
+    def __init__(
+        self,
+        system: str | None = None,
+        bos: str | None = None,
+        image_text: str | None = None,
+        labels: LabelPolicy = "answers",
+        train_tokens: Sequence[str] = (),
+        rounds: Literal["all", "first", "one"] = "all",
+        media_separator: str = "",
+    ):
+        """
+        Args:
+            system: ignored (plain pretraining writes no system prompt); kept for a uniform API.
+            bos: text written first: the tokenizer's BOS token where the seed keeps it
+                (LLaVA-1.5, Mantis, Mipha-Gemma: `<s>`, `<|begin_of_text|>`, `<bos>`); default none.
+            image_text: how each media marker is written (`{image}`, `{k}`, `{i}`: see ChatTemplate).
+            labels: `answers` (the caption and its `\\n`) or `all_text` (Mantis: every text token).
+            train_tokens: tokens trained wherever they stand (see ChatTemplate).
+            rounds: `all`, `first` or `one` (see the class docstring).
+            media_separator: text after each media item (Mantis: " ").
+        """
+        super().__init__(system, bos, image_text, labels, train_tokens)
+        if rounds not in ("all", "first", "one"):
+            raise ValueError(f"rounds must be all, first or one, got {rounds!r}")
+        self.rounds_policy = rounds
+        self.media_separator = media_separator
+
+    def render(self, turns: Sequence[Turn], add_generation_prompt: bool = False) -> list[Segment]:
+        name = type(self).__name__
+        if self.rounds_policy == "all":
+            return super().render(turns, add_generation_prompt)
+        _, rounds = self._rounds(turns, add_generation_prompt)
+        if self.rounds_policy == "one":
+            if len(rounds) != 1 or not rounds[0][0].num_media:
+                raise ValueError(
+                    f"{name}(rounds='one'): a pretraining record is one user turn with media and one "
+                    f"answer (LLaVA's preprocess_plain), this one has {len(rounds)} rounds and "
+                    f"{rounds[0][0].num_media} media in its first user turn"
+                )
+            # preprocess_plain replaces the user turn by one `<image>`: the first image only
+            first = next(p for p in rounds[0][0].parts if isinstance(p, Media))
+            media = [first]
+        else:  # rounds="first": every media item of the conversation, then the first answer
+            media = [p for user, _ in rounds for p in user.parts if isinstance(p, Media)]
+        body = [Turn("user", list(media))]
+        if rounds[0][1] is not None:
+            body.append(rounds[0][1])
+        return super().render(body, add_generation_prompt)
 
     def _system_block(self, system: str) -> str:
         return ""
@@ -224,7 +332,8 @@ class Plain(ChatTemplate):
     def _user(self, out: _Builder, turn: Turn, first_round_system: str | None) -> None:
         for part in turn.parts:
             if isinstance(part, Media):
-                out.media(part.index)
+                out.media(part.index, self.image_text)
+                out.text(self.media_separator)
 
 
 class Llama3(ChatTemplate):
@@ -238,7 +347,7 @@ class Llama3(ChatTemplate):
 
     special_tokens = ("<|begin_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>")
     stop_strings = ("<|eot_id|>",)
-    bos = "<|begin_of_text|>"
+    default_bos = "<|begin_of_text|>"
     system_format = "<|start_header_id|>system<|end_header_id|>\n\n{system}<|eot_id|>"
     user_prefix = "<|start_header_id|>user<|end_header_id|>\n\n"
     user_suffix = "<|eot_id|>"
@@ -304,7 +413,7 @@ class VicunaV1(_LlavaTwo):
 
     special_tokens = ("<s>", "</s>")
     stop_strings = ("</s>",)
-    bos = "<s>"
+    default_bos = "<s>"
     assistant_end = "</s>"
 
 
@@ -318,7 +427,7 @@ class Gemma(ChatTemplate):
 
     special_tokens = ("<bos>", "<start_of_turn>", "<end_of_turn>")
     stop_strings = ("<end_of_turn>",)
-    bos = "<bos>"
+    default_bos = "<bos>"
     user_prefix = "<start_of_turn>user\n"
     user_suffix = "<end_of_turn>\n"
     assistant_header = "<start_of_turn>model\n"
@@ -332,7 +441,7 @@ class Gemma(ChatTemplate):
         out.text(self.user_prefix)
         if first_round_system:
             out.text(first_round_system + "\n\n")
-        out.parts(turn.parts)
+        out.parts(turn.parts, image_text=self.image_text)
         out.text(self.user_suffix)
 
 
@@ -357,7 +466,7 @@ class Llama2(ChatTemplate):
         out.text(self.user_prefix)
         if first_round_system:
             out.text(f"<<SYS>>\n{first_round_system}\n<</SYS>>\n\n")
-        out.parts(turn.parts)
+        out.parts(turn.parts, image_text=self.image_text)
         out.text(self.user_suffix)
 
 
@@ -369,27 +478,10 @@ class _Cheetah(ChatTemplate):
     """
 
     default_system = ""
-    image_prefix: ClassVar[str] = "<Img>"
-    image_suffix: ClassVar[str] = "</Img>"
+    default_image_text = "<Img>{image}</Img>"
 
     def _system_block(self, system: str) -> str:
         return ""  # goes into the first user turn
-
-    def _parts(self, out: _Builder, parts: Sequence[Part], trainable: bool = False) -> None:
-        for part in parts:
-            if isinstance(part, Media):
-                out.text(self.image_prefix)  # the wrapper is input, never trained
-                out.media(part.index)
-                out.text(self.image_suffix)
-            else:
-                out.text(part, trainable)
-
-    def _assistant(self, out: _Builder, turn: Turn) -> None:
-        out.text(self.assistant_header)
-        out.text(self.assistant_prefix, trainable=True)
-        self._parts(out, turn.parts, trainable=True)
-        out.text(self.assistant_end, trainable=True)
-        out.text(self.assistant_suffix)
 
 
 class CheetahVicuna(_Cheetah):
@@ -405,7 +497,7 @@ class CheetahVicuna(_Cheetah):
 
     special_tokens = ("<s>",)
     stop_strings = ("###",)
-    bos = "<s>"
+    default_bos = "<s>"
     user_prefix = "Human: "
     user_suffix = " ###"
     assistant_header = "Assistant:"
@@ -416,7 +508,7 @@ class CheetahVicuna(_Cheetah):
         if first_round_system is not None:  # the first round: `{sys}###`, empty sys included
             out.text(first_round_system + "###")
         out.text(self.user_prefix)
-        self._parts(out, turn.parts)
+        out.parts(turn.parts, image_text=self.image_text)
         out.text(self.user_suffix)
 
 
@@ -440,7 +532,7 @@ class CheetahLlama2(_Cheetah):
         out.text(self.user_prefix)
         if first_round_system is not None:  # the first round, empty system prompt included
             out.text(f"<<SYS>>\n{first_round_system}\n<</SYS>>\n\n")
-        self._parts(out, turn.parts)
+        out.parts(turn.parts, image_text=self.image_text)
         out.text(self.user_suffix)
 
 
@@ -459,7 +551,7 @@ class Idefics2(ChatTemplate):
 
     special_tokens = ("<s>", "<end_of_utterance>")
     stop_strings = ("<end_of_utterance>",)
-    bos = "<s>"
+    default_bos = "<s>"
     system_format = "System: {system}<end_of_utterance>\n"
     user_suffix = "<end_of_utterance>\n"
     assistant_header = "Assistant:"
@@ -473,7 +565,7 @@ class Idefics2(ChatTemplate):
         after_media = False
         for part in parts:
             if isinstance(part, Media):
-                out.media(part.index)
+                out.media(part.index, self.image_text)
                 after_media = True
                 continue
             if after_media and part and not part[0].isspace() and part[0] != "<":
@@ -505,31 +597,11 @@ class MantisFuyu(ChatTemplate):
     special_tokens = ("<s>", "<0x04>", "|ENDOFTEXT|")
     stop_strings = ("|ENDOFTEXT|",)
     default_system = MFUYU_SYSTEM
-    bos = "<s>"
+    default_bos = "<s>"
     system_format = "{system}\n"
     user_prefix = "USER: "
     user_suffix = "<0x04>"
     assistant_header = "ASSISTANT:"
     assistant_prefix = " "
     assistant_end = "|ENDOFTEXT|"
-
-    def __init__(self, system: str | None = None, image_labels: bool = True):
-        """
-        Args:
-            system: System prompt; None uses Mantis's, "" renders none. A leading system turn
-                overrides it.
-            image_labels: write `image {i}: ` before each image, as MFuyuProcessor does.
-        """
-        super().__init__(system)
-        self.image_labels = image_labels
-
-    def _user(self, out: _Builder, turn: Turn, first_round_system: str | None) -> None:
-        out.text(self.user_prefix)
-        for part in turn.parts:
-            if isinstance(part, Media):
-                if self.image_labels:
-                    out.text(f"image {part.index}: ")
-                out.media(part.index)
-            else:
-                out.text(part)
-        out.text(self.user_suffix)
+    default_image_text = "image {i}: {image}"  # MFuyuProcessor's labels, counted from 0

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
+from typing import Literal
 
 from transformers import PreTrainedTokenizerBase
 
@@ -32,15 +34,41 @@ class SegmentTokenizer:
       tokenizers they were made for.
     """
 
-    def __init__(self, tokenizer: PreTrainedTokenizerBase, image_token: str = "<image>"):
+    def __init__(
+        self,
+        tokenizer: PreTrainedTokenizerBase,
+        image_token: str = "<image>",
+        mode: Literal["whole", "media", "legacy", "chunks"] = "whole",
+        sentencepiece: Literal["off", "legacy", "non_legacy"] = "off",
+    ):
         """
         Args:
             tokenizer: The language model's tokenizer, with `image_token` added as a special token.
             image_token: The placeholder a media segment becomes (one token; the processor
                 expands it to the family's number of media tokens).
+            mode: where a new string starts (lmm.data.policy.Preprocessing.tokenization):
+                `whole` (ids equal those of the whole text), `media` (after each media
+                placeholder), `legacy` (after each special token and media placeholder) or
+                `chunks` (after each media placeholder and at each answer).
+            sentencepiece: `off` encodes text with `tokenizer`; `legacy` / `non_legacy` with the
+                sentencepiece library on the tokenizer's `tokenizer.model`, as transformers 4's
+                slow (`use_fast=False`) Llama tokenizer with that `legacy` flag does: runs of
+                spaces split differently there than in the converted fast tokenizer.
         """
+        if mode not in ("whole", "media", "legacy", "chunks"):
+            raise ValueError(f"tokenization must be whole, media, legacy or chunks, got {mode!r}")
         self.tokenizer = tokenizer
         self.image_token = image_token
+        self.fresh_after_media = mode != "whole"
+        self.legacy = mode == "legacy"
+        self.chunks = mode == "chunks"
+        self.sp = None if sentencepiece == "off" else SentencePieceText(tokenizer, sentencepiece)
+        added = sorted(
+            set(tokenizer.get_added_vocab()) | set(tokenizer.all_special_tokens),
+            key=len,
+            reverse=True,
+        )
+        self._special = re.compile("(" + "|".join(map(re.escape, added)) + ")") if added else None
         ids = tokenizer(image_token, add_special_tokens=False).input_ids
         if len(ids) != 1 or ids[0] == tokenizer.unk_token_id:
             raise ValueError(
@@ -59,10 +87,13 @@ class SegmentTokenizer:
         """
         input_ids: list[int] = []
         labels: list[int] = []
+        after_special = True  # the start of the sequence counts as a fresh string
+        trainable = False
         for segment in segments:
             if segment.media is not None:
                 input_ids.append(self.image_token_id)
                 labels.append(IGNORE_INDEX)
+                after_special = self.fresh_after_media
                 continue
             if not segment.text:
                 continue
@@ -72,13 +103,78 @@ class SegmentTokenizer:
                     "media must be `Media` parts of a turn, not text, so that markers and "
                     "images stay counted"
                 )
-            ids = self._encode_text(segment.text, at_start=not input_ids)
+            if self.chunks and segment.trainable and not trainable:
+                after_special = True  # an answer is tokenized as a string of its own
+            trainable = segment.trainable
+            if self.legacy or self.sp is not None:
+                ids = []
+                pieces = self._special.split(segment.text) if self._special else [segment.text]
+                for piece in pieces:
+                    if not piece:
+                        continue
+                    if self._special and self._special.fullmatch(piece):
+                        ids += self.tokenizer.convert_tokens_to_ids([piece])
+                        after_special = self.legacy
+                    else:
+                        ids += self._encode_text(piece, at_start=after_special)
+                        after_special = False
+            else:
+                ids = self._encode_text(segment.text, at_start=after_special)
+                after_special = False
             input_ids += ids
             labels += ids if segment.trainable else [IGNORE_INDEX] * len(ids)
         return input_ids, labels
 
     def _encode_text(self, text: str, at_start: bool) -> list[int]:
+        if self.sp is not None:
+            return self.sp.encode(text, at_start)
         if at_start:
             return self.tokenizer(text, add_special_tokens=False).input_ids
         ids = self.tokenizer(self.image_token + text, add_special_tokens=False).input_ids
         return ids[1:]  # drop the anchor (one token, checked in __init__)
+
+
+class SentencePieceText:
+    """Text → ids as transformers 4's slow `LlamaTokenizer` encodes text between special tokens.
+
+    The seeds that load their tokenizer with `use_fast=False` (LLaVA-1.5, Cheetah) tokenized
+    with the sentencepiece library, whose merges differ from the converted fast tokenizer on
+    runs of spaces (`"at  and"`: `▁at ▁ ▁and` here, `▁at ▁▁ and` in transformers 5).
+    `legacy=True` gives every piece SentencePiece's dummy `▁` prefix; `legacy=False` (transformers
+    >= 4.36 with `legacy: false`) prefixes only a string's start, and encodes text that starts
+    with a space behind an `<unk>` anchor (transformers' own trick), then drops the anchor.
+    """
+
+    def __init__(self, tokenizer: PreTrainedTokenizerBase, flavour: str):
+        import sentencepiece as spm
+        from sentencepiece import sentencepiece_model_pb2
+
+        if flavour not in ("legacy", "non_legacy"):
+            raise ValueError(f"sentencepiece must be off, legacy or non_legacy, got {flavour!r}")
+        path = getattr(tokenizer, "vocab_file", None)
+        if not path:
+            raise ValueError(
+                "sentencepiece: legacy/non_legacy needs the tokenizer's SentencePiece model "
+                "(tokenizer.model next to the tokenizer files); this tokenizer has none"
+            )
+        self.legacy = flavour == "legacy"
+        proto = sentencepiece_model_pb2.ModelProto()
+        proto.ParseFromString(open(path, "rb").read())
+        if not self.legacy:
+            proto.normalizer_spec.add_dummy_prefix = False  # as transformers' get_spm_processor
+        self.sp = spm.SentencePieceProcessor(model_proto=proto.SerializeToString())
+        self.unk = "<unk>"
+        self.unk_length = len(self.sp.encode(self.unk))
+
+    def encode(self, text: str, at_start: bool) -> list[int]:
+        """The ids of `text`: as a string of its own (`at_start`) or continuing the last one."""
+        if self.legacy:
+            if at_start:
+                return self.sp.encode(text)
+            return self.sp.encode(self.unk + text)[self.unk_length :]
+        text = text.replace("\u2581", " ")
+        if at_start:
+            text = "\u2581" + text
+        if not text.startswith(("\u2581", " ")):
+            return self.sp.encode(text)
+        return self.sp.encode(self.unk + text)[self.unk_length :]

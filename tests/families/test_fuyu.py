@@ -216,7 +216,7 @@ def test_mantis_fuyu_template():
         "USER: Why?<0x04>ASSISTANT: Colours.|ENDOFTEXT|"
     )
     assert trainable_text(segments) == " No.|ENDOFTEXT| Colours.|ENDOFTEXT|"
-    prompt = MantisFuyu(system="S", image_labels=False).render(
+    prompt = MantisFuyu(system="S", image_text="{image}").render(
         turns[:1], add_generation_prompt=True
     )
     assert render_text(prompt) == "<s>S\nUSER: <image><image>Same?<0x04>ASSISTANT:"

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal
 
 import torch
@@ -33,9 +33,16 @@ class LlavaMediaSpec(MediaSpec):
     transform: ImageTransform
     vision: VisionEncoder
     connector: Connector
+    # the transform of the images of a multi-image sample, when it differs
+    multi_transform: ImageTransform | None = field(default=None, kw_only=True)
 
     def num_image_tokens(self, image_size: tuple[int, int]) -> int:
         return self.connector.num_tokens(self.vision.num_tokens(image_size))
+
+    def views(self, image: Image.Image, mode: MediaMode) -> Tensor:
+        if mode == "multi" and self.multi_transform is not None:
+            return self.multi_transform(image)[None]
+        return self.transform(image)[None]
 
 
 @dataclass(frozen=True)
@@ -81,6 +88,7 @@ class LlavaModel(FamilyModel):
         connector: Callable[[int, int], Connector] = MLPConnector,
         image_aspect: Literal["pad", "resize", "crop"] = "pad",
         anyres: Callable[[int, int, int], Anyres] | None = None,
+        multi_image_aspect: Literal["pad", "resize", "crop"] | None = None,
     ):
         """
         Args:
@@ -92,12 +100,15 @@ class LlavaModel(FamilyModel):
             anyres: LLaVA-OneVision's image layout (lmm.components.anyres.Anyres: tiles,
                 `anyres_max_N`, `image_newline`, video pooling); built with (LLM width, tile
                 size, tokens per tile side). None = classic LLaVA.
+            multi_image_aspect: `image_aspect` for the images of a sample with several
+                (LLaVA-NeXT pads those whatever `image_aspect_ratio` says); None: the same.
         """
         super().__init__()
         self.vision = vision
         self.llm = llm
         self.connector = connector(vision.out_dim, llm.hidden_size)
         self.image_aspect = image_aspect
+        self.multi_image_aspect = multi_image_aspect
         self.anyres: Anyres | None = None
         if anyres is not None:
             size = vision.image_size
@@ -117,7 +128,10 @@ class LlavaModel(FamilyModel):
             transform = ImageTransform(v.image_size, v.image_mean, v.image_std, "resize")
             return OneVisionMediaSpec(transform, v, self.connector, self.anyres)
         transform = ImageTransform(v.image_size, v.image_mean, v.image_std, self.image_aspect)
-        return LlavaMediaSpec(transform, v, self.connector)
+        multi = None
+        if self.multi_image_aspect not in (None, self.image_aspect):
+            multi = ImageTransform(v.image_size, v.image_mean, v.image_std, self.multi_image_aspect)
+        return LlavaMediaSpec(transform, v, self.connector, multi_transform=multi)
 
     def encode_images(self, pixel_values: Tensor) -> Tensor:  # [N, 3, H, W] -> [N, T, D_llm]
         return self.connector(self.vision(pixel_values))

@@ -1,0 +1,88 @@
+"""How records become token sequences where the seeds differ: marker placement, truncation, quirks.
+
+lmm's defaults are the clean ones; each seed recipe sets the values its seed's own code has
+(docs/data.md, "Seed fidelity", lists them with the source files they were read from).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+MarkerPlacement = Literal["keep", "turn_start", "turn_start_unless_first"]
+UnmarkedMedia = Literal["newline", "prepend", "drop"]
+Truncation = Literal["drop_rounds", "cut_tail", "cut_tail_text"]
+Tokenization = Literal["whole", "media", "legacy", "chunks"]
+SentencePiece = Literal["off", "legacy", "non_legacy"]
+SystemTurn = Literal["use", "refuse"]
+
+
+@dataclass(frozen=True)
+class Preprocessing:
+    """Reader and processor policies (the template decides the text and what is trained).
+
+    Attributes:
+        marker_placement: where a turn's `<image>` marker goes. `keep`: where it is written
+            (lmm). `turn_start`: a turn with one marker loses it, is stripped, and starts with
+            `<image>\\n` (LLaVA-1.5 / LLaVA-Phi / Mipha `preprocess_multimodal`).
+            `turn_start_unless_first`: the same, but a turn that already starts with its marker
+            is left as written (LLaVA-NeXT, MAmmoTH-VL).
+        unmarked_media: images of a record whose text has no marker. `newline`: `<image>\\n` per
+            image at the start of the first user turn (lmm). `prepend`: `<image>` per image
+            there, nothing between (Mantis). `drop`: the images are not fed (LLaVA-family
+            code loads them but places no image token, so the model never sees them).
+        truncation: a sample longer than `max_length`. `drop_rounds`: whole rounds dropped from
+            the end (lmm; never part of an answer). `cut_tail`: the token sequence cut after
+            media expansion (LLaVA-1.5 and LLaVA-NeXT `prepare_inputs_labels_for_multimodal`);
+            a cut inside a media item's tokens is an error naming the record. `cut_tail_text`:
+            cut before expansion, each marker counting one token, media whose marker is cut
+            dropped (Mantis's processor `truncation=True`; LLaVA-Phi / Mipha's collator).
+        tokenization: where a new string starts, which a SentencePiece tokenizer marks with
+            its `▁` prefix. `whole`: only at the start (the ids of the whole text, lmm).
+            `media`: also after each media marker (LLaVA's `tokenizer_image_token` tokenizes
+            the text between images chunk by chunk). `legacy`: also after each special token
+            (transformers' `legacy=True` Llama tokenizers, e.g. Idefics2's). `chunks`: after
+            each media marker and at each answer (Cheetah's `forward` tokenizes the prompt
+            pieces and the answer apart). Byte-level BPE tokenizers (Llama-3, Qwen, GPT-2) give
+            the same ids in every mode.
+        sentencepiece: `off`: text encoded by the tokenizer. `legacy` / `non_legacy`: by the
+            sentencepiece library on the tokenizer's `tokenizer.model`, as transformers 4's
+            slow (`use_fast=False`) Llama tokenizer with that `legacy` flag (LLaVA-1.5:
+            non_legacy; Cheetah: legacy for Vicuna, non_legacy for LLaMA-2).
+        drop_tokens: tokens removed from the sequence before the model sees it (LLaVA-Phi /
+            Mipha set pad = eos = `<|endoftext|>`: their collator's `attention_mask = ids != pad`
+            hides every terminator and `prepare_inputs_labels_for_multimodal` then drops the
+            hidden positions, so the model never sees or learns `<|endoftext|>`).
+        answer_max_tokens: each answer's trained tokens (terminator included) capped at this
+            many (Cheetah's `max_txt_len`: 160 Vicuna, 360 LLaMA-2); None: no cap.
+        system_turn: a record's leading system turn: `use` it as the system prompt (lmm), or
+            `refuse` the record (the LLaVA-family and Mantis readers fail on a `system` role).
+    """
+
+    marker_placement: MarkerPlacement = "keep"
+    unmarked_media: UnmarkedMedia = "newline"
+    truncation: Truncation = "drop_rounds"
+    tokenization: Tokenization = "whole"
+    sentencepiece: SentencePiece = "off"
+    drop_tokens: tuple[str, ...] = ()
+    answer_max_tokens: int | None = None
+    system_turn: SystemTurn = "use"
+
+    def __post_init__(self) -> None:
+        choices = {
+            "marker_placement": ("keep", "turn_start", "turn_start_unless_first"),
+            "unmarked_media": ("newline", "prepend", "drop"),
+            "truncation": ("drop_rounds", "cut_tail", "cut_tail_text"),
+            "tokenization": ("whole", "media", "legacy", "chunks"),
+            "sentencepiece": ("off", "legacy", "non_legacy"),
+            "system_turn": ("use", "refuse"),
+        }
+        for name, allowed in choices.items():
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
+        object.__setattr__(self, "drop_tokens", tuple(self.drop_tokens))
+        if self.answer_max_tokens is not None and self.answer_max_tokens < 1:
+            raise ValueError(f"answer_max_tokens must be >= 1, got {self.answer_max_tokens}")
+
+
+DEFAULT = Preprocessing()

@@ -1,0 +1,234 @@
+"""Every seed recipe feeds the model what the seed's own code fed it, record by record.
+
+Each golden holds, per record, what a seed's preprocessing produced at a pinned commit (input
+ids, labels, attention mask, pixel summaries) or that it refused the record. lmm's recipe for
+that stage (its template and `preprocessing` options) must give the same ids, labels and
+attention, the same feature count per image, and the same pixels; or refuse the record too.
+Images are compared as one placeholder each plus their feature-token counts.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from lmm.components.anyres import Anyres
+from lmm.data.formats import VideoOptions, parse_record
+from lmm.data.media import ImageTransform
+from lmm.data.policy import Preprocessing
+from lmm.data.sample import BadRecordError
+from lmm.families.llava.model import OneVisionMediaSpec
+from tests.fidelity.seeds import CLIP_MEAN, CLIP_STD, FIXTURES, HALF, FlatSpec, Stage, recipe_data
+
+IMG = "<IMG>"
+
+
+def flat(size, mean, std, aspect, tokens, multi=None):
+    extra = ImageTransform(size, mean, std, multi) if multi else None
+    return lambda tokenizer: FlatSpec(ImageTransform(size, mean, std, aspect), tokens, extra)
+
+
+def onevision(tokenizer):
+    anyres = Anyres(
+        8, 384, 27, "(1x1),...,(6x6)", max_tiles=4, video_stride=2, video_newline="grid"
+    )
+    return OneVisionMediaSpec(ImageTransform(384, HALF, HALF, "resize"), None, None, anyres)
+
+
+CLIP_CROP = flat(336, CLIP_MEAN, CLIP_STD, "crop", 576)
+CLIP_PAD = flat(336, CLIP_MEAN, CLIP_STD, "pad", 576)
+SIGLIP_PAD = flat(384, HALF, HALF, "pad", 729)
+
+STAGES = {
+    s.golden + (f":{s.variant}" if s.variant else ""): s
+    for s in [
+        Stage("llava15_pretrain", "recipes/llava15/pretrain.yaml", "sp_mistral_v1", CLIP_CROP),
+        Stage("llava15_finetune", "recipes/llava15/finetune.yaml", "sp_mistral_v1", CLIP_PAD),
+        Stage(
+            "mantis_stage1_siglip",
+            "recipes/mantis/stage1_siglip.yaml",
+            "llama3",
+            flat(384, HALF, HALF, "resize", 728),
+        ),
+        Stage("mantis_stage1_clip", "recipes/mantis/stage1_clip.yaml", "llama3", CLIP_CROP),
+        Stage(
+            "mantis_stage2_siglip",
+            "recipes/mantis/stage2_siglip.yaml",
+            "llama3",
+            flat(384, HALF, HALF, "resize", 728),
+        ),
+        Stage("mantis_stage2_clip", "recipes/mantis/stage2_clip.yaml", "llama3", CLIP_CROP),
+        Stage(
+            "mammoth_vl_stage1",
+            "recipes/mammoth_vl/stage1.yaml",
+            "qwen25",
+            flat(384, HALF, HALF, "resize", 729, multi="pad"),
+        ),
+        Stage("mammoth_vl_stage2_si", "recipes/mammoth_vl/stage2_si.yaml", "qwen25", onevision),
+        Stage("mammoth_vl_stage3_ov", "recipes/mammoth_vl/stage3_ov.yaml", "qwen25", onevision),
+        Stage("llava_phi_stage1", "recipes/llava_phi/stage1.yaml", "phi2_standin", CLIP_CROP),
+        Stage("llava_phi_stage2", "recipes/llava_phi/stage2.yaml", "phi2_standin", CLIP_PAD),
+        Stage("mipha_phi_stage1", "recipes/mipha/3b_stage1.yaml", "phi2_standin", SIGLIP_PAD),
+        Stage("mipha_phi_stage2", "recipes/mipha/3b_stage2.yaml", "phi2_standin", SIGLIP_PAD),
+        Stage("mipha_gemma_stage1", "recipes/mipha/2.4b_stage1.yaml", "gemma_standin", SIGLIP_PAD),
+        Stage(
+            "mipha_gemma_stage2",
+            "recipes/mipha/2.4b_stage2.yaml",
+            "gemma_standin",
+            SIGLIP_PAD,
+            variant="variant_version_gemma",
+        ),
+        Stage(
+            "cheetah_vicuna",
+            "recipes/cheetah/vicuna.yaml",
+            "sp_mistral_v1",
+            flat(224, CLIP_MEAN, CLIP_STD, "resize", 32),
+        ),
+    ]
+}
+# Stages whose recipe does not reproduce its seed yet (each listed in the issue's note).
+PENDING: set[str] = {
+    "llava15_pretrain",
+    "llava15_finetune",
+    "mantis_stage1_siglip",
+    "mantis_stage1_clip",
+    "mantis_stage2_siglip",
+    "mantis_stage2_clip",
+    "llava_phi_stage1",
+    "llava_phi_stage2",
+    "mipha_phi_stage1",
+    "mipha_phi_stage2",
+    "mipha_gemma_stage1",
+    "mipha_gemma_stage2:variant_version_gemma",
+    "cheetah_vicuna",
+}
+RECORDS = {r["id"]: r for r in json.loads((FIXTURES / "records.json").read_text())}
+
+
+def _int(value) -> int:
+    return int(value)
+
+
+def _golden_records(stage: Stage) -> tuple[dict, dict]:
+    golden = stage.load_golden()
+    records = golden["records"]
+    if stage.variant:
+        variant = golden[stage.variant]
+        records = variant.get("records", variant)
+    return golden, records
+
+
+def _collapse(ids, labels, attention, image_id, ignore, weights=None):
+    """Ids with each run of image tokens as one `IMG`, and the runs' feature counts."""
+    out, out_labels, out_attention, runs = [], [], [], []
+    k = 0
+    prev_image = False
+    for i, lab, att in zip(ids, labels, attention, strict=True):
+        if i == image_id:
+            n = weights[k] if weights is not None else 1
+            k += 1
+            if prev_image:
+                runs[-1] += n
+            else:
+                out.append(IMG)
+                out_labels.append(-100)
+                out_attention.append(att)
+                runs.append(n)
+            prev_image = True
+            continue
+        prev_image = False
+        out.append(i)
+        out_labels.append(-100 if lab == ignore else lab)
+        out_attention.append(att)
+    return out, out_labels, out_attention, runs
+
+
+def _grid8(views: torch.Tensor) -> list:
+    return F.adaptive_avg_pool2d(views.double(), 8).tolist()
+
+
+def _lmm(stage: Stage, processor, record: dict):
+    data = recipe_data(stage.recipe)
+    policy = Preprocessing(**data.get("preprocessing", {}))
+    video = VideoOptions(max_frames=data.get("max_frames", 8), fps=data.get("fps"))
+    sample = parse_record(record, source=FIXTURES / stage.records, policy=policy, video=video)
+    return processor(sample)
+
+
+@pytest.fixture(scope="module")
+def tok_base(tmp_path_factory):
+    return tmp_path_factory.mktemp("seed_tokenizers")
+
+
+@pytest.mark.parametrize("name", sorted(STAGES))
+def test_seed_goldens(name, tok_base):
+    """lmm's recipe gives each golden record's ids, labels, attention, features and pixels."""
+    if name in PENDING:
+        pytest.skip(f"{name}: the recipe does not reproduce its seed yet")
+    stage = STAGES[name]
+    golden, records = _golden_records(stage)
+    processor = stage.processor(tok_base)
+    image_id = _int(golden["image_token_id"])
+    ignore = _int(golden.get("ignore_index", -100))
+    failures = []
+    extra = golden.get("video_record")
+    extra = extra.get("record", extra) if isinstance(extra, dict) else None
+    own = {extra["id"]: extra} if extra else {}
+    for rid, expected in records.items():
+        record = own.get(rid) or RECORDS[rid]
+        if "rejected" in expected:
+            try:
+                _lmm(stage, processor, record)
+            except BadRecordError:
+                continue
+            failures.append(f"{rid}: the seed refuses it ({expected['rejected'][:80]}), lmm not")
+            continue
+        try:
+            features = _lmm(stage, processor, record)
+        except BadRecordError as err:
+            failures.append(f"{rid}: lmm refuses it ({err}), the seed feeds it")
+            continue
+        fed = expected.get("fed", expected)
+        counts = fed.get("image_tokens_kept") or expected.get("image_features_per_image")
+        if counts is None:
+            counts = [_int(golden["image_feature_tokens"])] * sum(
+                i == image_id for i in fed["input_ids"]
+            )
+        attention = expected["attention_mask"] if "fed" not in expected else None
+        attention = attention or [1] * len(fed["input_ids"])
+        want = _collapse(fed["input_ids"], fed["labels"], attention, image_id, ignore, counts)
+        ids = features.input_ids.tolist()
+        lmm_attention = (
+            features.attention_mask.tolist()
+            if getattr(features, "attention_mask", None) is not None
+            else [1] * len(ids)
+        )
+        got = _collapse(
+            ids, features.labels.tolist(), lmm_attention, processor.image_token_id, -100
+        )
+        names = ("input_ids", "labels", "attention", "features")
+        for what, a, b in zip(names, got, want, strict=True):
+            if a != b:
+                at = next(
+                    (k for k, (x, y) in enumerate(zip(a, b, strict=False)) if x != y),
+                    min(len(a), len(b)),
+                )
+                failures.append(
+                    f"{rid}: {what} differ at {at} (lengths {len(a)} vs {len(b)}): "
+                    f"lmm {a[max(0, at - 3) : at + 4]} seed {b[max(0, at - 3) : at + 4]}"
+                )
+                break
+        else:
+            views = expected.get("pixels") or []
+            if features.pixel_values is not None:
+                lmm_grids = _grid8(features.pixel_values)
+                for v, grid in enumerate(lmm_grids):
+                    seed = torch.tensor(views[v]["grid8"], dtype=torch.float64)
+                    if not torch.allclose(torch.tensor(grid, dtype=torch.float64), seed, atol=2e-4):
+                        diff = (torch.tensor(grid, dtype=torch.float64) - seed).abs().max().item()
+                        failures.append(f"{rid}: pixels of view {v} differ by {diff:.4f}")
+                        break
+    assert not failures, f"{name}: {len(failures)} records differ:\n" + "\n".join(failures)
