@@ -27,9 +27,11 @@ __all__ = [
     "Llama2",
     "Llama3",
     "MantisFuyu",
+    "MantisIdefics2",
     "Phi",
     "Plain",
     "Qwen25",
+    "Raw",
     "Segment",
     "VicunaV1",
     "render_text",
@@ -44,8 +46,8 @@ _LEADING_NEWLINES = re.compile(r"\s*[\r\n]")  # leading whitespace up to its las
 
 LabelPolicy = Literal["answers", "assistant_turn", "all_text"]
 """What a template trains: `answers` (each answer and its terminator: lmm's default),
-`assistant_turn` (the whole assistant turn as written, header and suffix included: Mantis's
-`llama_3` / `SINGLE` masking, LLaVA-NeXT's `preprocess_qwen`), `all_text` (every text token,
+`assistant_turn` (the assistant turn from its header through its terminator: Mantis's
+`llama_3` / `SINGLE` / `idefics_2` masking, LLaVA-NeXT's `preprocess_qwen`), `all_text` (every text token,
 media excluded: Mantis's `plain` pretraining)."""
 
 
@@ -161,8 +163,8 @@ class ChatTemplate:
                 (Mantis: `(image {k}: <Image>{image}</Image>)`); None: the template's default.
                 The text around `{image}` is input, trained only under `labels: all_text`.
             labels: what is trained: `answers` (each answer and its terminator), `assistant_turn`
-                (the whole assistant turn as written, header included) or `all_text` (every
-                text token); docs/data.md lists which seed does which.
+                (the assistant turn from its header through its terminator) or `all_text`
+                (every text token); docs/data.md lists which seed does which.
             train_tokens: tokens trained wherever they stand, whatever `labels` says (LLaVA-NeXT's
                 `preprocess_qwen` trains every `<|im_start|>`, `<|im_end|>` and `\n`); each must
                 be one token of the tokenizer.
@@ -214,7 +216,7 @@ class ChatTemplate:
         out.text(self.assistant_prefix, trainable=True)
         out.parts(turn.parts, trainable=True, image_text=self.image_text)
         out.text(self.assistant_end, trainable=True)
-        out.text(self.assistant_suffix, trainable=whole)
+        out.text(self.assistant_suffix)
 
     # validation ---------------------------------------------------------------------------
 
@@ -309,6 +311,11 @@ class Plain(ChatTemplate):
         if self.rounds_policy == "all":
             return super().render(turns, add_generation_prompt)
         _, rounds = self._rounds(turns, add_generation_prompt)
+        if not any(user.num_media for user, _ in rounds):
+            raise ValueError(
+                f"{name}(rounds={self.rounds_policy!r}): a pretraining record needs media; this "
+                "one has none (the seeds' plain pretraining fails on it)"
+            )
         if self.rounds_policy == "one":
             if len(rounds) != 1 or not rounds[0][0].num_media:
                 raise ValueError(
@@ -573,6 +580,35 @@ class Idefics2(ChatTemplate):
             out.text(part)
             after_media = False
         out.text(self.user_suffix)
+
+
+class MantisIdefics2(ChatTemplate):
+    """Mantis's own `idefics_2` conversation (Mantis-8B-Idefics2, VideoScore's base); trainable:
+    `\\nAssistant:{a}<end_of_utterance>` with `labels: assistant_turn`.
+
+    `<s>User:{q}<end_of_utterance>\\nAssistant:{a}<end_of_utterance>\\nUser:...`: no space after
+    a role's colon, text written as it is (TIGER-AI-Lab/Mantis f3a3192,
+    mantis/train/conversation.py `conv_idefics_2`). No system prompt. `Idefics2` is
+    transformers' template instead.
+    """
+
+    special_tokens = ("<s>", "<end_of_utterance>")
+    stop_strings = ("<end_of_utterance>",)
+    default_bos = "<s>"
+    user_prefix = "User:"
+    user_suffix = "<end_of_utterance>"
+    assistant_header = "\nAssistant:"
+    assistant_end = "<end_of_utterance>"
+    assistant_suffix = "\n"
+
+
+class Raw(ChatTemplate):
+    """The user's text as written after `bos`, nothing around it: prompts that carry their own
+    format (Mantis's `ClassificationDataset`, which VideoScore trains on, tokenizes the prompt
+    as is). Answers, if any, follow directly; nothing marks them."""
+
+    def _system_block(self, system: str) -> str:
+        return ""
 
 
 MFUYU_SYSTEM = (

@@ -103,7 +103,61 @@ def build_gemma_standin(folder: Path) -> PreTrainedTokenizerBase:
     return AutoTokenizer.from_pretrained(folder / "gemma")
 
 
+def sentencepiece_merges(model_file: Path, vocab: dict, merges: list) -> list[list[str]]:
+    """`merges` in the order transformers 4's converter wrote them into the hub's tokenizer.json:
+    by the merged piece's score, longer left then right parts first. transformers 5 converts a
+    `tokenizer.model` with the same merges in another order, which splits runs of spaces
+    differently (`"  What"`: `▁▁ What` instead of `▁ ▁What`)."""
+    from sentencepiece import sentencepiece_model_pb2
+
+    proto = sentencepiece_model_pb2.ModelProto()
+    proto.ParseFromString(model_file.read_bytes())
+    piece = {p.piece: (p.score, i) for i, p in enumerate(proto.pieces)}
+    out = sorted((tuple(m) for m in merges), key=lambda m: (piece[m[0] + m[1]][1], vocab[m[0]]))
+    out.sort(key=lambda m: (-piece[m[0] + m[1]][0], -len(m[0]), -len(m[1])))
+    return [list(m) for m in out]
+
+
+def build_mistral_hub(folder: Path) -> PreTrainedTokenizerBase:
+    """Mistral-7B v0.1's tokenizer as its hub `tokenizer.json` has it: the SentencePiece BPE with
+    the `legacy` pipeline (`▁` prepended to every piece between special tokens, spaces as `▁`)
+    and transformers 4's merge order."""
+    base = build_mistral_tokenizer(folder / "mistral")
+    tj = json.loads(base.backend_tokenizer.to_str())
+    model_file = folder / "mistral" / "tokenizer.model"
+    tj["model"]["merges"] = sentencepiece_merges(
+        model_file, tj["model"]["vocab"], tj["model"]["merges"]
+    )
+    tj["normalizer"] = {
+        "type": "Sequence",
+        "normalizers": [
+            {"type": "Prepend", "prepend": "\u2581"},
+            {"type": "Replace", "pattern": {"String": " "}, "content": "\u2581"},
+        ],
+    }
+    tj["pre_tokenizer"] = None
+    tok = PreTrainedTokenizerFast(
+        tokenizer_object=Tokenizer.from_str(json.dumps(tj)),
+        bos_token="<s>",
+        eos_token="</s>",
+        unk_token="<unk>",
+    )
+    tok.save_pretrained(folder / "hub")
+    return AutoTokenizer.from_pretrained(folder / "hub")
+
+
+def build_idefics2(folder: Path) -> PreTrainedTokenizerBase:
+    """Idefics2-8b's tokenizer: Mistral-7B's (hub form) plus its three added special tokens,
+    `<fake_token_around_image>`, `<image>`, `<end_of_utterance>` (ids 32000, 32001, 32002)."""
+    tok = build_mistral_hub(folder / "mistral_hub")
+    names = ["<fake_token_around_image>", "<image>", "<end_of_utterance>"]
+    tok.add_special_tokens({"additional_special_tokens": names})
+    tok.save_pretrained(folder / "idefics2")
+    return AutoTokenizer.from_pretrained(folder / "idefics2")
+
+
 BUILDERS = {
+    "idefics2": build_idefics2,
     "llama3": build_llama3_tokenizer,
     "sp_mistral_v1": build_mistral_tokenizer,
     "qwen25": build_qwen25,
@@ -157,6 +211,8 @@ class Stage:
     media: object  # a callable (tokenizer) -> MediaSpec
     records: str = "records.json"
     variant: str | None = None  # a golden's alternative record set (e.g. another --version)
+    ignore_index: int = -100  # the label of untrained positions in the golden
+    expanded: bool = False  # the golden's ids hold each feature token (Idefics2's processor)
 
     def load_golden(self) -> dict:
         return json.loads((FIXTURES / "goldens" / f"{self.golden}.json").read_text())

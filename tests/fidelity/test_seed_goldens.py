@@ -20,6 +20,7 @@ from lmm.data.formats import VideoOptions, parse_record
 from lmm.data.media import ImageTransform
 from lmm.data.policy import Preprocessing
 from lmm.data.sample import BadRecordError
+from lmm.families.idefics2.model import Idefics2MediaSpec
 from lmm.families.llava.model import OneVisionMediaSpec
 from tests.fidelity.seeds import CLIP_MEAN, CLIP_STD, FIXTURES, HALF, FlatSpec, Stage, recipe_data
 
@@ -36,6 +37,18 @@ def onevision(tokenizer):
         8, 384, 27, "(1x1),...,(6x6)", max_tiles=4, video_stride=2, video_newline="grid"
     )
     return OneVisionMediaSpec(ImageTransform(384, HALF, HALF, "resize"), None, None, anyres)
+
+
+def idefics2(tokenizer):
+    return Idefics2MediaSpec(
+        transform=ImageTransform(980, HALF, HALF, "resize"),
+        image_seq_len=64,
+        do_image_splitting=False,
+        shortest_edge=378,
+        longest_edge=980,
+        fake_token="<fake_token_around_image>",
+        vision=None,
+    )
 
 
 CLIP_CROP = flat(336, CLIP_MEAN, CLIP_STD, "crop", 576)
@@ -82,6 +95,23 @@ STAGES = {
             variant="variant_version_gemma",
         ),
         Stage(
+            "mantis_idefics2",
+            "recipes/mantis/idefics2_qlora.yaml",
+            "idefics2",
+            idefics2,
+            ignore_index=32001,
+            expanded=True,
+        ),
+        Stage(
+            "mantis_videoscore",
+            "recipes/mantis/videoscore.yaml",
+            "idefics2",
+            idefics2,
+            records="classification.json",
+            ignore_index=32001,
+            expanded=True,
+        ),
+        Stage(
             "cheetah_vicuna",
             "recipes/cheetah/vicuna.yaml",
             "sp_mistral_v1",
@@ -93,10 +123,6 @@ STAGES = {
 PENDING: set[str] = {
     "llava15_pretrain",
     "llava15_finetune",
-    "mantis_stage1_siglip",
-    "mantis_stage1_clip",
-    "mantis_stage2_siglip",
-    "mantis_stage2_clip",
     "llava_phi_stage1",
     "llava_phi_stage2",
     "mipha_phi_stage1",
@@ -105,7 +131,11 @@ PENDING: set[str] = {
     "mipha_gemma_stage2:variant_version_gemma",
     "cheetah_vicuna",
 }
-RECORDS = {r["id"]: r for r in json.loads((FIXTURES / "records.json").read_text())}
+RECORDS = {
+    r["id"]: r
+    for name in ("records.json", "classification.json")
+    for r in json.loads((FIXTURES / name).read_text())
+}
 
 
 def _int(value) -> int:
@@ -172,7 +202,7 @@ def test_seed_goldens(name, tok_base):
     golden, records = _golden_records(stage)
     processor = stage.processor(tok_base)
     image_id = _int(golden["image_token_id"])
-    ignore = _int(golden.get("ignore_index", -100))
+    ignore = stage.ignore_index
     failures = []
     extra = golden.get("video_record")
     extra = extra.get("record", extra) if isinstance(extra, dict) else None
@@ -193,13 +223,16 @@ def test_seed_goldens(name, tok_base):
             continue
         fed = expected.get("fed", expected)
         counts = fed.get("image_tokens_kept") or expected.get("image_features_per_image")
-        if counts is None:
+        if stage.expanded:  # the golden's ids hold every feature token already
+            counts = None
+        elif counts is None:
             counts = [_int(golden["image_feature_tokens"])] * sum(
                 i == image_id for i in fed["input_ids"]
             )
         attention = expected["attention_mask"] if "fed" not in expected else None
         attention = attention or [1] * len(fed["input_ids"])
-        want = _collapse(fed["input_ids"], fed["labels"], attention, image_id, ignore, counts)
+        labels = fed.get("labels") or [ignore] * len(fed["input_ids"])  # scored: no labels
+        want = _collapse(fed["input_ids"], labels, attention, image_id, ignore, counts)
         ids = features.input_ids.tolist()
         lmm_attention = (
             features.attention_mask.tolist()
@@ -222,10 +255,15 @@ def test_seed_goldens(name, tok_base):
                 )
                 break
         else:
+            if "target" in expected and features.target.tolist() != expected["target"]:
+                failures.append(f"{rid}: target {features.target.tolist()} vs {expected['target']}")
             views = expected.get("pixels") or []
             if features.pixel_values is not None:
                 lmm_grids = _grid8(features.pixel_values)
                 for v, grid in enumerate(lmm_grids):
+                    h, w = views[v]["shape"][-2:]
+                    if tuple(features.pixel_values.shape[-2:]) != (h, w):  # padded further
+                        grid = _grid8(features.pixel_values[v : v + 1, :, :h, :w])[0]
                     seed = torch.tensor(views[v]["grid8"], dtype=torch.float64)
                     if not torch.allclose(torch.tensor(grid, dtype=torch.float64), seed, atol=2e-4):
                         diff = (torch.tensor(grid, dtype=torch.float64) - seed).abs().max().item()
