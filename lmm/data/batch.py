@@ -24,6 +24,8 @@ class Features:
     image_sizes: list[tuple[int, int]] = field(default_factory=list)
     media_modes: list[str] = field(default_factory=list)
     views_per_media: list[int] = field(default_factory=list)
+    # [L], 0 = a token no later token attends to (a seed's attention-mask quirk); None: all 1
+    attention_mask: Tensor | None = None
 
     @property
     def num_media(self) -> int:

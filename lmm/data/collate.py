@@ -22,14 +22,17 @@ class PadCollator:
         n = len(features)
         input_ids = torch.full((n, length), self.pad_token_id, dtype=torch.long)
         labels = torch.full((n, length), -100, dtype=torch.long)
+        real = torch.zeros((n, length), dtype=torch.long)
         mask = torch.zeros((n, length), dtype=torch.long)
         for b, f in enumerate(features):
             k = len(f.input_ids)
             cols = slice(0, k) if self.padding_side == "right" else slice(length - k, length)
             input_ids[b, cols] = f.input_ids
             labels[b, cols] = f.labels
-            mask[b, cols] = 1
-        position_ids = (mask.cumsum(dim=1) - 1).clamp(min=0)
+            real[b, cols] = 1
+            mask[b, cols] = 1 if f.attention_mask is None else f.attention_mask
+        # positions count every real token, hidden ones (a Features.attention_mask 0) included
+        position_ids = (real.cumsum(dim=1) - 1).clamp(min=0)
         pixels = [f.pixel_values for f in features if f.pixel_values is not None]
         targets = [f.target for f in features if f.target is not None]
         if targets and len(targets) != len(features):

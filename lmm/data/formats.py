@@ -158,6 +158,12 @@ def parse_record(
     if not isinstance(messages, list) or not messages:
         raise bad("empty conversation", "give a non-empty 'conversation' or 'conversations' list")
     media: list[Path | VideoRef] = [resolve(rel) for rel in _image_paths(record, bad)]
+    if policy.max_images is not None and len(media) > policy.max_images:
+        raise bad(
+            f"{len(media)} images, more than this recipe's seed reads (max_images="
+            f"{policy.max_images}: its reader takes one image path per record)",
+            "split the record, or raise preprocessing.max_images",
+        )
     if record.get("video") is not None:
         if media:
             raise bad("has both images and a video", "split it into two records")

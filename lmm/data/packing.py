@@ -68,6 +68,12 @@ class PackCollator:
         for r, row in enumerate(rows):
             start, lens = 0, []
             for f in row:
+                if f.attention_mask is not None:
+                    raise ValueError(
+                        f"sample {f.id!r} has tokens hidden from attention "
+                        "(preprocessing.mask_tokens), which packed rows cannot carry; "
+                        "set data.init_args.pack_tokens: null to pad instead"
+                    )
                 k = len(f.input_ids)
                 input_ids[r, start : start + k] = f.input_ids
                 labels[r, start : start + k] = f.labels

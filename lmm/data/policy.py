@@ -53,6 +53,12 @@ class Preprocessing:
             Mipha set pad = eos = `<|endoftext|>`: their collator's `attention_mask = ids != pad`
             hides every terminator and `prepare_inputs_labels_for_multimodal` then drops the
             hidden positions, so the model never sees or learns `<|endoftext|>`).
+        mask_tokens: tokens kept in the sequence but hidden from attention: no later token
+            attends to them (LLaVA-Phi / Mipha: their collator's `attention_mask = ids != pad`
+            with pad = eos = `<|endoftext|>` hides every terminator, and their model keeps
+            the positions). Samples with hidden tokens are padded, not packed.
+        max_images: records with more images are refused (LLaVA-1.5, LLaVA-Phi and Mipha read
+            one image path per record and fail on a list); None: no limit.
         answer_max_tokens: each answer's trained tokens (terminator included) capped at this
             many (Cheetah's `max_txt_len`: 160 Vicuna, 360 LLaMA-2); None: no cap.
         system_turn: a record's leading system turn: `use` it as the system prompt (lmm), or
@@ -65,6 +71,8 @@ class Preprocessing:
     tokenization: Tokenization = "whole"
     sentencepiece: SentencePiece = "off"
     drop_tokens: tuple[str, ...] = ()
+    mask_tokens: tuple[str, ...] = ()
+    max_images: int | None = None
     answer_max_tokens: int | None = None
     system_turn: SystemTurn = "use"
 
@@ -81,6 +89,7 @@ class Preprocessing:
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
         object.__setattr__(self, "drop_tokens", tuple(self.drop_tokens))
+        object.__setattr__(self, "mask_tokens", tuple(self.mask_tokens))
         if self.answer_max_tokens is not None and self.answer_max_tokens < 1:
             raise ValueError(f"answer_max_tokens must be >= 1, got {self.answer_max_tokens}")
 

@@ -101,6 +101,7 @@ class Processor:
         self.image_token_id = self.segments.image_token_id
         self.train_ids = {self._single_id(t, "train_tokens") for t in template.train_tokens}
         self.drop_ids = {self._single_id(t, "drop_tokens") for t in self.policy.drop_tokens}
+        self.mask_ids = {self._single_id(t, "mask_tokens") for t in self.policy.mask_tokens}
         boundary = media.boundary_token
         self.boundary_id = None if boundary is None else tokenizer.convert_tokens_to_ids(boundary)
         self.video_reader = VideoReader()
@@ -314,6 +315,9 @@ class Processor:
         out_ids, out_labels = self._expand(ids, labels, markers)
         if self.policy.truncation == "cut_tail" and not add_generation_prompt:
             out_ids, out_labels = self._cut_expanded(sample, out_ids, out_labels)
+        attention = None
+        if self.mask_ids and any(i in self.mask_ids for i in out_ids):
+            attention = torch.tensor([int(i not in self.mask_ids) for i in out_ids])
         return Features(
             id=sample.id,
             input_ids=torch.tensor(out_ids, dtype=torch.long),
@@ -323,6 +327,7 @@ class Processor:
             image_sizes=sizes,
             media_modes=modes,
             views_per_media=views,
+            attention_mask=attention,
         )
 
     def _single_id(self, token: str, option: str) -> int:

@@ -28,6 +28,7 @@ __all__ = [
     "Llama3",
     "MantisFuyu",
     "MantisIdefics2",
+    "MiphaGemma",
     "Phi",
     "Plain",
     "Qwen25",
@@ -422,6 +423,20 @@ class VicunaV1(_LlavaTwo):
     stop_strings = ("</s>",)
     default_bos = "<s>"
     assistant_end = "</s>"
+
+
+class MiphaGemma(_LlavaTwo):
+    """Mipha-2.4B on Gemma (Mipha's `conv_gemma_2`, "TWO" style, sep2 `<eos>`); trainable:
+    ` {a}<eos>`.
+
+    `<bos>{sys} USER: {q} ASSISTANT: {a}<eos>USER: {q2} ASSISTANT: {a2}<eos>`, LLaVA's default
+    system prompt (zhuyiche/llava-phi 21dafbf, mipha/conversation.py; `--version gemma`).
+    """
+
+    special_tokens = ("<bos>", "<eos>")
+    stop_strings = ("<eos>",)
+    default_bos = "<bos>"
+    assistant_end = "<eos>"
 
 
 class Gemma(ChatTemplate):

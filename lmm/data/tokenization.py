@@ -113,8 +113,10 @@ class SegmentTokenizer:
                     if not piece:
                         continue
                     if self._special and self._special.fullmatch(piece):
+                        # a leading special token (the template's BOS) stands where the
+                        # tokenizer would add it: the text after it still starts the string
+                        after_special = self.legacy or not (input_ids or ids)
                         ids += self.tokenizer.convert_tokens_to_ids([piece])
-                        after_special = self.legacy
                     else:
                         ids += self._encode_text(piece, at_start=after_special)
                         after_special = False

@@ -208,7 +208,7 @@ class Stage:
     golden: str
     recipe: str
     tokenizer: str
-    media: object  # a callable (tokenizer) -> MediaSpec
+    media: object  # a callable (the recipe's model init_args) -> MediaSpec
     records: str = "records.json"
     variant: str | None = None  # a golden's alternative record set (e.g. another --version)
     ignore_index: int = -100  # the label of untrained positions in the golden
@@ -222,5 +222,6 @@ class Stage:
         template = build_template(data["template"])
         policy = Preprocessing(**data.get("preprocessing", {}))
         tokenizer = load_tokenizer(str(tokenizer_folder(self.tokenizer, base)))
-        media = self.media(tokenizer)
+        config = yaml.safe_load((ROOT / self.recipe).read_text())
+        media = self.media(config["model"]["init_args"]["model"]["init_args"])
         return Processor(tokenizer, template, media, max_length, "<image>", policy)
