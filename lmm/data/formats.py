@@ -158,6 +158,12 @@ def parse_record(
     if not isinstance(messages, list) or not messages:
         raise bad("empty conversation", "give a non-empty 'conversation' or 'conversations' list")
     media: list[Path | VideoRef] = [resolve(rel) for rel in _image_paths(record, bad)]
+    if len(media) < policy.min_images:
+        raise bad(
+            f"{len(media)} images, fewer than this recipe's seed needs (min_images="
+            f"{policy.min_images})",
+            "drop the record, or lower preprocessing.min_images",
+        )
     if policy.max_images is not None and len(media) > policy.max_images:
         raise bad(
             f"{len(media)} images, more than this recipe's seed reads (max_images="
@@ -192,6 +198,8 @@ def parse_record(
         if media:  # the seeds move markers only in records that have media
             text = _place_marker(text, policy.marker_placement)
         parts, n_markers = _split_markers(text, n_markers)
+        if role == "system" and policy.system_turn == "drop":
+            continue
         if role == "system" and policy.system_turn == "refuse":
             raise bad(
                 f"turn {k} is a system turn, which this recipe's seed code cannot read (its "
@@ -202,6 +210,11 @@ def parse_record(
             raise bad(f"turn {k} ({role}) holds an {IMAGE_MARKER} marker; only user turns may")
         turns.append(Turn(role, parts))
 
+    if n_markers == 0 and media and policy.unmarked_media == "refuse":
+        raise bad(
+            f"{len(media)} images but no {IMAGE_MARKER} marker, which this recipe's seed refuses",
+            f"give one {IMAGE_MARKER} marker per image",
+        )
     if n_markers == 0 and media and policy.unmarked_media == "drop":
         media = []  # LLaVA's code loads such images but never places them: the model sees none
     _place_media(turns, n_markers, len(media), bad, policy.unmarked_media)

@@ -10,11 +10,11 @@ from dataclasses import dataclass
 from typing import Literal
 
 MarkerPlacement = Literal["keep", "turn_start", "turn_start_unless_first"]
-UnmarkedMedia = Literal["newline", "prepend", "drop"]
+UnmarkedMedia = Literal["newline", "prepend", "drop", "refuse"]
 Truncation = Literal["drop_rounds", "cut_tail", "cut_tail_text"]
 Tokenization = Literal["whole", "media", "legacy", "chunks"]
 SentencePiece = Literal["off", "legacy", "non_legacy"]
-SystemTurn = Literal["use", "refuse"]
+SystemTurn = Literal["use", "refuse", "drop"]
 
 
 @dataclass(frozen=True)
@@ -31,6 +31,7 @@ class Preprocessing:
             image at the start of the first user turn (lmm). `prepend`: `<image>` per image
             there, nothing between (Mantis). `drop`: the images are not fed (LLaVA-family
             code loads them but places no image token, so the model never sees them).
+            `refuse`: the record is refused (Cheetah asserts one placeholder per image).
         truncation: a sample longer than `max_length`. `drop_rounds`: whole rounds dropped from
             the end (lmm; never part of an answer). `cut_tail`: the token sequence cut after
             media expansion (LLaVA-1.5 and LLaVA-NeXT `prepare_inputs_labels_for_multimodal`);
@@ -49,6 +50,9 @@ class Preprocessing:
             sentencepiece library on the tokenizer's `tokenizer.model`, as transformers 4's
             slow (`use_fast=False`) Llama tokenizer with that `legacy` flag (LLaVA-1.5:
             non_legacy; Cheetah: legacy for Vicuna, non_legacy for LLaMA-2).
+        strip_special: text next to a special token loses its whitespace on that side, as the
+            slow tokenizers of transformers < 4.34 did (Cheetah's 4.31: `" red.\\n\\n</s>"` is
+            tokenized as `" red.</s>"`).
         drop_tokens: tokens removed from the sequence before the model sees it (LLaVA-Phi /
             Mipha set pad = eos = `<|endoftext|>`: their collator's `attention_mask = ids != pad`
             hides every terminator and `prepare_inputs_labels_for_multimodal` then drops the
@@ -59,10 +63,13 @@ class Preprocessing:
             the positions). Samples with hidden tokens are padded, not packed.
         max_images: records with more images are refused (LLaVA-1.5, LLaVA-Phi and Mipha read
             one image path per record and fail on a list); None: no limit.
+        min_images: records with fewer images are refused (Cheetah stacks the images of a
+            record and fails on none).
         answer_max_tokens: each answer's trained tokens (terminator included) capped at this
             many (Cheetah's `max_txt_len`: 160 Vicuna, 360 LLaMA-2); None: no cap.
-        system_turn: a record's leading system turn: `use` it as the system prompt (lmm), or
-            `refuse` the record (the LLaVA-family and Mantis readers fail on a `system` role).
+        system_turn: a record's leading system turn: `use` it as the system prompt (lmm),
+            `refuse` the record (the LLaVA-family and Mantis readers fail on a `system` role),
+            or `drop` the turn (Cheetah's prompt has no place for one).
     """
 
     marker_placement: MarkerPlacement = "keep"
@@ -70,20 +77,22 @@ class Preprocessing:
     truncation: Truncation = "drop_rounds"
     tokenization: Tokenization = "whole"
     sentencepiece: SentencePiece = "off"
+    strip_special: bool = False
     drop_tokens: tuple[str, ...] = ()
     mask_tokens: tuple[str, ...] = ()
     max_images: int | None = None
+    min_images: int = 0
     answer_max_tokens: int | None = None
     system_turn: SystemTurn = "use"
 
     def __post_init__(self) -> None:
         choices = {
             "marker_placement": ("keep", "turn_start", "turn_start_unless_first"),
-            "unmarked_media": ("newline", "prepend", "drop"),
+            "unmarked_media": ("newline", "prepend", "drop", "refuse"),
             "truncation": ("drop_rounds", "cut_tail", "cut_tail_text"),
             "tokenization": ("whole", "media", "legacy", "chunks"),
             "sentencepiece": ("off", "legacy", "non_legacy"),
-            "system_turn": ("use", "refuse"),
+            "system_turn": ("use", "refuse", "drop"),
         }
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:

@@ -96,7 +96,11 @@ class Processor:
         self.max_length = max_length
         self.policy = policy or DEFAULT
         self.segments = SegmentTokenizer(
-            tokenizer, image_token, self.policy.tokenization, self.policy.sentencepiece
+            tokenizer,
+            image_token,
+            self.policy.tokenization,
+            self.policy.sentencepiece,
+            self.policy.strip_special,
         )
         self.image_token_id = self.segments.image_token_id
         self.train_ids = {self._single_id(t, "train_tokens") for t in template.train_tokens}

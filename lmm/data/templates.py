@@ -501,6 +501,30 @@ class _Cheetah(ChatTemplate):
 
     default_system = ""
     default_image_text = "<Img>{image}</Img>"
+    apart_header: ClassVar[str] = ""  # the prompt's end when the answer is tokenized apart
+
+    def __init__(
+        self,
+        system: str | None = None,
+        bos: str | None = None,
+        image_text: str | None = None,
+        labels: LabelPolicy = "answers",
+        train_tokens: Sequence[str] = (),
+        answer_apart: bool = False,
+    ):
+        """
+        Args:
+            system, bos, image_text, labels, train_tokens: see ChatTemplate.
+            answer_apart: split prompt and answer as Cheetah's `forward` does: its prompt
+                template's end stays in the prompt (Vicuna's trailing space is a lone `▁`,
+                untrained) and the answer starts a string of its own (`▁{a}`); pair it with
+                `preprocessing.tokenization: chunks`. False: the space before the answer is
+                trained with it, the text tokenized as one.
+        """
+        super().__init__(system, bos, image_text, labels, train_tokens)
+        if answer_apart:
+            self.assistant_header = self.apart_header
+            self.assistant_prefix = ""
 
     def _system_block(self, system: str) -> str:
         return ""  # goes into the first user turn
@@ -525,6 +549,7 @@ class CheetahVicuna(_Cheetah):
     assistant_header = "Assistant:"
     assistant_prefix = " "
     assistant_end = "###"
+    apart_header = "Assistant: "  # '###Human: {} ###Assistant: ', the space in the prompt
 
     def _user(self, out: _Builder, turn: Turn, first_round_system: str | None) -> None:
         if first_round_system is not None:  # the first round: `{sys}###`, empty sys included

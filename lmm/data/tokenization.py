@@ -40,6 +40,7 @@ class SegmentTokenizer:
         image_token: str = "<image>",
         mode: Literal["whole", "media", "legacy", "chunks"] = "whole",
         sentencepiece: Literal["off", "legacy", "non_legacy"] = "off",
+        strip_special: bool = False,
     ):
         """
         Args:
@@ -54,6 +55,8 @@ class SegmentTokenizer:
                 sentencepiece library on the tokenizer's `tokenizer.model`, as transformers 4's
                 slow (`use_fast=False`) Llama tokenizer with that `legacy` flag does: runs of
                 spaces split differently there than in the converted fast tokenizer.
+            strip_special: text next to a special token loses its whitespace on that side, as
+                transformers < 4.34's slow tokenizers did for special tokens given as strings.
         """
         if mode not in ("whole", "media", "legacy", "chunks"):
             raise ValueError(f"tokenization must be whole, media, legacy or chunks, got {mode!r}")
@@ -63,6 +66,7 @@ class SegmentTokenizer:
         self.legacy = mode == "legacy"
         self.chunks = mode == "chunks"
         self.sp = None if sentencepiece == "off" else SentencePieceText(tokenizer, sentencepiece)
+        self.strip_special = strip_special
         added = sorted(
             set(tokenizer.get_added_vocab()) | set(tokenizer.all_special_tokens),
             key=len,
@@ -106,9 +110,11 @@ class SegmentTokenizer:
             if self.chunks and segment.trainable and not trainable:
                 after_special = True  # an answer is tokenized as a string of its own
             trainable = segment.trainable
-            if self.legacy or self.sp is not None:
+            if self.legacy or self.sp is not None or self.strip_special:
                 ids = []
                 pieces = self._special.split(segment.text) if self._special else [segment.text]
+                if self.strip_special:
+                    pieces = _strip_next_to_special(pieces)
                 for piece in pieces:
                     if not piece:
                         continue
@@ -134,6 +140,17 @@ class SegmentTokenizer:
             return self.tokenizer(text, add_special_tokens=False).input_ids
         ids = self.tokenizer(self.image_token + text, add_special_tokens=False).input_ids
         return ids[1:]  # drop the anchor (one token, checked in __init__)
+
+
+def _strip_next_to_special(pieces: list[str]) -> list[str]:
+    """`re.split` pieces (text, special, text, ...) with the whitespace next to each special gone."""
+    out = list(pieces)
+    for k in range(0, len(out), 2):  # text pieces sit at even indices
+        if k > 0:
+            out[k] = out[k].lstrip()
+        if k + 1 < len(out):
+            out[k] = out[k].rstrip()
+    return out
 
 
 class SentencePieceText:

@@ -213,6 +213,8 @@ class Stage:
     variant: str | None = None  # a golden's alternative record set (e.g. another --version)
     ignore_index: int = -100  # the label of untrained positions in the golden
     expanded: bool = False  # the golden's ids hold each feature token (Idefics2's processor)
+    # records the seed's code cannot express, whose golden is a helper's convention, not the seed's
+    not_seed: tuple[str, ...] = ()
 
     def load_golden(self) -> dict:
         return json.loads((FIXTURES / "goldens" / f"{self.golden}.json").read_text())
