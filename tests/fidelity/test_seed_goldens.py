@@ -186,11 +186,15 @@ def _grid8(views: torch.Tensor) -> list:
 
 
 def _lmm(stage: Stage, processor, record: dict):
+    """lmm's features of a record, after checking that `length` (what packing and batching by
+    length use) counts exactly the tokens they hold."""
     data = recipe_data(stage.recipe)
     policy = Preprocessing(**data.get("preprocessing", {}))
     video = VideoOptions(max_frames=data.get("max_frames", 8), fps=data.get("fps"))
     sample = parse_record(record, source=FIXTURES / stage.records, policy=policy, video=video)
-    return processor(sample)
+    features = processor(sample)
+    assert processor.length(sample) == len(features.input_ids), f"{record['id']}: length"
+    return features
 
 
 @pytest.fixture(scope="module")
