@@ -200,6 +200,9 @@ def parse_record(
         parts, n_markers = _split_markers(text, n_markers)
         if role == "system" and policy.system_turn == "drop":
             continue
+        if role == "assistant" and not any(t.role != "system" for t in turns):
+            if policy.leading_assistant == "drop":  # the seeds skip a first non-human turn
+                continue
         if role == "system" and policy.system_turn == "refuse":
             raise bad(
                 f"turn {k} is a system turn, which this recipe's seed code cannot read (its "
@@ -255,7 +258,24 @@ def _place_marker(text: str, placement: str) -> str:
 
 
 def _place_media(turns: list[Turn], n_markers: int, n_media: int, bad, unmarked: str) -> None:
-    """Apply the marker policy (module docstring): place unmarked media first, else counts must agree."""
+    """Apply the marker policy (module docstring): place unmarked media first, else counts must agree.
+
+    With `prepend` (Mantis) counts need not agree: missing markers are prepended to the first
+    user turn (they take the first images) and markers beyond the images are removed.
+    """
+    if unmarked == "prepend" and n_media and 0 < n_markers != n_media:
+        if n_markers > n_media:  # MLlavaProcessor keeps the first n_media markers
+            for turn in turns:
+                turn.parts = [
+                    p for p in turn.parts if not (isinstance(p, Media) and p.index >= n_media)
+                ]
+            return
+        extra = n_media - n_markers
+        for turn in turns:
+            turn.parts = [Media(p.index + extra) if isinstance(p, Media) else p for p in turn.parts]
+        first_user = next(t for t in turns if t.role == "user")
+        first_user.parts[:0] = [Media(i) for i in range(extra)]
+        return
     if n_markers == 0 and n_media:
         first_user = next((t for t in turns if t.role == "user"), None)
         if first_user is None:

@@ -29,8 +29,10 @@ class Preprocessing:
             is left as written (LLaVA-NeXT, MAmmoTH-VL).
         unmarked_media: images of a record whose text has no marker. `newline`: `<image>\\n` per
             image at the start of the first user turn (lmm). `prepend`: `<image>` per image
-            there, nothing between (Mantis). `drop`: the images are not fed (LLaVA-family
-            code loads them but places no image token, so the model never sees them).
+            there, nothing between (Mantis, which also prepends the missing markers when a
+            record has fewer markers than images, and removes the markers beyond the images).
+            `drop`: the images are not fed (LLaVA-family code loads them but places no image
+            token, so the model never sees them).
             `refuse`: the record is refused (Cheetah asserts one placeholder per image).
         truncation: a sample longer than `max_length`. `drop_rounds`: whole rounds dropped from
             the end (lmm; never part of an answer). `cut_tail`: the token sequence cut after
@@ -67,6 +69,8 @@ class Preprocessing:
             record and fails on none).
         answer_max_tokens: each answer's trained tokens (terminator included) capped at this
             many (Cheetah's `max_txt_len`: 160 Vicuna, 360 LLaMA-2); None: no cap.
+        leading_assistant: a conversation that starts with an assistant turn: `refuse` it (lmm)
+            or `drop` that turn (LLaVA's and Mantis's readers skip a first non-human turn).
         system_turn: a record's leading system turn: `use` it as the system prompt (lmm),
             `refuse` the record (the LLaVA-family and Mantis readers fail on a `system` role),
             or `drop` the turn (Cheetah's prompt has no place for one).
@@ -84,6 +88,7 @@ class Preprocessing:
     min_images: int = 0
     answer_max_tokens: int | None = None
     system_turn: SystemTurn = "use"
+    leading_assistant: Literal["refuse", "drop"] = "refuse"
 
     def __post_init__(self) -> None:
         choices = {
@@ -93,6 +98,7 @@ class Preprocessing:
             "tokenization": ("whole", "media", "legacy", "chunks"),
             "sentencepiece": ("off", "legacy", "non_legacy"),
             "system_turn": ("use", "refuse", "drop"),
+            "leading_assistant": ("refuse", "drop"),
         }
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:

@@ -59,6 +59,24 @@ def test_unmarked_media_policies():
         _parse(_record("Hi", image=None), min_images=1)
 
 
+def test_mantis_prepends_missing_markers_and_drops_extra_ones():
+    three = _record("Look: <image>", image=["images/a.png", "images/b.png", "images/c.png"])
+    sample = _parse(three, unmarked_media="prepend")
+    assert sample.turns[0].text == "<image><image>Look: <image>"
+    assert [p.index for p in sample.turns[0].parts if not isinstance(p, str)] == [0, 1, 2]
+    one = _record("<image> and <image> and <image>", image=["images/a.png"])
+    assert _parse(one, unmarked_media="prepend").turns[0].text == "<image> and  and "
+    with pytest.raises(BadRecordError, match="3 <image> markers but 1 images"):
+        _parse(one)
+
+
+def test_leading_assistant_turn():
+    record = _record("<image>\nHi")
+    record["conversations"].insert(0, {"from": "gpt", "value": "Hello!"})
+    assert [t.role for t in _parse(record, leading_assistant="drop").turns] == ["user", "assistant"]
+    assert _parse(record).turns[0].role == "assistant"  # lmm's template refuses it later
+
+
 def test_system_turn_policies():
     record = _record("<image>\nHi")
     record["conversations"].insert(0, {"from": "system", "value": "Be brief."})
