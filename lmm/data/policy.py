@@ -11,7 +11,7 @@ from typing import Literal
 
 MarkerPlacement = Literal["keep", "turn_start", "turn_start_unless_first"]
 UnmarkedMedia = Literal["newline", "prepend", "drop", "refuse"]
-Truncation = Literal["drop_rounds", "cut_tail", "cut_tail_text"]
+Truncation = Literal["drop_rounds", "cut_tail", "cut_tail_text", "refuse"]
 Tokenization = Literal["whole", "media", "legacy", "chunks"]
 SentencePiece = Literal["off", "legacy", "non_legacy"]
 SystemTurn = Literal["use", "refuse", "drop"]
@@ -40,6 +40,9 @@ class Preprocessing:
             a cut inside a media item's tokens is an error naming the record. `cut_tail_text`:
             cut before expansion, each marker counting one token, media whose marker is cut
             dropped (Mantis's processor `truncation=True`; LLaVA-Phi / Mipha's collator).
+            `refuse`: the record is refused (a counted skip with `on_bad_record: skip`):
+            Mantis-Fuyu's processor drops the first text chunk that does not fit and all after
+            it, which leaves a record whose images come first without a trained token.
         tokenization: where a new string starts, which a SentencePiece tokenizer marks with
             its `▁` prefix. `whole`: only at the start (the ids of the whole text, lmm).
             `media`: also after each media marker (LLaVA's `tokenizer_image_token` tokenizes
@@ -94,7 +97,7 @@ class Preprocessing:
         choices = {
             "marker_placement": ("keep", "turn_start", "turn_start_unless_first"),
             "unmarked_media": ("newline", "prepend", "drop", "refuse"),
-            "truncation": ("drop_rounds", "cut_tail", "cut_tail_text"),
+            "truncation": ("drop_rounds", "cut_tail", "cut_tail_text", "refuse"),
             "tokenization": ("whole", "media", "legacy", "chunks"),
             "sentencepiece": ("off", "legacy", "non_legacy"),
             "system_turn": ("use", "refuse", "drop"),

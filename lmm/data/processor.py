@@ -128,6 +128,8 @@ class Processor:
         turns = sample.turns if scored else self._train_turns(sample)
         _, ids, _, media = self._sequence(sample, turns, add_generation_prompt=scored)
         n = self._expanded_length(sample, media, ids)
+        if self.policy.truncation == "refuse" and not scored:
+            self._refuse_long(sample, n)
         if self.policy.truncation == "cut_tail" and not scored and n > self.max_length:
             expansions = [self._header_expansion(sample, index) for index in media]
             out_ids, _ = self._expand(ids, ids, expansions)
@@ -186,6 +188,16 @@ class Processor:
         size = self._header_size(sample, index) if self.media.size_dependent else None
         size = size or (self.media.transform.size, self.media.transform.size)
         return self._marker_ids(sample, self.media.marker_tokens(size, mode, frames))
+
+    def _refuse_long(self, sample: Sample, n: int) -> None:
+        """`truncation: refuse`: a sample longer than `max_length` is a bad record."""
+        if n > self.max_length:
+            raise BadRecordError(
+                sample.source,
+                sample.id,
+                f"{n} tokens, more than max_length={self.max_length} (truncation: refuse)",
+                "raise max_length, or choose another preprocessing.truncation",
+            )
 
     def _cut_expanded(
         self, sample: Sample, ids: list[int], labels: list[int]
@@ -319,6 +331,8 @@ class Processor:
         out_ids, out_labels = self._expand(ids, labels, markers)
         if self.policy.truncation == "cut_tail" and not add_generation_prompt:
             out_ids, out_labels = self._cut_expanded(sample, out_ids, out_labels)
+        if self.policy.truncation == "refuse" and not add_generation_prompt:
+            self._refuse_long(sample, len(out_ids))
         attention = None
         if self.mask_ids and any(i in self.mask_ids for i in out_ids):
             attention = torch.tensor([int(i not in self.mask_ids) for i in out_ids])

@@ -681,3 +681,30 @@ class MantisFuyu(ChatTemplate):
     assistant_prefix = " "
     assistant_end = "|ENDOFTEXT|"
     default_image_text = "image {i}: {image}"  # MFuyuProcessor's labels, counted from 0
+
+    def __init__(
+        self,
+        system: str | None = None,
+        bos: str | None = None,
+        image_text: str | None = None,
+        labels: LabelPolicy = "answers",
+        train_tokens: Sequence[str] = (),
+        bos_without_media: bool = True,
+    ):
+        """
+        Args:
+            system, bos, image_text, labels, train_tokens: see ChatTemplate.
+            bos_without_media: write `bos` in a conversation without media too. False is
+                Mantis's: MFuyuProcessor writes `<s>` at the start of each text chunk only
+                when a record has images; a text-only record is tokenized without it.
+        """
+        super().__init__(system, bos, image_text, labels, train_tokens)
+        self.bos_without_media = bos_without_media
+
+    def render(self, turns: Sequence[Turn], add_generation_prompt: bool = False) -> list[Segment]:
+        segments = super().render(turns, add_generation_prompt)
+        has_media = any(s.media is not None for s in segments)
+        if self.bos and not self.bos_without_media and not has_media:
+            first = segments[0]  # the bos starts the first text segment
+            segments[0] = Segment(first.text[len(self.bos) :], first.media, first.trainable)
+        return segments

@@ -82,6 +82,15 @@ class SegmentTokenizer:
                 "embeddings"
             )
         self.image_token_id: int = ids[0]
+        # A `legacy` SentencePiece pipeline (the hub tokenizer.json of Mistral, Idefics2, Fuyu)
+        # prefixes `▁` after a special token too, so the anchor cannot stand for the middle of
+        # a string there: a newline (a byte token that merges with nothing) anchors instead.
+        self._newline_anchor: list[int] | None = None
+        plain = tokenizer("x", add_special_tokens=False).input_ids
+        prefixed = tokenizer.convert_ids_to_tokens(plain[:1])[0].startswith("\u2581")
+        after = tokenizer(image_token + "x", add_special_tokens=False).input_ids[1:]
+        if prefixed and after == plain:
+            self._newline_anchor = tokenizer("\n", add_special_tokens=False).input_ids
 
     def encode(self, segments: Sequence[Segment]) -> tuple[list[int], list[int]]:
         """input_ids and labels; each media segment becomes ONE `image_token_id` (label -100).
@@ -138,6 +147,11 @@ class SegmentTokenizer:
             return self.sp.encode(text, at_start)
         if at_start:
             return self.tokenizer(text, add_special_tokens=False).input_ids
+        if self._newline_anchor is not None:
+            anchor = self._newline_anchor
+            ids = self.tokenizer("\n" + text, add_special_tokens=False).input_ids
+            if ids[: len(anchor)] == anchor:
+                return ids[len(anchor) :]
         ids = self.tokenizer(self.image_token + text, add_special_tokens=False).input_ids
         return ids[1:]  # drop the anchor (one token, checked in __init__)
 

@@ -156,7 +156,35 @@ def build_idefics2(folder: Path) -> PreTrainedTokenizerBase:
     return AutoTokenizer.from_pretrained(folder / "idefics2")
 
 
+def build_fuyu_standin(folder: Path) -> PreTrainedTokenizerBase:
+    """Fuyu-8b stand-in: Mistral's SentencePiece (hub form) with Fuyu's pieces `|SPEAKER|`,
+    `|NEWLINE|`, `|ENDOFTEXT|` as ordinary vocabulary entries (ids 32000-32002) matched inside
+    text, `<0x04>` written as the byte token, `|ENDOFTEXT|` the special BOS/EOS, and
+    MFuyuProcessor's added `|IMAGE|`, `|ENDOFIMAGE|`."""
+    hub = build_mistral_hub(folder / "hub")
+    pieces = ["|SPEAKER|", "|NEWLINE|", "|ENDOFTEXT|"]
+    tj = json.loads(hub.backend_tokenizer.to_str())
+    for i, piece in enumerate(pieces):
+        tj["model"]["vocab"][piece] = 32000 + i
+    tj["model"]["ignore_merges"] = True
+    tj["pre_tokenizer"] = {
+        "type": "Split",
+        "pattern": {"Regex": r"\|SPEAKER\||\|NEWLINE\||\|ENDOFTEXT\||<0x04>"},
+        "behavior": "Isolated",
+        "invert": False,
+    }
+    tok = Tokenizer.from_str(json.dumps(tj))
+    tok.add_special_tokens([AddedToken("|ENDOFTEXT|", normalized=False, special=True)])
+    fuyu = PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token="|ENDOFTEXT|", eos_token="|ENDOFTEXT|", unk_token="<unk>"
+    )
+    fuyu.add_special_tokens({"additional_special_tokens": ["|IMAGE|", "|ENDOFIMAGE|"]})
+    fuyu.save_pretrained(folder / "fuyu")
+    return PreTrainedTokenizerFast.from_pretrained(folder / "fuyu")
+
+
 BUILDERS = {
+    "fuyu_standin": build_fuyu_standin,
     "idefics2": build_idefics2,
     "llama3": build_llama3_tokenizer,
     "sp_mistral_v1": build_mistral_tokenizer,
