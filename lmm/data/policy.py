@@ -65,7 +65,8 @@ class Preprocessing:
         mask_tokens: tokens kept in the sequence but hidden from attention: no later token
             attends to them (LLaVA-Phi / Mipha: their collator's `attention_mask = ids != pad`
             with pad = eos = `<|endoftext|>` hides every terminator, and their model keeps
-            the positions). Samples with hidden tokens are padded, not packed.
+            the positions). Samples with hidden tokens are padded, not packed; prompts for
+            generation attend to every token, as the seeds' inference does.
         max_images: records with more images are refused (LLaVA-1.5, LLaVA-Phi and Mipha read
             one image path per record and fail on a list); None: no limit.
         min_images: records with fewer images are refused (Cheetah stacks the images of a

@@ -334,7 +334,10 @@ class Processor:
         if self.policy.truncation == "refuse" and not add_generation_prompt:
             self._refuse_long(sample, len(out_ids))
         attention = None
-        if self.mask_ids and any(i in self.mask_ids for i in out_ids):
+        # a training collator's quirk: prompts for generation attend to every token, as the
+        # seeds' own inference does (it passes no attention mask)
+        training = not add_generation_prompt or sample.target is not None
+        if training and self.mask_ids and any(i in self.mask_ids for i in out_ids):
             attention = torch.tensor([int(i not in self.mask_ids) for i in out_ids])
         return Features(
             id=sample.id,

@@ -113,6 +113,20 @@ def test_mask_tokens_hide_terminators_and_keep_positions(phi):
     assert batch.position_ids[0, :n].tolist() == list(range(n))  # hidden tokens keep their place
     with pytest.raises(ValueError, match="pack_tokens: null"):
         PackCollator(phi.pad_token_id, 512)([features])
+    two_rounds = _parse(
+        {
+            "id": "r",
+            "image": "images/a.png",
+            "conversations": [
+                {"from": "human", "value": "<image>\nQ1"},
+                {"from": "gpt", "value": "A1"},
+                {"from": "human", "value": "Q2"},
+            ],
+        },
+        mask_tokens=["<|endoftext|>"],
+    )
+    prompt = processor.prompt(two_rounds)  # inference attends to every token
+    assert (prompt.input_ids == eos).sum() == 1 and prompt.attention_mask is None
 
 
 def test_drop_tokens_remove_them(phi):
