@@ -25,7 +25,7 @@ from lmm.data.collate import PadCollator
 from lmm.data.datamodule import ChatDataModule
 from lmm.data.processor import Processor
 from lmm.data.sample import IMAGE_MARKER, Media, Part, Sample, Turn, VideoRef
-from lmm.data.templates import ChatTemplate
+from lmm.data.templates import ChatTemplate, build_template
 from lmm.evaluation.generate import cut_at_stop
 from lmm.evaluation.runner import Task
 from lmm.families.base import LMMModule
@@ -364,18 +364,6 @@ def module_from_recipe(recipe: str | Path, family: type[LMMModule] = LMMModule) 
     if not isinstance(module, family):
         raise ValueError(f"{recipe}: model is {type(module).__name__}, not a {family.__name__}")
     return module
-
-
-def build_template(template: ChatTemplate | str | Mapping | type) -> ChatTemplate:
-    """A template instance from an instance, a class, a class path or `{class_path, init_args}`."""
-    if isinstance(template, ChatTemplate):
-        return template
-    if isinstance(template, type) and issubclass(template, ChatTemplate):
-        return template()
-    parser = ArgumentParser(exit_on_error=False)
-    parser.add_subclass_arguments(ChatTemplate, "template", required=True)
-    parsed = parser.parse_object({"template": template})
-    return parser.instantiate_classes(parsed).template
 
 
 def load_weights(module: LMMModule, checkpoint: Path, recipe: str) -> None:

@@ -17,13 +17,16 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+import yaml
 from tqdm import tqdm
 
 from lmm.data.media import ImageTransform
 from lmm.data.mixture import Mixture, SkippedRecord
 from lmm.data.packing import first_fit_decreasing
+from lmm.data.policy import Preprocessing
 from lmm.data.processor import MediaSpec, Processor
 from lmm.data.sample import BadRecordError, Sample
+from lmm.data.templates import ChatTemplate, build_template
 from lmm.utils.logging import get_logger
 
 log = get_logger(__name__)
@@ -60,11 +63,12 @@ def load_template(path: str):
 
 def build_processor(
     tokenizer: str,
-    template: str = "lmm.data.templates.Llama3",
+    template: str | ChatTemplate = "lmm.data.templates.Llama3",
     image_tokens: int = 576,
     image_size: int = 336,
     max_length: int = 2048,
     image_token: str = "<image>",
+    preprocessing: Preprocessing | None = None,
 ) -> Processor:
     """A processor for counting tokens: the tokenizer (with `image_token` added if missing)."""
     from transformers import AutoTokenizer
@@ -75,7 +79,23 @@ def build_processor(
     if tok.pad_token is None:
         tok.add_special_tokens({"pad_token": "<pad>"})
     media = StubMedia(ImageTransform(image_size, _MEAN, _STD), image_tokens)
-    return Processor(tok, load_template(template), media, max_length, image_token)
+    template = template if isinstance(template, ChatTemplate) else load_template(template)
+    return Processor(tok, template, media, max_length, image_token, preprocessing)
+
+
+def recipe_data(recipe: str | Path) -> dict:
+    """What `lmm data check --recipe` takes from a recipe: its data module's template (with its
+    init_args), preprocessing, max_length and pack_tokens."""
+    config = yaml.safe_load(Path(recipe).read_text())
+    data = (config or {}).get("data", {}).get("init_args", {})
+    if "template" not in data:
+        raise ValueError(f"{recipe}: no data.init_args.template; is it an lmm training recipe?")
+    return {
+        "template": build_template(data["template"]),
+        "preprocessing": Preprocessing(**data.get("preprocessing", {})),
+        "max_length": data.get("max_length"),
+        "pack_tokens": data.get("pack_tokens"),
+    }
 
 
 def padded_share(lengths: Sequence[int], batch_size: int) -> float | None:
@@ -125,11 +145,12 @@ def check(
     data: str | Path,
     *,
     tokenizer: str | None = None,
-    template: str = "lmm.data.templates.Llama3",
+    template: str | ChatTemplate = "lmm.data.templates.Llama3",
     image_tokens: int = 576,
     image_size: int = 336,
     max_length: int = 2048,
     pack_tokens: int | None = None,
+    preprocessing: Preprocessing | None = None,
     batch_size: int = 8,
     buffer_size: int = 1024,
     split: str = "train",
@@ -147,11 +168,12 @@ def check(
     Args:
         data: a json/jsonl file (`{a,b}.json` allowed) or a mixture YAML.
         tokenizer: tokenizer folder; without one, tokens and batch shares are not counted.
-        template: chat template class path.
+        template: chat template class path (or a template).
         image_tokens: tokens per image.
         image_size: side of the (stub) image transform.
         max_length: the processor's max_length (longer samples lose rounds from the end).
         pack_tokens: row size for the packed share (default: max_length).
+        preprocessing: marker, truncation and tokenization policies (a recipe's).
         batch_size: rows per batch for both shares.
         buffer_size: samples packed together (TrainStream's buffer_size).
         split: the split of a mixture YAML to check.
@@ -167,7 +189,9 @@ def check(
     mixture = Mixture.from_path(data, split, seed=seed)
     processor = None
     if tokenizer is not None:
-        processor = build_processor(tokenizer, template, image_tokens, image_size, max_length)
+        processor = build_processor(
+            tokenizer, template, image_tokens, image_size, max_length, preprocessing=preprocessing
+        )
     pack_tokens = pack_tokens or max_length
 
     outcomes: dict[tuple[int, int], tuple[str, object]] = {}
@@ -180,7 +204,11 @@ def check(
         epoch_count[key[0]] += 1
         if key not in outcomes:
             item = mixture.sample(
-                *key, root=root, allow_outside_root=allow_outside_root, check_media=check_media
+                *key,
+                root=root,
+                allow_outside_root=allow_outside_root,
+                check_media=check_media,
+                policy=preprocessing,
             )
             outcomes[key] = _outcome(item, processor)
         kind, value = outcomes[key]
@@ -372,10 +400,14 @@ def main(argv: list[str] | None = None) -> dict:
     )
     p.add_argument("data", help="a json/jsonl file ({a,b}.json allowed) or a mixture YAML")
     p.add_argument("--tokenizer", help="tokenizer folder (without one, tokens are not counted)")
-    p.add_argument("--template", default="lmm.data.templates.Llama3", help="chat template class")
+    p.add_argument("--template", help="chat template class (default: Llama3, or the recipe's)")
+    p.add_argument(
+        "--recipe",
+        help="a training recipe: its template, preprocessing, max_length and pack_tokens",
+    )
     p.add_argument("--image-tokens", type=int, default=576, help="tokens per image")
     p.add_argument("--image-size", type=int, default=336, help="image side of the transform")
-    p.add_argument("--max-length", type=int, default=2048, help="longest sample in tokens")
+    p.add_argument("--max-length", type=int, help="longest sample in tokens (default: 2048)")
     p.add_argument("--pack-tokens", type=int, help="packed row size (default: --max-length)")
     p.add_argument("--batch-size", type=int, default=8, help="rows per batch")
     p.add_argument("--buffer-size", type=int, default=1024, help="samples packed together")
@@ -389,14 +421,16 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--show", type=int, default=50, help="bad records listed in the report")
     p.add_argument("--strict", action="store_true", help="exit with status 1 on a bad record")
     a = parser.parse_args(argv)
+    recipe = recipe_data(a.recipe) if a.recipe else {}
     report = check(
         a.data,
         tokenizer=a.tokenizer,
-        template=a.template,
+        template=a.template or recipe.get("template") or "lmm.data.templates.Llama3",
         image_tokens=a.image_tokens,
         image_size=a.image_size,
-        max_length=a.max_length,
-        pack_tokens=a.pack_tokens,
+        max_length=a.max_length or recipe.get("max_length") or 2048,
+        pack_tokens=a.pack_tokens or recipe.get("pack_tokens"),
+        preprocessing=recipe.get("preprocessing"),
         batch_size=a.batch_size,
         buffer_size=a.buffer_size,
         split=a.split,

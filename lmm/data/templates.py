@@ -11,9 +11,11 @@ chosen in YAML by `class_path`, e.g. `lmm.data.templates.Llama3`.
 from __future__ import annotations
 
 import re
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import ClassVar, Literal
+
+from jsonargparse import ArgumentParser
 
 from lmm.data.sample import IMAGE_MARKER, ROLES, Media, Part, Turn
 
@@ -35,6 +37,7 @@ __all__ = [
     "Raw",
     "Segment",
     "VicunaV1",
+    "build_template",
     "render_text",
     "trainable_text",
 ]
@@ -708,3 +711,15 @@ class MantisFuyu(ChatTemplate):
             first = segments[0]  # the bos starts the first text segment
             segments[0] = Segment(first.text[len(self.bos) :], first.media, first.trainable)
         return segments
+
+
+def build_template(template: ChatTemplate | str | Mapping | type) -> ChatTemplate:
+    """A template instance from an instance, a class, a class path or `{class_path, init_args}`."""
+    if isinstance(template, ChatTemplate):
+        return template
+    if isinstance(template, type) and issubclass(template, ChatTemplate):
+        return template()
+    parser = ArgumentParser(exit_on_error=False)
+    parser.add_subclass_arguments(ChatTemplate, "template", required=True)
+    parsed = parser.parse_object({"template": template})
+    return parser.instantiate_classes(parsed).template

@@ -21,10 +21,10 @@ import yaml
 from tokenizers import AddedToken, Tokenizer, decoders, normalizers, processors
 from transformers import AutoTokenizer, PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
-from lmm.api import build_template
 from lmm.data.media import ImageTransform
 from lmm.data.policy import Preprocessing
 from lmm.data.processor import MediaSpec, Processor
+from lmm.data.templates import build_template
 from lmm.families.base import load_tokenizer
 from tests.data.real_tokenizers import build_llama3_tokenizer, build_mistral_tokenizer
 

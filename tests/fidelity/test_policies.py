@@ -190,3 +190,17 @@ def test_sentencepiece_matches_the_slow_tokenizer(tmp_path):
     assert tokenizer("at  and", add_special_tokens=False).input_ids != [438, 28705, 304]
     legacy = SentencePieceText(tokenizer, "legacy")
     assert legacy.encode("The", at_start=True) == legacy.encode(" The", at_start=False)
+
+
+def test_data_check_with_a_recipe_refuses_what_the_seed_refuses(tmp_path, capsys):
+    """`lmm data check --recipe`: the recipe's template and preprocessing decide; MAmmoTH-VL's
+    stage 1 (LLaVA-NeXT's preprocess_plain) takes 8 of the 14 records, as the seed's code does."""
+    from lmm.data.check import main
+
+    tokenizer = tokenizer_folder("qwen25", tmp_path)
+    recipe = "recipes/mammoth_vl/stage1.yaml"
+    args = [str(FIXTURES / "records.json"), "--tokenizer", str(tokenizer), "--recipe", recipe]
+    report = main(["check", *args, "--no-check-media"])
+    assert report["total"]["bad"] == 6
+    lmm_default = main(["check", str(FIXTURES / "records.json"), "--tokenizer", str(tokenizer)])
+    assert lmm_default["total"]["bad"] == 0
