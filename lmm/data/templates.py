@@ -670,7 +670,8 @@ class MantisFuyu(ChatTemplate):
     the tokens around an image's patches (`|IMAGE|`, `|ENDOFIMAGE|`, `<s>`) are the family's
     (`lmm.families.fuyu.FuyuModel` `image_prefix` / `image_suffix`). Default system prompt:
     Mantis's "You are a helpful language and vision assistant. ...". Mantis trains from the
-    token after `<0x04>` (the `ASSISTANT:` header too); lmm trains the answer and its end.
+    token after `<0x04>` (the `ASSISTANT:` header too: `labels: assistant_turn`); by default
+    lmm trains the answer and its end.
     """
 
     special_tokens = ("<s>", "<0x04>", "|ENDOFTEXT|")
