@@ -316,3 +316,33 @@ def test_cheetah_recipe_trains_two_steps(recipe, tiny_assets, synthetic_data, bl
     assert cli.trainer.global_step == 2
     assert cli.model.model.update_layer == 1
     assert {g["name"] for g in cli.trainer.optimizers[0].param_groups} == {"vpgc", "vpgc/no_decay"}
+
+
+def test_vpgc_generation_without_cache(tiny_assets, synthetic_data, blip2, monkeypatch):
+    """Rows that finish at different steps shrink the batch; without a cache every step runs
+    the prompts again, and VPG-C must still apply to the rows left (it silently stopped)."""
+    module = tiny_qformer(tiny_assets, blip2, max_new_tokens=6).eval()
+    _randomise_vpgc(module)
+    prompts = _batch(module, synthetic_data, n=3, prompts=True)
+    with torch.no_grad():
+        free = [step.tokens for step in module.generation_stream(prompts)]
+    # a stop token that ends one row early and no other row before its last step
+    rows = len(free[0])
+    chosen = next(
+        (r, k)
+        for k in range(1, len(free) - 1)
+        for r in range(rows)
+        if all(
+            free[k][r] not in [free[j][o] for j in range(len(free))] for o in range(rows) if o != r
+        )
+        and free[k][r] not in [free[j][r] for j in range(k)]
+    )
+    row, step = chosen
+    monkeypatch.setattr(module, "_stop_token_ids", lambda stops: [free[step][row]])
+    with torch.no_grad():
+        cached = list(module.generation_stream(prompts))
+        recomputed = list(module.generation_stream(prompts, use_cache=False))
+    assert len(cached[-1].rows) < rows  # the batch shrank before the last step
+    for a, b in zip(cached, recomputed, strict=True):
+        assert a.rows == b.rows and a.tokens == b.tokens
+        torch.testing.assert_close(a.logits, b.logits, **TOL)

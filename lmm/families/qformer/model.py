@@ -318,12 +318,15 @@ class QFormerModel(FamilyModel):
             return  # a decoding step: the cache already holds VPG-C's effect
         for prompt, context in self._prompts:  # prompt: [B, L, D], the batch's prefill input
             rows, n = prompt.shape[:2]
-            if (
-                embeds.shape[0] == rows
-                and embeds.shape[1] >= n
-                and torch.equal(embeds[:, :n], prompt)
-            ):
+            if embeds.shape[1] < n or embeds.shape[0] > rows:
+                continue
+            if embeds.shape[0] == rows and torch.equal(embeds[:, :n], prompt):
                 self._context = context  # a prefill, or a no-cache step of these prompts
+                return
+            # a no-cache step after some rows finished: the rows left, in order
+            kept = _matching_rows(embeds[:, :n], prompt)
+            if kept is not None:
+                self._context = _select_rows(context, kept)
                 return
 
     def _vpgc_hook(self, layer: nn.Module, args: tuple, kwargs: dict):
@@ -334,6 +337,37 @@ class QFormerModel(FamilyModel):
             return (self.apply_vpgc(args[0], self._context), *args[1:]), kwargs
         kwargs["hidden_states"] = self.apply_vpgc(kwargs["hidden_states"], self._context)
         return args, kwargs
+
+
+def _matching_rows(embeds: Tensor, prompt: Tensor) -> list[int] | None:
+    """The rows of `prompt` that `embeds`' rows are, in order (each matched once), or None."""
+    kept: list[int] = []
+    start = 0
+    for row in embeds:
+        found = next(
+            (r for r in range(start, prompt.shape[0]) if torch.equal(row, prompt[r])), None
+        )
+        if found is None:
+            return None
+        kept.append(found)
+        start = found + 1
+    return kept
+
+
+def _select_rows(context: VPGCContext, kept: list[int]) -> VPGCContext:
+    """`context` for a batch of the rows `kept` of its batch (images of other rows left out)."""
+    new_row = torch.full((context.extent[0],), -1, dtype=torch.long, device=context.rows.device)
+    new_row[torch.tensor(kept, device=context.rows.device)] = torch.arange(
+        len(kept), device=context.rows.device
+    )
+    images = new_row[context.rows] >= 0
+    return VPGCContext(
+        rows=new_row[context.rows][images],
+        positions=context.positions[images],
+        instruction=context.instruction[images],
+        vision=context.vision[images],
+        extent=(len(kept), context.extent[1]),
+    )
 
 
 def _empty(cache, layer: int = 0) -> bool:
