@@ -26,9 +26,9 @@ from lmm.data.datamodule import ChatDataModule
 from lmm.data.processor import Processor
 from lmm.data.sample import IMAGE_MARKER, Media, Part, Sample, Turn, VideoRef
 from lmm.data.templates import ChatTemplate, build_template
-from lmm.evaluation.generate import cut_at_stop
 from lmm.evaluation.runner import Task
 from lmm.families.base import LMMModule
+from lmm.generation.decode import cut_at_stop
 from lmm.utils.logging import get_logger
 
 log = get_logger(__name__)

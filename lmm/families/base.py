@@ -28,9 +28,9 @@ from lmm.components.score_head import ScoreConfig, ScoreHead, ScoreMetrics
 from lmm.data.batch import Batch
 from lmm.data.packing import block_causal_mask
 from lmm.data.processor import MediaSpec
-from lmm.evaluation.generate import Step, cut_at_stop, kernels, stream_tokens
 from lmm.evaluation.metrics import ExactMatch, normalize_answer
 from lmm.evaluation.runner import write_results
+from lmm.generation.decode import Step, cut_at_stop, kernels, stream_tokens
 from lmm.training.checkpoint import init_from_checkpoint
 from lmm.training.lora import LoraConfig, apply_lora
 from lmm.training.optim import WarmupCosine, param_groups
@@ -536,7 +536,7 @@ class LMMModule(L.LightningModule):
         use_cache: bool = True,
         batch_invariant: bool = True,
     ) -> Iterator[Step]:
-        """Decoding steps for a left-padded prompt batch (`lmm.evaluation.generate.stream_tokens`).
+        """Decoding steps for a left-padded prompt batch (`lmm.generation.decode.stream_tokens`).
 
         The media of the whole batch are encoded in one forward and the prompts prefilled
         together, with kernels that make each row's answer independent of the batch. With

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 
 from lmm.data.collate import PadCollator
 from lmm.data.sample import Sample, Turn
-from lmm.evaluation.generate import (
+from lmm.generation.decode import (
     RowInvariant,
     cut_at_stop,
     generate_tokens,

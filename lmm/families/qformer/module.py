@@ -7,9 +7,9 @@ from collections.abc import Iterator
 from torch import Tensor, nn
 
 from lmm.data.batch import Batch
-from lmm.evaluation.generate import Step
 from lmm.families.base import LMMModule
 from lmm.families.qformer.model import QFormerModel, VPGCContext
+from lmm.generation.decode import Step
 
 # What Cheetah trains: VPG-C only. Without VPG-C, BLIP-2's stage 2: Q-Former and projection.
 FROZEN_WITH_VPGC = ["vision", "qformer", "connector", "llm"]
