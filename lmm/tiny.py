@@ -170,7 +170,7 @@ def build_tiny_blip2(
         ),
         text_config=text.config,
         num_query_tokens=queries,
-        image_token_index=tok.convert_tokens_to_ids("<image>"),
+        image_token_index=tok.convert_tokens_to_ids(IMAGE_MARKER),
     )
     torch.manual_seed(seed)
     model = Blip2ForConditionalGeneration(config)

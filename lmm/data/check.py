@@ -25,7 +25,7 @@ from lmm.data.mixture import Mixture, SkippedRecord
 from lmm.data.packing import first_fit_decreasing
 from lmm.data.policy import Preprocessing
 from lmm.data.processor import MediaSpec, Processor
-from lmm.data.sample import BadRecordError, Sample
+from lmm.data.sample import IMAGE_MARKER, BadRecordError, Sample
 from lmm.data.templates import ChatTemplate, build_template
 from lmm.utils.logging import get_logger
 
@@ -67,7 +67,7 @@ def build_processor(
     image_tokens: int = 576,
     image_size: int = 336,
     max_length: int = 2048,
-    image_token: str = "<image>",
+    image_token: str = IMAGE_MARKER,
     preprocessing: Preprocessing | None = None,
 ) -> Processor:
     """A processor for counting tokens: the tokenizer (with `image_token` added if missing)."""

@@ -18,7 +18,7 @@ from lmm.data.formats import VideoOptions, iter_samples, load_samples, read_reco
 from lmm.data.mixture import Mixture
 from lmm.data.policy import Preprocessing
 from lmm.data.processor import MediaSpec, Processor
-from lmm.data.sample import Sample
+from lmm.data.sample import IMAGE_MARKER, Sample
 from lmm.data.stream import StreamLoader, TrainStream, shuffled
 from lmm.data.templates import ChatTemplate
 from lmm.utils.logging import get_logger
@@ -149,7 +149,7 @@ class ChatDataModule(L.LightningDataModule):
         self.samples: dict[str, list[Sample]] = {}
 
     def connect(
-        self, tokenizer: PreTrainedTokenizerBase, media: MediaSpec, image_token: str = "<image>"
+        self, tokenizer: PreTrainedTokenizerBase, media: MediaSpec, image_token: str = IMAGE_MARKER
     ) -> None:
         """Bind the model's tokenizer and media spec (token counts, image transform)."""
         self.processor = Processor(

@@ -12,7 +12,7 @@ from transformers import PreTrainedTokenizerBase
 from lmm.data.batch import Features
 from lmm.data.media import ImageTransform, load_image
 from lmm.data.policy import DEFAULT, Preprocessing
-from lmm.data.sample import BadRecordError, Sample, Turn, VideoRef
+from lmm.data.sample import IMAGE_MARKER, BadRecordError, Sample, Turn, VideoRef
 from lmm.data.templates import ChatTemplate
 from lmm.data.tokenization import IGNORE_INDEX, SegmentTokenizer
 from lmm.data.video import VideoError, VideoReader, load_video, sample_indices
@@ -87,7 +87,7 @@ class Processor:
         template: ChatTemplate,
         media: MediaSpec,
         max_length: int = 2048,
-        image_token: str = "<image>",
+        image_token: str = IMAGE_MARKER,
         policy: Preprocessing | None = None,
     ):
         self.tokenizer = tokenizer

@@ -8,6 +8,7 @@ from typing import Literal
 
 from transformers import PreTrainedTokenizerBase
 
+from lmm.data.sample import IMAGE_MARKER
 from lmm.data.templates import Segment
 
 IGNORE_INDEX = -100
@@ -37,7 +38,7 @@ class SegmentTokenizer:
     def __init__(
         self,
         tokenizer: PreTrainedTokenizerBase,
-        image_token: str = "<image>",
+        image_token: str = IMAGE_MARKER,
         mode: Literal["whole", "media", "legacy", "chunks"] = "whole",
         sentencepiece: Literal["off", "legacy", "non_legacy"] = "off",
         strip_special: bool = False,

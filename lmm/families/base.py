@@ -28,6 +28,7 @@ from lmm.components.score_head import ScoreConfig, ScoreHead, ScoreMetrics
 from lmm.data.batch import Batch
 from lmm.data.packing import block_causal_mask
 from lmm.data.processor import MediaSpec
+from lmm.data.sample import IMAGE_MARKER
 from lmm.evaluation.metrics import ExactMatch, normalize_answer
 from lmm.evaluation.runner import write_results
 from lmm.generation.decode import Step, cut_at_stop, kernels, stream_tokens
@@ -46,7 +47,7 @@ from lmm.utils.logging import get_logger
 log = get_logger(__name__)
 
 
-def load_tokenizer(path: str, image_token: str = "<image>") -> PreTrainedTokenizerBase:
+def load_tokenizer(path: str, image_token: str = IMAGE_MARKER) -> PreTrainedTokenizerBase:
     """Load a tokenizer and make sure it has the image token and a pad token (as special tokens)."""
     tokenizer = AutoTokenizer.from_pretrained(path)
     added = []
@@ -111,7 +112,7 @@ class LMMModule(L.LightningModule):
     def __init__(
         self,
         tokenizer: str,
-        image_token: str = "<image>",
+        image_token: str = IMAGE_MARKER,
         optimizer: OptimizerCallable = torch.optim.AdamW,
         scheduler: WarmupCosine | None = None,
         part_lr: dict[str, float] | None = None,

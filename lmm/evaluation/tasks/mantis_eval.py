@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-from lmm.data.sample import BadRecordError, Sample
+from lmm.data.sample import IMAGE_MARKER, BadRecordError, Sample
 from lmm.evaluation.tasks._base import GroupedMean, field, interleaved, records, resolve
 from lmm.evaluation.tasks._choices import letters, mantis_choice, mantis_correct, mantis_strip
 
@@ -21,7 +21,7 @@ SHORT_ANSWER = (
     'You can first give your analysis, and then give your final answer as "Final Answer:"'
 )
 QUESTION_TYPES = ("multi-choice", "short-answer")
-IMAGE = "<image>"
+IMAGE = IMAGE_MARKER
 
 
 def prompt(question: str, question_type: str, options: Sequence[str] = ()) -> str:

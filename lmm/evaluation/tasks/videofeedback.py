@@ -17,7 +17,7 @@ import torch
 from torchmetrics import Metric
 from torchmetrics.utilities import dim_zero_cat
 
-from lmm.data.sample import BadRecordError, Sample
+from lmm.data.sample import IMAGE_MARKER, BadRecordError, Sample
 from lmm.evaluation.tasks._base import field, interleaved, records, resolve
 
 DIMENSIONS = (
@@ -25,7 +25,7 @@ DIMENSIONS = (
     "factual consistency",
 )  # fmt: skip
 _SCORE = re.compile(r": (\d+)")
-IMAGE = "<image>"
+IMAGE = IMAGE_MARKER
 
 
 def read(

@@ -35,6 +35,7 @@ from transformers.models.idefics2.configuration_idefics2 import (
 )
 
 from lmm.components.qformer import checkpoint_tensors
+from lmm.data.sample import IMAGE_MARKER
 from lmm.families.base import load_tokenizer
 from lmm.families.idefics2.model import (
     FAKE_IMAGE_TOKEN,
@@ -145,7 +146,7 @@ def _tokenizer(name: str | Path, config: Idefics2Config):
             f"{name}: cannot load a tokenizer ({err}); pass tokenizer / --tokenizer with the "
             "folder of the checkpoint's tokenizer"
         ) from err
-    image_id = tok.convert_tokens_to_ids("<image>")
+    image_id = tok.convert_tokens_to_ids(IMAGE_MARKER)
     if image_id != config.image_token_id:
         raise ValueError(
             f"{name}: config.json has image_token_id {config.image_token_id} but the tokenizer "
@@ -268,7 +269,7 @@ def build_tiny_checkpoint(
     out = Path(out)
     tok = AutoTokenizer.from_pretrained(str(tokenizer))
     vocab = tok.get_vocab()
-    new = [t for t in (FAKE_IMAGE_TOKEN, "<image>", END_OF_UTTERANCE) if t not in vocab]
+    new = [t for t in (FAKE_IMAGE_TOKEN, IMAGE_MARKER, END_OF_UTTERANCE) if t not in vocab]
     if new:
         tok.add_special_tokens(
             {"additional_special_tokens": new}, replace_extra_special_tokens=False
@@ -307,7 +308,7 @@ def build_tiny_checkpoint(
             num_key_value_heads=max(1, heads // 2),
         ).to_dict(),
         text_config=text.to_dict(),
-        image_token_id=tok.convert_tokens_to_ids("<image>"),
+        image_token_id=tok.convert_tokens_to_ids(IMAGE_MARKER),
         tie_word_embeddings=False,
     )
     torch.manual_seed(seed)

@@ -38,6 +38,7 @@ from transformers import (
 
 from lmm.components.connectors import LinearConnector, MLPConnector
 from lmm.components.vision import CLIP_MEAN, CLIP_STD, SIGLIP_MEAN, SIGLIP_STD, HFVisionTower
+from lmm.data.sample import IMAGE_MARKER
 from lmm.families.base import load_tokenizer
 from lmm.families.llava.module import LlavaModule
 from lmm.utils.logging import get_logger
@@ -394,7 +395,7 @@ def import_checkpoint(
             f"{tokenizer or src}: cannot load a tokenizer ({err}); pass tokenizer / --tokenizer "
             "with the folder of the checkpoint's tokenizer"
         ) from err
-    image_id = tok.convert_tokens_to_ids("<image>")
+    image_id = tok.convert_tokens_to_ids(IMAGE_MARKER)
     if source.image_token_index is not None and image_id != source.image_token_index:
         raise ValueError(
             f"{src}: config.json has image_token_index {source.image_token_index} but the "
