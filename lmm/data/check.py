@@ -27,6 +27,7 @@ from lmm.data.policy import Preprocessing
 from lmm.data.processor import MediaSpec, Processor
 from lmm.data.sample import IMAGE_MARKER, BadRecordError, Sample
 from lmm.data.templates import ChatTemplate, build_template
+from lmm.data.tokenization import load_tokenizer
 from lmm.utils.logging import get_logger
 
 log = get_logger(__name__)
@@ -71,13 +72,7 @@ def build_processor(
     preprocessing: Preprocessing | None = None,
 ) -> Processor:
     """A processor for counting tokens: the tokenizer (with `image_token` added if missing)."""
-    from transformers import AutoTokenizer
-
-    tok = AutoTokenizer.from_pretrained(tokenizer)
-    if image_token not in tok.get_vocab():
-        tok.add_special_tokens({"additional_special_tokens": [image_token]})
-    if tok.pad_token is None:
-        tok.add_special_tokens({"pad_token": "<pad>"})
+    tok = load_tokenizer(tokenizer, image_token)
     media = StubMedia(ImageTransform(image_size, _MEAN, _STD), image_tokens)
     template = template if isinstance(template, ChatTemplate) else load_template(template)
     return Processor(tok, template, media, max_length, image_token, preprocessing)

@@ -6,12 +6,25 @@ import re
 from collections.abc import Sequence
 from typing import Literal
 
-from transformers import PreTrainedTokenizerBase
+from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 from lmm.data.sample import IMAGE_MARKER
 from lmm.data.templates import Segment
 
 IGNORE_INDEX = -100
+
+
+def load_tokenizer(path: str, image_token: str = IMAGE_MARKER) -> PreTrainedTokenizerBase:
+    """Load a tokenizer and make sure it has the image token and a pad token (as special tokens)."""
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    added = []
+    if image_token not in tokenizer.get_vocab():
+        added.append(image_token)
+    if added:
+        tokenizer.add_special_tokens({"additional_special_tokens": added})
+    if tokenizer.pad_token is None:
+        tokenizer.add_special_tokens({"pad_token": "<pad>"})
+    return tokenizer
 
 
 class SegmentTokenizer:

@@ -18,7 +18,6 @@ from lightning.pytorch.strategies import ModelParallelStrategy
 from torch import Tensor, nn
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.fsdp import fully_shard
-from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 from lmm.components.attention import PACKED_SDPA
 from lmm.components.language import CausalLM
@@ -29,6 +28,7 @@ from lmm.data.batch import Batch
 from lmm.data.packing import block_causal_mask
 from lmm.data.processor import MediaSpec
 from lmm.data.sample import IMAGE_MARKER
+from lmm.data.tokenization import load_tokenizer
 from lmm.evaluation.metrics import ExactMatch, normalize_answer
 from lmm.evaluation.runner import write_results
 from lmm.generation.decode import Step, cut_at_stop, kernels, stream_tokens
@@ -45,19 +45,6 @@ from lmm.training.strategies import (
 from lmm.utils.logging import get_logger
 
 log = get_logger(__name__)
-
-
-def load_tokenizer(path: str, image_token: str = IMAGE_MARKER) -> PreTrainedTokenizerBase:
-    """Load a tokenizer and make sure it has the image token and a pad token (as special tokens)."""
-    tokenizer = AutoTokenizer.from_pretrained(path)
-    added = []
-    if image_token not in tokenizer.get_vocab():
-        added.append(image_token)
-    if added:
-        tokenizer.add_special_tokens({"additional_special_tokens": added})
-    if tokenizer.pad_token is None:
-        tokenizer.add_special_tokens({"pad_token": "<pad>"})
-    return tokenizer
 
 
 @functools.cache

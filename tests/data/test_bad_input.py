@@ -20,7 +20,7 @@ from lmm.data.processor import MediaSpec, Processor
 from lmm.data.sample import BadRecordError
 from lmm.data.stream import TrainStream
 from lmm.data.templates import Llama3
-from lmm.families.base import load_tokenizer
+from lmm.data.tokenization import load_tokenizer
 from tests.data.test_video import write_video
 
 

@@ -12,7 +12,7 @@ from lmm.data.media import ImageTransform, expand_to_square
 from lmm.data.processor import MediaSpec, Processor
 from lmm.data.sample import BadRecordError, Media, Sample, Turn
 from lmm.data.templates import Llama3
-from lmm.families.base import load_tokenizer
+from lmm.data.tokenization import load_tokenizer
 
 
 class _Spec(MediaSpec):

@@ -19,8 +19,8 @@ from lmm.data.processor import MediaSpec, Processor
 from lmm.data.sample import VideoRef
 from lmm.data.synthetic import DIRECTIONS, SCORE_GREY, SCORE_LABELS, TASKS, corpus, generate
 from lmm.data.templates import Llama3
+from lmm.data.tokenization import load_tokenizer
 from lmm.data.video import VideoReader
-from lmm.families.base import load_tokenizer
 from lmm.tiny import build_tokenizer
 from tests.data.test_synthetic import _components, _mask, _snapshot
 from tests.helpers import tiny_llava_args

@@ -25,7 +25,7 @@ from lmm.data.media import ImageTransform
 from lmm.data.policy import Preprocessing
 from lmm.data.processor import MediaSpec, Processor
 from lmm.data.templates import build_template
-from lmm.families.base import load_tokenizer
+from lmm.data.tokenization import load_tokenizer
 from tests.data.real_tokenizers import build_llama3_tokenizer, build_mistral_tokenizer
 
 FIXTURES = Path(__file__).parents[1] / "fixtures" / "fidelity"

@@ -12,8 +12,7 @@ from lmm.data.policy import Preprocessing
 from lmm.data.processor import Processor
 from lmm.data.sample import BadRecordError
 from lmm.data.templates import Phi, Plain
-from lmm.data.tokenization import SentencePieceText
-from lmm.families.base import load_tokenizer
+from lmm.data.tokenization import SentencePieceText, load_tokenizer
 from tests.fidelity.seeds import FIXTURES, FlatSpec, tokenizer_folder
 
 

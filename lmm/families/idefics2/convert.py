@@ -36,7 +36,7 @@ from transformers.models.idefics2.configuration_idefics2 import (
 
 from lmm.components.qformer import checkpoint_tensors
 from lmm.data.sample import IMAGE_MARKER
-from lmm.families.base import load_tokenizer
+from lmm.data.tokenization import load_tokenizer
 from lmm.families.idefics2.model import (
     FAKE_IMAGE_TOKEN,
     IDEFICS2_MEAN,

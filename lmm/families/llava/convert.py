@@ -39,7 +39,7 @@ from transformers import (
 from lmm.components.connectors import LinearConnector, MLPConnector
 from lmm.components.vision import CLIP_MEAN, CLIP_STD, SIGLIP_MEAN, SIGLIP_STD, HFVisionTower
 from lmm.data.sample import IMAGE_MARKER
-from lmm.families.base import load_tokenizer
+from lmm.data.tokenization import load_tokenizer
 from lmm.families.llava.module import LlavaModule
 from lmm.utils.logging import get_logger
 
