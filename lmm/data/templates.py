@@ -285,26 +285,20 @@ class Plain(ChatTemplate):
 
     def __init__(
         self,
-        system: str | None = None,
-        bos: str | None = None,
-        image_text: str | None = None,
-        labels: LabelPolicy = "answers",
-        train_tokens: Sequence[str] = (),
         rounds: Literal["all", "first", "one"] = "all",
         media_separator: str = "",
+        **kwargs,
     ):
         """
         Args:
-            system: ignored (plain pretraining writes no system prompt); kept for a uniform API.
-            bos: text written first: the tokenizer's BOS token where the seed keeps it
-                (LLaVA-1.5, Mantis, Mipha-Gemma: `<s>`, `<|begin_of_text|>`, `<bos>`); default none.
-            image_text: how each media marker is written (`{image}`, `{k}`, `{i}`: see ChatTemplate).
-            labels: `answers` (the caption and its `\\n`) or `all_text` (Mantis: every text token).
-            train_tokens: tokens trained wherever they stand (see ChatTemplate).
             rounds: `all`, `first` or `one` (see the class docstring).
             media_separator: text after each media item (Mantis: " ").
+            kwargs: system (ignored: plain pretraining writes no system prompt), bos (the
+                tokenizer's BOS where the seed keeps it: LLaVA-1.5, Mantis, Mipha-Gemma; default
+                none), image_text, labels (`answers`, or Mantis's `all_text`), train_tokens
+                (see ChatTemplate).
         """
-        super().__init__(system, bos, image_text, labels, train_tokens)
+        super().__init__(**kwargs)
         if rounds not in ("all", "first", "one"):
             raise ValueError(f"rounds must be all, first or one, got {rounds!r}")
         self.rounds_policy = rounds
@@ -506,25 +500,17 @@ class _Cheetah(ChatTemplate):
     default_image_text = "<Img>{image}</Img>"
     apart_header: ClassVar[str] = ""  # the prompt's end when the answer is tokenized apart
 
-    def __init__(
-        self,
-        system: str | None = None,
-        bos: str | None = None,
-        image_text: str | None = None,
-        labels: LabelPolicy = "answers",
-        train_tokens: Sequence[str] = (),
-        answer_apart: bool = False,
-    ):
+    def __init__(self, answer_apart: bool = False, **kwargs):
         """
         Args:
-            system, bos, image_text, labels, train_tokens: see ChatTemplate.
             answer_apart: split prompt and answer as Cheetah's `forward` does: its prompt
                 template's end stays in the prompt (Vicuna's trailing space is a lone `▁`,
                 untrained) and the answer starts a string of its own (`▁{a}`); pair it with
                 `preprocessing.tokenization: chunks`. False: the space before the answer is
                 trained with it, the text tokenized as one.
+            kwargs: system, bos, image_text, labels, train_tokens (see ChatTemplate).
         """
-        super().__init__(system, bos, image_text, labels, train_tokens)
+        super().__init__(**kwargs)
         if answer_apart:
             self.assistant_header = self.apart_header
             self.assistant_prefix = ""
@@ -686,23 +672,15 @@ class MantisFuyu(ChatTemplate):
     assistant_end = "|ENDOFTEXT|"
     default_image_text = "image {i}: {image}"  # MFuyuProcessor's labels, counted from 0
 
-    def __init__(
-        self,
-        system: str | None = None,
-        bos: str | None = None,
-        image_text: str | None = None,
-        labels: LabelPolicy = "answers",
-        train_tokens: Sequence[str] = (),
-        bos_without_media: bool = True,
-    ):
+    def __init__(self, bos_without_media: bool = True, **kwargs):
         """
         Args:
-            system, bos, image_text, labels, train_tokens: see ChatTemplate.
             bos_without_media: write `bos` in a conversation without media too. False is
                 Mantis's: MFuyuProcessor writes `<s>` at the start of each text chunk only
                 when a record has images; a text-only record is tokenized without it.
+            kwargs: system, bos, image_text, labels, train_tokens (see ChatTemplate).
         """
-        super().__init__(system, bos, image_text, labels, train_tokens)
+        super().__init__(**kwargs)
         self.bos_without_media = bos_without_media
 
     def render(self, turns: Sequence[Turn], add_generation_prompt: bool = False) -> list[Segment]:
