@@ -17,7 +17,6 @@ from typing import Any
 
 import torch
 import yaml
-from jsonargparse import ArgumentParser
 from tqdm.auto import tqdm
 
 from lmm.data.batch import Batch
@@ -28,6 +27,7 @@ from lmm.data.sample import IMAGE_MARKER, Media, Part, Sample, Turn, VideoRef
 from lmm.data.templates import ChatTemplate, build_template
 from lmm.evaluation.runner import Task
 from lmm.families.base import LMMModule
+from lmm.families.recipe import build_module, load_weights
 from lmm.generation.decode import cut_at_stop
 from lmm.utils.logging import get_logger
 
@@ -343,45 +343,6 @@ def find_recipe(checkpoint: Path) -> Path:
         f"no recipe for checkpoint {checkpoint}: looked for {looked}; pass recipe= "
         "(the --config the checkpoint was trained with)"
     )
-
-
-def build_module(config: Mapping, where: str = "<recipe>") -> LMMModule:
-    """Instantiate the `model:` section of a recipe as `lmm fit` would (no `lmm.cli` needed)."""
-    if "model" not in config:
-        raise ValueError(f"{where}: no `model:` section; expected an lmm recipe")
-    parser = ArgumentParser(exit_on_error=False)
-    parser.add_subclass_arguments(LMMModule, "model", required=True)
-    parsed = parser.parse_object({"model": config["model"]})
-    return parser.instantiate_classes(parsed).model
-
-
-def module_from_recipe(recipe: str | Path, family: type[LMMModule] = LMMModule) -> LMMModule:
-    """Instantiate the `model:` section of a recipe file, checking it is a `family` module."""
-    config = yaml.safe_load(Path(recipe).read_text())
-    if not isinstance(config, dict):
-        raise ValueError(f"{recipe}: not a YAML mapping; expected an lmm recipe")
-    module = build_module(config, where=str(recipe))
-    if not isinstance(module, family):
-        raise ValueError(f"{recipe}: model is {type(module).__name__}, not a {family.__name__}")
-    return module
-
-
-def load_weights(module: LMMModule, checkpoint: Path, recipe: str) -> None:
-    """Load a Lightning checkpoint's `state_dict` (or a safetensors file) into `module`, strictly."""
-    if checkpoint.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        state = load_file(checkpoint)
-    else:
-        loaded = torch.load(checkpoint, map_location="cpu", weights_only=True)
-        state = loaded.get("state_dict", loaded)
-    missing, unexpected = module.load_state_dict(state, strict=False)
-    if missing or unexpected:
-        raise ValueError(
-            f"checkpoint {checkpoint} does not fit the model of {recipe}: missing "
-            f"{list(missing)[:5]}, unexpected {list(unexpected)[:5]}; load it with the recipe "
-            "it was trained with (recipe=)"
-        )
 
 
 def _set_dotted(config: dict, key: str, value: Any) -> None:

@@ -86,7 +86,7 @@ def load_imported(out: str | Path) -> LMMModule:
 
 def export(recipe: str | Path, out: str | Path, ckpt: str | Path | None = None) -> Path:
     """Write the recipe's model (weights from `ckpt` if given) as a transformers folder."""
-    from lmm.api import build_module, load_weights
+    from lmm.families.recipe import build_module, load_weights
 
     family = family_of(recipe)
     if family not in EXPORTS:

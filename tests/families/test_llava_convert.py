@@ -21,7 +21,6 @@ from transformers import (
     SiglipVisionModel,
 )
 
-from lmm.api import module_from_recipe
 from lmm.components.connectors import LinearConnector, MLPConnector
 from lmm.convert import main
 from lmm.data.batch import Batch
@@ -34,6 +33,7 @@ from lmm.families.llava.convert import (
     import_checkpoint,
     load_imported,
 )
+from lmm.families.recipe import module_from_recipe
 from lmm.tiny import build_llm, build_vision
 from tests.helpers import tiny_data, tiny_llava
 

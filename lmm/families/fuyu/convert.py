@@ -132,7 +132,7 @@ def export_hf(module: FuyuModule, out: str | Path) -> Path:
 
 def load_imported(out: str | Path) -> FuyuModule:
     """The FuyuModule `import_checkpoint` wrote to `out` (its recipe loads every weight)."""
-    from lmm.api import module_from_recipe
+    from lmm.families.recipe import module_from_recipe
 
     return module_from_recipe(Path(out) / "lmm.yaml", FuyuModule)
 

@@ -238,7 +238,7 @@ def _recipe(src: str, out: Path, pre: dict, vision_dtype: str, llm_dtype: str) -
 
 def load_imported(out: str | Path) -> Idefics2Module:
     """The Idefics2Module `import_checkpoint` wrote to `out`."""
-    from lmm.api import module_from_recipe
+    from lmm.families.recipe import module_from_recipe
 
     return module_from_recipe(Path(out) / "lmm.yaml", Idefics2Module)
 

@@ -856,7 +856,7 @@ def load_connector(module: LlavaModule, file: str | Path) -> None:
 
 def load_imported(out: str | Path) -> LlavaModule:
     """The LlavaModule `import_checkpoint` wrote to `out`, connector weights loaded."""
-    from lmm.api import module_from_recipe
+    from lmm.families.recipe import module_from_recipe
 
     out = Path(out)
     module = module_from_recipe(out / "lmm.yaml", LlavaModule)

@@ -522,6 +522,6 @@ def _recipe(
 
 def load_imported(out: str | Path) -> QFormerModule:
     """The Cheetah `import_checkpoint` wrote to `out`, all weights loaded (by the recipe)."""
-    from lmm.api import module_from_recipe
+    from lmm.families.recipe import module_from_recipe
 
     return module_from_recipe(Path(out) / "lmm.yaml", QFormerModule)

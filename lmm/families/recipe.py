@@ -1,0 +1,54 @@
+"""An LMMModule from a recipe's `model:` section, and a checkpoint's weights loaded into it.
+
+`lmm.load`, `lmm convert` and the families' importers build modules here (no `lmm.cli` needed).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+
+import torch
+import yaml
+from jsonargparse import ArgumentParser
+
+from lmm.families.base import LMMModule
+
+
+def build_module(config: Mapping, where: str = "<recipe>") -> LMMModule:
+    """Instantiate the `model:` section of a recipe as `lmm fit` would (no `lmm.cli` needed)."""
+    if "model" not in config:
+        raise ValueError(f"{where}: no `model:` section; expected an lmm recipe")
+    parser = ArgumentParser(exit_on_error=False)
+    parser.add_subclass_arguments(LMMModule, "model", required=True)
+    parsed = parser.parse_object({"model": config["model"]})
+    return parser.instantiate_classes(parsed).model
+
+
+def module_from_recipe(recipe: str | Path, family: type[LMMModule] = LMMModule) -> LMMModule:
+    """Instantiate the `model:` section of a recipe file, checking it is a `family` module."""
+    config = yaml.safe_load(Path(recipe).read_text())
+    if not isinstance(config, dict):
+        raise ValueError(f"{recipe}: not a YAML mapping; expected an lmm recipe")
+    module = build_module(config, where=str(recipe))
+    if not isinstance(module, family):
+        raise ValueError(f"{recipe}: model is {type(module).__name__}, not a {family.__name__}")
+    return module
+
+
+def load_weights(module: LMMModule, checkpoint: Path, recipe: str) -> None:
+    """Load a Lightning checkpoint's `state_dict` (or a safetensors file) into `module`, strictly."""
+    if checkpoint.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        state = load_file(checkpoint)
+    else:
+        loaded = torch.load(checkpoint, map_location="cpu", weights_only=True)
+        state = loaded.get("state_dict", loaded)
+    missing, unexpected = module.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise ValueError(
+            f"checkpoint {checkpoint} does not fit the model of {recipe}: missing "
+            f"{list(missing)[:5]}, unexpected {list(unexpected)[:5]}; load it with the recipe "
+            "it was trained with (recipe=)"
+        )
