@@ -116,7 +116,7 @@ def main(argv: list[str] | None = None) -> dict:
         "model": a.model,
         "kernels": a.kernels,
         "prompts": n,
-        "images_per_prompt": sorted({f.num_media for f in features}),
+        "images_per_prompt": sorted({f.num_views for f in features}),
         "prompt_tokens": [
             min(len(f.input_ids) for f in features),
             max(len(f.input_ids) for f in features),

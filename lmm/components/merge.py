@@ -12,7 +12,7 @@ def scatter_media(
     input_ids: Tensor,  # [B, L]
     media_token_id: int,
     features: Tensor | None,  # [N_media, T, D], all media of the batch in order
-    media_per_sample: Sequence[int],  # how many of the N_media belong to each row
+    views_per_sample: Sequence[int],  # how many of the N_media belong to each row
     ids: Sequence[str],  # sample ids, for the error message
 ) -> Tensor:
     """Return `embeds` with row b's placeholder positions replaced, in order, by its media features.
@@ -23,12 +23,12 @@ def scatter_media(
     mask = input_ids == media_token_id  # [B, L]
     tokens_per_row = mask.sum(dim=1).tolist()
     n_media = 0 if features is None else features.shape[0]
-    if sum(media_per_sample) != n_media:
+    if sum(views_per_sample) != n_media:
         raise ValueError(
-            f"batch has {n_media} media tensors but rows claim {sum(media_per_sample)}"
+            f"batch has {n_media} media tensors but rows claim {sum(views_per_sample)}"
         )
     per_media = 0 if features is None else features.shape[1]
-    for b, (n_tok, n_img) in enumerate(zip(tokens_per_row, media_per_sample, strict=True)):
+    for b, (n_tok, n_img) in enumerate(zip(tokens_per_row, views_per_sample, strict=True)):
         if n_tok != n_img * per_media:
             raise ValueError(
                 f"sample {ids[b]!r}: {n_tok} image tokens in the text but {n_img * per_media} image "

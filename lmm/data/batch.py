@@ -28,7 +28,8 @@ class Features:
     attention_mask: Tensor | None = None
 
     @property
-    def num_media(self) -> int:
+    def num_views(self) -> int:
+        """Rows of `pixel_values`: views (tiles, frames, sub-images), not media items."""
         return 0 if self.pixel_values is None else self.pixel_values.shape[0]
 
 
@@ -40,8 +41,8 @@ class Batch:
     attention_mask: Tensor  # [B, L], 1 = real token
     position_ids: Tensor  # [B, L]
     labels: Tensor | None  # [B, L], -100 = not trained
-    pixel_values: Tensor | None  # [N_img, 3, H, W], rows' images in order
-    media_per_sample: list[int]  # images of each row
+    pixel_values: Tensor | None  # [N_views, 3, H, W], the rows' views in order
+    views_per_sample: list[int]  # pixel views (rows of pixel_values) of each row
     ids: list[str]
     references: list[str | None] = field(default_factory=list)
     meta: list[dict] = field(default_factory=list)

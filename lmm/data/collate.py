@@ -43,7 +43,7 @@ class PadCollator:
             position_ids=position_ids,
             labels=labels,
             pixel_values=torch.cat(pixels) if pixels else None,
-            media_per_sample=[f.num_media for f in features],
+            views_per_sample=[f.num_views for f in features],
             ids=[f.id for f in features],
             references=[f.reference for f in features],
             meta=[f.meta for f in features],

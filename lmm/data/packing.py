@@ -92,7 +92,7 @@ class PackCollator:
             position_ids=positions,
             labels=labels,
             pixel_values=torch.cat(pixels) if pixels else None,
-            media_per_sample=[sum(f.num_media for f in row) for row in rows],
+            views_per_sample=[sum(f.num_views for f in row) for row in rows],
             ids=["+".join(f.id for f in row) for row in rows],
             references=[None] * n,
             meta=[{"samples": [f.id for f in row]} for row in rows],

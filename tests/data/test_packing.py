@@ -48,9 +48,9 @@ def test_pack_collator_layout(tiny_assets, synthetic_data):
             assert batch.position_ids[r, start : start + k].tolist() == list(range(k))
             assert torch.equal(batch.input_ids[r, start : start + k], feats[i].input_ids)
             start += k
-        assert batch.media_per_sample[r] == sum(feats[i].num_media for i in row)
+        assert batch.views_per_sample[r] == sum(feats[i].num_views for i in row)
     order = [i for row in rows for i in row]
-    expected_pixels = torch.cat([feats[i].pixel_values for i in order if feats[i].num_media])
+    expected_pixels = torch.cat([feats[i].pixel_values for i in order if feats[i].num_views])
     assert torch.equal(batch.pixel_values, expected_pixels)
 
 

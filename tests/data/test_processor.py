@@ -115,7 +115,7 @@ def test_collate_right_and_left_padding(processor, two_images):
     assert right.attention_mask[1].tolist() == [1] * len(b.input_ids) + [0] * (
         len(a.input_ids) - len(b.input_ids)
     )
-    assert right.media_per_sample == [2, 0] and right.pixel_values.shape[0] == 2
+    assert right.views_per_sample == [2, 0] and right.pixel_values.shape[0] == 2
     assert (right.labels[1, len(b.input_ids) :] == -100).all()
     left = PadCollator(processor.tokenizer.pad_token_id, "left")([a, b])
     assert left.input_ids[1, -len(b.input_ids) :].tolist() == b.input_ids.tolist()

@@ -116,7 +116,7 @@ def test_session_interleaves_images_and_videos_across_turns(model, synthetic_dat
     assert kinds == [["text", "image", "text"], ["text", "video", "text", "image", "text"]]
     sample = model.sample(session.messages)
     features = model.processor.prompt(sample)
-    assert features.num_media == 1 + 8 + 1  # the video's 8 sampled frames
+    assert features.num_views == 1 + 8 + 1  # the video's 8 sampled frames
     reply = session.messages[1]["content"]  # the first answer is part of the second prompt
     assert reply and sample.turns[1].role == "assistant" and sample.turns[1].text == reply
 

@@ -63,7 +63,7 @@ def _run(module, features, collate, bs, **kwargs):
 def test_batch_invariance(setup):
     module, features, collate = setup
     lengths = {len(f.input_ids) for f in features}
-    images = {f.num_media for f in features}
+    images = {f.num_views for f in features}
     assert len(lengths) >= 5 and images == {0, 1, 2, 3}, (lengths, images)
     tokens_1, logits_1 = _run(module, features, collate, 1, max_new_tokens=10)
     tokens_7, logits_7 = _run(module, features, collate, 7, max_new_tokens=10)

@@ -143,7 +143,7 @@ def test_fuyu_against_hf(fuyu, images):
     # the token count read from image headers equals the one of the decoded images
     assert [processor.length(s) for s in samples] == [len(f.input_ids) for f in features]
     batch = PadCollator(module.tokenizer.pad_token_id)(features)
-    assert batch.media_per_sample == [1, 2] and batch.image_sizes.tolist() == [
+    assert batch.views_per_sample == [1, 2] and batch.image_sizes.tolist() == [
         list(s) for s in SIZES
     ]
 
@@ -332,7 +332,7 @@ def test_video_frames_are_patched_frame_by_frame(fuyu, images):
         position_ids=torch.arange(ids.shape[1])[None],
         labels=None,
         pixel_values=torch.cat([spec.views(f, "video") for f in frames]),
-        media_per_sample=[2],
+        views_per_sample=[2],
         ids=["video"],
         image_sizes=torch.tensor([[30, 50]]),
         media_modes=["video"],

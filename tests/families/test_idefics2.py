@@ -134,11 +134,11 @@ def _batch(module: Idefics2Module, samples: list[Sample]):
 def _same_pixels(module: Idefics2Module, batch) -> tuple[torch.Tensor, torch.Tensor]:
     """The batch's views as transformers takes them: `[B, N, 3, H, W]` + the pixel mask."""
     sizes = module.model.view_sizes(batch)
-    rows, most = len(batch), max(batch.media_per_sample)
+    rows, most = len(batch), max(batch.views_per_sample)
     pixels = torch.zeros(rows, most, *batch.pixel_values.shape[1:])
     mask = torch.zeros(rows, most, *batch.pixel_values.shape[2:], dtype=torch.long)
     k = 0
-    for row, n in enumerate(batch.media_per_sample):
+    for row, n in enumerate(batch.views_per_sample):
         for j in range(n):
             pixels[row, j] = batch.pixel_values[k]
             h, w = sizes[k].tolist()
@@ -188,7 +188,7 @@ def test_idefics2_against_hf(hf_ckpt, hf_llm, images, split):
     samples = _samples(images)
     batch = _batch(module, samples)
     views = 5 if split else 1
-    assert batch.media_per_sample == [views, 3 * views, 0]
+    assert batch.views_per_sample == [views, 3 * views, 0]
     assert batch.pixel_values.shape == (4 * views, 3, LONGEST, LONGEST)
     hf = Idefics2ForConditionalGeneration.from_pretrained(hf_ckpt).eval()
     real = batch.attention_mask.bool()

@@ -42,7 +42,7 @@ def test_llava_against_hf(tiny_assets, synthetic_data):
     torch.manual_seed(0)
     module = tiny_llava(tiny_assets).eval()
     batch, samples = _batch(module, synthetic_data)
-    assert sum(batch.media_per_sample) > len(batch), "want multi-image rows in the batch"
+    assert sum(batch.views_per_sample) > len(batch), "want multi-image rows in the batch"
     hf = _hf_llava(module)
     ours = assert_logits_match_hf(module, hf, batch, rtol=1e-5, atol=1e-5)
     real = batch.attention_mask.bool()
@@ -62,7 +62,7 @@ def test_text_only_and_image_rows_in_one_batch(tiny_assets, synthetic_data):
     text_sample = Sample("text-1", [Turn("user", ["hello"]), Turn("assistant", ["red"])])
     feats = [dm.processor(text_sample), dm.processor(image_sample)]
     batch = PadCollator(module.tokenizer.pad_token_id)(feats)
-    assert batch.media_per_sample == [0, image_sample.images.__len__()]
+    assert batch.views_per_sample == [0, image_sample.images.__len__()]
     with torch.no_grad():
         both = module(batch)
         alone = module(PadCollator(module.tokenizer.pad_token_id)(feats[:1]))

@@ -176,7 +176,7 @@ def _one_image_batch(input_ids: Tensor, pixels: Tensor) -> Batch:
         position_ids=torch.arange(length)[None],
         labels=None,
         pixel_values=pixels,
-        media_per_sample=[1],
+        views_per_sample=[1],
         ids=["probe"],
     )
 

@@ -182,7 +182,7 @@ def _hf_inputs(batch: Batch, image_token_id: int, hf) -> dict:
     images = [x for x, m in zip(items, modes, strict=True) if m != "video"]
     videos = [x for x, m in zip(items, modes, strict=True) if m == "video"]
     per_row, start = [], 0
-    for row, n in enumerate(batch.media_per_sample):  # items of each row, in order
+    for row, n in enumerate(batch.views_per_sample):  # items of each row, in order
         k, seen = 0, 0
         while seen < n:
             seen += batch.views_per_media[start + k]

@@ -71,9 +71,9 @@ def test_blip2_against_hf(tiny_assets, synthetic_data, blip2):
     hf = Blip2ForConditionalGeneration.from_pretrained(blip2).eval()
     module.model.connector.linear.load_state_dict(hf.language_projection.state_dict())
     batch = _batch(module, synthetic_data)
-    assert sum(batch.media_per_sample) > len(batch), "want multi-image rows in the batch"
+    assert sum(batch.views_per_sample) > len(batch), "want multi-image rows in the batch"
     assert int((batch.input_ids == module.image_token_id).sum()) == QUERIES * sum(
-        batch.media_per_sample
+        batch.views_per_sample
     )
     ours = assert_logits_match_hf(module, hf, batch, **TOL)
     real = batch.attention_mask.bool()
@@ -154,7 +154,7 @@ def _reference_logits(module, batch: Batch) -> torch.Tensor:
                     vpgc.query_tokens[0] + h @ vpgc.qformer_proj.weight.T + vpgc.qformer_proj.bias
                 )
                 where = (batch.input_ids[b] == module.image_token_id).nonzero()[:, 0]
-                for k in range(batch.media_per_sample[b]):
+                for k in range(batch.views_per_sample[b]):
                     out = model.qformer.model(
                         query_embeds=queries[None],
                         encoder_hidden_states=features[image : image + 1],
@@ -188,7 +188,7 @@ def test_vpgc_matches_reference(tiny_assets, synthetic_data, blip2):
 def test_vpgc_instruction_depends_on_labels(tiny_assets, synthetic_data, blip2):
     module = tiny_qformer(tiny_assets, blip2)
     batch = _batch(module, synthetic_data, n=3)
-    features = torch.zeros(sum(batch.media_per_sample), 17, 32)
+    features = torch.zeros(sum(batch.views_per_sample), 17, 32)
     context = module.model.vpgc_batch_context(batch, module.image_token_id, features)
     for n, (b, t) in enumerate(
         zip(context.rows.tolist(), context.instruction.tolist(), strict=True)

@@ -237,7 +237,7 @@ class FuyuModel(FamilyModel):
         )
         per_view = (grids[:, 0] * grids[:, 1]).tolist()
         per_row, start = [], 0
-        for k in batch.media_per_sample:
+        for k in batch.views_per_sample:
             per_row.append(sum(per_view[start : start + k]))
             start += k
         return grid[keep], per_row

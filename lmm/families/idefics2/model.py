@@ -384,5 +384,5 @@ class Idefics2Model(FamilyModel):
             full = torch.tensor([[side, side]], device=embeds.device)
             embeds = embeds + 0.0 * self.encode_images(blank, full).sum()
         return scatter_media(
-            embeds, batch.input_ids, image_token_id, features, batch.media_per_sample, batch.ids
+            embeds, batch.input_ids, image_token_id, features, batch.views_per_sample, batch.ids
         )

@@ -165,7 +165,7 @@ class LlavaModel(FamilyModel):
         has_media = batch.pixel_values is not None and batch.pixel_values.shape[0] > 0
         if has_media and self.anyres is not None and batch.views_per_media:
             items = self.media_features(batch)
-            per_row = _items_per_row(batch.media_per_sample, batch.views_per_media, batch.ids)
+            per_row = _items_per_row(batch.views_per_sample, batch.views_per_media, batch.ids)
             if self.training and torch.distributed.is_initialized():
                 # every rank's newline takes part, even with only `no_token` videos
                 embeds = embeds + 0.0 * self.anyres.image_newline.sum()
@@ -184,7 +184,7 @@ class LlavaModel(FamilyModel):
                 unused = unused + self.anyres.image_newline.sum()
             embeds = embeds + 0.0 * unused
         return scatter_media(
-            embeds, batch.input_ids, image_token_id, features, batch.media_per_sample, batch.ids
+            embeds, batch.input_ids, image_token_id, features, batch.views_per_sample, batch.ids
         )
 
 

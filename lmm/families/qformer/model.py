@@ -208,7 +208,7 @@ class QFormerModel(FamilyModel):
                 unused = unused + self.vpgc(instruction, blank, self.qformer).sum()
             embeds = embeds + 0.0 * unused
         embeds = scatter_media(
-            embeds, batch.input_ids, image_token_id, tokens, batch.media_per_sample, batch.ids
+            embeds, batch.input_ids, image_token_id, tokens, batch.views_per_sample, batch.ids
         )
         if self.vpgc is None or features is None:
             return embeds, None
@@ -227,7 +227,7 @@ class QFormerModel(FamilyModel):
         n_queries = self.qformer.num_queries
         rows, positions, instruction, ends_of_rows = [], [], [], []
         for b in range(len(batch)):
-            if batch.media_per_sample[b] == 0:
+            if batch.views_per_sample[b] == 0:
                 continue
             image_pos = (batch.input_ids[b] == image_token_id).nonzero().squeeze(1)
             spans = image_pos.view(-1, n_queries)  # [n_b, Q], the row's images in order
