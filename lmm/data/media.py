@@ -114,7 +114,7 @@ def shortest_edge_size(width: int, height: int, size: int) -> tuple[int, int]:
     return int(size * width / height), size
 
 
-def normalize(img: Image.Image, mean: Sequence[float], std: Sequence[float]) -> Tensor:
+def normalize(img: Image.Image | np.ndarray, mean: Sequence[float], std: Sequence[float]) -> Tensor:
     """`[3, H, W]` float32: `(x / 255 - mean) / std` in the arithmetic of transformers' processors.
 
     Rescaling in float64 then casting, and normalizing in float32, gives the bits of

@@ -7,7 +7,7 @@ lmm's defaults are the clean ones; each seed recipe sets the values its seed's o
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, get_args
 
 MarkerPlacement = Literal["keep", "turn_start", "turn_start_unless_first"]
 UnmarkedMedia = Literal["newline", "prepend", "drop", "refuse"]
@@ -15,6 +15,7 @@ Truncation = Literal["drop_rounds", "cut_tail", "cut_tail_text", "refuse"]
 Tokenization = Literal["whole", "media", "legacy", "chunks"]
 SentencePiece = Literal["off", "legacy", "non_legacy"]
 SystemTurn = Literal["use", "refuse", "drop"]
+LeadingAssistant = Literal["refuse", "drop"]
 
 
 @dataclass(frozen=True)
@@ -92,19 +93,11 @@ class Preprocessing:
     min_images: int = 0
     answer_max_tokens: int | None = None
     system_turn: SystemTurn = "use"
-    leading_assistant: Literal["refuse", "drop"] = "refuse"
+    leading_assistant: LeadingAssistant = "refuse"
 
     def __post_init__(self) -> None:
-        choices = {
-            "marker_placement": ("keep", "turn_start", "turn_start_unless_first"),
-            "unmarked_media": ("newline", "prepend", "drop", "refuse"),
-            "truncation": ("drop_rounds", "cut_tail", "cut_tail_text", "refuse"),
-            "tokenization": ("whole", "media", "legacy", "chunks"),
-            "sentencepiece": ("off", "legacy", "non_legacy"),
-            "system_turn": ("use", "refuse", "drop"),
-            "leading_assistant": ("refuse", "drop"),
-        }
-        for name, allowed in choices.items():
+        for name, kind in _CHOICES.items():
+            allowed = get_args(kind)
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
         object.__setattr__(self, "drop_tokens", tuple(self.drop_tokens))
@@ -113,4 +106,13 @@ class Preprocessing:
             raise ValueError(f"answer_max_tokens must be >= 1, got {self.answer_max_tokens}")
 
 
+_CHOICES = {
+    "marker_placement": MarkerPlacement,
+    "unmarked_media": UnmarkedMedia,
+    "truncation": Truncation,
+    "tokenization": Tokenization,
+    "sentencepiece": SentencePiece,
+    "system_turn": SystemTurn,
+    "leading_assistant": LeadingAssistant,
+}
 DEFAULT = Preprocessing()

@@ -127,14 +127,13 @@ class Processor:
         scored = sample.target is not None
         turns = sample.turns if scored else self._train_turns(sample)
         _, ids, _, media = self._sequence(sample, turns, add_generation_prompt=scored)
-        n = self._expanded_length(sample, media, ids)
+        expansions = [self._header_expansion(sample, index) for index in media]
+        out_ids, _ = self._expand(ids, ids, expansions)
         if self.policy.truncation == "refuse" and not scored:
-            self._refuse_long(sample, n)
-        if self.policy.truncation == "cut_tail" and not scored and n > self.max_length:
-            expansions = [self._header_expansion(sample, index) for index in media]
-            out_ids, _ = self._expand(ids, ids, expansions)
-            n = len(self._cut_expanded(sample, out_ids, out_ids)[0])
-        return n
+            self._refuse_long(sample, len(out_ids))
+        if self.policy.truncation == "cut_tail" and not scored:
+            out_ids = self._cut_expanded(sample, out_ids, out_ids)[0]
+        return len(out_ids)
 
     def _train_turns(self, sample: Sample) -> list[Turn]:
         """The turns a training sample renders: those that fit (`drop_rounds`), else all."""

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Literal
 
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
@@ -206,7 +207,7 @@ class SentencePieceText:
             )
         self.legacy = flavour == "legacy"
         proto = sentencepiece_model_pb2.ModelProto()
-        proto.ParseFromString(open(path, "rb").read())
+        proto.ParseFromString(Path(path).read_bytes())
         if not self.legacy:
             proto.normalizer_spec.add_dummy_prefix = False  # as transformers' get_spm_processor
         self.sp = spm.SentencePieceProcessor(model_proto=proto.SerializeToString())

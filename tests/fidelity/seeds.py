@@ -21,10 +21,10 @@ import yaml
 from tokenizers import AddedToken, Tokenizer, decoders, normalizers, processors
 from transformers import AutoTokenizer, PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
+from lmm.data import check
 from lmm.data.media import ImageTransform
-from lmm.data.policy import Preprocessing
 from lmm.data.processor import MediaSpec, Processor
-from lmm.data.templates import build_template
+from lmm.data.sample import IMAGE_MARKER
 from lmm.data.tokenization import load_tokenizer
 from tests.data.real_tokenizers import build_llama3_tokenizer, build_mistral_tokenizer
 
@@ -248,10 +248,12 @@ class Stage:
         return json.loads((FIXTURES / "goldens" / f"{self.golden}.json").read_text())
 
     def processor(self, base: Path, max_length: int = 2048) -> Processor:
-        data = recipe_data(self.recipe)
-        template = build_template(data["template"])
-        policy = Preprocessing(**data.get("preprocessing", {}))
+        """The recipe's template and preprocessing (as `lmm data check --recipe` reads them)
+        over this stage's tokenizer and media; `max_length` is the goldens' 2048."""
+        data = check.recipe_data(ROOT / self.recipe)
         tokenizer = load_tokenizer(str(tokenizer_folder(self.tokenizer, base)))
         config = yaml.safe_load((ROOT / self.recipe).read_text())
         media = self.media(config["model"]["init_args"]["model"]["init_args"])
-        return Processor(tokenizer, template, media, max_length, "<image>", policy)
+        return Processor(
+            tokenizer, data["template"], media, max_length, IMAGE_MARKER, data["preprocessing"]
+        )

@@ -26,6 +26,12 @@ def _record(text: str, image="images/a.png", answer="Yes.") -> dict:
     return record
 
 
+def _conversation(*values: str, image="images/a.png") -> dict:
+    """A record whose turns alternate human, gpt, human, ... with these texts."""
+    turns = [{"from": ("human", "gpt")[k % 2], "value": v} for k, v in enumerate(values)]
+    return {"id": "r", "image": image, "conversations": turns}
+
+
 def _parse(record, **policy):
     return parse_record(record, source=FIXTURES / "records.json", policy=Preprocessing(**policy))
 
@@ -112,18 +118,7 @@ def test_mask_tokens_hide_terminators_and_keep_positions(phi):
     assert batch.position_ids[0, :n].tolist() == list(range(n))  # hidden tokens keep their place
     with pytest.raises(ValueError, match="pack_tokens: null"):
         PackCollator(phi.pad_token_id, 512)([features])
-    two_rounds = _parse(
-        {
-            "id": "r",
-            "image": "images/a.png",
-            "conversations": [
-                {"from": "human", "value": "<image>\nQ1"},
-                {"from": "gpt", "value": "A1"},
-                {"from": "human", "value": "Q2"},
-            ],
-        },
-        mask_tokens=["<|endoftext|>"],
-    )
+    two_rounds = _parse(_conversation("<image>\nQ1", "A1", "Q2"), mask_tokens=["<|endoftext|>"])
     prompt = processor.prompt(two_rounds)  # inference attends to every token
     assert (prompt.input_ids == eos).sum() == 1 and prompt.attention_mask is None
 
@@ -160,18 +155,7 @@ def test_answer_cap(phi):
 
 def test_plain_rounds(phi):
     sample = _parse(_record("<image>\nCaption?", answer="a cat"))
-    two = _parse(
-        {
-            "id": "r",
-            "image": "images/a.png",
-            "conversations": [
-                {"from": "human", "value": "<image>\nQ1"},
-                {"from": "gpt", "value": "A1"},
-                {"from": "human", "value": "Q2"},
-                {"from": "gpt", "value": "A2"},
-            ],
-        }
-    )
+    two = _parse(_conversation("<image>\nQ1", "A1", "Q2", "A2"))
     first = _processor(phi, template=Plain(rounds="first"))(two)
     assert phi.decode(first.labels[first.labels != -100]) == "A1\n"
     with pytest.raises(BadRecordError, match="rounds='one'"):

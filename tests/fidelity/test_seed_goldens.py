@@ -18,7 +18,6 @@ import torch.nn.functional as F
 from lmm.components.anyres import Anyres
 from lmm.data.formats import VideoOptions, parse_record
 from lmm.data.media import ImageTransform
-from lmm.data.policy import Preprocessing
 from lmm.data.sample import BadRecordError
 from lmm.families.fuyu.model import FuyuImageTransform, FuyuMediaSpec
 from lmm.families.idefics2.model import Idefics2MediaSpec
@@ -213,8 +212,8 @@ def _lmm(stage: Stage, processor, record: dict):
     """lmm's features of a record, after checking that `length` (what packing and batching by
     length use) counts exactly the tokens they hold."""
     data = recipe_data(stage.recipe)
-    policy = Preprocessing(**data.get("preprocessing", {}))
     video = VideoOptions(max_frames=data.get("max_frames", 8), fps=data.get("fps"))
+    policy = processor.policy  # the recipe's, as the data module hands it to the reader
     sample = parse_record(record, source=FIXTURES / stage.records, policy=policy, video=video)
     features = processor(sample)
     assert processor.length(sample) == len(features.input_ids), f"{record['id']}: length"

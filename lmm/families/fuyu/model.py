@@ -27,6 +27,7 @@ from lmm.components.language import CausalLM
 from lmm.components.merge import scatter_media
 from lmm.components.pretrained import reads_weights
 from lmm.data.batch import Batch
+from lmm.data.media import normalize
 from lmm.data.processor import MediaMode, MediaSpec
 from lmm.families.base import FamilyModel
 
@@ -78,9 +79,7 @@ class FuyuImageTransform:
             img = img.resize((w, h), Image.BILINEAR)
         canvas = np.full((self.height, self.width, 3), PAD_VALUE, dtype=np.uint8)
         canvas[:h, :w] = np.asarray(img)
-        x = (canvas.astype(np.float64) * (1 / 255)).astype(np.float32)
-        x = torch.from_numpy(x).permute(2, 0, 1).contiguous()  # [3, H, W]
-        return (x - MEAN) / STD
+        return normalize(canvas, (MEAN,) * 3, (STD,) * 3)  # [3, H, W]
 
 
 @dataclass(frozen=True)
