@@ -29,8 +29,9 @@ from lmm.data.collate import PadCollator
 from lmm.data.datamodule import ChatDataModule
 from lmm.data.synthetic import corpus, generate
 from lmm.data.templates import Llama3
-from lmm.families.llava import LlavaModel, LlavaModule
+from lmm.families.llava import LlavaModel
 from lmm.tiny import build_tiny_assets
+from lmm.training.module import LMMModule
 
 SIZES = {
     "tiny": dict(patch_size=8, llm_hidden=64, llm_layers=2, merge=1),
@@ -58,7 +59,7 @@ def build(root: Path, prompts: int, seed: int, size: str = "tiny"):
         llm=CausalLM(str(assets["llm"])),
         connector=lambda d_in, d_out: MLPConnector(d_in, d_out, depth=2, merge=merge),
     )
-    module = LlavaModule(model=model, tokenizer=str(assets["tokenizer"])).eval()
+    module = LMMModule(model=model, tokenizer=str(assets["tokenizer"])).eval()
     data = ChatDataModule(Llama3(), test=str(root / "data" / "test.json"))
     data.connect(module.tokenizer, module.media_spec(), module.image_token)
     module.template = data.template

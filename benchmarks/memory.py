@@ -60,7 +60,7 @@ def child(config: dict) -> dict:
     module = tt.build_module(assets, 1e-4, config["seed"])
     if config["checkpointing"]:
         # what apply_fsdp2 does for FSDP2Config(activation_checkpointing=True)
-        module.llm.gradient_checkpointing_enable(
+        module.model.llm.model.gradient_checkpointing_enable(
             gradient_checkpointing_kwargs={"use_reentrant": False}
         )
     data = ChatDataModule(

@@ -32,8 +32,9 @@ from lmm.data.formats import load_samples
 from lmm.data.packing import PackCollator, first_fit_decreasing
 from lmm.data.synthetic import generate, vocabulary
 from lmm.data.templates import Llama3
-from lmm.families.llava import LlavaModel, LlavaModule
+from lmm.families.llava import LlavaModel
 from lmm.tiny import build_tiny_assets
+from lmm.training.module import LMMModule
 
 
 def make_records(n: int, images: list[str], words: list[str], seed: int) -> list[dict]:
@@ -65,7 +66,7 @@ def make_records(n: int, images: list[str], words: list[str], seed: int) -> list
     return records
 
 
-def train(module: LlavaModule, batches, label: str) -> dict:
+def train(module: LMMModule, batches, label: str) -> dict:
     """One pass of AdamW steps; returns supervised tokens/s and the real-token share."""
     opt = torch.optim.AdamW([p for p in module.parameters() if p.requires_grad], lr=1e-4)
     module.train()
@@ -112,7 +113,7 @@ def main() -> None:
         model = LlavaModel(
             HFVisionTower(str(assets["vision"])), CausalLM(str(assets["llm"])), MLPConnector
         )
-        module = LlavaModule(model=model, tokenizer=str(assets["tokenizer"]))
+        module = LMMModule(model=model, tokenizer=str(assets["tokenizer"]))
         dm = ChatDataModule(template=Llama3(), max_length=a.pack_tokens)
         dm.connect(module.tokenizer, module.media_spec())
         samples = load_samples(tmp / "mix.json")

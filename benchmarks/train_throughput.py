@@ -7,7 +7,7 @@ tiny tokenizer uses the first 372 ids) is built once and exported with `export_h
 from these weights and train one pass over the same N samples of the packing benchmark's
 LLaVA-Instruct-like length mix (docs/benchmarks.md), with AdamW at the same lr, no weight
 decay, no clipping, a constant schedule, in the same precision:
-- lmm: what `lmm fit` runs — `LlavaModule` + `ChatDataModule(pack_tokens=...)` (the resumable
+- lmm: what `lmm fit` runs — `LMMModule` + `ChatDataModule(pack_tokens=...)` (the resumable
   packed stream) under a Lightning `Trainer`;
 - baseline: the exported `LlavaForConditionalGeneration` under the HF `Trainer` +
   `TrainingArguments`, random order, a padding collator, `--batch-size` samples per step. Its
@@ -51,20 +51,18 @@ from transformers import (  # noqa: E402
 )
 
 from lmm.components.connectors import MLPConnector  # noqa: E402
+from lmm.components.flops import matmul_params  # noqa: E402
 from lmm.components.language import CausalLM  # noqa: E402
 from lmm.components.vision import HFVisionTower  # noqa: E402
 from lmm.data.datamodule import ChatDataModule  # noqa: E402
 from lmm.data.formats import load_samples  # noqa: E402
 from lmm.data.synthetic import generate, vocabulary  # noqa: E402
 from lmm.data.templates import Llama3  # noqa: E402
-from lmm.families.llava import LlavaModel, LlavaModule  # noqa: E402
+from lmm.families.llava import LlavaModel  # noqa: E402
 from lmm.families.llava.convert import export_hf  # noqa: E402
 from lmm.tiny import build_llm, build_tokenizer, build_vision  # noqa: E402
-from lmm.training.throughput import (  # noqa: E402
-    ThroughputMonitor,
-    matmul_params,
-    measure_peak_flops,
-)
+from lmm.training.module import LMMModule  # noqa: E402
+from lmm.training.throughput import ThroughputMonitor, measure_peak_flops  # noqa: E402
 
 # (vision width, vision layers, LLM width, LLM layers, LLM MLP width, heads)
 SIZES = {
@@ -105,7 +103,7 @@ def build_assets(root: Path, size: str, seed: int, vocab: int | None = None) -> 
     return {"tokenizer": tokenizer, "vision": vision, "llm": llm}
 
 
-def build_module(assets: dict[str, Path], lr: float, seed: int) -> LlavaModule:
+def build_module(assets: dict[str, Path], lr: float, seed: int) -> LMMModule:
     """The lmm LLaVA on `assets` (2-layer MLP connector, as transformers' Llava), AdamW at `lr`.
 
     Fused AdamW, as the HF Trainer's default `adamw_torch_fused`; in a recipe:
@@ -115,7 +113,7 @@ def build_module(assets: dict[str, Path], lr: float, seed: int) -> LlavaModule:
     model = LlavaModel(
         HFVisionTower(str(assets["vision"])), CausalLM(str(assets["llm"])), MLPConnector
     )
-    return LlavaModule(
+    return LMMModule(
         model=model,
         tokenizer=str(assets["tokenizer"]),
         optimizer=partial(torch.optim.AdamW, lr=lr, weight_decay=0.0, fused=True),
@@ -183,7 +181,7 @@ def packed_data(mix: Path, rows: int, pack_tokens: int, a: argparse.Namespace) -
     )
 
 
-def train_lmm(module: LlavaModule, mix: Path, a: argparse.Namespace) -> dict:
+def train_lmm(module: LMMModule, mix: Path, a: argparse.Namespace) -> dict:
     """One pass of `lmm fit`'s path over the mix: packed stream + Lightning Trainer."""
     data = packed_data(mix, a.rows, a.pack_tokens, a)
     meter = LightningMeter()
@@ -303,7 +301,7 @@ def speedup(root: Path, a: argparse.Namespace) -> dict:
     module = build_module(assets, a.lr, a.seed)
     folder = export_hf(module, root / "hf")  # before lmm trains: both start from these weights
     params = sum(p.numel() for p in module.parameters())
-    vocab = module.llm.get_output_embeddings().out_features
+    vocab = module.model.llm.model.get_output_embeddings().out_features
     data = ChatDataModule(template=Llama3(), max_length=a.pack_tokens)
     data.connect(module.tokenizer, module.media_spec(), module.image_token)
     samples = load_samples(mix)

@@ -2,11 +2,16 @@
 
 __version__ = "0.1.0"
 
-__all__ = ["LMM", "load"]
+__all__ = ["LMM", "LMMModule", "load"]
 
 
 def __getattr__(name: str):
-    # `lmm.load` / `lmm.LMM` without importing torch and transformers on `import lmm`.
+    # `lmm.load` / `lmm.LMM` / `lmm.LMMModule` (recipes' class_path) without importing torch
+    # and transformers on `import lmm`.
+    if name == "LMMModule":
+        from lmm.training.module import LMMModule
+
+        return LMMModule
     if name in __all__:
         from lmm import api
 

@@ -26,9 +26,9 @@ from lmm.data.processor import Processor
 from lmm.data.sample import IMAGE_MARKER, Media, Part, Sample, Turn, VideoRef
 from lmm.data.templates import ChatTemplate, build_template
 from lmm.evaluation.runner import Task
-from lmm.families.base import LMMModule
-from lmm.families.recipe import build_module, load_weights
 from lmm.generation.decode import cut_at_stop
+from lmm.training.module import LMMModule
+from lmm.training.recipe import build_module, load_weights
 from lmm.utils.logging import get_logger
 
 log = get_logger(__name__)
@@ -61,7 +61,6 @@ class LMM:
             fps: sample videos at this many frames per second (at most `max_frames`).
         """
         self.module = module.eval()
-        module.template = template  # the module's stop strings come from the template
         self.template = template
         self.max_length = max_length
         self.max_frames = max_frames
@@ -184,7 +183,7 @@ class LMM:
     ) -> Iterator[str]:
         """The reply to one conversation, piece by piece as it is generated (pieces join to it)."""
         batch = self.batch([self.sample(messages, images)])
-        stops = self.module._stop_strings()
+        stops = self.module.generator.stops(batch)
         tokens: list[int] = []
         shown = 0
         for step in self.module.generation_stream(
@@ -290,30 +289,26 @@ def load(
     """
     path = Path(checkpoint_or_recipe)
     checkpoint: Path | None = None
-    if path.is_dir():
+    if path.is_dir():  # an import: its lmm.yaml builds the model with every imported weight
         if not (path / "lmm.yaml").is_file():
             raise ValueError(
                 f"{path} is a folder without lmm.yaml; loading a transformers folder is not "
                 "supported yet: import it with `lmm convert import` first"
             )
-        from lmm.convert import load_imported
-
-        module = load_imported(path)
-        config: dict = yaml.safe_load((path / "lmm.yaml").read_text()) or {}
+        path = path / "lmm.yaml"
+    if not path.is_file():
+        raise FileNotFoundError(f"no checkpoint or recipe at {path}")
+    if path.suffix in (".yaml", ".yml"):
+        recipe = recipe or path
     else:
-        if not path.is_file():
-            raise FileNotFoundError(f"no checkpoint or recipe at {path}")
-        if path.suffix in (".yaml", ".yml"):
-            recipe = recipe or path
-        else:
-            checkpoint = path
-            recipe = recipe or find_recipe(path)
-        config = yaml.safe_load(Path(recipe).read_text()) or {}
-        for key, value in (overrides or {}).items():
-            _set_dotted(config, key, value)
-        module = build_module(config, where=str(recipe))
-        if checkpoint is not None:
-            load_weights(module, checkpoint, str(recipe))
+        checkpoint = path
+        recipe = recipe or find_recipe(path)
+    config: dict = yaml.safe_load(Path(recipe).read_text()) or {}
+    for key, value in (overrides or {}).items():
+        _set_dotted(config, key, value)
+    module = build_module(config, where=str(recipe))
+    if checkpoint is not None:
+        load_weights(module, checkpoint, str(recipe))
     data = (config.get("data") or {}).get("init_args") or {}
     chosen = template if template is not None else data.get("template")
     if chosen is None:

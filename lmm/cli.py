@@ -12,7 +12,7 @@ import lightning as L
 from lightning.pytorch.cli import LightningCLI
 
 from lmm.components.pretrained import empty_init
-from lmm.families.base import LMMModule
+from lmm.training.module import LMMModule
 from lmm.utils.logging import get_logger
 
 log = get_logger(__name__)

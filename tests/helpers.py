@@ -1,4 +1,4 @@
-"""Shared builders for tests: a tiny LlavaModule and a connected data module."""
+"""Shared builders for tests: a tiny LMMModule and a connected data module."""
 
 from __future__ import annotations
 
@@ -12,19 +12,21 @@ from lmm.components.language import CausalLM
 from lmm.components.vision import HFVisionTower
 from lmm.data.datamodule import ChatDataModule
 from lmm.data.templates import Llama3
-from lmm.families.llava import LlavaModel, LlavaModule
+from lmm.families.llava import LlavaModel
+from lmm.generation.decode import Prefill, stream_tokens
+from lmm.training.module import LMMModule
 
 
-def tiny_llava(assets: dict[str, Path], quantization: dict | None = None, **kwargs) -> LlavaModule:
+def tiny_llava(assets: dict[str, Path], quantization: dict | None = None, **kwargs) -> LMMModule:
     model = LlavaModel(
         vision=HFVisionTower(str(assets["vision"]), feature_layer=-2),
         llm=CausalLM(str(assets["llm"]), quantization=quantization),
         connector=MLPConnector,
     )
-    return LlavaModule(model=model, tokenizer=str(assets["tokenizer"]), **kwargs)
+    return LMMModule(model=model, tokenizer=str(assets["tokenizer"]), **kwargs)
 
 
-def tiny_data(data: Path, module: LlavaModule | None = None, **kwargs) -> ChatDataModule:
+def tiny_data(data: Path, module: LMMModule | None = None, **kwargs) -> ChatDataModule:
     dm = ChatDataModule(
         template=Llama3(),
         train=str(data / "train.json"),
@@ -89,3 +91,14 @@ def tiny_llava_args(assets: dict[str, Path]) -> list[str]:
         f"--model.init_args.model.init_args.vision.init_args.path={assets['vision']}",
         f"--model.init_args.model.init_args.llm.init_args.path={assets['llm']}",
     ]
+
+
+@torch.no_grad()
+def generate_tokens(llm, inputs_embeds, attention_mask, **kwargs) -> list[list[int]]:
+    """The answer tokens of each prompt (stop tokens excluded), via `stream_tokens`."""
+    answers: list[list[int]] = [[] for _ in range(inputs_embeds.shape[0])]
+    for step in stream_tokens(llm, Prefill(inputs_embeds, attention_mask), **kwargs):
+        for r, tok in zip(step.rows, step.tokens, strict=True):
+            if tok is not None:
+                answers[r].append(tok)
+    return answers

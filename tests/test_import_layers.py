@@ -17,12 +17,6 @@ FORBIDDEN = {
     "components": {"families", "api", "cli", "convert", "chat"},
     "families": {"api", "cli", "evaluation", "convert", "chat"},
 }
-# Known, to be removed by issue 12 (benchmark scoring and result writing move from LMMModule
-# to callbacks). A new edge of this kind fails the test.
-KNOWN = {
-    ("lmm.families.base", "lmm.evaluation.metrics"),
-    ("lmm.families.base", "lmm.evaluation.runner"),
-}
 
 
 def _module(path: Path) -> str:
@@ -66,18 +60,16 @@ def _layer(module: str) -> str:
 
 def test_layers_import_only_downwards():
     graph = import_graph()
-    assert "lmm.data.processor" in graph and "lmm.families.base" in graph  # the scan sees lmm
+    assert "lmm.data.processor" in graph and "lmm.families.model" in graph  # the scan sees lmm
     bad = sorted(
         (m, d)
         for m, deps in graph.items()
         for d in deps
-        if _layer(d) in FORBIDDEN.get(_layer(m), ()) and (m, d) not in KNOWN
+        if _layer(d) in FORBIDDEN.get(_layer(m), ())
     )
     assert not bad, "imports against the layers (DESIGN.md §3): " + ", ".join(
         f"{m} -> {d}" for m, d in bad
     )
-    still = {(m, d) for m, d in KNOWN if d in graph.get(m, ())}
-    assert still == KNOWN, f"{KNOWN - still} no longer exist: remove them from KNOWN"
 
 
 def test_no_import_cycle():

@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 import re
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Literal
 
 import torch
@@ -81,6 +82,61 @@ def unpad_box(rows: int, cols: int, size: tuple[int, int]) -> tuple[slice, slice
     return slice(0, rows), slice(pad, cols - pad)
 
 
+@dataclass(frozen=True)
+class AnyresLayout:
+    """OneVision's geometry as plain values: views and token counts of a media item (see
+    `Anyres`). The media spec holds it, so the data pipeline counts tokens without the model."""
+
+    tile_size: int  # side of a tile in pixels
+    grid: int  # side of one tile's feature grid
+    pinpoints: tuple[tuple[int, int], ...]  # candidate (height, width) resolutions
+    max_tiles: int | None
+    video_stride: int
+    video_newline: str
+
+    def tiles(self, size: tuple[int, int]) -> tuple[int, int]:
+        """(rows, columns) of tiles for an image of (height, width)."""
+        h, w = select_best_resolution(size, self.pinpoints)
+        return h // self.tile_size, w // self.tile_size
+
+    def num_views(self, size: tuple[int, int], mode: Mode) -> int:
+        """Pixel views one image becomes: base + tiles for `image`, else one."""
+        if mode != "image":
+            return 1
+        rows, cols = self.tiles(size)
+        return 1 + rows * cols
+
+    def _layout(self, size: tuple[int, int]) -> tuple[int, int, slice, slice, tuple | None]:
+        """Tile grid, the unpadded box of its features and the shrunk (h, w), if shrunk."""
+        rows, cols = self.tiles(size)
+        ys, xs = unpad_box(rows * self.grid, cols * self.grid, size)
+        h, w = ys.stop - ys.start, xs.stop - xs.start
+        target = None
+        if self.max_tiles is not None:
+            ratio = math.sqrt(h * w / (self.max_tiles * self.grid**2))
+            if ratio > 1.1:
+                target = (int(h // ratio), int(w // ratio))
+        return rows, cols, ys, xs, target
+
+    def _pooled(self) -> int:
+        return math.ceil(self.grid / self.video_stride)
+
+    def num_tokens(self, size: tuple[int, int], mode: Mode, frames: int = 1) -> int:
+        """Feature tokens of one media item: an image of (height, width), or `frames` frames."""
+        base = self.grid**2
+        if mode == "multi":
+            return base + 1
+        if mode == "video":
+            p = self._pooled()
+            per_frame = {"one_token": p * p, "grid": p * (p + 1), "frame": p * p + 1}
+            return frames * per_frame.get(self.video_newline, p * p) + (
+                self.video_newline == "one_token"
+            )
+        _, _, ys, xs, target = self._layout(size)
+        h, w = target or (ys.stop - ys.start, xs.stop - xs.start)
+        return base + h * (w + 1)
+
+
 class Anyres(nn.Module):
     """OneVision's image layout with its learned `image_newline` (LLaVA-NeXT `spatial_unpad`).
 
@@ -126,55 +182,25 @@ class Anyres(nn.Module):
             raise ValueError(
                 f"video_newline must be one_token, grid, frame or no_token, got {video_newline!r}"
             )
-        self.tile_size, self.grid = tile_size, grid
-        self.pinpoints = parse_pinpoints(grid_pinpoints, tile_size)
+        self.layout = AnyresLayout(
+            tile_size,
+            grid,
+            tuple(parse_pinpoints(grid_pinpoints, tile_size)),
+            max_tiles,
+            video_stride,
+            video_newline,
+        )
+        self.tile_size, self.grid, self.pinpoints = tile_size, grid, self.layout.pinpoints
         self.max_tiles = max_tiles
         self.video_stride, self.video_newline = video_stride, video_newline
         # LLaVA-NeXT and transformers draw it as randn / sqrt(width)
         self.image_newline = nn.Parameter(torch.randn(hidden_size) / math.sqrt(hidden_size))
 
-    # --- geometry ---------------------------------------------------------------------------
-    def tiles(self, size: tuple[int, int]) -> tuple[int, int]:
-        """(rows, columns) of tiles for an image of (height, width)."""
-        h, w = select_best_resolution(size, self.pinpoints)
-        return h // self.tile_size, w // self.tile_size
-
     def num_views(self, size: tuple[int, int], mode: Mode) -> int:
-        """Pixel views one image becomes: base + tiles for `image`, else one."""
-        if mode != "image":
-            return 1
-        rows, cols = self.tiles(size)
-        return 1 + rows * cols
-
-    def _layout(self, size: tuple[int, int]) -> tuple[int, int, slice, slice, tuple | None]:
-        """Tile grid, the unpadded box of its features and the shrunk (h, w), if shrunk."""
-        rows, cols = self.tiles(size)
-        ys, xs = unpad_box(rows * self.grid, cols * self.grid, size)
-        h, w = ys.stop - ys.start, xs.stop - xs.start
-        target = None
-        if self.max_tiles is not None:
-            ratio = math.sqrt(h * w / (self.max_tiles * self.grid**2))
-            if ratio > 1.1:
-                target = (int(h // ratio), int(w // ratio))
-        return rows, cols, ys, xs, target
-
-    def _pooled(self) -> int:
-        return math.ceil(self.grid / self.video_stride)
+        return self.layout.num_views(size, mode)
 
     def num_tokens(self, size: tuple[int, int], mode: Mode, frames: int = 1) -> int:
-        """Feature tokens of one media item: an image of (height, width), or `frames` frames."""
-        base = self.grid**2
-        if mode == "multi":
-            return base + 1
-        if mode == "video":
-            p = self._pooled()
-            per_frame = {"one_token": p * p, "grid": p * (p + 1), "frame": p * p + 1}
-            return frames * per_frame.get(self.video_newline, p * p) + (
-                self.video_newline == "one_token"
-            )
-        _, _, ys, xs, target = self._layout(size)
-        h, w = target or (ys.stop - ys.start, xs.stop - xs.start)
-        return base + h * (w + 1)
+        return self.layout.num_tokens(size, mode, frames)
 
     # --- layout ------------------------------------------------------------------------------
     def forward(self, features: Tensor, size: tuple[int, int], mode: Mode) -> Tensor:
@@ -195,7 +221,7 @@ class Anyres(nn.Module):
             )
         if mode == "multi":
             return torch.cat([features[0], newline[None]])
-        rows, cols, ys, xs, target = self._layout(size)
+        rows, cols, ys, xs, target = self.layout._layout(size)
         g = self.grid
         tiles = features[1:].view(rows, cols, g, g, d).permute(4, 0, 2, 1, 3)
         x = tiles.reshape(d, rows * g, cols * g)[:, ys, xs]  # [D, h, w]
@@ -209,7 +235,7 @@ class Anyres(nn.Module):
         g = self.grid
         x = frames.view(f, g, g, d).permute(0, 3, 1, 2)  # [F, D, g, g]
         if self.video_stride > 1:
-            p = self._pooled()
+            p = self.layout._pooled()
             x = nn.functional.interpolate(x, size=[p, p], mode="bilinear")
         p = x.shape[-1]
         if self.video_newline == "grid":  # [F, D, p, p+1]: a newline after every row

@@ -26,6 +26,7 @@ class Features:
     views_per_media: list[int] = field(default_factory=list)
     # [L], 0 = a token no later token attends to (a seed's attention-mask quirk); None: all 1
     attention_mask: Tensor | None = None
+    stop_strings: tuple[str, ...] = ()  # a prompt's: where its template's answers end
 
     @property
     def num_views(self) -> int:
@@ -54,6 +55,11 @@ class Batch:
     image_sizes: Tensor | None = None  # [M, 2] original (height, width)
     media_modes: list[str] = field(default_factory=list)
     views_per_media: list[int] = field(default_factory=list)
+    # Prompt batches: the benchmark task they belong to (scored by its rule), the answer length
+    # it asks for, and the strings that end an answer (the template's).
+    task: str | None = None
+    max_new_tokens: int | None = None
+    stop_strings: tuple[str, ...] = ()
 
     @property
     def packed(self) -> bool:

@@ -13,9 +13,24 @@ from lmm.data.batch import Batch, Features, media_fields
 class PadCollator:
     """Pads token rows to the longest and stacks every image of the batch in row order."""
 
-    def __init__(self, pad_token_id: int, padding_side: Literal["right", "left"] = "right"):
+    def __init__(
+        self,
+        pad_token_id: int,
+        padding_side: Literal["right", "left"] = "right",
+        task: str | None = None,
+        max_new_tokens: int | None = None,
+    ):
+        """
+        Args:
+            pad_token_id: the id pad positions get.
+            padding_side: `right` for training, `left` for generation prompts.
+            task: the benchmark task the batches belong to (`Batch.task`), if any.
+            max_new_tokens: the answer length the task asks for, if any.
+        """
         self.pad_token_id = pad_token_id
         self.padding_side = padding_side
+        self.task = task
+        self.max_new_tokens = max_new_tokens
 
     def __call__(self, features: Sequence[Features]) -> Batch:
         length = max(len(f.input_ids) for f in features)
@@ -49,4 +64,7 @@ class PadCollator:
             meta=[f.meta for f in features],
             targets=torch.stack(targets) if targets else None,
             **media_fields(list(features)),
+            task=self.task,
+            max_new_tokens=self.max_new_tokens,
+            stop_strings=features[0].stop_strings,
         )

@@ -292,7 +292,9 @@ class ChatDataModule(L.LightningDataModule):
             shuffle=False,
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,
-            collate_fn=PadCollator(self.processor.tokenizer.pad_token_id, "left"),
+            collate_fn=PadCollator(
+                self.processor.tokenizer.pad_token_id, "left", task.name, task.max_new_tokens
+            ),
         )
 
     def task_prompt(self, sample: Sample) -> Features:

@@ -154,6 +154,7 @@ class Processor:
             raise BadRecordError(sample.source, sample.id, "no user turn to answer")
         features = self._encode(sample, turns, add_generation_prompt=True)
         features.reference = reference
+        features.stop_strings = tuple(self.template.stop_strings)
         if sample.target is not None:  # scored samples keep their target for test metrics
             features.target = torch.tensor(sample.target, dtype=torch.float32)
         return features

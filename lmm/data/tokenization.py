@@ -11,6 +11,9 @@ from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 from lmm.data.sample import IMAGE_MARKER
 from lmm.data.templates import Segment
+from lmm.utils.logging import get_logger
+
+log = get_logger(__name__)
 
 IGNORE_INDEX = -100
 
@@ -26,6 +29,30 @@ def load_tokenizer(path: str, image_token: str = IMAGE_MARKER) -> PreTrainedToke
     if tokenizer.pad_token is None:
         tokenizer.add_special_tokens({"pad_token": "<pad>"})
     return tokenizer
+
+
+def add_special_tokens(tokenizer: PreTrainedTokenizerBase, tokens: list[str]) -> list[str]:
+    """Make each token one special token: new ones are appended, known ones keep their id.
+
+    A family's structural tokens (Fuyu's `|SPEAKER|` and `|NEWLINE|`, ordinary pieces of its
+    own tokenizer that a SentencePiece prefix `▁` may come before; Idefics2's
+    `<fake_token_around_image>`) are never split or prefixed as special tokens. Returns the
+    tokens that were not in the vocabulary (the LLM's embeddings grow by as many).
+    """
+    vocab = tokenizer.get_vocab()
+    new = [t for t in dict.fromkeys(tokens) if t not in vocab]
+    unsplit = [
+        t
+        for t in dict.fromkeys(tokens)
+        if t in vocab and len(tokenizer(t, add_special_tokens=False).input_ids) != 1
+    ]
+    if new or unsplit:
+        tokenizer.add_special_tokens(
+            {"extra_special_tokens": new + unsplit}, replace_extra_special_tokens=False
+        )
+    if new:
+        log.info("added %s to the tokenizer (the LLM's embeddings grow)", new)
+    return new
 
 
 class SegmentTokenizer:

@@ -167,11 +167,27 @@ class Step:
     finished: list[bool]  # the row ended at this step (stop token, stop condition or length)
 
 
+@dataclass
+class Prefill:
+    """What a family model hands the generator for a left-padded prompt batch.
+
+    `position_ids` are the prompt's positions when the family computes its own (M-RoPE's
+    `[3, B, L]`); decoding continues each row at its last position + 1 (on every axis). None:
+    counted from the mask. `context(rows)`, if given, is entered around every LLM pass over whole
+    prompts (the prefill; with `use_cache=False` every step), with the batch rows that pass runs:
+    Cheetah's VPG-C applies its residual inside the LLM there.
+    """
+
+    embeds: Tensor  # [B, L, D] prompts with the media scattered in
+    attention_mask: Tensor  # [B, L], 1 = real token
+    position_ids: Tensor | None = None  # [B, L] or [k, B, L]
+    context: Callable[[list[int]], contextlib.AbstractContextManager] | None = None
+
+
 @torch.no_grad()
 def stream_tokens(
     llm: PreTrainedModel,
-    inputs_embeds: Tensor,  # [B, L, D] left-padded prompts, media already scattered in
-    attention_mask: Tensor,  # [B, L], 1 = real token
+    prefill: Prefill,
     *,
     max_new_tokens: int,
     stop_token_ids: Sequence[int] = (),
@@ -192,19 +208,18 @@ def stream_tokens(
     `use_cache=False` recomputes every prompt + answer from scratch at each step (for tests);
     `batch_invariant=False` uses the model's own kernels (faster, not bit-exact across batches).
     """
-    n = inputs_embeds.shape[0]
+    n = prefill.embeds.shape[0]
     if n == 0 or max_new_tokens <= 0:
         return
     if seeds is not None and len(seeds) != n:
         raise ValueError(f"{len(seeds)} seeds for {n} prompts; give one seed per prompt")
-    device = inputs_embeds.device
+    device = prefill.embeds.device
     generators: list[torch.Generator | None] = [generator] * n
     if seeds is not None:
         generators = [torch.Generator(device).manual_seed(int(s)) for s in seeds]
     stops = {int(t) for t in stop_token_ids}
     answers: list[list[int]] = [[] for _ in range(n)]
-    decoder_class = _CachedDecoder if use_cache else _Recompute
-    decoder = decoder_class(llm, inputs_embeds, attention_mask, batch_invariant)
+    decoder = (_CachedDecoder if use_cache else _Recompute)(llm, prefill, batch_invariant)
     logits = decoder.prefill()  # [n, V]
     active = list(range(n))
     for step in range(max_new_tokens):
@@ -229,19 +244,6 @@ def stream_tokens(
         logits = decoder.step(keep, next_tokens)
 
 
-@torch.no_grad()
-def generate_tokens(
-    llm: PreTrainedModel, inputs_embeds: Tensor, attention_mask: Tensor, **kwargs
-) -> list[list[int]]:
-    """The answer tokens of each prompt (stop tokens excluded); see `stream_tokens` for options."""
-    answers: list[list[int]] = [[] for _ in range(inputs_embeds.shape[0])]
-    for step in stream_tokens(llm, inputs_embeds, attention_mask, **kwargs):
-        for r, tok in zip(step.rows, step.tokens, strict=True):
-            if tok is not None:
-                answers[r].append(tok)
-    return answers
-
-
 def kernels(batch_invariant: bool, chunk: int = PREFILL_CHUNK):
     """`RowInvariant(chunk)` when asked for, else a no-op context."""
     return RowInvariant(chunk) if batch_invariant else contextlib.nullcontext()
@@ -251,41 +253,59 @@ def _positions(mask: Tensor) -> Tensor:  # [B, L] -> [B, L]: 0.. from each row's
     return (mask.long().cumsum(-1) - 1).clamp(min=0)
 
 
-class _CachedDecoder:
-    """Prefill the left-padded batch once, then decode all active rows from the KV cache."""
+class _Decoder:
+    """The prompt batch's state: mask, positions, and the rows still generating."""
 
-    def __init__(self, llm: PreTrainedModel, embeds: Tensor, mask: Tensor, batch_invariant: bool):
+    def __init__(self, llm: PreTrainedModel, prefill: Prefill, batch_invariant: bool):
         self.llm = llm
-        self.embeds = embeds
-        self.mask = mask.long()
+        self.embeds = prefill.embeds
+        self.mask = prefill.attention_mask.long()
+        self.positions = prefill.position_ids
+        if self.positions is None:
+            self.positions = _positions(self.mask)
+        self.context = prefill.context
+        self.rows = list(range(self.mask.shape[0]))  # the prompt rows still in the batch
         self.exact = batch_invariant
-        self.cache = None
 
-    def prefill(self) -> Tensor:
-        positions = _positions(self.mask)
-        with kernels(self.exact):
-            out = self.llm(
+    def whole_prompts(self, **kwargs):
+        """An LLM pass over whole prompts (+ answers so far), inside the family's context."""
+        context = self.context(self.rows) if self.context else contextlib.nullcontext()
+        with context, kernels(self.exact):
+            return self.llm(
                 inputs_embeds=self.embeds,
                 attention_mask=self.mask,
-                position_ids=positions,
-                use_cache=True,
+                position_ids=self.positions,
                 logits_to_keep=1,
+                **kwargs,
             )
+
+    def keep(self, keep: list[int]) -> Tensor:
+        """Drop finished rows, give the survivors one more mask column; the index kept."""
+        index = torch.tensor(keep, device=self.mask.device)
+        self.rows = [self.rows[i] for i in keep]
+        self.mask = torch.cat([self.mask[index], self.mask.new_ones(len(keep), 1)], dim=1)
+        return index
+
+
+class _CachedDecoder(_Decoder):
+    """Prefill the left-padded batch once, then decode all active rows from the KV cache."""
+
+    def prefill(self) -> Tensor:
+        out = self.whole_prompts(use_cache=True)
         self.cache = out.past_key_values
-        self.next_position = positions[:, -1] + 1  # [B]
+        self.next_position = self.positions[..., -1] + 1  # [B] (or [k, B])
         return out.logits[:, -1].float()
 
     def step(self, keep: list[int], tokens: Tensor) -> Tensor:  # tokens [B_active] -> [B_active, V]
-        if len(keep) < self.mask.shape[0]:  # finished rows leave the batch
-            index = torch.tensor(keep, device=tokens.device)
-            self.mask, self.next_position = self.mask[index], self.next_position[index]
-            self.cache.batch_select_indices(index)
-        self.mask = torch.cat([self.mask, self.mask.new_ones(len(keep), 1)], dim=1)
+        if len(keep) < len(self.rows):  # finished rows leave the batch
+            self.cache.batch_select_indices(torch.tensor(keep, device=tokens.device))
+        index = self.keep(keep)
+        self.next_position = self.next_position[..., index]
         with kernels(self.exact, chunk=1):
             out = self.llm(
                 input_ids=tokens[:, None],
                 attention_mask=self.mask,
-                position_ids=self.next_position[:, None],
+                position_ids=self.next_position[..., None],
                 past_key_values=self.cache,
                 use_cache=True,
             )
@@ -294,31 +314,18 @@ class _CachedDecoder:
         return out.logits[:, -1].float()
 
 
-class _Recompute:
+class _Recompute(_Decoder):
     """No cache: every step runs the prompts and their answers so far from scratch."""
 
-    def __init__(self, llm: PreTrainedModel, embeds: Tensor, mask: Tensor, batch_invariant: bool):
-        self.llm = llm
-        self.embeds = embeds
-        self.mask = mask.long()
-        self.exact = batch_invariant
-
     def prefill(self) -> Tensor:
-        with kernels(self.exact):
-            out = self.llm(
-                inputs_embeds=self.embeds,
-                attention_mask=self.mask,
-                position_ids=_positions(self.mask),
-                use_cache=False,
-                logits_to_keep=1,
-            )
-        return out.logits[:, -1].float()
+        return self.whole_prompts(use_cache=False).logits[:, -1].float()
 
     def step(self, keep: list[int], tokens: Tensor) -> Tensor:
-        index = torch.tensor(keep, device=tokens.device)
+        index = self.keep(keep)
         new = self.llm.get_input_embeddings()(tokens)[:, None].to(self.embeds.dtype)  # [B, 1, D]
         self.embeds = torch.cat([self.embeds[index], new], dim=1)
-        self.mask = torch.cat([self.mask[index], self.mask.new_ones(len(keep), 1)], dim=1)
+        positions = self.positions[..., index, :]
+        self.positions = torch.cat([positions, positions[..., -1:] + 1], dim=-1)
         return self.prefill()
 
 

@@ -201,7 +201,7 @@ def apply_lora(module, cfg: LoraConfig) -> list[str]:
             f"{type(module).__name__} already has LoRA adapters; apply_lora runs once per model "
             "(use load_adapter to load weights into it)"
         )
-    quantized = _quantization(module.llm)
+    quantized = _quantization(module.model.llm.model)
     expected = None if cfg.quantize is None else ("8bit" if cfg.quantize == "int8" else "4bit")
     if quantized != expected:
         raise ValueError(
@@ -217,8 +217,8 @@ def apply_lora(module, cfg: LoraConfig) -> list[str]:
             "would train twice. Remove them from train_parts or exclude them from lora.target"
         )
     if quantized:
-        _no_cpu_packing(module.llm)
-        prepare_model_for_kbit_training(module.llm, use_gradient_checkpointing=False)
+        _no_cpu_packing(module.model.llm.model)
+        prepare_model_for_kbit_training(module.model.llm.model, use_gradient_checkpointing=False)
     inject_adapter_in_model(cfg.peft_config(targets), _root(module), adapter_name=ADAPTER)
     for name, part in parts.items():  # peft froze every part's non-adapter weights
         if name in cfg.train_parts:
@@ -380,7 +380,7 @@ def merge_lora(module, dtype: str | None = None) -> None:
     if not has_lora(module):
         raise ValueError(f"{type(module).__name__} has no LoRA adapters to merge")
     root = _root(module)
-    llm = module.llm
+    llm = module.model.llm.model
     if _quantization(llm):
         _no_cpu_packing(llm)
         adapter = {k: v.clone() for k, v in adapter_state_dict(module).items()}

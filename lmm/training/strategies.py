@@ -24,6 +24,7 @@ from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
+from lmm.components.flops import layer_list
 from lmm.utils.logging import get_logger
 
 log = get_logger(__name__)
@@ -111,18 +112,6 @@ def mp_policy(config: FSDP2Config, device: torch.device) -> MixedPrecisionPolicy
     return MixedPrecisionPolicy()
 
 
-def layer_list(
-    module: nn.Module, names: tuple[str, ...] = ("layers", "h", "blocks")
-) -> nn.ModuleList:
-    """The first `nn.ModuleList` named like a stack of transformer layers inside `module`."""
-    for name, child in module.named_modules():
-        if isinstance(child, nn.ModuleList) and name.split(".")[-1] in names and len(child):
-            return child
-    raise ValueError(
-        f"no transformer layer list ({', '.join(names)}) found in {type(module).__name__}"
-    )
-
-
 def apply_fsdp2(
     root: nn.Module,
     vision: nn.Module | None,
@@ -150,3 +139,51 @@ def apply_fsdp2(
         mesh.size(),
         "bf16 params, fp32 reduce" if policy.param_dtype == torch.bfloat16 else "fp32",
     )
+
+
+def shard_module(module, strategy: ModelParallelStrategy | None, config: FSDP2Config) -> None:
+    """Shard an `LMMModule` under ModelParallelStrategy: the family model's FSDP2 plan
+    (`FamilyModel.shard`), the objective's parts (a score head) as their own units; with
+    `config.meta_init`, then give every rank its shard of rank 0's weights.
+
+    Without the strategy (`None`) only checks that the module was not built on the meta device.
+    """
+    if strategy is None:
+        if has_meta(module):
+            raise RuntimeError(
+                f"{type(module).__name__} was built on the meta device (fsdp.meta_init on a rank "
+                "other than 0) but the strategy is not fsdp2: meta_init needs the FSDP2 plan "
+                "(trainer.strategy: fsdp2); drop meta_init for DDP or DeepSpeed"
+            )
+        return
+    full_state = None
+    llm = module.model.llm.model
+    if config.meta_init and getattr(llm, "is_quantized", False):
+        raise ValueError(
+            "fsdp.meta_init cannot broadcast a quantized (4-bit / 8-bit) LLM's weights: "
+            "each rank quantizes its own copy when it loads; set "
+            "model.init_args.fsdp.meta_init: false for QLoRA"
+        )
+    if config.meta_init and strategy.global_rank == 0:
+        if has_meta(module):
+            raise RuntimeError(
+                "fsdp.meta_init: global rank 0 was built on the meta device, but its "
+                "weights are the ones every rank receives; check RANK / NODE_RANK / "
+                "LOCAL_RANK in the launcher's environment (lmm.components.pretrained."
+                "launched_rank_zero)"
+            )
+        full_state = module.state_dict()  # the full tensors, before sharding
+    mesh = module.device_mesh["data_parallel"]
+    module.model.shard(mesh, config)
+    policy = mp_policy(config, torch.device(mesh.device_type))
+    for part in module.objective.parts().values():  # outside the family model: own units
+        fully_shard(part, mesh=mesh, mp_policy=policy)
+    if config.meta_init:
+        built_on_meta = has_meta(module)
+        broadcast_weights(module, full_state, strategy.root_device)
+        log.info(
+            "FSDP2 meta_init: rank %d %s; weights broadcast from rank 0",
+            strategy.global_rank,
+            "built on the meta device" if built_on_meta else "loaded the weights",
+            extra={"all_ranks": True},
+        )

@@ -33,7 +33,7 @@ def test_recipe_parses(recipe, capsys, tmp_path):
         )
     assert exit_.value.code == 0
     printed = capsys.readouterr().out
-    assert "class_path: lmm.families." in printed and "trainer:" in printed
+    assert "class_path: lmm.LMMModule" in printed and "trainer:" in printed
 
 
 def _tiny_args(tiny_assets, synthetic_data, tmp_path) -> list[str]:

@@ -101,4 +101,4 @@ def test_module_loss_equals_full_logits_loss(tiny_assets, synthetic_data, takes_
         assert (g is None) == (h is None)
         if g is not None:
             torch.testing.assert_close(g, h, rtol=1e-4, atol=1e-7)
-    assert module.logit_positions(batch) == int(n) < batch.num_tokens
+    assert module.objective.head_tokens(module, batch) == int(n) < batch.num_tokens

@@ -89,7 +89,7 @@ def test_packing_parity(tiny_assets, synthetic_data, attention, monkeypatch):
     torch.manual_seed(0)
     module = tiny_llava(tiny_assets).float()
     module.model.llm.model.set_attn_implementation(attention)
-    assert module.llm.config._attn_implementation == attention
+    assert module.model.llm.model.config._attn_implementation == attention
     feats = _features(module, synthetic_data, 10)  # all five tasks: 1-3 images, text lengths vary
     lengths = [len(f.input_ids) for f in feats]
     capacity = max(lengths) * 3

@@ -11,11 +11,11 @@ from lmm.data.sample import Sample, Turn
 from lmm.generation.decode import (
     RowInvariant,
     cut_at_stop,
-    generate_tokens,
     row_attention,
     row_linear,
 )
-from tests.helpers import tiny_data, tiny_llava
+from lmm.training.module import LMMModule
+from tests.helpers import generate_tokens, tiny_data, tiny_llava
 
 
 @pytest.fixture(scope="module")
@@ -82,7 +82,7 @@ def test_batch_invariance_with_grouped_query_attention(tiny_assets, synthetic_da
     from lmm.components.connectors import MLPConnector
     from lmm.components.language import CausalLM
     from lmm.components.vision import HFVisionTower
-    from lmm.families.llava import LlavaModel, LlavaModule
+    from lmm.families.llava import LlavaModel
     from lmm.tiny import build_vision
 
     tokenizer = str(tiny_assets["tokenizer"])
@@ -102,7 +102,7 @@ def test_batch_invariance_with_grouped_query_attention(tiny_assets, synthetic_da
     AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path / "llm")
     vision = build_vision(tmp_path / "vision", "siglip", image_size=32, patch_size=8)
     model = LlavaModel(HFVisionTower(str(vision)), CausalLM(str(tmp_path / "llm")), MLPConnector)
-    module = LlavaModule(model=model, tokenizer=tokenizer).eval()
+    module = LMMModule(model=model, tokenizer=tokenizer).eval()
     dm = tiny_data(synthetic_data, module)
     features = [dm.processor.prompt(s) for s in dm.load("test")[:10]]
     collate = PadCollator(module.tokenizer.pad_token_id, "left")
@@ -232,25 +232,31 @@ def test_stop_strings_tokens_and_length(setup):
     module, features, collate = setup
     batch = collate(features[:3])
     with torch.no_grad():
-        embeds = module.embed(batch)
-        free = generate_tokens(module.llm, embeds, batch.attention_mask, max_new_tokens=10)
+        embeds = module.model.embed(batch, module.image_token_id)
+        free = generate_tokens(
+            module.model.llm.model, embeds, batch.attention_mask, max_new_tokens=10
+        )
         assert [len(t) for t in free] == [10, 10, 10]
         # A stop token ends a row and is not part of the answer.
         stopped = generate_tokens(
-            module.llm, embeds, batch.attention_mask, max_new_tokens=10, stop_token_ids=[free[0][3]]
+            module.model.llm.model,
+            embeds,
+            batch.attention_mask,
+            max_new_tokens=10,
+            stop_token_ids=[free[0][3]],
         )
     assert stopped[0] == free[0][:3]
     # A stop string (the decoded text of the answer's 3rd and 4th tokens) ends generation; the
     # text is cut before it.
     text = module.tokenizer.decode(free[0], skip_special_tokens=False)
     stop = module.tokenizer.decode(free[0][2:4], skip_special_tokens=False)
-    module.stop_strings = [stop]
+    module.generator.stop_strings = [stop]
     try:
         with torch.no_grad():
             steps = list(module.generation_stream(collate(features[:1]), 10))
         answer = module.generate(collate(features[:1]), 10)[0]
     finally:
-        module.stop_strings = None
+        module.generator.stop_strings = None
     assert len(steps) < 10 and steps[-1].finished == [True]
     assert answer == text[: text.index(stop)]
     assert cut_at_stop("Red.</s>junk<|eot_id|>", ["<|eot_id|>", "</s>"]) == "Red."

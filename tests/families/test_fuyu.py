@@ -16,12 +16,13 @@ from safetensors.torch import load_file
 from transformers import AutoTokenizer, FuyuConfig, FuyuForCausalLM, FuyuProcessor
 from transformers.models.fuyu.image_processing_pil_fuyu import FuyuImageProcessorPil
 
+from lmm.convert import load_imported
 from lmm.data.collate import PadCollator
 from lmm.data.processor import Processor
 from lmm.data.sample import Media, Sample, Turn
 from lmm.data.templates import MantisFuyu, render_text, trainable_text
 from lmm.families.fuyu import FuyuImageTransform, FuyuMediaSpec
-from lmm.families.fuyu.convert import export_hf, import_checkpoint, load_imported
+from lmm.families.fuyu.convert import export_hf, import_checkpoint
 from lmm.families.fuyu.model import IMAGE_TOKEN, NEWLINE_TOKEN
 from tests.helpers import cpu_fit_args
 
@@ -80,7 +81,7 @@ def write_fuyu(out: Path, tokenizer: Path, seed: int = 0) -> FuyuForCausalLM:
 
 @pytest.fixture(scope="module")
 def fuyu(fuyu_tokenizer, tmp_path_factory):
-    """(transformers model, its lmm import folder, the FuyuModule built from that folder)."""
+    """(transformers model, its lmm import folder, the LMMModule built from that folder)."""
     root = tmp_path_factory.mktemp("fuyu")
     hf = write_fuyu(root / "hf", fuyu_tokenizer)
     import_checkpoint(root / "hf", root / "lmm")
@@ -297,7 +298,7 @@ def test_import_fuyu(fuyu_tokenizer, images, tiny_assets, tmp_path):
 
 
 def test_export_fuyu_roundtrip(fuyu, images, tmp_path):
-    """A FuyuModule exported to the transformers layout loads in FuyuForCausalLM, same logits."""
+    """A LMMModule exported to the transformers layout loads in FuyuForCausalLM, same logits."""
     _, _, module = fuyu
     out = export_hf(module, tmp_path / "hf")
     hf = FuyuForCausalLM.from_pretrained(out).eval()
@@ -387,5 +388,5 @@ def test_mantis_fuyu_recipe_trains_two_steps(fuyu, tiny_assets, synthetic_data, 
     # Fuyu's and Mantis's image tokens were added as single tokens, and the embeddings grew
     for token in (IMAGE_TOKEN, NEWLINE_TOKEN, "|IMAGE|", "|ENDOFIMAGE|"):
         assert len(module.tokenizer(token, add_special_tokens=False).input_ids) == 1, token
-    assert module.llm.get_input_embeddings().num_embeddings == len(module.tokenizer)
+    assert module.model.llm.model.get_input_embeddings().num_embeddings == len(module.tokenizer)
     assert module.model.vision.weight.requires_grad  # Mantis-Fuyu trains every weight

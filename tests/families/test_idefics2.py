@@ -21,6 +21,7 @@ from transformers.models.idefics2.image_processing_pil_idefics2 import Idefics2I
 
 from lmm.cli import LMMCLI
 from lmm.components.language import CausalLM
+from lmm.convert import load_imported
 from lmm.data.collate import PadCollator
 from lmm.data.media import ImageTransform
 from lmm.data.processor import Processor
@@ -30,13 +31,13 @@ from lmm.data.tokenization import SegmentTokenizer
 from lmm.families.idefics2 import (
     Idefics2MediaSpec,
     Idefics2Model,
-    Idefics2Module,
     Idefics2Vision,
     PerceiverConnector,
 )
-from lmm.families.idefics2.convert import build_tiny_checkpoint, import_checkpoint, load_imported
+from lmm.families.idefics2.convert import build_tiny_checkpoint, import_checkpoint
 from lmm.families.idefics2.model import view_sizes
 from lmm.training.lora import trainable_counts
+from lmm.training.module import LMMModule
 from tests.data.real_tokenizers import add_special_tokens, build_mistral_tokenizer
 from tests.helpers import cpu_fit_args
 
@@ -88,7 +89,7 @@ def images(tmp_path_factory) -> dict[str, Path]:
     return paths
 
 
-def _module(hf_ckpt: Path, llm: Path, split: bool) -> Idefics2Module:
+def _module(hf_ckpt: Path, llm: Path, split: bool) -> LMMModule:
     """The lmm family on the checkpoint's weights: tower and connector read from it directly."""
     model = Idefics2Model(
         vision=Idefics2Vision(str(hf_ckpt)),
@@ -98,7 +99,7 @@ def _module(hf_ckpt: Path, llm: Path, split: bool) -> Idefics2Module:
         shortest_edge=SHORTEST,
         longest_edge=LONGEST,
     )
-    return Idefics2Module(model=model, tokenizer=str(hf_ckpt))
+    return LMMModule(model=model, tokenizer=str(hf_ckpt))
 
 
 def _samples(images: dict[str, Path]) -> list[Sample]:
@@ -122,16 +123,16 @@ def _samples(images: dict[str, Path]) -> list[Sample]:
     ]
 
 
-def _processor(module: Idefics2Module) -> Processor:
+def _processor(module: LMMModule) -> Processor:
     return Processor(module.tokenizer, Idefics2(), module.media_spec(), max_length=1024)
 
 
-def _batch(module: Idefics2Module, samples: list[Sample]):
+def _batch(module: LMMModule, samples: list[Sample]):
     features = [_processor(module)(s) for s in samples]
     return PadCollator(module.tokenizer.pad_token_id)(features)
 
 
-def _same_pixels(module: Idefics2Module, batch) -> tuple[torch.Tensor, torch.Tensor]:
+def _same_pixels(module: LMMModule, batch) -> tuple[torch.Tensor, torch.Tensor]:
     """The batch's views as transformers takes them: `[B, N, 3, H, W]` + the pixel mask."""
     sizes = module.model.view_sizes(batch)
     rows, most = len(batch), max(batch.views_per_sample)
@@ -280,7 +281,6 @@ def test_tokens_equal_idefics2_processor(hf_ckpt, hf_llm, images, mistral, split
         shortest_edge=SHORTEST,
         longest_edge=LONGEST,
         fake_token="<fake_token_around_image>",
-        vision=None,
     )
     ours = Processor(tokenizer, Idefics2(), spec, max_length=1024)
     hf_processor = Idefics2Processor(
@@ -475,7 +475,7 @@ def test_tiny_recipe_trains_two_steps(imported, synthetic_data, tmp_path):
         run=False,
     )
     module = cli.model
-    assert isinstance(module, Idefics2Module) and module.model.do_image_splitting
+    assert isinstance(module, LMMModule) and module.model.do_image_splitting
     before = {n: p.detach().clone() for n, p in module.named_parameters()}
     cli.trainer.fit(module, datamodule=cli.datamodule)
     assert cli.trainer.global_step == 2
@@ -505,7 +505,7 @@ def test_mantis_idefics2_qlora_recipe_trains_two_steps(imported, synthetic_data,
         run=False,
     )
     module = cli.model
-    q = module.llm.model.layers[0].self_attn.q_proj
+    q = module.model.llm.model.model.layers[0].self_attn.q_proj
     assert isinstance(q.base_layer, bnb.nn.Linear4bit)
     names = {n for n, m in module.named_modules() if hasattr(m, "lora_A")}
     connector = {n.split("connector.model.")[1] for n in names if "connector" in n}

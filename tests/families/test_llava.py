@@ -9,6 +9,7 @@ from transformers import LlavaConfig, LlavaForConditionalGeneration
 
 from lmm.data.collate import PadCollator
 from lmm.data.formats import load_samples
+from lmm.training.module import LMMModule
 from tests.helpers import assert_logits_match_hf, quiet_trainer, tiny_data, tiny_llava
 
 
@@ -85,8 +86,8 @@ def test_num_image_tokens_follows_vision_select(tiny_assets):
     spec = module.media_spec()
     # 32 px / patch 8 = 16 patches; CLIP adds CLS, `default` drops it
     assert spec.num_image_tokens((32, 32)) == 16
-    module.model.vision.select = "full"
-    assert spec.num_image_tokens((32, 32)) == 17
+    module.model.vision.select = "full"  # the spec is a value: ask the model again
+    assert module.media_spec().num_image_tokens((32, 32)) == 17
     pixels = torch.zeros(1, 3, 32, 32)
     assert module.model.encode_images(pixels).shape == (1, 17, 64)
 
@@ -124,7 +125,7 @@ def test_other_towers_and_llms_train(tiny_assets, synthetic_data, tmp_path, visi
     from lmm.components.connectors import LinearConnector
     from lmm.components.language import CausalLM
     from lmm.components.vision import HFVisionTower
-    from lmm.families.llava import LlavaModel, LlavaModule
+    from lmm.families.llava import LlavaModel
     from lmm.tiny import build_llm, build_vision
 
     vision = build_vision(tmp_path / "v", vision_type, image_size=32, patch_size=8)
@@ -132,7 +133,7 @@ def test_other_towers_and_llms_train(tiny_assets, synthetic_data, tmp_path, visi
     model = LlavaModel(
         HFVisionTower(str(vision), select="full"), CausalLM(str(llm)), LinearConnector
     )
-    module = LlavaModule(model=model, tokenizer=str(tiny_assets["tokenizer"]))
+    module = LMMModule(model=model, tokenizer=str(tiny_assets["tokenizer"]))
     # SigLIP has no CLS token: `full` keeps the 16 patches; CLIP adds one
     assert module.media_spec().num_image_tokens((32, 32)) == 16 + (vision_type == "clip")
     batch, _ = _batch(module, synthetic_data, n=4)

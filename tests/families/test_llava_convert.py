@@ -22,19 +22,17 @@ from transformers import (
 )
 
 from lmm.components.connectors import LinearConnector, MLPConnector
-from lmm.convert import main
+from lmm.convert import load_imported, main
 from lmm.data.batch import Batch
 from lmm.data.collate import PadCollator
 from lmm.data.formats import load_samples
 from lmm.data.media import load_image
-from lmm.families.llava import LlavaModule
 from lmm.families.llava.convert import (
     export_hf,
     import_checkpoint,
-    load_imported,
 )
-from lmm.families.recipe import module_from_recipe
 from lmm.tiny import build_llm, build_vision
+from lmm.training.recipe import module_from_recipe
 from tests.helpers import tiny_data, tiny_llava
 
 TOL = dict(rtol=1e-5, atol=1e-5)
@@ -110,7 +108,7 @@ def test_export_refuses_what_llava_cannot_express(tiny_assets, tmp_path, connect
 def test_main_export_from_recipe_and_ckpt(tiny_assets, tmp_path):
     recipe = tmp_path / "recipe.yaml"
     model = {
-        "class_path": "lmm.families.llava.LlavaModule",
+        "class_path": "lmm.LMMModule",
         "init_args": {
             "tokenizer": str(tiny_assets["tokenizer"]),
             "model": {
@@ -130,7 +128,7 @@ def test_main_export_from_recipe_and_ckpt(tiny_assets, tmp_path):
         },
     }
     recipe.write_text(yaml.safe_dump({"seed_everything": 0, "model": model, "trainer": {}}))
-    module = module_from_recipe(recipe, LlavaModule)
+    module = module_from_recipe(recipe)
     trained = {k: torch.randn_like(v) for k, v in module.model.connector.state_dict().items()}
     module.model.connector.load_state_dict(trained)
     ckpt = tmp_path / "last.ckpt"
@@ -312,7 +310,7 @@ def test_import_llava_qwen(tiny_assets, tmp_path):
     assert AutoConfig.from_pretrained(out / "vision").num_hidden_layers == 2
     assert AutoConfig.from_pretrained(out / "llm").rope_parameters["rope_theta"] == 1_000_000.0
     torch.testing.assert_close(
-        load_file(out / "image_newline.safetensors")["image_newline"], newline
+        load_file(out / "weights.safetensors")["model.anyres.image_newline"], newline
     )
 
     tok = AutoTokenizer.from_pretrained(out / "tokenizer")

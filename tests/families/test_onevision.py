@@ -28,14 +28,16 @@ from lmm.cli import LMMCLI
 from lmm.components.anyres import Anyres, parse_pinpoints, select_best_resolution
 from lmm.components.language import CausalLM
 from lmm.components.vision import HFVisionTower
+from lmm.convert import load_imported
 from lmm.data.batch import Batch
 from lmm.data.collate import PadCollator
 from lmm.data.processor import Processor
 from lmm.data.sample import Media, Sample, Turn, VideoRef
 from lmm.data.templates import Qwen25
-from lmm.families.llava import LlavaModel, LlavaModule
-from lmm.families.llava.convert import import_checkpoint, load_imported
+from lmm.families.llava import LlavaModel
+from lmm.families.llava.convert import import_checkpoint
 from lmm.tiny import build_llm, build_vision
+from lmm.training.module import LMMModule
 
 av = pytest.importorskip("av")
 
@@ -76,7 +78,7 @@ def _image(path: Path, size: tuple[int, int], seed: int) -> Path:
 
 @pytest.fixture(scope="module")
 def ov(tiny_assets, tmp_path_factory) -> dict:
-    """A tiny OneVision LlavaModule (SigLIP 32 px / patch 8, Qwen2), its media and samples."""
+    """A tiny OneVision LMMModule (SigLIP 32 px / patch 8, Qwen2), its media and samples."""
     root = tmp_path_factory.mktemp("onevision")
     vision = build_vision(root / "siglip", "siglip", image_size=TILE, patch_size=PATCH)
     llm = build_llm(root / "qwen2", tiny_assets["tokenizer"], "qwen2")
@@ -126,7 +128,7 @@ def ov(tiny_assets, tmp_path_factory) -> dict:
     }
 
 
-def _module(vision: Path, llm: Path, tokenizer: Path, video_newline="one_token") -> LlavaModule:
+def _module(vision: Path, llm: Path, tokenizer: Path, video_newline="one_token") -> LMMModule:
     torch.manual_seed(0)
     anyres = functools.partial(
         Anyres, grid_pinpoints=PINPOINTS, max_tiles=MAX_TILES, video_newline=video_newline
@@ -136,10 +138,10 @@ def _module(vision: Path, llm: Path, tokenizer: Path, video_newline="one_token")
         llm=CausalLM(str(llm)),
         anyres=anyres,
     )
-    return LlavaModule(model=model, tokenizer=str(tokenizer))
+    return LMMModule(model=model, tokenizer=str(tokenizer))
 
 
-def _hf_onevision(module: LlavaModule) -> LlavaOnevisionForConditionalGeneration:
+def _hf_onevision(module: LMMModule) -> LlavaOnevisionForConditionalGeneration:
     """transformers' LLaVA-OneVision with the weights of our tiny OneVision model."""
     ours = module.model
     config = LlavaOnevisionConfig(
@@ -233,10 +235,10 @@ def test_llava_onevision_against_hf(ov, case):
 
 def test_anyres_counts_by_hand(ov):
     anyres = ov["module"].model.anyres
-    assert anyres.tiles(WIDE) == (2, 3) and anyres.num_views(WIDE, "image") == 7
+    assert anyres.layout.tiles(WIDE) == (2, 3) and anyres.num_views(WIDE, "image") == 7
     assert anyres.num_tokens(WIDE, "image") == 16 + 4 * 9  # shrunk: 6 x 12 would give 16 + 78
-    assert anyres.tiles(SMALL) == (1, 1) and anyres.num_tokens(SMALL, "image") == 16 + 4 * 3
-    assert anyres.tiles(TALL) == (2, 1) and anyres.num_tokens(TALL, "image") == 16 + 8 * 5
+    assert anyres.layout.tiles(SMALL) == (1, 1) and anyres.num_tokens(SMALL, "image") == 16 + 4 * 3
+    assert anyres.layout.tiles(TALL) == (2, 1) and anyres.num_tokens(TALL, "image") == 16 + 8 * 5
     assert anyres.num_tokens(WIDE, "multi") == 16 + 1
     assert anyres.num_tokens(WIDE, "video", frames=4) == 4 * 2 * 2 + 1
 

@@ -18,8 +18,9 @@ from lmm.data.batch import Batch
 from lmm.data.collate import PadCollator
 from lmm.data.formats import load_samples
 from lmm.data.packing import PackCollator
-from lmm.families.qformer import QFormerModel, QFormerModule
+from lmm.families.qformer import QFormerModel
 from lmm.tiny import build_tiny_blip2
+from lmm.training.module import LMMModule
 from tests.helpers import assert_logits_match_hf, tiny_data
 
 TOL = dict(rtol=1e-5, atol=1e-5)
@@ -33,7 +34,7 @@ def blip2(tiny_assets, tmp_path_factory) -> Path:
     return build_tiny_blip2(out, tiny_assets["llm"], tiny_assets["tokenizer"], QUERIES)
 
 
-def tiny_qformer(tiny_assets, blip2: Path, vpgc: bool = True, **kwargs) -> QFormerModule:
+def tiny_qformer(tiny_assets, blip2: Path, vpgc: bool = True, **kwargs) -> LMMModule:
     model = QFormerModel(
         vision=Blip2VisionTower(str(blip2)),
         qformer=QFormer(str(blip2)),
@@ -41,7 +42,7 @@ def tiny_qformer(tiny_assets, blip2: Path, vpgc: bool = True, **kwargs) -> QForm
         connector=LinearConnector,
         vpgc=vpgc,
     )
-    return QFormerModule(model=model, tokenizer=str(tiny_assets["tokenizer"]), **kwargs)
+    return LMMModule(model=model, tokenizer=str(tiny_assets["tokenizer"]), **kwargs)
 
 
 def _features(module, data, n=6, prompts=False):
@@ -231,7 +232,7 @@ def test_vpgc_generation_prefill_only(tiny_assets, synthetic_data, blip2):
         cached = module.generate(prompts)
         recomputed = module.generate(prompts, use_cache=False)
     assert cached == recomputed
-    assert module.model._prompts is None and module._prompts is None  # nothing left behind
+    assert module.model._context is None  # nothing left behind
 
 
 def test_update_layer_out_of_range(tiny_assets, blip2):
@@ -266,7 +267,7 @@ def test_tiny_recipe_trains_only_vpgc(tiny_assets, synthetic_data, blip2, tmp_pa
     ]
     cli = LMMCLI(args=args, run=False)
     module = cli.model
-    assert isinstance(module, QFormerModule)
+    assert isinstance(module, LMMModule)
     trainable = {n for n, p in module.named_parameters() if p.requires_grad}
     assert trainable == {
         "model.vpgc.query_tokens",
@@ -338,7 +339,7 @@ def test_vpgc_generation_without_cache(tiny_assets, synthetic_data, blip2, monke
         and free[k][r] not in [free[j][r] for j in range(k)]
     )
     row, step = chosen
-    monkeypatch.setattr(module, "_stop_token_ids", lambda stops: [free[step][row]])
+    monkeypatch.setattr(module.generator, "stop_token_ids", lambda stops: [free[step][row]])
     with torch.no_grad():
         cached = list(module.generation_stream(prompts))
         recomputed = list(module.generation_stream(prompts, use_cache=False))

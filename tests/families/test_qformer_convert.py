@@ -13,12 +13,14 @@ from lmm.cli import LMMCLI
 from lmm.components.connectors import LinearConnector
 from lmm.components.language import CausalLM
 from lmm.components.qformer import Blip2VisionTower, QFormer
+from lmm.convert import load_imported
 from lmm.data.collate import PadCollator
 from lmm.data.formats import load_samples
 from lmm.data.templates import CheetahLlama2
-from lmm.families.qformer import QFormerModel, QFormerModule
-from lmm.families.qformer.convert import import_checkpoint, load_imported
+from lmm.families.qformer import QFormerModel
+from lmm.families.qformer.convert import import_checkpoint
 from lmm.tiny import build_tiny_blip2
+from lmm.training.module import LMMModule
 from tests.helpers import tiny_data
 
 TOL = dict(rtol=1e-5, atol=1e-5)
@@ -32,7 +34,7 @@ def blip2(tiny_assets, tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def source(tiny_assets, blip2) -> QFormerModule:
+def source(tiny_assets, blip2) -> LMMModule:
     """A tiny Cheetah: every weight random (VPG-C off zero), the ViT without key biases as EVA's."""
     model = QFormerModel(
         vision=Blip2VisionTower(str(blip2)),
@@ -42,7 +44,7 @@ def source(tiny_assets, blip2) -> QFormerModule:
         vpgc=True,
         update_layer=1,
     )
-    module = QFormerModule(model=model, tokenizer=str(tiny_assets["tokenizer"])).eval()
+    module = LMMModule(model=model, tokenizer=str(tiny_assets["tokenizer"])).eval()
     g = torch.Generator().manual_seed(3)
     with torch.no_grad():
         for part in (model.vision, model.qformer, model.connector, model.vpgc):
@@ -57,7 +59,7 @@ def source(tiny_assets, blip2) -> QFormerModule:
 # --- the published layout, written by hand (LAVIS / Cheetah names) ----------------------------
 
 
-def lavis_vision(module: QFormerModule) -> dict[str, torch.Tensor]:
+def lavis_vision(module: LMMModule) -> dict[str, torch.Tensor]:
     """`visual_encoder.*` + `ln_vision.*` of LAVIS's EVA ViT from the transformers BLIP-2 tower."""
     sd = module.model.vision.model.state_dict()
     out = {
@@ -87,7 +89,7 @@ def lavis_vision(module: QFormerModule) -> dict[str, torch.Tensor]:
     return out
 
 
-def lavis_qformer(module: QFormerModule) -> dict[str, torch.Tensor]:
+def lavis_qformer(module: LMMModule) -> dict[str, torch.Tensor]:
     """`Qformer.bert.*` and `query_tokens` of LAVIS's Q-Former (cross-attention every 2 layers)."""
     sd = module.model.qformer.model.state_dict()
     out = {
@@ -112,7 +114,7 @@ def lavis_qformer(module: QFormerModule) -> dict[str, torch.Tensor]:
     return out
 
 
-def cheetah_own(module: QFormerModule) -> dict[str, torch.Tensor]:
+def cheetah_own(module: LMMModule) -> dict[str, torch.Tensor]:
     """What Cheetah trains and adds: `llama_proj` and VPG-C inside its LlamaModel."""
     model = module.model
     return {
@@ -126,7 +128,7 @@ def cheetah_own(module: QFormerModule) -> dict[str, torch.Tensor]:
     }
 
 
-def write_whole(module: QFormerModule, path: Path) -> dict[str, torch.Tensor]:
+def write_whole(module: LMMModule, path: Path) -> dict[str, torch.Tensor]:
     """Cheetah's whole model state dict in one file: ViT, Q-Former (twice), LLM, VPG-C."""
     qformer = lavis_qformer(module)
     state = {**lavis_vision(module), **qformer, **cheetah_own(module)}
@@ -137,7 +139,7 @@ def write_whole(module: QFormerModule, path: Path) -> dict[str, torch.Tensor]:
     return state
 
 
-def write_split(module: QFormerModule, folder: Path) -> dict[str, Path]:
+def write_split(module: LMMModule, folder: Path) -> dict[str, Path]:
     """The three files Cheetah reads: EVA ViT, BLIP-2 (with its unused parts), Cheetah's own."""
     vision = lavis_vision(module)
     eva = {k.removeprefix("visual_encoder."): v for k, v in vision.items() if "ln_vision" not in k}

@@ -24,7 +24,9 @@ from lmm.data.sample import Media, Sample, Turn
 from lmm.data.synthetic import SCORE_LABELS, generate
 from lmm.data.templates import Llama3
 from lmm.evaluation.tasks.videofeedback import spearman
-from lmm.families.llava import LlavaModel, LlavaModule
+from lmm.families.llava import LlavaModel
+from lmm.training.module import LMMModule
+from lmm.training.objectives import Scores
 from tests.helpers import quiet_trainer, tiny_llava, tiny_llava_args
 
 TOL = dict(rtol=1e-5, atol=1e-5)
@@ -38,15 +40,15 @@ RECIPES = Path(__file__).resolve().parents[2] / "recipes"
 VIDEOSCORE = RECIPES / "mantis" / "videoscore.yaml"
 
 
-def _scored_module(tiny_assets, problem="regression", labels=LABELS, seed=0) -> LlavaModule:
+def _scored_module(tiny_assets, problem="regression", labels=LABELS, seed=0) -> LMMModule:
     """A tiny LLaVA with a score head whose weights are large enough to give spread scores."""
     torch.manual_seed(seed)
     module = tiny_llava(
-        tiny_assets, score=ScoreConfig(labels=list(labels), problem=problem, bias=True)
+        tiny_assets, objective=Scores(labels=list(labels), problem=problem, bias=True)
     )
     with torch.no_grad():
-        module.score_head.proj.weight.normal_(0.0, 0.5)
-        module.score_head.proj.bias.normal_(0.0, 0.5)
+        module.objective.head.proj.weight.normal_(0.0, 0.5)
+        module.objective.head.proj.bias.normal_(0.0, 0.5)
     return module.eval()
 
 
@@ -73,7 +75,7 @@ def _last_hidden_alone(module, feature: Features) -> torch.Tensor:  # -> [D]
     """The LLM's final hidden state at the last token of one unpadded sample, from the decoder."""
     batch = PadCollator(module.tokenizer.pad_token_id)([feature])
     with torch.no_grad():
-        embeds = module.embed(batch)
+        embeds = module.model.embed(batch, module.image_token_id)
         decoder = module.model.llm.model.model  # LlamaModel: no lm_head, no pooling of ours
         out = decoder(inputs_embeds=embeds, position_ids=batch.position_ids)
     return out.last_hidden_state[0, -1]
@@ -90,7 +92,7 @@ def test_loss_equals_hand_computation_at_last_real_token(problem, tiny_assets, s
     with torch.no_grad():
         loss, n = module.loss(batch)
     hidden = torch.stack([_last_hidden_alone(module, f) for f in features])  # [2, D]
-    w, b = module.score_head.proj.weight, module.score_head.proj.bias
+    w, b = module.objective.head.proj.weight, module.objective.head.proj.bias
     scores = hidden @ w.T + b  # [2, 3]
     if problem == "regression":
         expected = ((scores - targets) ** 2).mean()
@@ -109,9 +111,11 @@ def test_scores_do_not_depend_on_batch_or_padding_side(tiny_assets, synthetic_da
     features = _features(module, synthetic_data, TARGETS["regression"])
     pad = module.tokenizer.pad_token_id
     with torch.no_grad():
-        alone = torch.cat([module.scores(PadCollator(pad)([f])) for f in features])
-        right = module.scores(PadCollator(pad, "right")(features))
-        left = module.scores(PadCollator(pad, "left")(features))
+        alone = torch.cat(
+            [module.objective.scores(module, PadCollator(pad)([f])) for f in features]
+        )
+        right = module.objective.scores(module, PadCollator(pad, "right")(features))
+        left = module.objective.scores(module, PadCollator(pad, "left")(features))
     assert alone.shape == (2, len(LABELS))
     torch.testing.assert_close(right, alone, **TOL)
     torch.testing.assert_close(left, alone, **TOL)
@@ -121,8 +125,8 @@ def test_scores_do_not_depend_on_batch_or_padding_side(tiny_assets, synthetic_da
 def test_every_trainable_parameter_gets_a_gradient(tiny_assets, synthetic_data):
     """The untied LM head, which a score model never reads, is frozen; all else trains."""
     module = _scored_module(tiny_assets)
-    head = module.llm.get_output_embeddings()
-    assert head.weight is not module.llm.get_input_embeddings().weight
+    head = module.model.llm.model.get_output_embeddings()
+    assert head.weight is not module.model.llm.model.get_input_embeddings().weight
     assert not head.weight.requires_grad
     features = _features(module, synthetic_data, TARGETS["regression"])
     module.loss(PadCollator(module.tokenizer.pad_token_id)(features))[0].backward()
@@ -144,8 +148,8 @@ def test_matches_transformers_sequence_classification(tiny_assets):
     ).eval()
     hf.model.load_state_dict(module.model.llm.model.model.state_dict())
     with torch.no_grad():
-        hf.score.weight.copy_(module.score_head.proj.weight)
-    module.score_head.proj.bias.data.zero_()  # transformers' head has no bias
+        hf.score.weight.copy_(module.objective.head.proj.weight)
+    module.objective.head.proj.bias.data.zero_()  # transformers' head has no bias
     dm = ChatDataModule(template=Llama3())
     dm.connect(module.tokenizer, module.media_spec(), module.image_token)
     texts = ["How many shapes are there?", "What colour is the shape? Which image shows it?"]
@@ -153,7 +157,7 @@ def test_matches_transformers_sequence_classification(tiny_assets):
     batch = PadCollator(module.tokenizer.pad_token_id)([dm.processor(s) for s in samples])
     assert hf.config.pad_token_id == module.tokenizer.pad_token_id
     with torch.no_grad():
-        ours = module.scores(batch)
+        ours = module.objective.scores(module, batch)
         theirs = hf(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
     torch.testing.assert_close(ours, theirs, **TOL)
 
@@ -195,7 +199,7 @@ def test_family_without_return_hidden_is_refused(tiny_assets):
     model = tiny_llava(tiny_assets).model
     model.__class__ = OldForward
     with pytest.raises(TypeError, match="OldForward.forward has no `return_hidden`"):
-        LlavaModule(model=model, tokenizer=str(tiny_assets["tokenizer"]), score=ScoreConfig(["a"]))
+        LMMModule(model=model, tokenizer=str(tiny_assets["tokenizer"]), objective=Scores(["a"]))
 
 
 def test_every_family_forward_takes_return_hidden():
@@ -209,12 +213,12 @@ def test_every_family_forward_takes_return_hidden():
 
 
 def test_head_is_a_part_trained_and_frozen_like_the_others(tiny_assets):
-    module = tiny_llava(tiny_assets, score=ScoreConfig(["a", "b"]), freeze=["vision"])
+    module = tiny_llava(tiny_assets, objective=Scores(["a", "b"]), freeze=["vision"])
     assert set(module.all_parts()) == {"vision", "connector", "llm", "score"}
     assert isinstance(module.all_parts()["score"], ScoreHead)
-    assert module.score_head.proj.bias is None  # transformers' and VideoScore's head: no bias
-    frozen = tiny_llava(tiny_assets, score=ScoreConfig(["a", "b"]), freeze=["score"])
-    assert not any(p.requires_grad for p in frozen.score_head.parameters())
+    assert module.objective.head.proj.bias is None  # transformers' and VideoScore's head: no bias
+    frozen = tiny_llava(tiny_assets, objective=Scores(["a", "b"]), freeze=["score"])
+    assert not any(p.requires_grad for p in frozen.objective.head.parameters())
 
 
 @pytest.fixture(scope="module")
@@ -226,7 +230,7 @@ def score_data(tmp_path_factory) -> Path:
 
 def test_train_validate_and_predict_scores(tiny_assets, score_data, tmp_path):
     torch.manual_seed(0)
-    module = tiny_llava(tiny_assets, score=ScoreConfig(list(SCORE_LABELS)))
+    module = tiny_llava(tiny_assets, objective=Scores(list(SCORE_LABELS)))
     dm = ChatDataModule(
         template=Llama3(),
         train=str(score_data / "train.json"),
@@ -236,11 +240,11 @@ def test_train_validate_and_predict_scores(tiny_assets, score_data, tmp_path):
         batch_size=4,
         labels=list(SCORE_LABELS),
     )
-    before = module.score_head.proj.weight.detach().clone()
+    before = module.objective.head.proj.weight.detach().clone()
     trainer = quiet_trainer(tmp_path, 2, [])
     trainer.fit(module, dm)
     assert trainer.global_step == 2
-    assert not torch.equal(before, module.score_head.proj.weight)
+    assert not torch.equal(before, module.objective.head.proj.weight)
 
     evaluator = L.Trainer(
         accelerator="cpu",
@@ -258,7 +262,7 @@ def test_train_validate_and_predict_scores(tiny_assets, score_data, tmp_path):
     module.eval()
     batch = PadCollator(module.tokenizer.pad_token_id)([dm.processor(s) for s in dm.samples["val"]])
     with torch.no_grad():
-        scores = module.scores(batch)
+        scores = module.objective.scores(module, batch)
     for k, name in enumerate(names):
         rho = spearman(scores[:, k], batch.targets[:, k])
         assert metrics[f"val/score/spearman/{name}"] == pytest.approx(rho, abs=1e-4)
@@ -280,7 +284,9 @@ def test_train_validate_and_predict_scores(tiny_assets, score_data, tmp_path):
 
 def _frames_records(out: Path, n: int, frames: int) -> Path:
     """VideoScore-like classification records: `frames` frames, the 5 dimensions in [1, 4]."""
-    labels = yaml.safe_load(VIDEOSCORE.read_text())["model"]["init_args"]["score"]["labels"]
+    labels = yaml.safe_load(VIDEOSCORE.read_text())["model"]["init_args"]["objective"]["init_args"][
+        "labels"
+    ]
     (out / "frames").mkdir(parents=True, exist_ok=True)
     records = []
     for i in range(n):
@@ -329,7 +335,7 @@ def test_videoscore_recipe_settings_train_two_steps(tiny_assets, tmp_path):
         ]
     )
     assert cli.trainer.global_step == 2
-    head = cli.model.score_head
+    head = cli.model.objective.head
     assert head.labels[0] == "visual quality" and len(head.labels) == 5
     assert head.config.problem == "regression" and head.proj.bias is None
     [group] = [g for g in cli.trainer.optimizers[0].param_groups if g["name"] == "score"]
@@ -342,7 +348,7 @@ def test_videoscore_recipe_parses(capsys):
         LMMCLI(args=["fit", f"--config={VIDEOSCORE}", "--print_config"])
     assert exit_info.value.code in (0, None)
     printed = yaml.safe_load(capsys.readouterr().out)
-    score = printed["model"]["init_args"]["score"]
+    score = printed["model"]["init_args"]["objective"]["init_args"]
     assert score["problem"] == "regression" and len(score["labels"]) == 5
     assert printed["data"]["init_args"]["labels"] == score["labels"]
     assert printed["model"]["init_args"]["optimizer"]["init_args"]["lr"] == 1e-5

@@ -42,7 +42,7 @@ def onevision(model: dict):
     anyres = Anyres(
         8, 384, 27, "(1x1),...,(6x6)", max_tiles=4, video_stride=2, video_newline="grid"
     )
-    return OneVisionMediaSpec(ImageTransform(384, HALF, HALF, "resize"), None, None, anyres)
+    return OneVisionMediaSpec(ImageTransform(384, HALF, HALF, "resize"), 27 * 27, anyres.layout)
 
 
 def fuyu(model: dict):
@@ -62,7 +62,6 @@ def idefics2(model: dict):
         shortest_edge=378,
         longest_edge=980,
         fake_token="<fake_token_around_image>",
-        vision=None,
     )
 
 

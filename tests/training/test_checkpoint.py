@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 
+from lmm.training.callbacks import RngState
 from lmm.training.checkpoint import (
     AtomicCheckpointIO,
     CheckpointError,
@@ -39,12 +40,13 @@ def test_weights_only_refuses_pickled_code(tmp_path):
 
 def test_rng_state_round_trips(tiny_assets, tmp_path):
     module = tiny_llava(tiny_assets)
+    [rng] = [c for c in module.configure_callbacks() if isinstance(c, RngState)]
     ckpt: dict = {}
     torch.manual_seed(1), np.random.seed(2), random.seed(3)
-    module.on_save_checkpoint(ckpt)
+    rng.on_save_checkpoint(None, module, ckpt)
     expected = (torch.rand(2), np.random.rand(2), random.random())
     AtomicCheckpointIO().save_checkpoint(ckpt, tmp_path / "r.ckpt")
-    module.on_load_checkpoint(load_checkpoint_file(tmp_path / "r.ckpt"))
+    rng.on_load_checkpoint(None, module, load_checkpoint_file(tmp_path / "r.ckpt"))
     got = (torch.rand(2), np.random.rand(2), random.random())
     assert torch.equal(expected[0], got[0]) and np.array_equal(expected[1], got[1])
     assert expected[2] == got[2]

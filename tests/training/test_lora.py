@@ -14,7 +14,7 @@ from transformers import LlamaForCausalLM
 from lmm.components.connectors import MLPConnector
 from lmm.components.language import CausalLM
 from lmm.components.vision import HFVisionTower
-from lmm.families.llava import LlavaModel, LlavaModule
+from lmm.families.llava import LlavaModel
 from lmm.training.lora import (
     LoraConfig,
     apply_lora,
@@ -26,6 +26,7 @@ from lmm.training.lora import (
     save_adapter,
     trainable_counts,
 )
+from lmm.training.module import LMMModule
 from tests.helpers import tiny_data
 
 PROJ = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -36,7 +37,7 @@ MANTIS_TARGETS = [
 ]
 
 
-def _llava(assets, cfg: LoraConfig | None = None) -> LlavaModule:
+def _llava(assets, cfg: LoraConfig | None = None) -> LMMModule:
     """The tiny LLaVA of tests.helpers, with the LLM loaded as `cfg` quantizes it."""
     torch.manual_seed(0)
     llm = CausalLM(str(assets["llm"]), quantization=quantization_kwargs(cfg) if cfg else None)
@@ -45,7 +46,7 @@ def _llava(assets, cfg: LoraConfig | None = None) -> LlavaModule:
         llm=llm,
         connector=MLPConnector,
     )
-    return LlavaModule(model=model, tokenizer=str(assets["tokenizer"]))
+    return LMMModule(model=model, tokenizer=str(assets["tokenizer"]))
 
 
 def _batches(module, data, batch_size=8):
@@ -101,7 +102,7 @@ def test_mantis_default_targets_every_llm_linear_but_lm_head(tiny_assets, synthe
     connector = sum(p.numel() for p in module.model.connector.parameters())
     assert trainable_counts(module) == {"lora": 2 * per_layer, "connector": connector}
     # in place: the LLM keeps its transformers class and layout; keys only gain base_layer / lora_*
-    assert isinstance(module.llm, LlamaForCausalLM)
+    assert isinstance(module.model.llm.model, LlamaForCausalLM)
     keys = set(module.state_dict())
     assert "model.llm.model.model.layers.0.self_attn.q_proj.base_layer.weight" in keys
     assert "model.llm.model.model.layers.0.self_attn.q_proj.lora_A.default.weight" in keys
@@ -118,7 +119,7 @@ def test_idefics2_style_regex_and_connector_targets(tiny_assets):
     )
     targets = apply_lora(module, cfg)
     assert targets == [t for t in MANTIS_TARGETS if t.endswith(("q_proj", "v_proj"))]
-    q = module.llm.model.layers[0].self_attn.q_proj
+    q = module.model.llm.model.model.layers[0].self_attn.q_proj
     assert q.scaling["default"] == 1.0  # alpha / r
     assert q.lora_dropout["default"].p == 0.1
     assert 0.09 < q.lora_A["default"].weight.std().item() < 0.16  # gaussian init: std 1/r
@@ -159,7 +160,9 @@ def test_train_save_load_merge_float(tiny_assets, synthetic_data, tmp_path, dora
     if dora:  # one magnitude per output channel of each target, trained too
         mags = {n for n, p in module.named_parameters() if "magnitude" in n and p.requires_grad}
         assert len(mags) == len(MANTIS_TARGETS)
-    q_base = module.llm.model.layers[0].self_attn.q_proj.base_layer.weight.detach().clone()
+    q_base = (
+        module.model.llm.model.model.layers[0].self_attn.q_proj.base_layer.weight.detach().clone()
+    )
     batches = _batches(module, synthetic_data)
     losses = _train(module, batches, 6)
     assert losses[-1] < losses[0]
@@ -176,7 +179,7 @@ def test_train_save_load_merge_float(tiny_assets, synthetic_data, tmp_path, dora
 
     merge_lora(module)
     assert not has_lora(module)
-    q = module.llm.model.layers[0].self_attn.q_proj
+    q = module.model.llm.model.model.layers[0].self_attn.q_proj
     assert type(q) is torch.nn.Linear and not torch.equal(q.weight, q_base)
     assert not any("lora_" in k or "base_layer" in k for k in module.state_dict())
     torch.testing.assert_close(_logits(module, batch), trained, rtol=0, atol=1e-5)
@@ -188,7 +191,7 @@ def test_qlora_cpu(tiny_assets, synthetic_data, tmp_path):
 
     cfg = LoraConfig(r=8, alpha=16, quantize="nf4", compute_dtype="float32")
     module = _llava(tiny_assets, cfg)
-    q = module.llm.model.layers[0].self_attn.q_proj
+    q = module.model.llm.model.model.layers[0].self_attn.q_proj
     assert isinstance(q, bnb.nn.Linear4bit) and q.weight.dtype == torch.uint8
     assert q.weight.quant_state.quant_type == "nf4" and q.weight.quant_state.nested
     assert apply_lora(module, cfg) == MANTIS_TARGETS
@@ -218,7 +221,7 @@ def test_qlora_cpu(tiny_assets, synthetic_data, tmp_path):
     merge_lora(module)
     assert not has_lora(module)
     assert not any(isinstance(m, bnb.nn.Linear4bit) for m in module.modules())
-    assert getattr(module.llm, "hf_quantizer", None) is None
+    assert getattr(module.model.llm.model, "hf_quantizer", None) is None
     torch.testing.assert_close(_logits(module, batch), trained, rtol=0, atol=1e-5)
 
 
@@ -244,7 +247,7 @@ def test_qlora_in_lightning_fit(tiny_assets, synthetic_data, tmp_path):
     module = _llava(tiny_assets, cfg)
     apply_lora(module, cfg)
     vision = {k: v.clone() for k, v in module.model.vision.state_dict().items()}
-    q_data = module.llm.model.layers[0].self_attn.q_proj.base_layer.weight.data.clone()
+    q_data = module.model.llm.model.model.layers[0].self_attn.q_proj.base_layer.weight.data.clone()
     trainer = L.Trainer(
         accelerator="cpu",
         max_steps=3,
@@ -259,7 +262,9 @@ def test_qlora_in_lightning_fit(tiny_assets, synthetic_data, tmp_path):
     trainer.fit(module, datamodule=tiny_data(synthetic_data, module, batch_size=4))
     for layer in (0, 1):
         assert all(p.abs().sum() > 0 for p in _lora_params(module, layer).values())  # B left 0
-    assert torch.equal(module.llm.model.layers[0].self_attn.q_proj.base_layer.weight.data, q_data)
+    assert torch.equal(
+        module.model.llm.model.model.layers[0].self_attn.q_proj.base_layer.weight.data, q_data
+    )
     assert all(torch.equal(v, module.model.vision.state_dict()[k]) for k, v in vision.items())
 
 
@@ -297,7 +302,7 @@ def test_lora_config_from_yaml():
 
 def test_adapter_keeps_the_score_head(tiny_assets, tmp_path):
     """LoRA leaves a score head trainable; the adapter directory saves and restores it."""
-    from lmm.components.score_head import ScoreConfig
+    from lmm.training.objectives import Scores
 
     def build():
         torch.manual_seed(0)
@@ -306,15 +311,15 @@ def test_adapter_keeps_the_score_head(tiny_assets, tmp_path):
             CausalLM(str(tiny_assets["llm"])),
             MLPConnector,
         )
-        return LlavaModule(
+        return LMMModule(
             model=model,
             tokenizer=str(tiny_assets["tokenizer"]),
-            score=ScoreConfig(["a", "b"]),
+            objective=Scores(["a", "b"]),
             lora=LoraConfig(r=4, alpha=8),
         )
 
     module = build()
-    head = module.score_head.proj.weight
+    head = module.objective.head.proj.weight
     assert head.requires_grad
     with torch.no_grad():
         head.add_(1.0)  # as if trained
@@ -323,6 +328,6 @@ def test_adapter_keeps_the_score_head(tiny_assets, tmp_path):
         "score.proj.weight"
     }
     fresh = build()
-    assert not torch.equal(fresh.score_head.proj.weight, head)
+    assert not torch.equal(fresh.objective.head.proj.weight, head)
     load_adapter(fresh, tmp_path / "adapter")
-    assert torch.equal(fresh.score_head.proj.weight, head)
+    assert torch.equal(fresh.objective.head.proj.weight, head)

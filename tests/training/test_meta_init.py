@@ -50,10 +50,15 @@ def test_empty_init_builds_on_meta_only_off_rank_zero(tiny_assets, monkeypatch):
     monkeypatch.setattr("transformers.modeling_utils.safe_open", no_reading)
     with empty_init(True):
         module = tiny_llava(tiny_assets, fsdp=FSDP2Config(meta_init=True))
-        module.model.llm.resize_vocab(module.llm.config.vocab_size + 8)  # on meta tensors
+        module.model.llm.resize_vocab(
+            module.model.llm.model.config.vocab_size + 8
+        )  # on meta tensors
     assert all(p.is_meta for p in module.parameters())
-    assert module.llm.get_input_embeddings().num_embeddings == module.llm.config.vocab_size
-    rotary = module.llm.model.rotary_emb.inv_freq  # buffers are computed as usual
+    assert (
+        module.model.llm.model.get_input_embeddings().num_embeddings
+        == module.model.llm.model.config.vocab_size
+    )
+    rotary = module.model.llm.model.model.rotary_emb.inv_freq  # buffers are computed as usual
     assert not rotary.is_meta and rotary[0] == 1.0
     with pytest.raises(RuntimeError, match="meta_init needs the FSDP2 plan"):
         module.configure_model()  # no ModelParallelStrategy: nothing would give it weights

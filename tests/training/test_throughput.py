@@ -12,15 +12,12 @@ from lmm.components.qformer import Blip2VisionTower, QFormer
 from lmm.components.vision import HFVisionTower
 from lmm.data.collate import PadCollator
 from lmm.data.formats import load_samples
-from lmm.families.llava import LlavaModel, LlavaModule
-from lmm.families.qformer import QFormerModel, QFormerModule
+from lmm.families.llava import LlavaModel
+from lmm.families.model import FamilyModel
+from lmm.families.qformer import QFormerModel
 from lmm.tiny import build_tiny_blip2
-from lmm.training.throughput import (
-    ThroughputMonitor,
-    measure_peak_flops,
-    qformer_step_flops,
-    step_flops,
-)
+from lmm.training.module import LMMModule
+from lmm.training.throughput import ThroughputMonitor, measure_peak_flops
 from tests.helpers import quiet_trainer, tiny_data, tiny_llava
 
 
@@ -39,20 +36,17 @@ def test_step_flops_match_the_flop_counter(tiny_assets, synthetic_data, freeze):
         CausalLM(str(tiny_assets["llm"]), attn_implementation="eager"),
         MLPConnector,
     )
-    module = LlavaModule(model=model, tokenizer=str(tiny_assets["tokenizer"]), freeze=freeze)
+    module = LMMModule(model=model, tokenizer=str(tiny_assets["tokenizer"]), freeze=freeze)
     batch = _batch(module, synthetic_data)
     batch.attention_mask[:] = 1  # count every position, as the counter does (padding included)
-    spec = module.media_spec()
-    vcfg = module.model.vision.model.config
-    llm = module.llm.config
-    expected = step_flops(
-        module.parts(),
-        batch,
-        (spec.vision.sequence_length((32, 32)), spec.vision.num_tokens((32, 32))),
-        (llm.num_hidden_layers, llm.hidden_size),
-        (vcfg.num_hidden_layers, vcfg.hidden_size),
-        head_tokens=module.logit_positions(batch),  # the loss's logits: trained positions only
+    vision = module.model.vision
+    assert module.model.vision_tokens() == (
+        vision.sequence_length((32, 32)),
+        vision.num_tokens((32, 32)),
     )
+    head = module.objective.head_tokens(module, batch)  # the loss's logits: trained positions
+    expected = module.model.step_flops(batch, head)
+    assert ThroughputMonitor.batch_flops(module, batch) == expected
     with FlopCounterMode(display=False) as counter:
         loss, _ = module.loss(batch)
         loss.backward()
@@ -83,22 +77,16 @@ def test_qformer_step_flops_match_the_flop_counter(
         vpgc=vpgc,
         update_layer=1,
     )
-    module = QFormerModule(model=model, tokenizer=str(tiny_assets["tokenizer"]), freeze=freeze)
+    module = LMMModule(model=model, tokenizer=str(tiny_assets["tokenizer"]), freeze=freeze)
     if vpgc:  # VPG-C's output projection starts at zero; the count must not depend on it
         torch.nn.init.normal_(module.model.vpgc.llm_proj.weight, std=0.02)
     batch = _batch(module, synthetic_data, n=4)
     batch.attention_mask[:] = 1  # count every position, as the counter does (padding included)
-    vcfg = model.vision.model.config
-    llm = module.llm.config
-    shapes = ((llm.num_hidden_layers, llm.hidden_size), (vcfg.num_hidden_layers, vcfg.hidden_size))
     # 32 px / patch 8: the Q-Former cross-attends to 16 patches + CLS
-    head = module.logit_positions(batch)  # the loss's logits: trained positions only
-    expected = qformer_step_flops(
-        module.parts(), batch, 17, *shapes, update_layer=1, head_tokens=head
-    )
-    monitor = ThroughputMonitor(peak_flops=1e12)
-    monitor.on_fit_start(None, module)
-    assert monitor.batch_flops(module, batch) == expected
+    assert model.vision_tokens()[0] == 17
+    head = module.objective.head_tokens(module, batch)  # the loss's logits: trained positions
+    expected = model.step_flops(batch, head)
+    assert ThroughputMonitor.batch_flops(module, batch) == expected
     with FlopCounterMode(display=False) as counter:
         loss, _ = module.loss(batch)
         loss.backward()
@@ -107,7 +95,7 @@ def test_qformer_step_flops_match_the_flop_counter(
     assert abs(expected - measured) / measured < 0.005, (expected, measured)
     if vpgc and freeze is None:
         # LLaVA's count (no Q-Former, no VPG-C, the LLM's backward all the way down) is far off
-        llava = step_flops(module.parts(), batch, (17, 17), *shapes, head_tokens=head)
+        llava = FamilyModel.step_flops(model, batch, head)
         assert abs(llava - measured) / measured > 0.1, (llava, measured)
 
 

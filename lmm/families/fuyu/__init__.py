@@ -1,6 +1,13 @@
 """The Fuyu family: image patches linearly embedded into a Persimmon LM (Fuyu-8B, Mantis-8B-Fuyu)."""
 
 from lmm.families.fuyu.model import FuyuImageTransform, FuyuMediaSpec, FuyuModel
-from lmm.families.fuyu.module import FuyuModule
+from lmm.families.registry import Family, Layout
 
-__all__ = ["FuyuImageTransform", "FuyuMediaSpec", "FuyuModel", "FuyuModule"]
+FAMILY = Family(
+    "fuyu",
+    model="lmm.families.fuyu.FuyuModel",
+    layouts=(Layout("fuyu", "transformers Fuyu (Mantis-Fuyu)", "lmm.data.templates.MantisFuyu"),),
+    exports_to="FuyuForCausalLM",
+)
+
+__all__ = ["FAMILY", "FuyuImageTransform", "FuyuMediaSpec", "FuyuModel"]

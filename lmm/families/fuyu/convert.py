@@ -13,6 +13,7 @@ from __future__ import annotations
 import copy
 import json
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 import yaml
@@ -29,7 +30,6 @@ from transformers import (
 from transformers.models.fuyu.image_processing_pil_fuyu import FuyuImageProcessorPil
 
 from lmm.families.fuyu.model import IMAGE_TOKEN, NEWLINE_TOKEN
-from lmm.families.fuyu.module import FuyuModule
 from lmm.utils.logging import get_logger
 
 log = get_logger(__name__)
@@ -38,6 +38,9 @@ DEFAULT_CANVAS = (1080, 1920)  # FuyuImageProcessor's size when a folder has no 
 # The tokens MFuyuProcessor writes around an image's patches (Fuyu-8B: none before, <s> after).
 MANTIS_PREFIX = ["|IMAGE|"]
 MANTIS_SUFFIX = ["|ENDOFIMAGE|", "<s>"]
+
+if TYPE_CHECKING:
+    from lmm.training.module import LMMModule
 
 
 def import_checkpoint(
@@ -92,7 +95,7 @@ def persimmon_from_fuyu(hf: FuyuForCausalLM) -> PreTrainedModel:
     return llm
 
 
-def export_hf(module: FuyuModule, out: str | Path) -> Path:
+def export_hf(module: LMMModule, out: str | Path) -> Path:
     """Write `module` as a transformers Fuyu folder (model, tokenizer, image processor); return it.
 
     The folder has the published key layout and `image_token_id` = the module's `|SPEAKER|` id;
@@ -107,7 +110,7 @@ def export_hf(module: FuyuModule, out: str | Path) -> Path:
         )
     out = Path(out)
     model = module.model
-    llm = module.llm
+    llm = module.model.llm.model
     config = FuyuConfig(
         text_config=llm.config.to_dict(),
         patch_size=model.patch_size,
@@ -128,13 +131,6 @@ def export_hf(module: FuyuModule, out: str | Path) -> Path:
     module.tokenizer.save_pretrained(out)
     log.info("exported the Fuyu model to %s", out)
     return out
-
-
-def load_imported(out: str | Path) -> FuyuModule:
-    """The FuyuModule `import_checkpoint` wrote to `out` (its recipe loads every weight)."""
-    from lmm.families.recipe import module_from_recipe
-
-    return module_from_recipe(Path(out) / "lmm.yaml", FuyuModule)
 
 
 # --- helpers --------------------------------------------------------------------------------
@@ -195,7 +191,7 @@ def _recipe(
 ) -> str:
     model = {
         "model": {
-            "class_path": "lmm.families.fuyu.FuyuModule",
+            "class_path": "lmm.LMMModule",
             "init_args": {
                 "tokenizer": str((out / "tokenizer").resolve()),
                 "model": {

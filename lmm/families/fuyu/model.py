@@ -22,6 +22,7 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 from torch import Tensor, nn
+from torch.distributed.device_mesh import DeviceMesh
 
 from lmm.components.language import CausalLM
 from lmm.components.merge import scatter_media
@@ -29,7 +30,8 @@ from lmm.components.pretrained import reads_weights
 from lmm.data.batch import Batch
 from lmm.data.media import normalize
 from lmm.data.processor import MediaMode, MediaSpec
-from lmm.families.base import FamilyModel
+from lmm.families.model import FamilyModel, joins_collectives, with_unused
+from lmm.training.strategies import FSDP2Config, apply_fsdp2
 
 IMAGE_TOKEN = "|SPEAKER|"  # Fuyu's placeholder of a patch (its config's image_token_id)
 NEWLINE_TOKEN = "|NEWLINE|"  # ends each row of patches
@@ -123,6 +125,8 @@ class FuyuMediaSpec(MediaSpec):
 class FuyuModel(FamilyModel):
     """Patch embedding + Persimmon causal LM, with each patch's embedding at its placeholder."""
 
+    default_image_token = IMAGE_TOKEN
+
     def __init__(
         self,
         llm: CausalLM,
@@ -188,9 +192,20 @@ class FuyuModel(FamilyModel):
             self.image_suffix,
         )
 
-    def media_tokens(self) -> list[str]:
-        """The tokenizer tokens an image's text holds, besides the placeholder."""
-        return [self.newline_token, *self.image_prefix, *self.image_suffix]
+    def special_tokens(self) -> list[str]:
+        """The image token and the tokens an image's text holds (Fuyu's own tokenizer has
+        `|SPEAKER|` and `|NEWLINE|` as ordinary pieces; Mantis adds `|IMAGE|`, `|ENDOFIMAGE|`)."""
+        return [IMAGE_TOKEN, self.newline_token, *self.image_prefix, *self.image_suffix]
+
+    def parts(self) -> dict[str, nn.Module]:
+        """`vision` (the patch embedding) and `llm`."""
+        return {"vision": self.vision, "llm": self.llm}
+
+    def shard(self, mesh: DeviceMesh, config: FSDP2Config) -> None:
+        """The FSDP2 plan: decoder layers, then the root. The patch embedding is one linear
+        layer with no layer stack of its own: it is sharded with the root (embeddings,
+        lm_head), not as a vision unit."""
+        apply_fsdp2(self, None, self.llm.model, mesh, config)
 
     def embed(self, batch: Batch, image_token_id: int) -> Tensor:  # -> [B, L, D]
         """Token embeddings of the batch with every patch embedding at its placeholder."""
@@ -203,11 +218,8 @@ class FuyuModel(FamilyModel):
             return scatter_media(
                 embeds, batch.input_ids, image_token_id, features[:, None], per_row, batch.ids
             )
-        if self.training and torch.distributed.is_initialized():
-            # A rank whose batch has no image still runs the patch embedding (zero weight), so
-            # that sharded and data-parallel ranks take part in the same collectives.
-            blank = embeds.new_zeros(1, self.vision.in_features)
-            embeds = embeds + 0.0 * self.vision(blank).sum()
+        if joins_collectives(self):
+            return with_unused(embeds, self.vision(embeds.new_zeros(1, self.vision.in_features)))
         return embeds
 
     def patches(self, batch: Batch) -> tuple[Tensor, list[int]]:

@@ -6,12 +6,18 @@ from lmm.families.idefics2.model import (
     Idefics2Vision,
     PerceiverConnector,
 )
-from lmm.families.idefics2.module import Idefics2Module
+from lmm.families.registry import Family, Layout
 
-__all__ = [
-    "Idefics2MediaSpec",
-    "Idefics2Model",
-    "Idefics2Module",
-    "Idefics2Vision",
-    "PerceiverConnector",
-]
+FAMILY = Family(
+    "idefics2",
+    model="lmm.families.idefics2.Idefics2Model",
+    layouts=(
+        Layout(
+            "idefics2",
+            "transformers Idefics2 (Mantis-Idefics2)",
+            "lmm.data.templates.MantisIdefics2",
+        ),
+    ),
+)
+
+__all__ = ["FAMILY", "Idefics2MediaSpec", "Idefics2Model", "Idefics2Vision", "PerceiverConnector"]

@@ -44,7 +44,6 @@ from lmm.families.idefics2.model import (
     _idefics2_config,
     _read_json,
 )
-from lmm.families.idefics2.module import Idefics2Module
 from lmm.utils.logging import get_logger
 
 log = get_logger(__name__)
@@ -199,7 +198,7 @@ def _recipe(src: str, out: Path, pre: dict, vision_dtype: str, llm_dtype: str) -
     vision = str((out / "vision").resolve())
     model = {
         "model": {
-            "class_path": "lmm.families.idefics2.Idefics2Module",
+            "class_path": "lmm.LMMModule",
             "init_args": {
                 "tokenizer": str((out / "tokenizer").resolve()),
                 "model": {
@@ -234,13 +233,6 @@ def _recipe(src: str, out: Path, pre: dict, vision_dtype: str, llm_dtype: str) -
         f"# Data template that matches the source: {TEMPLATE}.",
     ]
     return "\n".join(header) + "\n" + yaml.safe_dump(model, sort_keys=False)
-
-
-def load_imported(out: str | Path) -> Idefics2Module:
-    """The Idefics2Module `import_checkpoint` wrote to `out`."""
-    from lmm.families.recipe import module_from_recipe
-
-    return module_from_recipe(Path(out) / "lmm.yaml", Idefics2Module)
 
 
 def build_tiny_checkpoint(

@@ -38,7 +38,7 @@ from lmm.components.vision import VisionEncoder
 from lmm.data.batch import Batch
 from lmm.data.media import ImageTransform
 from lmm.data.processor import MediaMode, MediaSpec
-from lmm.families.base import FamilyModel
+from lmm.families.model import FamilyModel, joins_collectives, with_unused
 
 IDEFICS2 = "idefics2"  # model_type of a whole transformers Idefics2 checkpoint
 FAKE_IMAGE_TOKEN = "<fake_token_around_image>"
@@ -227,7 +227,6 @@ class Idefics2MediaSpec(MediaSpec):
     shortest_edge: int
     longest_edge: int
     fake_token: str
-    vision: Idefics2Vision  # for throughput accounting (tokens the encoder runs on)
 
     @property
     def boundary_token(self) -> str:
@@ -278,6 +277,7 @@ class Idefics2Model(FamilyModel):
         do_image_splitting: bool = False,
         shortest_edge: int = 378,
         longest_edge: int = 980,
+        fake_image_token: str = FAKE_IMAGE_TOKEN,
     ):
         """
         Args:
@@ -289,6 +289,8 @@ class Idefics2Model(FamilyModel):
             shortest_edge: each side of a resized view is at least this (Idefics2: 378).
             longest_edge: the long side of a view is resized down to this (Idefics2: 980); views
                 are padded to this square.
+            fake_image_token: the token written around every image view; added to the
+                tokenizer (as a special token, with a new embedding row) if it lacks it.
         """
         super().__init__()
         if connector.in_dim != vision.out_dim or connector.out_dim != llm.hidden_size:
@@ -308,8 +310,21 @@ class Idefics2Model(FamilyModel):
         self.do_image_splitting = do_image_splitting
         self.shortest_edge = shortest_edge
         self.longest_edge = longest_edge
+        self.fake_image_token = fake_image_token
 
-    def media_spec(self, fake_token: str = FAKE_IMAGE_TOKEN) -> Idefics2MediaSpec:
+    def parts(self) -> dict[str, nn.Module]:
+        return {"vision": self.vision, "connector": self.connector, "llm": self.llm}
+
+    def special_tokens(self) -> list[str]:
+        return [self.fake_image_token]
+
+    def vision_tokens(self) -> tuple[int, int]:
+        """Patches of a padded `longest_edge` view, run and handed on (upper bound: the patch
+        mask leaves padding out)."""
+        n = self.vision.num_tokens((self.longest_edge, self.longest_edge))
+        return (n, n)
+
+    def media_spec(self) -> Idefics2MediaSpec:
         v = self.vision
         transform = ImageTransform(self.longest_edge, v.image_mean, v.image_std, "resize")
         return Idefics2MediaSpec(
@@ -318,8 +333,7 @@ class Idefics2Model(FamilyModel):
             do_image_splitting=self.do_image_splitting,
             shortest_edge=self.shortest_edge,
             longest_edge=self.longest_edge,
-            fake_token=fake_token,
-            vision=v,
+            fake_token=self.fake_image_token,
         )
 
     def view_sizes(self, batch: Batch) -> Tensor:  # -> [N_views, 2] valid (height, width)
@@ -376,13 +390,11 @@ class Idefics2Model(FamilyModel):
         features = None
         if batch.pixel_values is not None and batch.pixel_values.shape[0] > 0:
             features = self.encode_images(batch.pixel_values, self.view_sizes(batch))
-        elif self.training and torch.distributed.is_initialized():
-            # A rank without images still runs the tower and connector (zero weight): sharded
-            # (FSDP) and DDP ranks must all take part in the same collectives.
+        elif joins_collectives(self):
             side = self.longest_edge
             blank = embeds.new_zeros(1, 3, side, side)
             full = torch.tensor([[side, side]], device=embeds.device)
-            embeds = embeds + 0.0 * self.encode_images(blank, full).sum()
+            embeds = with_unused(embeds, self.encode_images(blank, full))
         return scatter_media(
             embeds, batch.input_ids, image_token_id, features, batch.views_per_sample, batch.ids
         )

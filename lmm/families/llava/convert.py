@@ -15,7 +15,7 @@ import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal, get_args
+from typing import TYPE_CHECKING, Literal, get_args
 
 import torch
 import yaml
@@ -40,7 +40,6 @@ from lmm.components.connectors import LinearConnector, MLPConnector
 from lmm.components.vision import CLIP_MEAN, CLIP_STD, SIGLIP_MEAN, SIGLIP_STD, HFVisionTower
 from lmm.data.sample import IMAGE_MARKER
 from lmm.data.tokenization import load_tokenizer
-from lmm.families.llava.module import LlavaModule
 from lmm.utils.logging import get_logger
 
 log = get_logger(__name__)
@@ -123,11 +122,9 @@ _NOT_TEXT = {
 # Keys some checkpoints carry that current transformers recomputes (dropped on import).
 _RECOMPUTED = ("rotary_emb.inv_freq", "embeddings.position_ids")
 
-TEMPLATE_HINTS = {
-    "mantis": "lmm.data.templates.Llama3 (Mantis-8B-*-llama3)",
-    "llava_qwen": "lmm.data.templates.Qwen25 (MAmmoTH-VL)",
-    "mipha": "lmm.data.templates.Phi (Mipha-Phi) or lmm.data.templates.Gemma (Mipha-Gemma)",
-}
+
+if TYPE_CHECKING:
+    from lmm.training.module import LMMModule
 
 
 # --- reading checkpoints -------------------------------------------------------------------
@@ -182,7 +179,7 @@ def _read_json(path: Path) -> dict:
 # --- export: lmm → transformers Llava --------------------------------------------------------
 
 
-def export_hf(module: LlavaModule, out: str | Path) -> Path:
+def export_hf(module: LMMModule, out: str | Path) -> Path:
     """Write `module` as a transformers `LlavaForConditionalGeneration` folder with its processor."""
     out = Path(out)
     model = module.model
@@ -249,7 +246,7 @@ def _llava_hf_layout(state: dict[str, Tensor]) -> dict[str, Tensor]:
     return out
 
 
-def _check_exportable(module: LlavaModule) -> None:
+def _check_exportable(module: LMMModule) -> None:
     """Refuse, with the reason, what transformers' Llava cannot express."""
     model = module.model
     where = "export_hf"
@@ -289,7 +286,7 @@ def _check_exportable(module: LlavaModule) -> None:
         )
 
 
-def _processor(module: LlavaModule) -> LlavaProcessor:
+def _processor(module: LMMModule) -> LlavaProcessor:
     """A LlavaProcessor with our tokenizer and an image processor with our size, mean and std."""
     from transformers import LlavaImageProcessor  # warns without torchvision: import on use
 
@@ -381,13 +378,9 @@ def import_checkpoint(
     llm_dir = _write_llm(source, out / "llm")
     conn = _build_connector(source)
     _check_keys(conn, source.connector, f"{src} connector")
-    save_file(
-        {k: v.contiguous() for k, v in source.connector.items()}, out / "connector.safetensors"
-    )
-    if source.extra:
-        save_file(
-            {k: v.contiguous() for k, v in source.extra.items()}, out / "image_newline.safetensors"
-        )
+    weights = {f"model.connector.{k}": v for k, v in source.connector.items()}
+    weights.update({f"model.anyres.{k}": v for k, v in source.extra.items()})
+    save_file({k: v.contiguous() for k, v in weights.items()}, out / "weights.safetensors")
     try:
         tok = load_tokenizer(str(tokenizer or src))
     except (OSError, ValueError) as err:
@@ -805,9 +798,10 @@ def _recipe(source: _Source, layout: str, src: Path, out: Path, vision: Path, ll
         }
     model = {
         "model": {
-            "class_path": "lmm.families.llava.LlavaModule",
+            "class_path": "lmm.LMMModule",
             "init_args": {
                 "tokenizer": str((out / "tokenizer").resolve()),
+                "init_from": str((out / "weights.safetensors").resolve()),
                 "model": {
                     "class_path": "lmm.families.llava.LlavaModel",
                     "init_args": {
@@ -834,34 +828,17 @@ def _recipe(source: _Source, layout: str, src: Path, out: Path, vision: Path, ll
     }
     header = [
         f"# Imported from {src} (layout {layout}) by `lmm convert import`.",
-        "# The model part of a recipe. The connector weights are in connector.safetensors:",
-        "# load them with lmm.families.llava.convert.load_imported(out) (or load_connector).",
-        f"# Data template that matches the source: {TEMPLATE_HINTS[layout]}.",
+        "# The model part of a recipe: the vision tower and LLM from their folders, the",
+        "# connector (and OneVision's image_newline) from weights.safetensors (init_from).",
+        f"# Data template that matches the source: {_template_hint(layout)}.",
     ]
-    if source.extra:
-        header.append(
-            "# image_newline.safetensors holds LLaVA-NeXT's image_newline (anyres); "
-            "load_imported loads it."
-        )
     return "\n".join(header) + "\n" + yaml.safe_dump(model, sort_keys=False)
 
 
 # --- building modules -----------------------------------------------------------------------
 
 
-def load_connector(module: LlavaModule, file: str | Path) -> None:
-    """Load `connector.safetensors` (written by `import_checkpoint`) into the module's connector."""
-    module.model.connector.load_state_dict(load_file(Path(file)))
+def _template_hint(layout: str) -> str:
+    from lmm.families.llava import FAMILY
 
-
-def load_imported(out: str | Path) -> LlavaModule:
-    """The LlavaModule `import_checkpoint` wrote to `out`, connector weights loaded."""
-    from lmm.families.recipe import module_from_recipe
-
-    out = Path(out)
-    module = module_from_recipe(out / "lmm.yaml", LlavaModule)
-    load_connector(module, out / "connector.safetensors")
-    newline = out / "image_newline.safetensors"
-    if newline.is_file() and module.model.anyres is not None:
-        module.model.anyres.load_state_dict(load_file(newline))
-    return module
+    return next(lay.template for lay in FAMILY.layouts if lay.name == layout)

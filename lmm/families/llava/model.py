@@ -13,9 +13,9 @@ from typing import Literal
 
 import torch
 from PIL import Image
-from torch import Tensor
+from torch import Tensor, nn
 
-from lmm.components.anyres import Anyres, scatter_items, select_best_resolution
+from lmm.components.anyres import Anyres, AnyresLayout, scatter_items, select_best_resolution
 from lmm.components.connectors import Connector, MLPConnector
 from lmm.components.language import CausalLM
 from lmm.components.merge import scatter_media
@@ -23,7 +23,7 @@ from lmm.components.vision import VisionEncoder
 from lmm.data.batch import Batch
 from lmm.data.media import ImageTransform, expand_to_square, fit_and_pad, split_tiles
 from lmm.data.processor import MediaMode, MediaSpec
-from lmm.families.base import FamilyModel
+from lmm.families.model import FamilyModel, joins_collectives, with_unused
 
 
 @dataclass(frozen=True)
@@ -31,13 +31,12 @@ class LlavaMediaSpec(MediaSpec):
     """Tokens per image and the image transform, as the LLaVA family sees them."""
 
     transform: ImageTransform
-    vision: VisionEncoder
-    connector: Connector
+    tokens: int  # feature slots per view
     # the transform of the images of a multi-image sample, when it differs
     multi_transform: ImageTransform | None = field(default=None, kw_only=True)
 
     def num_image_tokens(self, image_size: tuple[int, int]) -> int:
-        return self.connector.num_tokens(self.vision.num_tokens(image_size))
+        return self.tokens
 
     def views(self, image: Image.Image, mode: MediaMode) -> Tensor:
         if mode == "multi" and self.multi_transform is not None:
@@ -54,7 +53,7 @@ class OneVisionMediaSpec(LlavaMediaSpec):
     frames: squashed to a tile. `transform` has aspect `resize` and only normalises tiles.
     """
 
-    anyres: Anyres
+    anyres: AnyresLayout
     size_dependent = True  # token counts depend on the original size
 
     def views(self, image: Image.Image, mode: MediaMode) -> Tensor:
@@ -122,16 +121,26 @@ class LlavaModel(FamilyModel):
                 )
             self.anyres = anyres(llm.hidden_size, size, side)
 
+    def parts(self) -> dict[str, nn.Module]:
+        """`vision`, `connector`, `llm` and, with anyres (OneVision), `newline` (the learned
+        `image_newline`)."""
+        parts = {"vision": self.vision, "connector": self.connector, "llm": self.llm}
+        if self.anyres is not None:
+            parts["newline"] = self.anyres
+        return parts
+
     def media_spec(self) -> LlavaMediaSpec:
         v = self.vision
+        size = (v.image_size, v.image_size)
+        tokens = self.connector.num_tokens(v.num_tokens(size))
         if self.anyres is not None:
             transform = ImageTransform(v.image_size, v.image_mean, v.image_std, "resize")
-            return OneVisionMediaSpec(transform, v, self.connector, self.anyres)
+            return OneVisionMediaSpec(transform, tokens, self.anyres.layout)
         transform = ImageTransform(v.image_size, v.image_mean, v.image_std, self.image_aspect)
         multi = None
         if self.multi_image_aspect not in (None, self.image_aspect):
             multi = ImageTransform(v.image_size, v.image_mean, v.image_std, self.multi_image_aspect)
-        return LlavaMediaSpec(transform, v, self.connector, multi_transform=multi)
+        return LlavaMediaSpec(transform, tokens, multi_transform=multi)
 
     def encode_images(self, pixel_values: Tensor) -> Tensor:  # [N, 3, H, W] -> [N, T, D_llm]
         return self.connector(self.vision(pixel_values))
@@ -166,23 +175,18 @@ class LlavaModel(FamilyModel):
         if has_media and self.anyres is not None and batch.views_per_media:
             items = self.media_features(batch)
             per_row = _items_per_row(batch.views_per_sample, batch.views_per_media, batch.ids)
-            if self.training and torch.distributed.is_initialized():
-                # every rank's newline takes part, even with only `no_token` videos
-                embeds = embeds + 0.0 * self.anyres.image_newline.sum()
+            if joins_collectives(self):  # every rank's newline, even with `no_token` videos
+                embeds = with_unused(embeds, self.anyres.image_newline)
             return scatter_items(embeds, batch.input_ids, image_token_id, items, per_row, batch.ids)
         features = None
         if has_media:
             features = self.encode_images(batch.pixel_values)
-        elif self.training and torch.distributed.is_initialized():
-            # A rank whose batch has no image still runs the vision tower and connector on a
-            # blank image, with a zero weight: sharded (FSDP) and DDP ranks must all take part
-            # in the same collectives, and the gradients do not change.
+        elif joins_collectives(self):
             size = self.vision.image_size
-            blank = embeds.new_zeros(1, 3, size, size)
-            unused = self.encode_images(blank).sum()
+            unused = [self.encode_images(embeds.new_zeros(1, 3, size, size))]
             if self.anyres is not None:
-                unused = unused + self.anyres.image_newline.sum()
-            embeds = embeds + 0.0 * unused
+                unused.append(self.anyres.image_newline)
+            embeds = with_unused(embeds, *unused)
         return scatter_media(
             embeds, batch.input_ids, image_token_id, features, batch.views_per_sample, batch.ids
         )

@@ -17,7 +17,7 @@ import pickle
 import re
 from collections.abc import Iterable
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import torch
 import yaml
@@ -34,7 +34,6 @@ from transformers import (
 )
 
 from lmm.components.vision import CLIP_MEAN, CLIP_STD
-from lmm.families.qformer.module import QFormerModule
 from lmm.utils.logging import get_logger
 
 log = get_logger(__name__)
@@ -57,7 +56,7 @@ SKIPPED: tuple[tuple[str, str], ...] = (
     (r"visual_encoder\.(norm|fc_norm|head)\..*", "EVA classifier head"),
 )
 
-# Cheetah's keys → lmm's (`QFormerModule` state-dict names), for `cheetah.safetensors`.
+# Cheetah's keys → lmm's (`LMMModule` state-dict names), for `cheetah.safetensors`.
 CHEETAH_KEYS = {
     "llama_proj.weight": "model.connector.linear.weight",
     "llama_proj.bias": "model.connector.linear.bias",
@@ -86,6 +85,9 @@ _VISION_RULES = (
     (r"ln_vision\.(weight|bias)", r"post_layernorm.\1"),
 )
 _QV_BIAS = re.compile(r"visual_encoder\.blocks\.(\d+)\.attn\.(q|v)_bias")
+
+if TYPE_CHECKING:
+    pass
 
 
 # --- reading -----------------------------------------------------------------------------------
@@ -325,7 +327,7 @@ def _check_keys(model_cls: type[PreTrainedModel], config, hf: dict[str, Tensor],
 def import_checkpoint(
     src: str | Path,
     out: str | Path,
-    llm: str | Path,
+    llm: str | Path | None = None,
     blip2: str | Path | None = None,
     eva: str | Path | None = None,
     tokenizer: str | Path | None = None,
@@ -356,6 +358,8 @@ def import_checkpoint(
             config's); the Q-Former stays float32, as BLIP-2 keeps it.
     """
     src, out = Path(src), Path(out)
+    if llm is None:
+        raise ValueError("the cheetah layout needs the frozen LLM's folder: pass --llm")
     if template not in TEMPLATES:
         raise ValueError(f"template must be one of {sorted(TEMPLATES)}, got {template!r}")
     sources = []
@@ -474,7 +478,7 @@ def _recipe(
     blip2 = str((out / "blip2").resolve())
     local = lambda p: str(Path(p).resolve()) if Path(p).exists() else p  # noqa: E731
     model = {
-        "class_path": "lmm.families.qformer.QFormerModule",
+        "class_path": "lmm.LMMModule",
         "init_args": {
             "tokenizer": local(tokenizer),
             "model": {
@@ -518,10 +522,3 @@ def _recipe(
 
 
 # --- loading -----------------------------------------------------------------------------------
-
-
-def load_imported(out: str | Path) -> QFormerModule:
-    """The Cheetah `import_checkpoint` wrote to `out`, all weights loaded (by the recipe)."""
-    from lmm.families.recipe import module_from_recipe
-
-    return module_from_recipe(Path(out) / "lmm.yaml", QFormerModule)

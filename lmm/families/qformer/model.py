@@ -13,9 +13,9 @@ zero, so a new VPG-C leaves the model's output unchanged.
 
 How the batch reaches the decoder layer: `prepare` builds a `VPGCContext` (image positions,
 instruction positions, vision features) next to the embeddings; `forward` makes it active for
-its one LLM call, and a forward pre-hook on the decoder layer applies it. Generation prefills
-each prompt alone through the bare LLM, so the prompts and their contexts are registered with
-`prompts(...)` and a pre-hook on the LLM picks the context whose prompt is being prefilled.
+its one LLM call, and a forward pre-hook on the decoder layer applies it. Generation gets the
+context with the prefill (`Prefill.context`): the generator enters it, for the rows it runs,
+around every pass over whole prompts.
 """
 
 from __future__ import annotations
@@ -30,6 +30,14 @@ import torch
 from torch import Tensor, nn
 
 from lmm.components.connectors import Connector, LinearConnector
+from lmm.components.flops import (
+    attention_flops,
+    layer_list,
+    llm_step_flops,
+    matmul_flops,
+    trains,
+    weight_flops,
+)
 from lmm.components.language import CausalLM
 from lmm.components.merge import scatter_media
 from lmm.components.qformer import QFormer
@@ -37,11 +45,18 @@ from lmm.components.vision import VisionEncoder
 from lmm.data.batch import Batch
 from lmm.data.media import ImageTransform
 from lmm.data.processor import MediaSpec
-from lmm.families.base import FamilyModel
-from lmm.training.strategies import layer_list
+from lmm.families.model import FamilyModel, joins_collectives, with_unused
+from lmm.generation.decode import Prefill
 from lmm.utils.logging import get_logger
 
 log = get_logger(__name__)
+
+
+# What Cheetah trains: VPG-C only. Without VPG-C, BLIP-2's stage 2: Q-Former and projection.
+FROZEN_WITH_VPGC = ["vision", "qformer", "connector", "llm"]
+FROZEN_WITHOUT_VPGC = ["vision", "llm"]
+# The Q-Former's matmuls that read the vision features (the others read its queries).
+_MEMORY_SIDE = ("crossattention.attention.key", "crossattention.attention.value")
 
 
 @dataclass(frozen=True)
@@ -50,7 +65,6 @@ class QFormerMediaSpec(MediaSpec):
 
     transform: ImageTransform
     num_queries: int
-    vision: VisionEncoder  # for throughput accounting (tokens the encoder runs on)
 
     def num_image_tokens(self, image_size: tuple[int, int]) -> int:
         return self.num_queries
@@ -141,8 +155,7 @@ class QFormerModel(FamilyModel):
         self.connector = connector(qformer.hidden_size, llm.hidden_size)
         self.image_aspect = image_aspect
         self.vpgc: VPGC | None = None
-        self._context: VPGCContext | None = None  # applied at the next prefill of the LLM
-        self._prompts: list[tuple[Tensor, VPGCContext]] | None = None  # generation prompts
+        self._context: VPGCContext | None = None  # applied in the LLM calls of its block
         if vpgc:
             layers = layer_list(llm.model)
             depth = len(layers)
@@ -153,13 +166,28 @@ class QFormerModel(FamilyModel):
                 )
             self.vpgc = VPGC(llm.hidden_size, qformer.hidden_size, qformer.query_tokens)
             layers[self.update_layer].register_forward_pre_hook(self._vpgc_hook, with_kwargs=True)
-            llm.model.register_forward_pre_hook(self._select_prompt, with_kwargs=True)
+
+    def parts(self) -> dict[str, nn.Module]:
+        """`vision`, `qformer`, `connector`, `llm` and, with VPG-C, `vpgc`."""
+        parts = {
+            "vision": self.vision,
+            "qformer": self.qformer,
+            "connector": self.connector,
+            "llm": self.llm,
+        }
+        if self.vpgc is not None:
+            parts["vpgc"] = self.vpgc
+        return parts
+
+    def default_frozen(self) -> list[str]:
+        """Everything but VPG-C (Cheetah); without VPG-C, `vision` and `llm` (BLIP-2 stage 2)."""
+        return list(FROZEN_WITH_VPGC if self.vpgc is not None else FROZEN_WITHOUT_VPGC)
 
     # --- media ----------------------------------------------------------------------------
     def media_spec(self) -> QFormerMediaSpec:
         v = self.vision
         transform = ImageTransform(v.image_size, v.image_mean, v.image_std, self.image_aspect)
-        return QFormerMediaSpec(transform, self.qformer.num_queries, v)
+        return QFormerMediaSpec(transform, self.qformer.num_queries)
 
     def encode_images(self, pixel_values: Tensor) -> tuple[Tensor, Tensor]:
         """Vision features `[N, S, D_v]` and LLM tokens `[N, Q, D_llm]` of images `[N, 3, H, W]`."""
@@ -190,23 +218,31 @@ class QFormerModel(FamilyModel):
         """Token embeddings of the batch with every image's query outputs at its placeholders."""
         return self.prepare(batch, image_token_id)[0]
 
+    def prefill(self, batch: Batch, image_token_id: int) -> Prefill:
+        """The prompts' embeddings and, with VPG-C, its context for the rows the generator runs."""
+        embeds, context = self.prepare(batch, image_token_id)
+        if context is None:
+            return Prefill(embeds, batch.attention_mask)
+        return Prefill(
+            embeds,
+            batch.attention_mask,
+            context=lambda rows: self.vpgc_context(_select_rows(context, rows)),
+        )
+
     def prepare(self, batch: Batch, image_token_id: int) -> tuple[Tensor, VPGCContext | None]:
         """The embeddings `[B, L, D_llm]` and, with VPG-C and images, the batch's VPG-C context."""
         embeds = self.llm.embed(batch.input_ids)
         features = tokens = None
         if batch.pixel_values is not None and batch.pixel_values.shape[0] > 0:
             features, tokens = self.encode_images(batch.pixel_values)
-        elif self.training and torch.distributed.is_initialized():
-            # A rank whose batch has no image still runs every media module on a blank image,
-            # with a zero weight: sharded (FSDP) and DDP ranks must take part in the same
-            # collectives and give every trained parameter a gradient.
+        elif joins_collectives(self):
             size = self.vision.image_size
             blank, blank_tokens = self.encode_images(embeds.new_zeros(1, 3, size, size))
-            unused = blank_tokens.sum()
+            unused = [blank_tokens]
             if self.vpgc is not None:
                 instruction = embeds.new_zeros(1, embeds.shape[-1])
-                unused = unused + self.vpgc(instruction, blank, self.qformer).sum()
-            embeds = embeds + 0.0 * unused
+                unused.append(self.vpgc(instruction, blank, self.qformer))
+            embeds = with_unused(embeds, *unused)
         embeds = scatter_media(
             embeds, batch.input_ids, image_token_id, tokens, batch.views_per_sample, batch.ids
         )
@@ -299,64 +335,57 @@ class QFormerModel(FamilyModel):
         finally:
             self._context = previous
 
-    @contextmanager
-    def prompts(self, prompts: Sequence[tuple[Tensor, VPGCContext]]) -> Iterator[None]:
-        """Generation: prefilling a prompt batch (`[B, L, D]` embeddings) applies its context."""
-        previous, self._prompts = self._prompts, list(prompts)
-        try:
-            yield
-        finally:
-            self._prompts = previous
-
-    def _select_prompt(self, llm: nn.Module, args: tuple, kwargs: dict) -> None:
-        """LLM pre-hook in generation: make the context of the prompt being prefilled active."""
-        if self._prompts is None:
-            return
-        self._context = None
-        embeds = kwargs.get("inputs_embeds")
-        if embeds is None or not _empty(kwargs.get("past_key_values")):
-            return  # a decoding step: the cache already holds VPG-C's effect
-        for prompt, context in self._prompts:  # prompt: [B, L, D], the batch's prefill input
-            rows, n = prompt.shape[:2]
-            if embeds.shape[1] < n or embeds.shape[0] > rows:
-                continue
-            if embeds.shape[0] == rows and torch.equal(embeds[:, :n], prompt):
-                self._context = context  # a prefill, or a no-cache step of these prompts
-                return
-            # a no-cache step after some rows finished: the rows left, in order
-            kept = _matching_rows(embeds[:, :n], prompt)
-            if kept is not None:
-                self._context = _select_rows(context, kept)
-                return
-
     def _vpgc_hook(self, layer: nn.Module, args: tuple, kwargs: dict):
-        """Decoder-layer pre-hook: add VPG-C's residual to the layer's input during a prefill."""
-        if self._context is None or not _empty(kwargs.get("past_key_values"), self.update_layer):
+        """Decoder-layer pre-hook: add VPG-C's residual to the layer's input while a context is
+        active (training and scoring forwards, the generator's passes over whole prompts)."""
+        if self._context is None:
             return None
         if args:
             return (self.apply_vpgc(args[0], self._context), *args[1:]), kwargs
         kwargs["hidden_states"] = self.apply_vpgc(kwargs["hidden_states"], self._context)
         return args, kwargs
 
+    # --- FLOPs ----------------------------------------------------------------------------
+    def step_flops(self, batch: Batch, head_tokens: int | None) -> float:
+        """Training FLOPs of one batch (BLIP-2; Cheetah's VPG-C), forward + backward.
 
-def _matching_rows(embeds: Tensor, prompt: Tensor) -> list[int] | None:
-    """The rows of `prompt` that `embeds`' rows are, in order (each matched once), or None."""
-    kept: list[int] = []
-    start = 0
-    for row in embeds:
-        found = next(
-            (r for r in range(start, prompt.shape[0]) if torch.equal(row, prompt[r])), None
+        Per image: the vision tower on its tokens (BLIP-2: CLS + patches), the Q-Former
+        (`qformer_flops`), the projection on its Q outputs. The LLM on the batch's tokens. With
+        VPG-C, per image at decoder layer `update_layer`: `qformer_proj` on one token, the
+        Q-Former again, `llm_proj` on Q tokens; when nothing before VPG-C trains (Cheetah), the
+        LLM's backward stops at `update_layer`.
+        """
+        n = 0 if batch.pixel_values is None else batch.pixel_values.shape[0]
+        vision, qformer, connector, vpgc = self.vision, self.qformer, self.connector, self.vpgc
+        tokens = self.vision_tokens()[0]  # BLIP-2: CLS + patches
+        queries = qformer.num_queries
+        t_vision, t_qformer, t_connector, t_llm = map(
+            trains, (vision, qformer, connector, self.llm)
         )
-        if found is None:
-            return None
-        kept.append(found)
-        start = found + 1
-    return kept
+        t_vpgc = vpgc is not None and trains(vpgc)
+        flops = matmul_flops(vision, n * tokens, t_vision)
+        config = getattr(getattr(vision, "model", None), "config", None)
+        if config is not None:
+            layers, width = config.num_hidden_layers, config.hidden_size
+            flops += layers * attention_flops(n, tokens, tokens, width, t_vision, t_vision)
+        flops += qformer_flops(qformer, n, tokens, t_vision or t_qformer, t_vision)
+        into_llm = t_vision or t_qformer or t_connector  # the image tokens need gradients
+        flops += matmul_flops(connector, n * queries, into_llm)
+        grad_hidden = into_llm or t_llm  # every decoder layer's input needs gradients
+        branch = vpgc is not None and n > 0 and (t_vpgc or t_vision or t_qformer or grad_hidden)
+        grad_from = 0 if grad_hidden else (self.update_layer if branch else None)
+        flops += llm_step_flops(self.llm, batch, grad_from, head_tokens)
+        if vpgc is not None and n > 0:
+            flops += weight_flops(vpgc.qformer_proj.weight, n, grad_hidden)
+            flops += qformer_flops(qformer, n, tokens, branch, t_vision)
+            flops += weight_flops(vpgc.llm_proj.weight, n * queries, branch)
+        return flops
 
 
 def _select_rows(context: VPGCContext, kept: list[int]) -> VPGCContext:
     """`context` for a batch of the rows `kept` of its batch (images of other rows left out)."""
-    new_row = torch.full((context.extent[0],), -1, dtype=torch.long, device=context.rows.device)
+    size = max(context.extent[0], max(kept, default=-1) + 1)
+    new_row = torch.full((size,), -1, dtype=torch.long, device=context.rows.device)
     new_row[torch.tensor(kept, device=context.rows.device)] = torch.arange(
         len(kept), device=context.rows.device
     )
@@ -370,9 +399,28 @@ def _select_rows(context: VPGCContext, kept: list[int]) -> VPGCContext:
     )
 
 
-def _empty(cache, layer: int = 0) -> bool:
-    """True if there is no KV cache or it holds nothing yet for `layer` (a prefill)."""
-    if cache is None:
-        return True
-    length = getattr(cache, "get_seq_length", None)
-    return length is None or length(layer) == 0
+def qformer_flops(
+    qformer: nn.Module, images: int, memory: int, grad_queries: bool, grad_memory: bool
+) -> float:
+    """One pass of a BLIP-2 Q-Former (`lmm.components.qformer.QFormer`) over `images` images.
+
+    Its Q queries run through self-attention, the query side of cross-attention and the FFN;
+    the cross-attention keys and values are projections of the `memory` vision tokens.
+    `grad_queries`: the query stream needs gradients (something before or in it trains);
+    `grad_memory`: the vision features need them (the vision tower trains).
+    """
+    queries = qformer.num_queries
+    flops = 0.0
+    grad_kv = grad_memory
+    for name, m in qformer.named_modules():
+        if isinstance(m, nn.Linear):
+            on_memory = name.endswith(_MEMORY_SIDE)
+            tokens = images * (memory if on_memory else queries)
+            flops += weight_flops(m.weight, tokens, grad_memory if on_memory else grad_queries)
+            grad_kv = grad_kv or (on_memory and m.weight.requires_grad)
+    config = qformer.model.config
+    width, layers = config.hidden_size, config.num_hidden_layers
+    cross = len(range(0, layers, config.cross_attention_frequency))
+    flops += layers * attention_flops(images, queries, queries, width, grad_queries, grad_queries)
+    flops += cross * attention_flops(images, queries, memory, width, grad_queries, grad_kv)
+    return flops
