@@ -86,13 +86,11 @@ class PackCollator:
             lens += [1] * (length - start)  # each pad token is alone
             seq_lens.append(lens)
             ordered += row
-        pixels = [f.pixel_values for f in ordered if f.pixel_values is not None]
         return Batch(
             input_ids=input_ids,
             attention_mask=mask,
             position_ids=positions,
             labels=labels,
-            pixel_values=torch.cat(pixels) if pixels else None,
             views_per_sample=[sum(f.num_views for f in row) for row in rows],
             ids=["+".join(f.id for f in row) for row in rows],
             references=[None] * n,
