@@ -307,21 +307,16 @@ class CheetahVicuna(_Cheetah):
     apart_header = "Assistant: "  # '###Human: {} ###Assistant: ', the space in the prompt
 
 
-class CheetahLlama2(_Cheetah):
+class CheetahLlama2(_Cheetah, Llama2):
     """Cheetah with LLaMA-2-7B-chat: the `<<SYS>>` block always written; trainable: ` {a}</s>`.
 
     `<s>[INST] <<SYS>>\\n{sys}\\n<</SYS>>\\n\\n{q} [/INST] {a}</s><s>[INST] {q2} [/INST] {a2}</s>`,
     each image as `<Img><image></Img>`; with the default empty system prompt the first turn
     starts `<s>[INST] <<SYS>>\\n\\n<</SYS>>\\n\\n`, Cheetah's `'[INST] <<SYS>>\\n\\n<</SYS>>\\n\\n{}
     [/INST]'` after a BOS, and the answer ends with its end_sym `</s>` (no space before it).
+    Llama-2's strings otherwise, with Cheetah's image text and system prompt.
     """
 
-    special_tokens = ("<s>", "</s>")
-    stop_strings = ("</s>",)
-    user_prefix = "<s>[INST] "
-    first_user_prefix = "<s>[INST] <<SYS>>\n{system}\n<</SYS>>\n\n"
-    user_suffix = " [/INST]"
-    assistant_prefix = " "
     assistant_end = "</s>"
 
 
