@@ -247,34 +247,3 @@ class Anyres(nn.Module):
         if self.video_newline == "one_token":
             x = torch.cat([x, newline[None]])
         return x
-
-
-def scatter_items(
-    embeds: Tensor,  # [B, L, D] token embeddings
-    input_ids: Tensor,  # [B, L]
-    media_token_id: int,
-    items: Sequence[Tensor],  # per media item of the batch, in order: [N_i, D]
-    items_per_row: Sequence[int],
-    ids: Sequence[str],  # sample ids, for the error message
-) -> Tensor:
-    """`embeds` with row b's placeholders replaced, in order, by its items' tokens (any lengths).
-
-    Raises a `ValueError` naming the sample when a row's placeholder count differs from the
-    token count of its items.
-    """
-    mask = input_ids == media_token_id  # [B, L]
-    tokens_per_row = mask.sum(dim=1).tolist()
-    start = 0
-    for b, (n_tok, n_items) in enumerate(zip(tokens_per_row, items_per_row, strict=True)):
-        lengths = [int(x.shape[0]) for x in items[start : start + n_items]]
-        start += n_items
-        if n_tok != sum(lengths):
-            raise ValueError(
-                f"sample {ids[b]!r}: {n_tok} image tokens in the text but {sum(lengths)} image "
-                f"features ({n_items} media items of {lengths} tokens); the processor and the "
-                "model disagree on tokens per item"
-            )
-    if not items:
-        return embeds
-    flat = torch.cat(list(items)).to(embeds.dtype)  # [sum N_i, D]
-    return embeds.masked_scatter(mask.unsqueeze(-1), flat)

@@ -1,5 +1,8 @@
 """Choose the attention kernel, and `sdpa_packed`: sdpa that attends within each packed sample only.
 
+`block_causal` is the block-diagonal causal mask of packed rows, for `sdpa_packed`'s short rows
+and (from `Batch.seq_lens`, `lmm.data.packing.block_causal_mask`) for sdpa and eager.
+
 flash-attn 2 on CUDA when installed; otherwise causal LMs get `sdpa_packed` and encoders `sdpa`
 (eager when a model has no sdpa).
 
@@ -131,7 +134,9 @@ def packed_sdpa_attention(
     if length < PER_SAMPLE_MIN_LENGTH:
         rows = query.shape[0]
         mask = _once(
-            position_ids, ("mask", rows, window), lambda: _block_causal(position_ids, rows, window)
+            position_ids,
+            ("mask", rows, window),
+            lambda: block_causal(_starts(position_ids, rows).cumsum(1), window),
         )
         if _use_matmul(query, length, dropout):
             bias = _once(position_ids, ("bias", rows, window), lambda: additive_bias(mask))
@@ -264,10 +269,9 @@ def _merge_singletons(spans: list[tuple[int, int]]) -> list[tuple[int, int, bool
     return out
 
 
-def _block_causal(position_ids: Tensor, rows: int, window: int | None = None) -> Tensor:
-    """`[B, 1, L, L]` bool: causal within each span of counting-up position ids (and within
-    `window`, if given)."""
-    sample = _starts(position_ids, rows).cumsum(1)  # [B, L]: which sample each position is in
+def block_causal(sample: Tensor, window: int | None = None) -> Tensor:
+    """`[B, 1, L, L]` bool, True where a query may attend a key: causal within each sample
+    (and within `window`, if given). `sample` `[B, L]` numbers the sample of each position."""
     causal = _causal_allowed(sample.shape[1], window, sample.device)
     return ((sample[:, :, None] == sample[:, None, :]) & causal)[:, None]
 

@@ -90,9 +90,12 @@ class Batch:
 
 
 def media_fields(features: list[Features]) -> dict:
-    """The per-media-item Batch fields of features in batch order."""
+    """The media Batch fields of features in batch order: their pixel views stacked, and the
+    per-media-item fields."""
+    pixels = [f.pixel_values for f in features if f.pixel_values is not None]
     sizes = [s for f in features for s in f.image_sizes]
     return {
+        "pixel_values": torch.cat(pixels) if pixels else None,
         "image_sizes": torch.tensor(sizes, dtype=torch.long) if sizes else None,
         "media_modes": [m for f in features for m in f.media_modes],
         "views_per_media": [v for f in features for v in f.views_per_media],

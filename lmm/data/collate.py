@@ -48,7 +48,6 @@ class PadCollator:
             mask[b, cols] = 1 if f.attention_mask is None else f.attention_mask
         # positions count every real token, hidden ones (a Features.attention_mask 0) included
         position_ids = (real.cumsum(dim=1) - 1).clamp(min=0)
-        pixels = [f.pixel_values for f in features if f.pixel_values is not None]
         targets = [f.target for f in features if f.target is not None]
         if targets and len(targets) != len(features):
             raise ValueError("a batch mixes scored samples (with a target) and chat samples")
@@ -57,7 +56,6 @@ class PadCollator:
             attention_mask=mask,
             position_ids=position_ids,
             labels=labels,
-            pixel_values=torch.cat(pixels) if pixels else None,
             views_per_sample=[f.num_views for f in features],
             ids=[f.id for f in features],
             references=[f.reference for f in features],

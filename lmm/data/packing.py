@@ -14,6 +14,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
+from lmm.components.attention import block_causal
 from lmm.data.batch import Batch, Features, media_fields
 
 
@@ -85,13 +86,11 @@ class PackCollator:
             lens += [1] * (length - start)  # each pad token is alone
             seq_lens.append(lens)
             ordered += row
-        pixels = [f.pixel_values for f in ordered if f.pixel_values is not None]
         return Batch(
             input_ids=input_ids,
             attention_mask=mask,
             position_ids=positions,
             labels=labels,
-            pixel_values=torch.cat(pixels) if pixels else None,
             views_per_sample=[sum(f.num_views for f in row) for row in rows],
             ids=["+".join(f.id for f in row) for row in rows],
             references=[None] * n,
@@ -103,12 +102,10 @@ class PackCollator:
 
 def block_causal_mask(seq_lens: Sequence[Sequence[int]], length: int, device=None) -> Tensor:
     """`[B, 1, L, L]` bool mask, True where a query may attend: causal within each sample only."""
-    segment = torch.stack(
+    sample = torch.stack(
         [
             torch.repeat_interleave(torch.arange(len(lens)), torch.tensor(lens))[:length]
             for lens in seq_lens
         ]
     ).to(device)  # [B, L]: which sample each position belongs to
-    same = segment[:, :, None] == segment[:, None, :]
-    causal = torch.ones(length, length, dtype=torch.bool, device=device).tril()
-    return (same & causal)[:, None]
+    return block_causal(sample)

@@ -154,3 +154,13 @@ def test_bf16_autocast_takes_matmul_attention(monkeypatch):
     torch.testing.assert_close(out, ref, rtol=0.02, atol=0.02)
     out.float().sum().backward()
     assert q.grad.dtype == torch.float32 and v.grad.dtype == torch.bfloat16
+
+
+def test_block_mask_from_positions_equals_from_seq_lens():
+    """`sdpa_packed` finds the samples from restarting position ids, the collator's
+    `seq_lens` name them: both give the same block-diagonal mask."""
+    seq_lens = [[5, 1, 7, 3, 1, 1], [1, 9, 4, 1, 1, 1, 1]]
+    positions, mask = _packed(seq_lens)
+    from_positions = attention.block_causal(attention._starts(positions, 2).cumsum(1))
+    assert torch.equal(from_positions, mask)
+    assert mask[0, 0, 7, 6] and not mask[0, 0, 6, 5]  # sample 2 starts at 6, sample 1 is 5

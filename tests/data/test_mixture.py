@@ -13,15 +13,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from lmm.data.mixture import (
-    Mixture,
-    MixtureError,
-    Rule,
-    SkippedRecord,
-    balanced_counts,
-    expand_braces,
-)
+from lmm.data.mixture import Mixture, SkippedRecord, balanced_counts
 from lmm.data.sample import BadRecordError, Sample, VideoRef
+from lmm.data.sources import MixtureError, Rule, expand_braces
 
 
 def _chat(rid: str, images: list[str] | None = None, text: str = "What is it?") -> dict:

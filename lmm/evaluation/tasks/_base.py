@@ -49,10 +49,14 @@ def field(rec: Mapping, key: str | Sequence[str], source: str | Path, rid: str, 
     raise BadRecordError(source, rid, f"missing field {' or '.join(map(repr, keys))}")
 
 
-def resolve(rel: str, root: Path, source: str | Path, rid: str, check: bool) -> Path:
-    """`root / rel`; with `check`, a missing file is a `BadRecordError`."""
+def resolve(
+    rel: str | Path, root: str | Path | None, source: str | Path, rid: str, check: bool
+) -> Path:
+    """`root / rel`, `root` defaulting to the folder of the `source` file; with `check`, a
+    missing file is a `BadRecordError`."""
     path = Path(rel)
-    path = path if path.is_absolute() else root / path
+    if not path.is_absolute():
+        path = (Path(root) if root is not None else Path(source).parent) / path
     if check and not path.is_file():
         raise BadRecordError(source, rid, f"media not found: {path}", "check the path and `root`")
     return path

@@ -27,6 +27,11 @@ def dotted_options(options: Sequence[str]) -> str:
     return "\n".join(f"{c}. {o}" for c, o in zip(letters(len(options)), options, strict=True))
 
 
+def paren_options(options: Sequence[str]) -> str:
+    """`(A) x\\n(B) y` (MMMU / BLINK / MVBench layout)."""
+    return "\n".join(f"({c}) {o}" for c, o in zip(letters(len(options)), options, strict=True))
+
+
 # ---------------------------------------------------------------- MMMU (official eval_utils.py)
 
 # The official module calls `random.seed(42)` once at import and draws from the global generator

@@ -19,7 +19,7 @@ import torch
 
 from lmm.data.sample import BadRecordError, Sample
 from lmm.evaluation.tasks._base import GroupedMean, field, image_first, records, resolve
-from lmm.evaluation.tasks._choices import letters
+from lmm.evaluation.tasks._choices import letters, paren_options
 
 SUBTASKS = (
     "Art_Style", "Counting", "Forensic_Detection", "Functional_Correspondence", "IQ_Test",
@@ -33,15 +33,13 @@ _LMMS_EVAL = re.compile(r"^[(\s]*([A-Z])")
 
 def prompt(question: str, choices: Sequence[str]) -> str:
     """BLINK's prompt layout, for records without a ready `prompt` field."""
-    listed = "\n".join(f"({c}) {o}" for c, o in zip(letters(len(choices)), choices, strict=True))
-    return f"{question}\nSelect from the following choices.\n{listed}"
+    return f"{question}\nSelect from the following choices.\n{paren_options(choices)}"
 
 
 def read(
     path: str | Path, root: str | Path | None = None, *, check_media: bool = True
 ) -> list[Sample]:
     """Read BLINK (`idx`, `sub_task`, `question`, `choices`, `answer` "(A)", `prompt`, `image_1..4`)."""
-    root = Path(root) if root is not None else Path(path).parent
     samples = []
     for i, rec in records(path):
         rid = str(rec.get("idx", f"#{i}"))

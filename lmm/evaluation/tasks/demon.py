@@ -76,7 +76,6 @@ def read(
     (default: the folder of core.json).
     """
     path = Path(path)
-    root = Path(root) if root is not None else path.parent
     dataset = dataset or path.parent.parent.name
     category = category or path.parent.parent.parent.name
     try:

@@ -33,7 +33,6 @@ def read(
     Accepts a list/JSON-lines of records or GQA's own `{question_id: record}` object. The image is
     the record's `image` if given, else `{imageId}.jpg` under `root`.
     """
-    root = Path(root) if root is not None else Path(path).parent
     samples = []
     for i, rec in records(path):
         rid = str(rec.get("question_id", rec.get("_key", f"#{i}")))

@@ -42,7 +42,6 @@ def read(
     Image paths are relative to `root` (default: the JSON's folder). Missing `<image>` markers
     are added at the start of the question, as Mantis does.
     """
-    root = Path(root) if root is not None else Path(path).parent
     samples = []
     for i, rec in records(path):
         rid = str(rec.get("id", f"#{i}"))

@@ -67,7 +67,6 @@ def read(
 
     `circular=True` builds the rotated copies (index g + k·1e6) of a file that holds originals only.
     """
-    root = Path(root) if root is not None else Path(path).parent
     samples = []
     for i, rec in records(path):
         rid = str(rec.get("index", f"#{i}"))

@@ -41,7 +41,6 @@ def read(
 
     Questions about the same (category, image) share `meta["pair_id"]`, which acc+ groups by.
     """
-    root = Path(root) if root is not None else Path(path).parent
     pairs: dict[tuple[str, str], int] = {}
     samples = []
     for i, rec in records(path):

@@ -28,7 +28,7 @@ from lmm.evaluation.tasks._base import (
     records,
     resolve,
 )
-from lmm.evaluation.tasks._choices import letters, mmmu_choice
+from lmm.evaluation.tasks._choices import dotted_options, letters, mmmu_choice, paren_options
 
 SUBJECTS = (
     "Accounting", "Agriculture", "Architecture_and_Engineering", "Art", "Art_Theory",
@@ -48,13 +48,9 @@ def prompt(
     if not options:
         return f"{question}\n{SWP}"
     if style == "official":
-        listed = "".join(
-            f"({c}) {o}\n" for c, o in zip(letters(len(options)), options, strict=True)
-        )
-        return f"{question}\n\n{listed}\n{LETTER}"
+        return f"{question}\n\n{paren_options(options)}\n\n{LETTER}"
     if style == "lmms_eval":
-        listed = "\n".join(f"{c}. {o}" for c, o in zip(letters(len(options)), options, strict=True))
-        return f"{question}\n{listed}\n{LETTER}"
+        return f"{question}\n{dotted_options(options)}\n{LETTER}"
     raise ValueError(f"unknown MMMU prompt style {style!r}")
 
 
@@ -88,7 +84,6 @@ def read(
     `options` may be a list or its string repr (lmms-eval); all present images go first, and the
     `<image k>` tags stay in the text as in the official prompt.
     """
-    root = Path(root) if root is not None else Path(path).parent
     samples = []
     for i, rec in records(path):
         rid = str(field(rec, "id", path, f"#{i}"))

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from lmm.data.sample import BadRecordError, Sample
 from lmm.evaluation.tasks._base import GroupedMean, field, image_first, records, resolve
-from lmm.evaluation.tasks._choices import letters
+from lmm.evaluation.tasks._choices import letters, paren_options
 
 SYSTEM = (
     "Carefully watch the video and pay attention to the cause and sequence of events, the detail "
@@ -34,10 +34,7 @@ TASKS = (
 
 def prompt(question: str, candidates: Sequence[str]) -> str:
     """`Question: q\\nOptions:\\n(A) x\\n(B) y` + "\\nOnly give the best option."."""
-    listed = "\n".join(
-        f"({c}) {o}" for c, o in zip(letters(len(candidates)), candidates, strict=True)
-    )
-    return f"Question: {question}\nOptions:\n{listed}{QUESTION_PROMPT}"
+    return f"Question: {question}\nOptions:\n{paren_options(candidates)}{QUESTION_PROMPT}"
 
 
 def read(
@@ -52,7 +49,6 @@ def read(
     The task is the record's `task`, else `task=`, else the file stem (`action_sequence.json`).
     `meta["assistant_prefix"]` holds the text the official code pre-fills the answer with.
     """
-    root = Path(root) if root is not None else Path(path).parent
     samples = []
     for i, rec in records(path):
         rid = str(rec.get("id", f"{Path(path).stem}-{i}"))

@@ -42,7 +42,6 @@ def read(
     `image_source` (a COCO name without extension) becomes `{image_source}.jpg` under `root`;
     `category` fills in the split when the records do not carry one (LLaVA's per-split files).
     """
-    root = Path(root) if root is not None else Path(path).parent
     samples = []
     for i, rec in records(path):
         rid = str(rec.get("question_id", f"#{i}"))

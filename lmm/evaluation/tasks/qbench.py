@@ -37,7 +37,6 @@ def read(
     path: str | Path, root: str | Path | None = None, *, check_media: bool = True
 ) -> list[Sample]:
     """Read Q-Bench A1 (`id`, `question`, `option0..3` padded with "N/A", `correct_choice`, `image`)."""
-    root = Path(root) if root is not None else Path(path).parent
     samples = []
     for i, rec in records(path):
         rid = str(rec.get("id", f"#{i}"))

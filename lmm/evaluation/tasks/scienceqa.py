@@ -48,7 +48,6 @@ def read(
     `images_only` keeps the IMG subset (records with an image); `split` keeps one split when the
     records carry a `split` field. Accepts a list/JSON-lines or the `{pid: record}` problems.json.
     """
-    root = Path(root) if root is not None else Path(path).parent
     samples = []
     for i, rec in records(path):
         rid = str(rec.get("pid", rec.get("_key", f"#{i}")))

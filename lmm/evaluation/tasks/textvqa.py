@@ -32,7 +32,6 @@ def read(
 
     The image is the record's `image` path if given, else `{image_id}.jpg` under `root`.
     """
-    root = Path(root) if root is not None else Path(path).parent
     samples = []
     for i, rec in records(path):
         rid = str(rec.get("question_id", f"#{i}"))

@@ -36,7 +36,6 @@ def read(
     Frames live at `{root}/{id}/{frame}` as in `eval_videoscore.py`; the human turn (with its
     `<image>` markers, or the frames first) is the prompt and the gpt turn gives the gold scores.
     """
-    root = Path(root) if root is not None else Path(path).parent
     samples = []
     for i, rec in records(path):
         rid = str(field(rec, "id", path, f"#{i}", object))
@@ -52,7 +51,9 @@ def read(
             raise BadRecordError(
                 path, rid, f"{len(scores)} gold scores in the gpt turn, expected {len(DIMENSIONS)}"
             )
-        frames = [resolve(f, root / rid, path, rid, check_media) for f in rec.get("images") or []]
+        frames = [
+            resolve(Path(rid) / f, root, path, rid, check_media) for f in rec.get("images") or []
+        ]
         samples.append(interleaved(rid, human, frames, path, {"scores": scores}, IMAGE))
     return samples
 

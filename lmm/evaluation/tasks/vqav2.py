@@ -53,7 +53,6 @@ def read(
     path: str | Path, root: str | Path | None = None, *, check_media: bool = True
 ) -> list[Sample]:
     """Read VQAv2 questions merged with annotations (`question_id`, `question`, `image`, `answers`)."""
-    root = Path(root) if root is not None else Path(path).parent
     samples = []
     for i, rec in records(path):
         rid = str(rec.get("question_id", f"#{i}"))

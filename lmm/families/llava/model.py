@@ -15,10 +15,10 @@ import torch
 from PIL import Image
 from torch import Tensor, nn
 
-from lmm.components.anyres import Anyres, AnyresLayout, scatter_items, select_best_resolution
+from lmm.components.anyres import Anyres, AnyresLayout, select_best_resolution
 from lmm.components.connectors import Connector, MLPConnector
 from lmm.components.language import CausalLM
-from lmm.components.merge import scatter_media
+from lmm.components.merge import scatter_items, scatter_media
 from lmm.components.vision import VisionEncoder
 from lmm.data.batch import Batch
 from lmm.data.media import ImageTransform, expand_to_square, fit_and_pad, split_tiles
