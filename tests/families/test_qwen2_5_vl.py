@@ -1,0 +1,233 @@
+"""Qwen2.5-VL: logits, packing, token counts, import / export and generation vs transformers."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from transformers import Qwen2_5_VLForConditionalGeneration
+from transformers.image_utils import PILImageResampling, SizeDict
+from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+from lmm.data.batch import Batch
+from lmm.data.collate import PadCollator
+from lmm.data.media import load_image
+from lmm.data.packing import PackCollator
+from lmm.data.processor import Processor
+from lmm.data.sample import Media, Sample, Turn, VideoRef
+from lmm.data.templates import ChatML
+from lmm.data.video import load_video
+from lmm.families.qwen2_5_vl import Qwen25VLModel, Qwen25VLModule
+from lmm.families.qwen2_5_vl.convert import VIDEO_PAD, build_tiny_checkpoint
+
+av = pytest.importorskip("av")
+
+TOL = dict(rtol=1e-5, atol=1e-5)
+FPS = 2.0  # the model's video_fps: a frame pair spans 1 s, 2 temporal positions
+# (height, width) of the test images: 56 x 84 px resized (2 x 3 merged, windows padded),
+# 56 x 56 (2 x 2) and 112 x 112 (4 x 4: two windows a side); video frames 84 x 84 (3 x 3)
+WIDE, SMALL, BIG, FRAME = (50, 90), (60, 70), (100, 120), (80, 90)
+
+
+def write_video(path: Path, frames: int = 4, size: tuple[int, int] = FRAME, fps: int = 4):
+    """An H.264 file of random frames (height, width = size)."""
+    rng = np.random.default_rng(1)
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream("libx264", rate=fps)
+        stream.height, stream.width = size
+        stream.pix_fmt = "yuv420p"
+        for _ in range(frames):
+            pixels = rng.integers(0, 256, (*size, 3), dtype=np.uint8)
+            for packet in stream.encode(av.VideoFrame.from_ndarray(pixels, format="rgb24")):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+    return path
+
+
+def _image(path: Path, size: tuple[int, int], seed: int) -> Path:
+    pixels = np.random.default_rng(seed).integers(0, 256, (*size, 3), dtype=np.uint8)
+    Image.fromarray(pixels).save(path)
+    return path
+
+
+def _chat(sid: str, parts: list, media: list, answer: str) -> Sample:
+    return Sample(sid, [Turn("user", parts), Turn("assistant", [answer])], media)
+
+
+@pytest.fixture(scope="module")
+def qwen(tiny_assets, tmp_path_factory) -> dict:
+    """A tiny Qwen2.5-VL checkpoint, our module of it, transformers' model, media and samples."""
+    root = tmp_path_factory.mktemp("qwen2_5_vl")
+    hf_dir = build_tiny_checkpoint(root / "hf", tiny_assets["tokenizer"], video_max_pixels=84 * 84)
+    model = Qwen25VLModel(str(hf_dir), video_fps=FPS)
+    module = Qwen25VLModule(model=model, tokenizer=str(hf_dir)).eval()
+    hf = Qwen2_5_VLForConditionalGeneration.from_pretrained(hf_dir).eval()
+    images = {
+        name: _image(root / f"{name}.png", size, seed)
+        for seed, (name, size) in enumerate({"wide": WIDE, "small": SMALL, "big": BIG}.items())
+    }
+    video = write_video(root / "clip.mp4")
+    samples = {
+        "wide": _chat("wide", [Media(0), "\nwhat shape?"], [images["wide"]], "a red circle"),
+        "pair": _chat(
+            "pair",
+            [Media(0), " and ", Media(1), "\nsame?"],
+            [images["small"], images["big"]],
+            "no",
+        ),
+        "video": _chat(
+            "video", [Media(0), "\nwhere does it go?"], [VideoRef(video, max_frames=4)], "left"
+        ),
+        "text": _chat("text", ["hello"], [], "hi"),
+    }
+    processor = Processor(
+        module.tokenizer, ChatML(), module.media_spec(), image_token="<|image_pad|>"
+    )
+    return {
+        "root": root,
+        "hf_dir": hf_dir,
+        "module": module,
+        "hf": hf,
+        "processor": processor,
+        "samples": samples,
+        "images": images,
+        "video": video,
+    }
+
+
+def _features(qwen, names: list[str]):
+    return [qwen["processor"](qwen["samples"][n]) for n in names]
+
+
+def _padded(qwen, names: list[str], side: str = "right") -> Batch:
+    pad = qwen["module"].tokenizer.pad_token_id
+    return PadCollator(pad, padding_side=side)(_features(qwen, names))
+
+
+# --- transformers' inputs, built apart from lmm's media spec -----------------------------------
+
+
+def _reference_pixels(image: Image.Image, min_pixels: int, max_pixels: int) -> np.ndarray:
+    """`[3, H, W]` float32: Qwen2VLImageProcessorPil's resize, rescale and normalise."""
+    proc = Qwen2VLImageProcessorPil()
+    x = proc.process_image(image, do_convert_rgb=True)
+    size = SizeDict(shortest_edge=min_pixels, longest_edge=max_pixels)
+    x = proc.resize(x, size=size, resample=PILImageResampling.BICUBIC, factor=28)
+    x = proc.rescale(x, 1 / 255)
+    return proc.normalize(x, proc.image_mean, proc.image_std)
+
+
+def _reference_video(frames: list[Image.Image], min_pixels: int, max_pixels: int):
+    """transformers' `Qwen2VLVideoProcessor.patchify` (5.x) on frames resized as its images."""
+    videos = torch.from_numpy(
+        np.stack([_reference_pixels(f, min_pixels, max_pixels) for f in frames])
+    )[None]  # [1, F, C, H, W]
+    batch_size, num_frames, channel, height, width = videos.shape
+    patch, merge, temporal = 14, 2, 2
+    if pad := -num_frames % temporal:
+        videos = torch.cat((videos, videos[:, -1:].expand(-1, pad, -1, -1, -1)), dim=1)
+        num_frames += pad
+    grid_t, grid_h, grid_w = num_frames // temporal, height // patch, width // patch
+    patches = videos.view(
+        batch_size,
+        grid_t,
+        temporal,
+        channel,
+        grid_h // merge,
+        merge,
+        patch,
+        grid_w // merge,
+        merge,
+        patch,
+    )
+    patches = patches.permute(0, 1, 4, 7, 5, 8, 3, 2, 6, 9)
+    flat = patches.reshape(grid_t * grid_h * grid_w, channel * temporal * patch * patch)
+    return flat, [grid_t, grid_h, grid_w]
+
+
+def _hf_inputs(qwen, batch: Batch, names: list[str]) -> dict:
+    """The batch as transformers takes it: `<|video_pad|>` in video rows, its own pixels."""
+    hf, spec = qwen["hf"], qwen["module"].media_spec()
+    image_id = qwen["module"].image_token_id
+    video_id = qwen["module"].tokenizer.convert_tokens_to_ids(VIDEO_PAD)
+    input_ids = batch.input_ids.clone()
+    images, videos = [], []
+    for row, name in enumerate(names):
+        sample = qwen["samples"][name]
+        for item in sample.images:
+            if isinstance(item, VideoRef):
+                input_ids[row][input_ids[row] == image_id] = video_id
+                frames = load_video(item.path, **item.sampling)
+                videos.append(
+                    _reference_video(frames, spec.video_min_pixels, spec.video_max_pixels)
+                )
+            else:
+                images.append(load_image(item))
+    inputs = {"input_ids": input_ids, "attention_mask": batch.attention_mask}
+    if images:
+        proc = Qwen2VLImageProcessorPil(min_pixels=spec.min_pixels, max_pixels=spec.max_pixels)
+        out = proc(images=images, return_tensors="pt")
+        inputs["pixel_values"] = out["pixel_values"]
+        inputs["image_grid_thw"] = out["image_grid_thw"]
+    if videos:
+        inputs["pixel_values_videos"] = torch.cat([v for v, _ in videos])
+        inputs["video_grid_thw"] = torch.tensor([g for _, g in videos])
+        inputs["second_per_grid_ts"] = torch.tensor([2 / FPS] * len(videos))
+    types = torch.zeros_like(input_ids, dtype=torch.int)
+    types[input_ids == image_id] = 1
+    types[input_ids == video_id] = 2
+    inputs["mm_token_type_ids"] = types
+    assert hf.config.image_token_id == image_id and hf.config.video_token_id == video_id
+    return inputs
+
+
+MIXED = ["wide", "pair", "video", "text"]
+
+
+def test_qwen2_5_vl_against_hf(qwen):
+    module, hf = qwen["module"], qwen["hf"]
+    batch = _padded(qwen, MIXED)
+    assert batch.media_modes == ["image", "multi", "multi", "video"]
+    with torch.no_grad():
+        ours = module(batch)
+        theirs = hf(**_hf_inputs(qwen, batch, MIXED)).logits
+    real = batch.attention_mask.bool()
+    assert ours.shape == theirs.shape
+    torch.testing.assert_close(ours[real], theirs[real], **TOL)
+    # the M-RoPE positions matter: plain text positions change the logits
+    model = module.model
+    with torch.no_grad():
+        embeds = model.embed(batch, module.image_token_id)
+        text = model.llm.run(embeds, batch.attention_mask, batch.position_ids)
+    assert not torch.allclose(text[real], ours[real], atol=1e-3)
+    # the pixels matter: blank patches change the logits after the media
+    batch.pixel_values = torch.zeros_like(batch.pixel_values)
+    with torch.no_grad():
+        blank = module(batch)
+    assert not torch.allclose(blank[real], ours[real], atol=1e-4)
+
+
+def test_packed_equals_padded(qwen):
+    """One packed row of every sample: the same loss and logits as the padded batch."""
+    module = qwen["module"]
+    assert module.llm.config._attn_implementation == "sdpa_packed"
+    features = _features(qwen, MIXED)
+    padded = PadCollator(module.tokenizer.pad_token_id)(features)
+    packed = PackCollator(module.tokenizer.pad_token_id, 4096).collate_rows([features])
+    assert packed.seq_lens[0] == [len(f.input_ids) for f in features]
+    with torch.no_grad():
+        loss_padded, n_padded = module.loss(padded)
+        loss_packed, n_packed = module.loss(packed)
+        row = module(packed)[0]
+        rows = module(padded)
+    assert int(n_packed) == int(n_padded) > 0
+    torch.testing.assert_close(loss_packed, loss_padded, rtol=1e-5, atol=0)
+    start = 0
+    for b, f in enumerate(features):
+        n = len(f.input_ids)
+        torch.testing.assert_close(row[start : start + n], rows[b, :n], **TOL)
+        start += n
