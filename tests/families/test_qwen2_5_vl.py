@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import itertools
+import shutil
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
+from safetensors.torch import load_file, save_file
 from transformers import Qwen2_5_VLForConditionalGeneration
 from transformers.image_utils import PILImageResampling, SizeDict
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
@@ -21,7 +24,14 @@ from lmm.data.sample import Media, Sample, Turn, VideoRef
 from lmm.data.templates import ChatML
 from lmm.data.video import load_video
 from lmm.families.qwen2_5_vl import Qwen25VLModel, Qwen25VLModule
-from lmm.families.qwen2_5_vl.convert import VIDEO_PAD, build_tiny_checkpoint
+from lmm.families.qwen2_5_vl.convert import (
+    VIDEO_PAD,
+    build_tiny_checkpoint,
+    export_hf,
+    import_checkpoint,
+    load_imported,
+)
+from lmm.families.qwen2_5_vl.media import temporal_rows
 
 av = pytest.importorskip("av")
 
@@ -231,3 +241,86 @@ def test_packed_equals_padded(qwen):
         n = len(f.input_ids)
         torch.testing.assert_close(row[start : start + n], rows[b, :n], **TOL)
         start += n
+
+
+def test_token_counts_and_pixels_match_transformers_processor(qwen, tmp_path):
+    """Marker counts = transformers' patch counts / 4 = the features the model makes; our
+    patch rows are the PIL image processor's pixel_values."""
+    module = qwen["module"]
+    spec, model = module.media_spec(), module.model
+    proc = Qwen2VLImageProcessorPil(min_pixels=spec.min_pixels, max_pixels=spec.max_pixels)
+    for h, w in itertools.product(range(10, 400, 23), range(7, 400, 29)):
+        expected = proc.get_number_of_image_patches(h, w, {}) // 4
+        tokens = spec.marker_tokens((h, w), "image")
+        assert tokens == ["<|vision_start|>", *[None] * expected, "<|vision_end|>"], (h, w)
+    for seed, size in enumerate([(28, 28), (10, 300), (300, 41), (123, 77), (400, 400)]):
+        img = load_image(_image(tmp_path / f"{seed}.png", size, seed))
+        rows = temporal_rows(spec.views(img, "image"), 1, spec.temporal_patch_size)
+        reference = proc(images=[img], return_tensors="pt")
+        torch.testing.assert_close(rows, reference["pixel_values"], rtol=0, atol=0)
+        gh, gw = reference["image_grid_thw"][0, 1:].tolist()
+        grid = torch.tensor([[1, gh, gw]])
+        with torch.no_grad():
+            features = model.encode(rows, grid)
+        assert features.shape[0] == len(spec.marker_tokens(size, "image")) - 2 == gh * gw // 4
+
+
+@pytest.mark.parametrize("frames", [3, 4])
+def test_video_frames_against_hf(qwen, frames):
+    """A video of an odd frame count repeats its last frame, as transformers' processor."""
+    sample = _chat(
+        "clip", [Media(0), "\nwhat happens?"], [VideoRef(qwen["video"], max_frames=frames)], "x"
+    )
+    qwen["samples"]["clip"] = sample
+    processor = qwen["processor"]
+    features = processor(sample)
+    spec = qwen["module"].media_spec()
+    n = spec.num_tokens(FRAME, "video", frames)
+    assert n == 2 * 3 * 3  # two frame pairs of 3 x 3 merged patches
+    assert features.views_per_media == [frames * 6 * 6]  # 6 x 6 patches a frame
+    assert int((features.input_ids == qwen["module"].image_token_id).sum()) == n
+    assert processor.length(sample) == len(features.input_ids)  # from the header alone
+    batch = PadCollator(qwen["module"].tokenizer.pad_token_id)([features])
+    with torch.no_grad():
+        ours = qwen["module"](batch)
+        theirs = qwen["hf"](**_hf_inputs(qwen, batch, ["clip"])).logits
+    torch.testing.assert_close(ours, theirs, **TOL)
+
+
+@pytest.mark.parametrize("layout", ["v5", "v4"])
+def test_import_round_trip(qwen, tmp_path, layout):
+    """HF folder (either key layout) → import → the recipe's module: HF's logits; export → the
+    same weights."""
+    src = tmp_path / "src"
+    shutil.copytree(qwen["hf_dir"], src)
+    state = load_file(src / "model.safetensors")
+    if layout == "v5":  # save_pretrained writes the older names; rename to transformers 5's
+        renames = (("visual.", "model.visual."), ("model.", "model.language_model."))
+        state = {_rename(k, renames): v for k, v in state.items()}
+        assert "model.visual.merger.mlp.0.weight" in state
+    else:
+        assert "visual.merger.mlp.0.weight" in state and "model.embed_tokens.weight" in state
+    save_file(state, src / "model.safetensors", {"format": "pt"})
+    recipe = import_checkpoint(src, tmp_path / "lmm")
+    assert "init_from" in recipe.read_text()
+    module = load_imported(tmp_path / "lmm").eval()
+    assert module.model.video_fps == 2.0 and module.media_spec() == qwen["module"].media_spec()
+    batch = _padded(qwen, ["wide", "pair"])
+    with torch.no_grad():
+        ours = module(batch)
+        theirs = qwen["hf"](**_hf_inputs(qwen, batch, ["wide", "pair"])).logits
+    real = batch.attention_mask.bool()
+    torch.testing.assert_close(ours[real], theirs[real], **TOL)
+    out = export_hf(module.model, tmp_path / "exported")
+    back = Qwen2_5_VLForConditionalGeneration.from_pretrained(out).state_dict()
+    original = qwen["hf"].state_dict()
+    assert back.keys() == original.keys()
+    for k, v in original.items():
+        assert torch.equal(back[k], v), k
+
+
+def _rename(key: str, renames) -> str:
+    for old, new in renames:
+        if key.startswith(old):
+            return new + key[len(old) :]
+    return key

@@ -263,7 +263,10 @@ class Qwen25VLModel(FamilyModel):
         self.config: Qwen2_5_VLConfig = hf.config
         self.vision = Qwen25VLVision(hf.model.visual)
         self.connector = hf.model.visual.merger
-        self.llm = Qwen25VLLanguage(Qwen25VLTextForCausalLM.of(hf.model.language_model, hf.lm_head))
+        text_lm = Qwen25VLTextForCausalLM.of(hf.model.language_model, hf.lm_head)
+        # the head is tied by the outer config (3B); the causal LM reads its own when resizing
+        text_lm.config.tie_word_embeddings = self.config.tie_word_embeddings
+        self.llm = Qwen25VLLanguage(text_lm)
         pre = _preprocessor(path, "preprocessor_config.json")
         video = _preprocessor(path, "video_preprocessor_config.json")
         v = self.config.vision_config
