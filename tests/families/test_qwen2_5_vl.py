@@ -324,3 +324,51 @@ def _rename(key: str, renames) -> str:
         if key.startswith(old):
             return new + key[len(old) :]
     return key
+
+
+def _greedy(module, batch: Batch, steps: int) -> list[list[int]]:
+    """Greedy decoding from `prefill`: prompt M-RoPE positions, then `last + 1` on all rows."""
+    embeds, positions = module.model.prefill(batch, module.image_token_id)
+    last = positions[..., -1]  # [3, B]: a prompt ends in text, equal on the three rows
+    assert torch.equal(last, last[:1].expand(3, -1))
+    mask = batch.attention_mask
+    out = module.llm(
+        inputs_embeds=embeds,
+        attention_mask=mask,
+        position_ids=positions,
+        use_cache=True,
+        logits_to_keep=1,
+    )
+    next_position = last[0] + 1  # [B]
+    tokens = [out.logits[:, -1].argmax(-1)]
+    for _ in range(steps - 1):
+        mask = torch.cat([mask, mask.new_ones(len(batch), 1)], dim=1)
+        out = module.llm(
+            input_ids=tokens[-1][:, None],
+            attention_mask=mask,
+            position_ids=next_position[:, None],
+            past_key_values=out.past_key_values,
+            use_cache=True,
+        )
+        next_position = next_position + 1
+        tokens.append(out.logits[:, -1].argmax(-1))
+    return torch.stack(tokens, dim=1).tolist()
+
+
+def test_greedy_generation_equals_hf_generate(qwen):
+    """A left-padded batch of two image prompts: our prefill + decoding = `generate`."""
+    module, hf = qwen["module"], qwen["hf"]
+    names = ["pair", "wide"]
+    features = [qwen["processor"].prompt(qwen["samples"][n]) for n in names]
+    batch = PadCollator(module.tokenizer.pad_token_id, padding_side="left")(features)
+    assert not batch.attention_mask[:, -1].eq(0).any() and batch.attention_mask[1, 0] == 0
+    steps = 8
+    with torch.no_grad():
+        ours = _greedy(module, batch, steps)
+        inputs = _hf_inputs(qwen, batch, names)
+        generated = hf.generate(**inputs, max_new_tokens=steps, do_sample=False)
+    theirs = generated[:, batch.input_ids.shape[1] :].tolist()
+    eos = module.tokenizer.eos_token_id
+    for a, b in zip(ours, theirs, strict=True):
+        cut = a.index(eos) + 1 if eos in a else len(a)
+        assert a[:cut] == b[:cut]
