@@ -9,8 +9,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import torch.distributed as dist
 from PIL import Image
 from safetensors.torch import load_file, save_file
+from torch.distributed.device_mesh import init_device_mesh
 from transformers import Qwen2_5_VLForConditionalGeneration
 from transformers.image_utils import PILImageResampling, SizeDict
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
@@ -32,6 +34,8 @@ from lmm.families.qwen2_5_vl.convert import (
     load_imported,
 )
 from lmm.families.qwen2_5_vl.media import temporal_rows
+from lmm.families.qwen2_5_vl.positions import item_positions, sample_positions
+from lmm.training.strategies import FSDP2Config
 
 av = pytest.importorskip("av")
 
@@ -372,3 +376,87 @@ def test_greedy_generation_equals_hf_generate(qwen):
     for a, b in zip(ours, theirs, strict=True):
         cut = a.index(eos) + 1 if eos in a else len(a)
         assert a[:cut] == b[:cut]
+
+
+def test_mrope_positions_by_hand():
+    """Text counts up; an item sits at start + (t·interval, row, column); text goes on from
+    the item's largest position + 1, also when its temporal positions outrun its grid."""
+    m = 9  # the media token
+    ids = torch.tensor([1, 2, m, m, m, m, 3, m, m, m, m, 4])
+    image, video = (1, 2, 2), (2, 1, 2)  # (t, h, w) merged tokens
+    pos = sample_positions(ids, m, [image, video], [1.0, 4.0])
+    assert pos.tolist() == [
+        [0, 1, 2, 2, 2, 2, 4, 5, 5, 9, 9, 10],  # the video's second pair at 5 + 4
+        [0, 1, 2, 2, 3, 3, 4, 5, 5, 5, 5, 10],
+        [0, 1, 2, 3, 2, 3, 4, 5, 6, 5, 6, 10],
+    ]
+    # a fractional interval is floored per frame pair, in float32 (1.5 -> 0, 1, 3)
+    assert item_positions((3, 1, 1), 1.5, 0)[0].tolist() == [0, 1, 3]
+    with pytest.raises(ValueError, match="consecutive media tokens"):
+        sample_positions(ids, m, [(1, 2, 3), video], [1.0, 1.0])
+
+
+def test_positions_restart_per_packed_sample(qwen):
+    module = qwen["module"]
+    features = _features(qwen, ["pair", "text", "wide"])
+    packed = PackCollator(module.tokenizer.pad_token_id, 4096).collate_rows([features])
+    padded = PadCollator(module.tokenizer.pad_token_id)(features)
+    row = module.model.position_ids(packed, module.image_token_id)[:, 0]  # [3, L]
+    alone = module.model.position_ids(padded, module.image_token_id)  # [3, B, L]
+    start = 0
+    for b, f in enumerate(features):
+        n = len(f.input_ids)
+        assert torch.equal(row[:, start : start + n], alone[:, b, :n])
+        assert row[:, start].tolist() == [0, 0, 0]
+        start += n
+    # what the LLM gets for packed rows: the restarting text positions first
+    four = module.model.llm_positions(packed, module.image_token_id)
+    assert four.shape[0] == 4 and torch.equal(four[0], packed.position_ids)
+
+
+def test_sharded_text_only_batch_runs_the_tower(qwen, tmp_path):
+    """FSDP2 on one gloo rank: a text-only training batch still runs the ViT and merger (weight
+    0, so every rank joins their collectives), and the sharded model gives the same loss."""
+    module = Qwen25VLModule(
+        model=Qwen25VLModel(str(qwen["hf_dir"]), video_fps=FPS), tokenizer=str(qwen["hf_dir"])
+    )
+    text = _padded(qwen, ["text"])
+    mixed = _padded(qwen, MIXED)
+    with torch.no_grad():
+        expected = module.loss(mixed)[0]
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'pg'}", rank=0, world_size=1)
+    try:
+        mesh = init_device_mesh("cpu", (1,))
+        module.model.shard(mesh, FSDP2Config())
+        loss, _ = module.loss(text)
+        loss.backward()
+        grads = [p.grad for p in module.model.vision.parameters()]
+        grads += [p.grad for p in module.model.connector.parameters()]
+        assert all(g is not None for g in grads)
+        assert all(float(g.full_tensor().abs().sum()) == 0.0 for g in grads)
+        with torch.no_grad():
+            torch.testing.assert_close(module.loss(mixed)[0], expected, **TOL)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_step_flops_counts_windows_and_trained_parts(qwen):
+    module = qwen["module"]
+    model = module.model
+    batch = _padded(qwen, ["wide"])
+    rows, grid = model.vision_inputs(batch)
+    full, windows = model.vision.attention_lengths(grid)
+    # 4 x 6 patches: one full sequence; 2 x 2 merged windows of a 2 x 3 grid: 16 + 8 patches
+    assert grid.tolist() == [[1, 4, 6]] and full == [24] and windows == [16, 8]
+    trained = model.step_flops(batch)
+    text_only = model.step_flops(_padded(qwen, ["text"]))
+    model.vision.requires_grad_(False)
+    frozen_tower = model.step_flops(batch)
+    model.vision.requires_grad_(True)
+    conv = model.vision.patch_embed.proj.weight.numel()
+    assert trained > frozen_tower > text_only > 0
+    # freezing the tower drops its weight gradients (2 per weight and patch) and the backward
+    # of its attention (scores' gradients: 3 x 4 of the 4 per pair) at least
+    width = model.config.vision_config.hidden_size
+    attention = 4 * width * (24**2 + 16**2 + 8**2)
+    assert trained - frozen_tower >= 24 * 2 * conv + 2 * attention

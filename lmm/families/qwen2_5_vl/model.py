@@ -86,14 +86,12 @@ class Qwen25VLVision(nn.Module):
         )
         max_window = get_max_seqlen(cu_windows, c, kwargs={}, kwarg_name="max_window_seqlen")
         hidden = self.patch_embed(rows)
-        n = hidden.shape[0]
-
-        def windowed(x: Tensor) -> Tensor:  # merge groups reordered window by window
-            return x.reshape(n // merge_unit, merge_unit, -1)[window_index].reshape(n, -1)
-
-        hidden = windowed(hidden)
+        # patch rows window by window (whole merge groups move), and back after the blocks
+        group = torch.arange(merge_unit, device=window_index.device)
+        order = (window_index[:, None] * merge_unit + group).flatten().to(rows.device)
+        hidden = hidden[order]
         cos, sin = self.rotary_pos_emb(hidden, position_ids)
-        rotary = (windowed(cos), windowed(sin))
+        rotary = (cos[order], sin[order])
         for i, block in enumerate(self.blocks):
             full = i in c.fullatt_block_indexes
             hidden = block(
@@ -102,8 +100,7 @@ class Qwen25VLVision(nn.Module):
                 max_seqlen=max_seqlen if full else max_window,
                 position_embeddings=rotary,
             )
-        back = torch.argsort(window_index)
-        return hidden.reshape(n // merge_unit, merge_unit, -1)[back].reshape(n, -1)
+        return hidden[torch.argsort(order)]
 
     def attention_lengths(self, grid_thw: Tensor) -> tuple[list[int], list[int]]:
         """Sequence lengths the full-attention and the window-attention blocks attend over."""
