@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 from torch import nn
 
+from lmm.data.batch import Batch
 from lmm.families.base import LMMModule
 from lmm.families.qwen2_5_vl.model import Qwen25VLModel
+from lmm.generation.decode import Step
 
 IMAGE_PAD = "<|image_pad|>"
 
@@ -31,3 +35,14 @@ class Qwen25VLModule(LMMModule):
 
     def parts(self) -> dict[str, nn.Module]:
         return self.model.parts()
+
+    def generation_stream(self, batch: Batch, *args, **kwargs) -> Iterator[Step]:
+        """Not yet: the shared generator decodes on 1-D positions counted from the attention
+        mask, which puts every token after an image at the wrong M-RoPE position. The family
+        contract's `Prefill` (embeddings + `[3, B, L]` positions, decoding from the last + 1)
+        fixes it; `Qwen25VLModel.prefill` already returns both (CORE_NEEDS.md)."""
+        raise NotImplementedError(
+            "Qwen2.5-VL generation needs the generator to take M-RoPE prompt positions "
+            "(lmm.generation.decode.Prefill, the family contract); until it lands, decode from "
+            "Qwen25VLModel.prefill(batch, image_token_id) yourself"
+        )
