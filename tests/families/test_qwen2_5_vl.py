@@ -225,10 +225,15 @@ def test_qwen2_5_vl_against_hf(qwen):
     assert not torch.allclose(blank[real], ours[real], atol=1e-4)
 
 
-def test_packed_equals_padded(qwen):
-    """One packed row of every sample: the same loss and logits as the padded batch."""
+@pytest.mark.parametrize("attention", ["sdpa_packed", "sdpa"])
+def test_packed_equals_padded(qwen, attention):
+    """One packed row of every sample: the same loss and logits as the padded batch
+    (`sdpa_packed`: no mask, samples from the text positions; `sdpa`: a block mask)."""
     module = qwen["module"]
-    assert module.llm.config._attn_implementation == "sdpa_packed"
+    if attention != "sdpa_packed":
+        model = Qwen25VLModel(str(qwen["hf_dir"]), attn_implementation=attention, video_fps=FPS)
+        module = Qwen25VLModule(model=model, tokenizer=str(qwen["hf_dir"])).eval()
+    assert module.llm.config._attn_implementation == attention
     features = _features(qwen, MIXED)
     padded = PadCollator(module.tokenizer.pad_token_id)(features)
     packed = PackCollator(module.tokenizer.pad_token_id, 4096).collate_rows([features])
@@ -460,3 +465,19 @@ def test_step_flops_counts_windows_and_trained_parts(qwen):
     width = model.config.vision_config.hidden_size
     attention = 4 * width * (24**2 + 16**2 + 8**2)
     assert trained - frozen_tower >= 24 * 2 * conv + 2 * attention
+
+
+def test_tied_head_imports(qwen, tmp_path):
+    """A checkpoint with a tied head (Qwen2.5-VL-3B): imported, the head stays the embeddings."""
+    src = build_tiny_checkpoint(tmp_path / "src", qwen["hf_dir"], tie_word_embeddings=True)
+    hf = Qwen2_5_VLForConditionalGeneration.from_pretrained(src).eval()
+    assert "lm_head.weight" not in load_file(src / "model.safetensors")
+    import_checkpoint(src, tmp_path / "lmm")
+    module = load_imported(tmp_path / "lmm").eval()
+    llm = module.llm
+    assert llm.get_output_embeddings().weight is llm.get_input_embeddings().weight
+    batch = _padded(qwen, ["wide"])
+    with torch.no_grad():
+        ours = module(batch)
+        theirs = hf(**_hf_inputs({**qwen, "hf": hf}, batch, ["wide"])).logits
+    torch.testing.assert_close(ours, theirs, **TOL)
