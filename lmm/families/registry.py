@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from types import ModuleType
 
-FAMILIES = ("llava", "qformer", "idefics2", "fuyu")  # every family package, by name
+FAMILIES = ("llava", "qformer", "idefics2", "fuyu", "qwen2_5_vl")  # every family package, by name
 
 
 @dataclass(frozen=True, eq=False)

@@ -23,6 +23,7 @@ def test_layouts_cover_the_published_checkpoints():
         "cheetah": "qformer",
         "idefics2": "idefics2",
         "fuyu": "fuyu",
+        "qwen2_5_vl": "qwen2_5_vl",
     }
 
 

@@ -1,0 +1,303 @@
+"""Qwen2.5-VL checkpoints: import a transformers folder into lmm's layout, export one back.
+
+`import_checkpoint` reads a transformers `Qwen2_5_VLForConditionalGeneration` folder or hub id
+(either key layout: transformers 5's `model.visual.*` / `model.language_model.*` / `lm_head.*`
+or the older `visual.*` / `model.*` / `lm_head.*`) and writes `config.json`, the processor
+configs, `tokenizer/`, `model.safetensors` (the weights under `LMMModule`'s names:
+`model.vision.*`, `model.connector.*`, `model.llm.model.*`) and `lmm.yaml`, a recipe whose
+model builds from the config and takes the weights by `init_from`. `export_hf` writes a
+transformers folder of a `Qwen25VLModel`. `build_tiny_checkpoint` writes a tiny random one.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import torch
+import yaml
+from safetensors.torch import save_file
+from transformers import AutoTokenizer, Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+
+from lmm.data.tokenization import load_tokenizer
+from lmm.families.qwen2_5_vl.media import VISION_END, VISION_START
+from lmm.families.qwen2_5_vl.model import IMAGE_PAD, Qwen25VLModel
+from lmm.utils.logging import get_logger
+
+log = get_logger(__name__)
+
+VIDEO_PAD = "<|video_pad|>"
+TEMPLATE = "lmm.data.templates.ChatML"  # Qwen2.5-VL's chat format and default system prompt
+WEIGHTS = "model.safetensors"
+
+
+def import_checkpoint(
+    src: str | Path, out: str | Path, tokenizer: str | Path | None = None
+) -> Path:
+    """Write lmm's layout of a transformers Qwen2.5-VL checkpoint to `out`; return `out/lmm.yaml`.
+
+    `src` is a folder or a hub id; `tokenizer` defaults to it.
+    """
+    where, out = str(src), Path(out)
+    model = Qwen25VLModel(where, dtype=_dtype_name(where))
+    tok = _tokenizer(tokenizer or where, model.config)
+    out.mkdir(parents=True, exist_ok=True)
+    model.config.save_pretrained(out)
+    write_processor_configs(model, out)
+    tok.save_pretrained(out / "tokenizer")
+    state = {f"model.{k}": v for k, v in _unshared(model.state_dict()).items()}
+    save_file({k: v.contiguous() for k, v in state.items()}, out / WEIGHTS, {"format": "pt"})
+    recipe = out / "lmm.yaml"
+    recipe.write_text(_recipe(where, out, _dtype_name(where)))
+    log.info("imported %s (transformers Qwen2.5-VL) into %s", where, out)
+    return recipe
+
+
+def export_hf(module, out: str | Path) -> Path:
+    """Write a module's `Qwen25VLModel` as a transformers Qwen2.5-VL folder (`save_pretrained`)
+    with its processor configs; returns `out`."""
+    model: Qwen25VLModel = module.model
+    out = Path(out)
+    with torch.device("meta"):
+        hf = Qwen2_5_VLForConditionalGeneration(model.config)
+    visual = hf.model.visual
+    visual.patch_embed = model.vision.patch_embed
+    visual.rotary_pos_emb = model.vision.rotary_pos_emb
+    visual.blocks = model.vision.blocks
+    visual.merger = model.connector
+    hf.model.language_model = model.llm.model.model
+    hf.lm_head = model.llm.model.lm_head
+    meta = [n for n, p in hf.named_parameters() if p.is_meta]
+    if meta:
+        raise RuntimeError(f"export_hf: parameters left unset: {meta[:4]}")
+    hf.save_pretrained(out)
+    write_processor_configs(model, out)
+    return out
+
+
+def write_processor_configs(model: Qwen25VLModel, out: Path) -> None:
+    """preprocessor_config.json and video_preprocessor_config.json of the model's media spec."""
+    spec = model.media_spec()
+    common = {
+        "patch_size": spec.patch_size,
+        "temporal_patch_size": spec.temporal_patch_size,
+        "merge_size": spec.merge_size,
+        "image_mean": list(spec.mean),
+        "image_std": list(spec.std),
+        "do_rescale": True,
+        "do_normalize": True,
+        "do_resize": True,
+        "resample": 3,
+    }
+    image = {
+        "image_processor_type": "Qwen2VLImageProcessor",
+        "processor_class": "Qwen2_5_VLProcessor",
+        "min_pixels": spec.min_pixels,
+        "max_pixels": spec.max_pixels,
+        "size": {"shortest_edge": spec.min_pixels, "longest_edge": spec.max_pixels},
+        **common,
+    }
+    video = {
+        "video_processor_type": "Qwen2VLVideoProcessor",
+        "min_pixels": spec.video_min_pixels,
+        "max_pixels": spec.video_max_pixels,
+        "size": {"shortest_edge": spec.video_min_pixels, "longest_edge": spec.video_max_pixels},
+        **common,
+    }
+    for name, body in (
+        ("preprocessor_config.json", image),
+        ("video_preprocessor_config.json", video),
+    ):
+        (out / name).write_text(json.dumps(body, indent=2) + "\n")
+
+
+def _unshared(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The state dict without a tied head (safetensors stores no shared tensors)."""
+    seen: set[int] = set()
+    out = {}
+    for k, v in state.items():
+        key = v.untyped_storage().data_ptr()
+        if key in seen:
+            continue
+        seen.add(key)
+        out[k] = v
+    return out
+
+
+def _dtype_name(where: str) -> str:
+    dtype = Qwen2_5_VLConfig.from_pretrained(where).text_config.dtype
+    name = str(dtype or "float32").removeprefix("torch.")
+    return name if name in ("float32", "bfloat16", "float16") else "float32"
+
+
+def _tokenizer(name: str | Path, config: Qwen2_5_VLConfig):
+    """The checkpoint's tokenizer, checked against the config's media token ids."""
+    try:
+        tok = load_tokenizer(str(name), IMAGE_PAD)
+    except (OSError, ValueError) as err:
+        raise ValueError(
+            f"{name}: cannot load a tokenizer ({err}); pass tokenizer / --tokenizer with the "
+            "folder of the checkpoint's tokenizer"
+        ) from err
+    expected = {
+        IMAGE_PAD: config.image_token_id,
+        VIDEO_PAD: config.video_token_id,
+        VISION_START: config.vision_start_token_id,
+        VISION_END: config.vision_end_token_id,
+    }
+    vocab = tok.get_vocab()
+    wrong = {t: (vocab.get(t), i) for t, i in expected.items() if vocab.get(t) != i}
+    if wrong:
+        raise ValueError(
+            f"{name}: tokenizer ids (got, config.json) differ for {wrong}; pass the "
+            "checkpoint's own tokenizer"
+        )
+    return tok
+
+
+def _recipe(src: str, out: Path, dtype: str) -> str:
+    """A recipe (model + data template) that builds the imported model with its weights."""
+    root = str(out.resolve())
+    model = {
+        "class_path": "lmm.LMMModule",
+        "init_args": {
+            "tokenizer": str((out / "tokenizer").resolve()),
+            "model": {
+                "class_path": "lmm.families.qwen2_5_vl.Qwen25VLModel",
+                "init_args": {"path": root, "weights": False, "dtype": dtype},
+            },
+            "stop_strings": ["<|im_end|>"],
+            "init_from": str((out / WEIGHTS).resolve()),
+        },
+    }
+    data = {
+        "class_path": "lmm.data.datamodule.ChatDataModule",
+        "init_args": {"template": TEMPLATE},
+    }
+    header = [
+        f"# Imported from {src} (transformers Qwen2.5-VL) by lmm.families.qwen2_5_vl.convert.",
+        "# config.json and the processor configs build the model; model.safetensors holds its",
+        "# weights under lmm's names (init_from).",
+    ]
+    body = yaml.safe_dump({"model": model, "data": data}, sort_keys=False)
+    return "\n".join(header) + "\n" + body
+
+
+def build_tiny_checkpoint(
+    out: str | Path,
+    tokenizer: str | Path,
+    *,
+    vision_hidden: int = 32,
+    llm_hidden: int = 64,
+    layers: int = 2,
+    heads: int = 4,
+    window_size: int = 56,
+    tokens_per_second: int = 2,
+    min_pixels: int = 28 * 28,
+    max_pixels: int = 112 * 112,
+    video_min_pixels: int = 28 * 28,
+    video_max_pixels: int = 56 * 56,
+    tie_word_embeddings: bool = False,
+    rope_theta: float = 100.0,
+    initializer_range: float = 0.2,
+    seed: int = 0,
+) -> Path:
+    """A tiny random transformers Qwen2.5-VL at `out`, with its tokenizer and processor configs.
+
+    The tokenizer gets Qwen's media tokens if it lacks them. The ViT has `layers` blocks, the
+    last with full attention and the others with windows of `window_size` px (2 × 2 merged
+    tokens at the default), so both kinds run and windows of odd grids are padded. A small
+    `rope_theta` and large `initializer_range` make attention sharp and position-dependent,
+    so that wrong positions show in the logits.
+    """
+    out = Path(out)
+    tok = AutoTokenizer.from_pretrained(str(tokenizer))
+    new = [t for t in (VISION_START, VISION_END, IMAGE_PAD, VIDEO_PAD) if t not in tok.get_vocab()]
+    if new:
+        tok.add_special_tokens(
+            {"additional_special_tokens": new}, replace_extra_special_tokens=False
+        )
+    ids = tok.convert_tokens_to_ids
+    config = Qwen2_5_VLConfig(
+        vision_config={
+            "depth": layers,
+            "hidden_size": vision_hidden,
+            "intermediate_size": 2 * vision_hidden,
+            "num_heads": max(1, heads // 2),
+            "out_hidden_size": llm_hidden,
+            "window_size": window_size,
+            "fullatt_block_indexes": [layers - 1],
+            "tokens_per_second": tokens_per_second,
+            "initializer_range": initializer_range,
+        },
+        text_config={
+            "vocab_size": len(tok),
+            "hidden_size": llm_hidden,
+            "intermediate_size": 2 * llm_hidden,
+            "num_hidden_layers": layers,
+            "num_attention_heads": heads,
+            "num_key_value_heads": max(1, heads // 2),
+            "max_position_embeddings": 4096,
+            "rope_parameters": _mrope(llm_hidden // heads, rope_theta),
+            "initializer_range": initializer_range,
+            "bos_token_id": tok.bos_token_id,
+            "eos_token_id": tok.eos_token_id,
+            "pad_token_id": tok.pad_token_id,
+        },
+        image_token_id=ids(IMAGE_PAD),
+        video_token_id=ids(VIDEO_PAD),
+        vision_start_token_id=ids(VISION_START),
+        vision_end_token_id=ids(VISION_END),
+        tie_word_embeddings=tie_word_embeddings,
+    )
+    torch.manual_seed(seed)
+    model = Qwen2_5_VLForConditionalGeneration(config)
+    model.save_pretrained(out)
+    tok.save_pretrained(out)
+    spec_values = {"min_pixels": min_pixels, "max_pixels": max_pixels}
+    video_values = {"min_pixels": video_min_pixels, "max_pixels": video_max_pixels}
+    for name, values in (
+        ("preprocessor_config.json", spec_values),
+        ("video_preprocessor_config.json", video_values),
+    ):
+        body = {
+            **values,
+            "size": {"shortest_edge": values["min_pixels"], "longest_edge": values["max_pixels"]},
+            "patch_size": 14,
+            "temporal_patch_size": 2,
+            "merge_size": 2,
+        }
+        (out / name).write_text(json.dumps(body, indent=2) + "\n")
+    return out
+
+
+def _mrope(head_dim: int, theta: float) -> dict:
+    """M-RoPE sections (temporal, height, width) of `head_dim / 2` frequencies, in Qwen's
+    16 : 24 : 24 proportion."""
+    half = head_dim // 2
+    t = max(1, half // 4)
+    h = (half - t) // 2
+    return {"rope_type": "default", "rope_theta": theta, "mrope_section": [t, h, half - t - h]}
+
+
+def main(argv: list[str] | None = None) -> Path:
+    """`import SRC OUT`: a transformers Qwen2.5-VL checkpoint → lmm; `tiny OUT --tokenizer T`."""
+    parser = argparse.ArgumentParser(prog="python -m lmm.families.qwen2_5_vl.convert")
+    sub = parser.add_subparsers(dest="command", required=True)
+    imp = sub.add_parser("import", help="import a transformers Qwen2.5-VL folder or hub id")
+    imp.add_argument("src")
+    imp.add_argument("out")
+    imp.add_argument("--tokenizer", default=None, help="tokenizer folder (default: SRC)")
+    tiny = sub.add_parser("tiny", help="write a tiny random Qwen2.5-VL checkpoint and import it")
+    tiny.add_argument("out")
+    tiny.add_argument("--tokenizer", required=True, help="a tokenizer folder (e.g. lmm.tiny's)")
+    args = parser.parse_args(argv)
+    if args.command == "import":
+        return import_checkpoint(args.src, args.out, args.tokenizer)
+    out = Path(args.out)
+    return import_checkpoint(build_tiny_checkpoint(out / "hf", args.tokenizer), out)
+
+
+if __name__ == "__main__":
+    main()
