@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 
 import lightning as L
 import torch
+from torch import Tensor
 
 from lmm.components.connectors import MLPConnector
 from lmm.components.language import CausalLM
+from lmm.components.losses import token_losses
 from lmm.components.vision import HFVisionTower
 from lmm.data.datamodule import ChatDataModule
 from lmm.data.templates import Llama3
@@ -102,3 +105,25 @@ def generate_tokens(llm, inputs_embeds, attention_mask, **kwargs) -> list[list[i
             if tok is not None:
                 answers[r].append(tok)
     return answers
+
+
+def per_sample_losses(
+    logits: Tensor, labels: Tensor, seq_lens: Sequence[Sequence[int]] | None = None
+) -> list[Tensor]:
+    """Mean loss of every sample: one per row when padded, one per `seq_lens` entry when packed.
+
+    Pad entries of packed rows (length-1 "samples" with no label) are skipped.
+    """
+    losses = token_losses(logits, labels)
+    trained = labels != -100
+    if seq_lens is None:
+        return [losses[b].sum() / trained[b].sum().clamp(min=1) for b in range(len(labels))]
+    out = []
+    for b, lens in enumerate(seq_lens):
+        start = 0
+        for k in lens:
+            n = trained[b, start : start + k].sum()
+            if n > 0:
+                out.append(losses[b, start : start + k].sum() / n)
+            start += k
+    return out

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-
 import torch
 from torch import Tensor
 
@@ -50,25 +48,3 @@ def selected_lm_loss(logits: Tensor, targets: Tensor) -> tuple[Tensor, Tensor]:
     """
     loss = torch.nn.functional.cross_entropy(logits.float(), targets, reduction="sum")
     return loss, torch.tensor(targets.numel(), device=targets.device)
-
-
-def per_sample_losses(
-    logits: Tensor, labels: Tensor, seq_lens: Sequence[Sequence[int]] | None = None
-) -> list[Tensor]:
-    """Mean loss of every sample: one per row when padded, one per `seq_lens` entry when packed.
-
-    Pad entries of packed rows (length-1 "samples" with no label) are skipped.
-    """
-    losses = token_losses(logits, labels)
-    trained = labels != -100
-    if seq_lens is None:
-        return [losses[b].sum() / trained[b].sum().clamp(min=1) for b in range(len(labels))]
-    out = []
-    for b, lens in enumerate(seq_lens):
-        start = 0
-        for k in lens:
-            n = trained[b, start : start + k].sum()
-            if n > 0:
-                out.append(losses[b, start : start + k].sum() / n)
-            start += k
-    return out

@@ -61,7 +61,7 @@ class ChatDataModule(L.LightningDataModule):
 
     fit/validate use teacher forcing (loss); test/predict give prompts for generation, with the
     last assistant turn as the reference. The tokenizer and media spec come from the model
-    (`connect`), which the trainer does at `setup` if you have not.
+    (`connect`); an `LMMModule`'s trainer connects them at setup if you have not.
     """
 
     def __init__(
@@ -157,9 +157,6 @@ class ChatDataModule(L.LightningDataModule):
         )
 
     def setup(self, stage: str | None = None) -> None:
-        if self.processor is None:
-            module = self.trainer.lightning_module
-            self.connect(module.tokenizer, module.media_spec(), module.image_token)
         splits = {
             "fit": ("train", "val"),
             "validate": ("val",),

@@ -4,14 +4,17 @@ from __future__ import annotations
 
 import functools
 import inspect
+from contextlib import AbstractContextManager, nullcontext
 
 import torch
 from torch import Tensor, nn
 from torch.distributed.device_mesh import DeviceMesh
 
+from lmm.components.attention import PACKED_SDPA
 from lmm.components.flops import attention_flops, llm_step_flops, matmul_flops, trains
 from lmm.components.language import CausalLM
 from lmm.data.batch import Batch
+from lmm.data.packing import block_causal_mask
 from lmm.data.processor import MediaSpec
 from lmm.data.sample import IMAGE_MARKER
 from lmm.generation.decode import Prefill
@@ -60,9 +63,30 @@ class FamilyModel(nn.Module):
         """Tokens the tokenizer must hold as single special tokens (beside the image token)."""
         return []
 
+    def attention_mask(self, batch: Batch, dtype: torch.dtype = torch.float32) -> Tensor | None:
+        """The mask the LLM gets: the 2-D padding mask, or for packed rows a block-diagonal one.
+
+        flash-attn 2 and `sdpa_packed` get no mask for packed rows: they attend within each
+        sample, which they find from the restarting position ids.
+        """
+        if not batch.packed:
+            return batch.attention_mask
+        impl = self.llm.model.config._attn_implementation
+        if impl in ("flash_attention_2", PACKED_SDPA):
+            return None
+        mask = block_causal_mask(batch.seq_lens, batch.input_ids.shape[1], batch.input_ids.device)
+        if impl == "sdpa":
+            return mask
+        additive = torch.zeros(mask.shape, dtype=dtype, device=mask.device)
+        return additive.masked_fill(~mask, torch.finfo(dtype).min)  # eager adds the mask
+
     def position_ids(self, batch: Batch, image_token_id: int) -> Tensor:
         """The LLM's position ids: the batch's own (restarting per packed sample)."""
         return batch.position_ids
+
+    def prepare(self, batch: Batch, image_token_id: int) -> tuple[Tensor, AbstractContextManager]:
+        """The embeddings `[B, L, D]` and a context the LLM runs in (VPG-C's; default: none)."""
+        return self.embed(batch, image_token_id), nullcontext()
 
     def forward(
         self,
@@ -78,9 +102,12 @@ class FamilyModel(nn.Module):
         with `logits_at` (bool `[B, L]`), the logits at those positions only, `[N, V]`
         (training: where a next token is trained).
         """
-        embeds = self.embed(batch, image_token_id)
+        embeds, context = self.prepare(batch, image_token_id)
         positions = self.position_ids(batch, image_token_id)
-        return self.llm.run(embeds, attention_mask, positions, return_hidden, logits_at=logits_at)
+        with context:
+            return self.llm.run(
+                embeds, attention_mask, positions, return_hidden, logits_at=logits_at
+            )
 
     def prefill(self, batch: Batch, image_token_id: int) -> Prefill:
         """What the generator decodes a left-padded prompt batch from."""

@@ -1,4 +1,5 @@
-"""Callbacks every `LMMModule` brings along (`configure_callbacks`): RNG state, skipped records."""
+"""Callbacks every `LMMModule` brings along (`configure_callbacks`): the data connected to the
+model, RNG state, skipped records."""
 
 from __future__ import annotations
 
@@ -13,6 +14,20 @@ from lmm.data.batch import Batch
 from lmm.utils.logging import get_logger
 
 log = get_logger(__name__)
+
+
+class ConnectData(L.Callback):
+    """Gives the trainer's datamodule the model's tokenizer, media spec and image token, once.
+
+    Neither asks the other: the datamodule processes samples with what it is given
+    (`ChatDataModule.connect`), the module trains on the batches; the trainer joins them at
+    `setup`, after the datamodule's own setup and before any dataloader is built.
+    """
+
+    def setup(self, trainer, module, stage: str) -> None:
+        datamodule = getattr(trainer, "datamodule", None)
+        if datamodule is not None and getattr(datamodule, "processor", True) is None:
+            datamodule.connect(module.tokenizer, module.media_spec(), module.image_token)
 
 
 class RngState(L.Callback):

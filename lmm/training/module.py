@@ -11,16 +11,14 @@ from lightning.pytorch.cli import OptimizerCallable
 from lightning.pytorch.strategies import ModelParallelStrategy
 from torch import Tensor, nn
 
-from lmm.components.attention import PACKED_SDPA
 from lmm.components.pretrained import reads_weights
 from lmm.data.batch import Batch
-from lmm.data.packing import block_causal_mask
 from lmm.data.processor import MediaSpec
 from lmm.data.tokenization import add_special_tokens, load_tokenizer
 from lmm.families.model import FamilyModel
 from lmm.generation.decode import Step
 from lmm.generation.generator import Generator
-from lmm.training.callbacks import RngState, SkippedRecords
+from lmm.training.callbacks import ConnectData, RngState, SkippedRecords
 from lmm.training.checkpoint import init_from_checkpoint
 from lmm.training.lora import LoraConfig, apply_lora
 from lmm.training.objectives import LanguageModel, Objective
@@ -137,30 +135,13 @@ class LMMModule(L.LightningModule):
     def configure_callbacks(self) -> list[L.Callback]:
         from lmm.evaluation.callbacks import Scoring  # evaluation builds on training
 
-        return [RngState(), SkippedRecords(), Scoring()]
+        return [ConnectData(), RngState(), SkippedRecords(), Scoring()]
 
     # --- forward and loss -----------------------------------------------------------------
-    def attention_mask(self, batch: Batch, dtype: torch.dtype = torch.float32) -> Tensor | None:
-        """The mask the LLM gets: the 2-D padding mask, or for packed rows a block-diagonal one.
-
-        flash-attn 2 and `sdpa_packed` get no mask for packed rows: they attend within each
-        sample, which they find from the restarting position ids.
-        """
-        if not batch.packed:
-            return batch.attention_mask
-        impl = self.model.llm.model.config._attn_implementation
-        if impl in ("flash_attention_2", PACKED_SDPA):
-            return None
-        mask = block_causal_mask(batch.seq_lens, batch.input_ids.shape[1], batch.input_ids.device)
-        if impl == "sdpa":
-            return mask
-        additive = torch.zeros(mask.shape, dtype=dtype, device=mask.device)
-        return additive.masked_fill(~mask, torch.finfo(dtype).min)  # eager adds the mask
-
     def forward(self, batch: Batch, **kwargs) -> Tensor:
         """Logits `[B, L, V]` of a batch, through the family model's own forward (the FSDP2
         root); `return_hidden=True` for the last hidden states, `logits_at` for some positions."""
-        return self.model(batch, self.image_token_id, self.attention_mask(batch), **kwargs)
+        return self.model(batch, self.image_token_id, self.model.attention_mask(batch), **kwargs)
 
     def loss(self, batch: Batch) -> tuple[Tensor, Tensor]:
         """The objective's mean loss over the global batch, and the count it is a mean over.

@@ -10,9 +10,9 @@ import torch
 import lmm
 from lmm.cli import main as cli_main
 from lmm.convert import family_of, import_checkpoint, load_imported
-from lmm.families.idefics2.convert import build_tiny_checkpoint
 from lmm.families.registry import layouts
 from lmm.training.module import LMMModule
+from tests.builders import build_tiny_idefics2
 
 
 def test_layouts_cover_the_published_checkpoints():
@@ -29,7 +29,7 @@ def test_layouts_cover_the_published_checkpoints():
 
 def test_cli_import_then_lmm_load(tiny_assets, tmp_path):
     """`lmm convert import --layout idefics2` writes a folder that `lmm.load` reads as its family."""
-    hf = build_tiny_checkpoint(tmp_path / "hf", tiny_assets["tokenizer"])
+    hf = build_tiny_idefics2(tmp_path / "hf", tiny_assets["tokenizer"])
     out = tmp_path / "out"
     cli_main(["convert", "import", "--layout", "idefics2", "--src", str(hf), "--out", str(out)])
     recipe = out / "lmm.yaml"

@@ -5,11 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lmm.components.losses import per_sample_losses
 from lmm.data.collate import PadCollator
 from lmm.data.formats import load_samples
 from lmm.data.packing import PackCollator, block_causal_mask, first_fit_decreasing
-from tests.helpers import tiny_data, tiny_llava
+from tests.helpers import per_sample_losses, tiny_data, tiny_llava
 
 
 def test_first_fit_decreasing():

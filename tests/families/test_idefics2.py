@@ -34,10 +34,11 @@ from lmm.families.idefics2 import (
     Idefics2Vision,
     PerceiverConnector,
 )
-from lmm.families.idefics2.convert import build_tiny_checkpoint, import_checkpoint
+from lmm.families.idefics2.convert import import_checkpoint
 from lmm.families.idefics2.model import view_sizes
 from lmm.training.lora import trainable_counts
 from lmm.training.module import LMMModule
+from tests.builders import build_tiny_idefics2
 from tests.data.real_tokenizers import add_special_tokens, build_mistral_tokenizer
 from tests.helpers import cpu_fit_args
 
@@ -62,7 +63,7 @@ SIZES = {"square": (32, 32), "wide": (24, 40), "tall": (40, 20), "small": (9, 17
 def hf_ckpt(tiny_assets, tmp_path_factory) -> Path:
     """A tiny random transformers Idefics2, saved with save_pretrained (with its tokenizer)."""
     out = tmp_path_factory.mktemp("idefics2_hf")
-    return build_tiny_checkpoint(out, tiny_assets["tokenizer"], latents=LATENTS)
+    return build_tiny_idefics2(out, tiny_assets["tokenizer"], latents=LATENTS)
 
 
 @pytest.fixture(scope="module")

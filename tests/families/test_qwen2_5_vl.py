@@ -29,7 +29,6 @@ from lmm.data.video import load_video
 from lmm.families.qwen2_5_vl import Qwen25VLModel
 from lmm.families.qwen2_5_vl.convert import (
     VIDEO_PAD,
-    build_tiny_checkpoint,
     export_hf,
     import_checkpoint,
 )
@@ -37,6 +36,7 @@ from lmm.families.qwen2_5_vl.media import temporal_rows
 from lmm.families.qwen2_5_vl.positions import item_positions, sample_positions
 from lmm.training.module import LMMModule
 from lmm.training.strategies import FSDP2Config
+from tests.builders import build_tiny_qwen2_5_vl
 
 av = pytest.importorskip("av")
 
@@ -77,7 +77,7 @@ def _chat(sid: str, parts: list, media: list, answer: str) -> Sample:
 def qwen(tiny_assets, tmp_path_factory) -> dict:
     """A tiny Qwen2.5-VL checkpoint, our module of it, transformers' model, media and samples."""
     root = tmp_path_factory.mktemp("qwen2_5_vl")
-    hf_dir = build_tiny_checkpoint(root / "hf", tiny_assets["tokenizer"], video_max_pixels=84 * 84)
+    hf_dir = build_tiny_qwen2_5_vl(root / "hf", tiny_assets["tokenizer"], video_max_pixels=84 * 84)
     model = Qwen25VLModel(str(hf_dir), video_fps=FPS)
     module = LMMModule(model=model, tokenizer=str(hf_dir)).eval()
     hf = Qwen2_5_VLForConditionalGeneration.from_pretrained(hf_dir).eval()
@@ -390,7 +390,8 @@ def test_positions_restart_per_packed_sample(qwen):
     features = _features(qwen, ["pair", "text", "wide"])
     packed = PackCollator(module.tokenizer.pad_token_id, 4096).collate_rows([features])
     padded = PadCollator(module.tokenizer.pad_token_id)(features)
-    row = module.model.position_ids(packed, module.image_token_id)[:, 0]  # [3, L]
+    four = module.model.position_ids(packed, module.image_token_id)  # [4, 1, L]
+    row = four[1:, 0]  # [3, L]: M-RoPE
     alone = module.model.position_ids(padded, module.image_token_id)  # [3, B, L]
     start = 0
     for b, f in enumerate(features):
@@ -399,7 +400,6 @@ def test_positions_restart_per_packed_sample(qwen):
         assert row[:, start].tolist() == [0, 0, 0]
         start += n
     # what the LLM gets for packed rows: the restarting text positions first
-    four = module.model.llm_positions(packed, module.image_token_id)
     assert four.shape[0] == 4 and torch.equal(four[0], packed.position_ids)
 
 
@@ -453,7 +453,7 @@ def test_step_flops_counts_windows_and_trained_parts(qwen):
 
 def test_tied_head_imports(qwen, tmp_path):
     """A checkpoint with a tied head (Qwen2.5-VL-3B): imported, the head stays the embeddings."""
-    src = build_tiny_checkpoint(tmp_path / "src", qwen["hf_dir"], tie_word_embeddings=True)
+    src = build_tiny_qwen2_5_vl(tmp_path / "src", qwen["hf_dir"], tie_word_embeddings=True)
     hf = Qwen2_5_VLForConditionalGeneration.from_pretrained(src).eval()
     assert "lm_head.weight" not in load_file(src / "model.safetensors")
     import_checkpoint(src, tmp_path / "lmm")

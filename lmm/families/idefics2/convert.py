@@ -10,7 +10,6 @@ tests and the CPU recipe.
 
 from __future__ import annotations
 
-import argparse
 import copy
 import json
 from pathlib import Path
@@ -22,17 +21,10 @@ from safetensors.torch import save_file
 from torch import Tensor, nn
 from transformers import (
     AutoModelForCausalLM,
-    AutoTokenizer,
     Idefics2Config,
-    Idefics2ForConditionalGeneration,
-    MistralConfig,
 )
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 from transformers.models.idefics2 import modeling_idefics2 as hf
-from transformers.models.idefics2.configuration_idefics2 import (
-    Idefics2PerceiverConfig,
-    Idefics2VisionConfig,
-)
 
 from lmm.components.qformer import checkpoint_tensors
 from lmm.data.sample import IMAGE_MARKER
@@ -233,123 +225,3 @@ def _recipe(src: str, out: Path, pre: dict, vision_dtype: str, llm_dtype: str) -
         f"# Data template that matches the source: {TEMPLATE}.",
     ]
     return "\n".join(header) + "\n" + yaml.safe_dump(model, sort_keys=False)
-
-
-def build_tiny_checkpoint(
-    out: str | Path,
-    tokenizer: str | Path,
-    *,
-    vision_hidden: int = 32,
-    llm_hidden: int = 64,
-    layers: int = 2,
-    heads: int = 4,
-    patch_size: int = 8,
-    image_size: int = 32,
-    latents: int = 4,
-    do_image_splitting: bool = False,
-    shortest_edge: int = 16,
-    longest_edge: int = 32,
-    seed: int = 0,
-) -> Path:
-    """A tiny random transformers Idefics2 (SigLIP-style tower, perceiver, Mistral) at `out`.
-
-    Saved with `save_pretrained` with its tokenizer (Idefics2's `<fake_token_around_image>`,
-    `<image>` and `<end_of_utterance>` added if missing) and an image preprocessor config, as
-    published Idefics2 checkpoints are. The perceiver latents are drawn N(0, 1): transformers
-    starts them all at one, which makes every latent read the same.
-    """
-    out = Path(out)
-    tok = AutoTokenizer.from_pretrained(str(tokenizer))
-    vocab = tok.get_vocab()
-    new = [t for t in (FAKE_IMAGE_TOKEN, IMAGE_MARKER, END_OF_UTTERANCE) if t not in vocab]
-    if new:
-        tok.add_special_tokens(
-            {"additional_special_tokens": new}, replace_extra_special_tokens=False
-        )
-    text = MistralConfig(
-        vocab_size=len(tok),
-        hidden_size=llm_hidden,
-        intermediate_size=4 * llm_hidden,
-        num_hidden_layers=layers,
-        num_attention_heads=heads,
-        num_key_value_heads=max(1, heads // 2),
-        head_dim=llm_hidden // heads,
-        max_position_embeddings=4096,
-        rms_norm_eps=1e-5,
-        bos_token_id=tok.bos_token_id,
-        eos_token_id=tok.eos_token_id,
-        pad_token_id=tok.pad_token_id,
-        tie_word_embeddings=False,
-    )
-    config = Idefics2Config(
-        vision_config=Idefics2VisionConfig(
-            hidden_size=vision_hidden,
-            intermediate_size=4 * vision_hidden,
-            num_hidden_layers=layers,
-            num_attention_heads=heads,
-            image_size=image_size,
-            patch_size=patch_size,
-        ).to_dict(),
-        perceiver_config=Idefics2PerceiverConfig(
-            hidden_size=llm_hidden,
-            rms_norm_eps=1e-5,
-            resampler_n_latents=latents,
-            resampler_depth=layers,
-            resampler_n_heads=heads,
-            resampler_head_dim=llm_hidden // heads,
-            num_key_value_heads=max(1, heads // 2),
-        ).to_dict(),
-        text_config=text.to_dict(),
-        image_token_id=tok.convert_tokens_to_ids(IMAGE_MARKER),
-        tie_word_embeddings=False,
-    )
-    torch.manual_seed(seed)
-    model = Idefics2ForConditionalGeneration(config)
-    with torch.no_grad():
-        model.model.connector.perceiver_resampler.latents.normal_(0.0, 1.0)
-    model.save_pretrained(out)
-    tok.save_pretrained(out)
-    pre = {
-        "image_processor_type": "Idefics2ImageProcessor",
-        "do_convert_rgb": True,
-        "do_resize": True,
-        "do_rescale": True,
-        "do_normalize": True,
-        "do_pad": True,
-        "do_image_splitting": do_image_splitting,
-        "image_mean": list(IDEFICS2_MEAN),
-        "image_std": list(IDEFICS2_STD),
-        "resample": 2,
-        "rescale_factor": 1 / 255,
-        "size": {"shortest_edge": shortest_edge, "longest_edge": longest_edge},
-    }
-    (out / "preprocessor_config.json").write_text(json.dumps(pre, indent=2) + "\n")
-    processor = {"processor_class": "Idefics2Processor", "image_seq_len": latents}
-    (out / "processor_config.json").write_text(json.dumps(processor, indent=2) + "\n")
-    return out
-
-
-def main(argv: list[str] | None = None) -> Path:
-    """`import SRC OUT`: a transformers Idefics2 checkpoint → lmm; `tiny OUT --tokenizer T`: a tiny one."""
-    parser = argparse.ArgumentParser(prog="python -m lmm.families.idefics2.convert")
-    sub = parser.add_subparsers(dest="command", required=True)
-    imp = sub.add_parser("import", help="import a transformers Idefics2 folder or hub id")
-    imp.add_argument("src")
-    imp.add_argument("out")
-    imp.add_argument("--tokenizer", default=None, help="tokenizer folder (default: SRC)")
-    tiny = sub.add_parser("tiny", help="write a tiny random Idefics2 checkpoint and import it")
-    tiny.add_argument("out")
-    tiny.add_argument("--tokenizer", required=True, help="a tokenizer folder (e.g. lmm.tiny's)")
-    tiny.add_argument("--do-image-splitting", action="store_true")
-    args = parser.parse_args(argv)
-    if args.command == "import":
-        return import_checkpoint(args.src, args.out, args.tokenizer)
-    out = Path(args.out)
-    hf_dir = build_tiny_checkpoint(
-        out / "hf", args.tokenizer, do_image_splitting=args.do_image_splitting
-    )
-    return import_checkpoint(hf_dir, out)
-
-
-if __name__ == "__main__":
-    main()

@@ -11,7 +11,7 @@ Q-Former again with the queries `vpgc.query_tokens + qformer_proj(h)` over that 
 features, and adds `llm_proj(...)` onto the image's token positions. Both projections start at
 zero, so a new VPG-C leaves the model's output unchanged.
 
-How the batch reaches the decoder layer: `prepare` builds a `VPGCContext` (image positions,
+How the batch reaches the decoder layer: `vpgc_inputs` builds a `VPGCContext` (image positions,
 instruction positions, vision features) next to the embeddings; `forward` makes it active for
 its one LLM call, and a forward pre-hook on the decoder layer applies it. Generation gets the
 context with the prefill (`Prefill.context`): the generator enters it, for the rows it runs,
@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import bisect
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
 from typing import Literal
 
@@ -194,33 +194,19 @@ class QFormerModel(FamilyModel):
         features = self.vision(pixel_values)
         return features, self.connector(self.qformer(features))
 
-    # --- forward --------------------------------------------------------------------------
-    def forward(
-        self,
-        batch: Batch,
-        image_token_id: int,
-        attention_mask: Tensor | None,
-        return_hidden: bool = False,
-        logits_at: Tensor | None = None,
-    ) -> Tensor:
-        """Logits `[B, L, V]`: embeddings with the images scattered in, through the LLM (+VPG-C).
-
-        With `return_hidden`, the LLM's last hidden states `[B, L, D]` instead (score heads);
-        with `logits_at` (bool `[B, L]`), the logits at those positions only, `[N, V]`.
-        """
-        embeds, context = self.prepare(batch, image_token_id)
-        with self.vpgc_context(context):
-            return self.llm.run(
-                embeds, attention_mask, batch.position_ids, return_hidden, logits_at=logits_at
-            )
-
+    # --- forward ------------------------------------------------------------------------------
     def embed(self, batch: Batch, image_token_id: int) -> Tensor:  # -> [B, L, D_llm]
         """Token embeddings of the batch with every image's query outputs at its placeholders."""
-        return self.prepare(batch, image_token_id)[0]
+        return self.vpgc_inputs(batch, image_token_id)[0]
+
+    def prepare(self, batch: Batch, image_token_id: int) -> tuple[Tensor, AbstractContextManager]:
+        """The embeddings, and VPG-C's context for the one LLM call of a forward."""
+        embeds, context = self.vpgc_inputs(batch, image_token_id)
+        return embeds, self.vpgc_context(context)
 
     def prefill(self, batch: Batch, image_token_id: int) -> Prefill:
         """The prompts' embeddings and, with VPG-C, its context for the rows the generator runs."""
-        embeds, context = self.prepare(batch, image_token_id)
+        embeds, context = self.vpgc_inputs(batch, image_token_id)
         if context is None:
             return Prefill(embeds, batch.attention_mask)
         return Prefill(
@@ -229,7 +215,7 @@ class QFormerModel(FamilyModel):
             context=lambda rows: self.vpgc_context(_select_rows(context, rows)),
         )
 
-    def prepare(self, batch: Batch, image_token_id: int) -> tuple[Tensor, VPGCContext | None]:
+    def vpgc_inputs(self, batch: Batch, image_token_id: int) -> tuple[Tensor, VPGCContext | None]:
         """The embeddings `[B, L, D_llm]` and, with VPG-C and images, the batch's VPG-C context."""
         embeds = self.llm.embed(batch.input_ids)
         features = tokens = None

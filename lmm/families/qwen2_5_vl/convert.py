@@ -11,14 +11,13 @@ transformers folder of a `Qwen25VLModel`. `build_tiny_checkpoint` writes a tiny 
 
 from __future__ import annotations
 
-import argparse
 import json
 from pathlib import Path
 
 import torch
 import yaml
 from safetensors.torch import save_file
-from transformers import AutoTokenizer, Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
 
 from lmm.data.tokenization import load_tokenizer
 from lmm.families.qwen2_5_vl.media import VISION_END, VISION_START
@@ -182,122 +181,3 @@ def _recipe(src: str, out: Path, dtype: str) -> str:
     ]
     body = yaml.safe_dump({"model": model, "data": data}, sort_keys=False)
     return "\n".join(header) + "\n" + body
-
-
-def build_tiny_checkpoint(
-    out: str | Path,
-    tokenizer: str | Path,
-    *,
-    vision_hidden: int = 32,
-    llm_hidden: int = 64,
-    layers: int = 2,
-    heads: int = 4,
-    window_size: int = 56,
-    tokens_per_second: int = 2,
-    min_pixels: int = 28 * 28,
-    max_pixels: int = 112 * 112,
-    video_min_pixels: int = 28 * 28,
-    video_max_pixels: int = 56 * 56,
-    tie_word_embeddings: bool = False,
-    rope_theta: float = 100.0,
-    initializer_range: float = 0.2,
-    seed: int = 0,
-) -> Path:
-    """A tiny random transformers Qwen2.5-VL at `out`, with its tokenizer and processor configs.
-
-    The tokenizer gets Qwen's media tokens if it lacks them. The ViT has `layers` blocks, the
-    last with full attention and the others with windows of `window_size` px (2 × 2 merged
-    tokens at the default), so both kinds run and windows of odd grids are padded. A small
-    `rope_theta` and large `initializer_range` make attention sharp and position-dependent,
-    so that wrong positions show in the logits.
-    """
-    out = Path(out)
-    tok = AutoTokenizer.from_pretrained(str(tokenizer))
-    new = [t for t in (VISION_START, VISION_END, IMAGE_PAD, VIDEO_PAD) if t not in tok.get_vocab()]
-    if new:
-        tok.add_special_tokens(
-            {"additional_special_tokens": new}, replace_extra_special_tokens=False
-        )
-    ids = tok.convert_tokens_to_ids
-    config = Qwen2_5_VLConfig(
-        vision_config={
-            "depth": layers,
-            "hidden_size": vision_hidden,
-            "intermediate_size": 2 * vision_hidden,
-            "num_heads": max(1, heads // 2),
-            "out_hidden_size": llm_hidden,
-            "window_size": window_size,
-            "fullatt_block_indexes": [layers - 1],
-            "tokens_per_second": tokens_per_second,
-            "initializer_range": initializer_range,
-        },
-        text_config={
-            "vocab_size": len(tok),
-            "hidden_size": llm_hidden,
-            "intermediate_size": 2 * llm_hidden,
-            "num_hidden_layers": layers,
-            "num_attention_heads": heads,
-            "num_key_value_heads": max(1, heads // 2),
-            "max_position_embeddings": 4096,
-            "rope_parameters": _mrope(llm_hidden // heads, rope_theta),
-            "initializer_range": initializer_range,
-            "bos_token_id": tok.bos_token_id,
-            "eos_token_id": tok.eos_token_id,
-            "pad_token_id": tok.pad_token_id,
-        },
-        image_token_id=ids(IMAGE_PAD),
-        video_token_id=ids(VIDEO_PAD),
-        vision_start_token_id=ids(VISION_START),
-        vision_end_token_id=ids(VISION_END),
-        tie_word_embeddings=tie_word_embeddings,
-    )
-    torch.manual_seed(seed)
-    model = Qwen2_5_VLForConditionalGeneration(config)
-    model.save_pretrained(out)
-    tok.save_pretrained(out)
-    spec_values = {"min_pixels": min_pixels, "max_pixels": max_pixels}
-    video_values = {"min_pixels": video_min_pixels, "max_pixels": video_max_pixels}
-    for name, values in (
-        ("preprocessor_config.json", spec_values),
-        ("video_preprocessor_config.json", video_values),
-    ):
-        body = {
-            **values,
-            "size": {"shortest_edge": values["min_pixels"], "longest_edge": values["max_pixels"]},
-            "patch_size": 14,
-            "temporal_patch_size": 2,
-            "merge_size": 2,
-        }
-        (out / name).write_text(json.dumps(body, indent=2) + "\n")
-    return out
-
-
-def _mrope(head_dim: int, theta: float) -> dict:
-    """M-RoPE sections (temporal, height, width) of `head_dim / 2` frequencies, in Qwen's
-    16 : 24 : 24 proportion."""
-    half = head_dim // 2
-    t = max(1, half // 4)
-    h = (half - t) // 2
-    return {"rope_type": "default", "rope_theta": theta, "mrope_section": [t, h, half - t - h]}
-
-
-def main(argv: list[str] | None = None) -> Path:
-    """`import SRC OUT`: a transformers Qwen2.5-VL checkpoint → lmm; `tiny OUT --tokenizer T`."""
-    parser = argparse.ArgumentParser(prog="python -m lmm.families.qwen2_5_vl.convert")
-    sub = parser.add_subparsers(dest="command", required=True)
-    imp = sub.add_parser("import", help="import a transformers Qwen2.5-VL folder or hub id")
-    imp.add_argument("src")
-    imp.add_argument("out")
-    imp.add_argument("--tokenizer", default=None, help="tokenizer folder (default: SRC)")
-    tiny = sub.add_parser("tiny", help="write a tiny random Qwen2.5-VL checkpoint and import it")
-    tiny.add_argument("out")
-    tiny.add_argument("--tokenizer", required=True, help="a tokenizer folder (e.g. lmm.tiny's)")
-    args = parser.parse_args(argv)
-    if args.command == "import":
-        return import_checkpoint(args.src, args.out, args.tokenizer)
-    out = Path(args.out)
-    return import_checkpoint(build_tiny_checkpoint(out / "hf", args.tokenizer), out)
-
-
-if __name__ == "__main__":
-    main()

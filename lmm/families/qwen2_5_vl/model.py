@@ -356,11 +356,13 @@ class Qwen25VLModel(FamilyModel):
         step = tps * self.spec.temporal_patch_size / self.video_fps
         return [step if m == "video" else 1.0 for m in batch.media_modes]
 
-    def position_ids(self, batch: Batch, image_token_id: int) -> Tensor:  # -> [3, B, L]
-        """M-RoPE positions (lmm.families.qwen2_5_vl.positions), per sample from 0."""
+    def position_ids(self, batch: Batch, image_token_id: int) -> Tensor:  # -> [3 or 4, B, L]
+        """M-RoPE positions (lmm.families.qwen2_5_vl.positions), per sample from 0: `[3, B, L]`,
+        or for packed rows `[4, B, L]` with the restarting text positions first (transformers'
+        packed form: attention finds the samples there)."""
         merge = self.spec.merge_size
         grids = [(t, h // merge, w // merge) for (t, h, w), _ in self.grids(batch)]
-        return rope_index(
+        positions = rope_index(
             batch.input_ids,
             None if batch.packed else batch.attention_mask,
             batch.seq_lens,
@@ -369,27 +371,9 @@ class Qwen25VLModel(FamilyModel):
             self.intervals(batch),
             batch.ids,
         )
-
-    def llm_positions(self, batch: Batch, image_token_id: int) -> Tensor:
-        """What the LLM gets: `[3, B, L]`, or for packed rows `[4, B, L]` with the restarting
-        text positions first (transformers' packed form: attention finds the samples there)."""
-        positions = self.position_ids(batch, image_token_id)
         if batch.packed:
             positions = torch.cat([batch.position_ids[None].to(positions.device), positions])
         return positions
-
-    def forward(
-        self,
-        batch: Batch,
-        image_token_id: int,
-        attention_mask: Tensor | None,
-        return_hidden: bool = False,
-        logits_at: Tensor | None = None,
-    ) -> Tensor:
-        """Logits `[B, L, V]` (or hidden states, or logits at `logits_at`) on M-RoPE positions."""
-        embeds = self.embed(batch, image_token_id)
-        positions = self.llm_positions(batch, image_token_id)
-        return self.llm.run(embeds, attention_mask, positions, return_hidden, logits_at=logits_at)
 
     def prefill(self, batch: Batch, image_token_id: int) -> Prefill:
         """A left-padded prompt batch for the generator: embeddings `[B, L, D]` and M-RoPE
