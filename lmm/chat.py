@@ -134,12 +134,6 @@ def main(argv: list[str] | None = None, stdin: TextIO | None = None, stdout: Tex
     a = parser.parse_args(argv)
     overrides = dict(item.split("=", 1) for item in a.set)
     model = load(a.model, a.recipe, template=a.template, overrides=overrides, device=a.device)
-    session = ChatSession(
-        model,
-        a.system,
-        max_new_tokens=a.max_new_tokens,
-        temperature=a.temperature,
-        top_p=a.top_p,
-        seed=a.seed,
-    )
+    sampling = {k: getattr(a, k) for k in ("max_new_tokens", "temperature", "top_p", "seed")}
+    session = ChatSession(model, a.system, **sampling)
     return run(session, stdin or sys.stdin, stdout or sys.stdout)

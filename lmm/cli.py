@@ -64,23 +64,12 @@ def tiny(argv: list[str]) -> None:
     parser.add_argument("--llm-hidden", type=int, default=64)
     parser.add_argument("--llm-layers", type=int, default=2)
     parser.add_argument("--seed", type=int, default=0)
-    a = parser.parse_args(argv)
-    paths = build_tiny_assets(
-        a.out,
-        corpus(),
-        llm_type=a.llm_type,
-        vision_type=a.vision_type,
-        image_size=a.image_size,
-        patch_size=a.patch_size,
-        vision_hidden=a.vision_hidden,
-        vision_layers=a.vision_layers,
-        llm_hidden=a.llm_hidden,
-        llm_layers=a.llm_layers,
-        seed=a.seed,
-    )
+    options = vars(parser.parse_args(argv))  # the flags are build_tiny_assets' arguments
+    out = options.pop("out")
+    paths = build_tiny_assets(out, corpus(), **options)
     from lmm.tiny import build_tiny_blip2
 
-    paths["blip2"] = build_tiny_blip2(Path(a.out) / "blip2", paths["llm"], paths["tokenizer"])
+    paths["blip2"] = build_tiny_blip2(Path(out) / "blip2", paths["llm"], paths["tokenizer"])
     log.info("tiny assets: %s", {k: str(v) for k, v in paths.items()})
 
 

@@ -68,6 +68,24 @@ class Batch:
     def __len__(self) -> int:
         return self.input_ids.shape[0]
 
+    def items_per_row(self) -> list[int]:
+        """How many media items each row holds, from its pixel views and each item's views."""
+        out, i = [], 0
+        views = self.views_per_media
+        for b, n in enumerate(self.views_per_sample):
+            k, total = 0, 0
+            while total < n and i + k < len(views):
+                total += views[i + k]
+                k += 1
+            if total != n:
+                raise ValueError(
+                    f"sample {self.ids[b]!r}: {n} pixel views but its media items have "
+                    f"{list(views[i : i + k])} views; build batches with lmm.data collators"
+                )
+            out.append(k)
+            i += k
+        return out
+
     @property
     def num_tokens(self) -> int:
         """Real (non-pad) tokens in the batch."""

@@ -417,25 +417,17 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--strict", action="store_true", help="exit with status 1 on a bad record")
     a = parser.parse_args(argv)
     recipe = recipe_data(a.recipe) if a.recipe else {}
+    passed = ("image_tokens", "image_size", "batch_size", "buffer_size", "split", "epoch", "seed")
+    passed += ("root", "allow_outside_root", "bins", "show")  # the flags as they are
     report = check(
         a.data,
         tokenizer=a.tokenizer,
         template=a.template or recipe.get("template") or "lmm.data.templates.Llama3",
-        image_tokens=a.image_tokens,
-        image_size=a.image_size,
         max_length=a.max_length or recipe.get("max_length") or 2048,
         pack_tokens=a.pack_tokens or recipe.get("pack_tokens"),
         preprocessing=recipe.get("preprocessing"),
-        batch_size=a.batch_size,
-        buffer_size=a.buffer_size,
-        split=a.split,
-        epoch=a.epoch,
-        seed=a.seed,
-        root=a.root,
-        allow_outside_root=a.allow_outside_root,
         check_media=not a.no_check_media,
-        bins=a.bins,
-        show=a.show,
+        **{name: getattr(a, name) for name in passed},
     )
     if a.strict and report["total"]["bad"]:
         raise SystemExit(1)

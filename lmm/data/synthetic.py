@@ -395,17 +395,10 @@ def main(argv: list[str] | None = None) -> dict:
     )
     parser.add_argument("--seed", type=int, default=0, help="random seed")
     parser.add_argument("--frames", type=int, default=4, help="frames of a motion clip")
-    args = parser.parse_args(argv)
-    return generate(
-        args.out,
-        train=args.train,
-        val=args.val,
-        test=args.test,
-        image_size=args.image_size,
-        tasks=[t.strip() for t in args.tasks.split(",") if t.strip()],
-        seed=args.seed,
-        frames=args.frames,
-    )
+    options = vars(parser.parse_args(argv))  # the flags are generate's arguments
+    out = options.pop("out")
+    options["tasks"] = [t.strip() for t in options["tasks"].split(",") if t.strip()]
+    return generate(out, **options)
 
 
 if __name__ == "__main__":

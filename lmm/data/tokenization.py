@@ -55,6 +55,22 @@ def add_special_tokens(tokenizer: PreTrainedTokenizerBase, tokens: list[str]) ->
     return new
 
 
+def checkpoint_tokenizer(
+    name: str | Path, image_token: str | None = IMAGE_MARKER
+) -> PreTrainedTokenizerBase:
+    """A checkpoint's tokenizer for an import (`load_tokenizer`; as saved with `image_token`
+    None), or an error that says to pass the tokenizer's folder."""
+    try:
+        if image_token is None:
+            return AutoTokenizer.from_pretrained(str(name))
+        return load_tokenizer(str(name), image_token)
+    except (OSError, ValueError) as err:
+        raise ValueError(
+            f"{name}: cannot load a tokenizer ({err}); pass tokenizer / --tokenizer with the "
+            "folder of the checkpoint's tokenizer"
+        ) from err
+
+
 class SegmentTokenizer:
     r"""Tokenizes `Segment`s one by one so that their tokens equal those of the whole text.
 

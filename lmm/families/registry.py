@@ -19,6 +19,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from types import ModuleType
 
+import yaml
+
 FAMILIES = ("llava", "qformer", "idefics2", "fuyu", "qwen2_5_vl")  # every family package, by name
 
 
@@ -94,3 +96,30 @@ def family_of_model(class_path: str) -> Family:
             f"families: {', '.join(FAMILIES)})"
         )
     return family(parts[2])
+
+
+def component(class_path: str, **init_args) -> dict:
+    """A recipe entry that builds `class_path(**init_args)`."""
+    return (
+        {"class_path": class_path, "init_args": init_args}
+        if init_args
+        else {"class_path": class_path}
+    )
+
+
+def import_recipe(
+    header: list[str],
+    model: dict,
+    tokenizer: str,
+    template: str | None = None,
+    **module_args,
+) -> str:
+    """The text of an import's `lmm.yaml`: `LMMModule(model=model, tokenizer=...)` with the
+    `module_args` (e.g. `init_from`), the data template if given, under `header` comments."""
+    config: dict = {
+        "model": component("lmm.LMMModule", tokenizer=tokenizer, model=model, **module_args)
+    }
+    if template is not None:
+        config["data"] = component("lmm.data.datamodule.ChatDataModule", template=template)
+    comments = "".join(f"# {line}\n" for line in header)
+    return comments + yaml.safe_dump(config, sort_keys=False)

@@ -13,14 +13,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from lmm.data.sample import BadRecordError, Sample
-from lmm.evaluation.tasks._base import (
-    LETTER,
-    LetterAccuracy,
-    field,
-    image_first,
-    records,
-    resolve,
-)
+from lmm.evaluation.tasks._base import LETTER, LetterAccuracy, field, image_first, records, resolve
 from lmm.evaluation.tasks._choices import dotted_options, letters, mmmu_choice
 
 # Q-Bench's own generator, so that its draws do not depend on how many MMMU answers came first.

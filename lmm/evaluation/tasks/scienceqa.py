@@ -14,14 +14,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from lmm.data.sample import BadRecordError, Sample
-from lmm.evaluation.tasks._base import (
-    LETTER,
-    LetterAccuracy,
-    field,
-    image_first,
-    records,
-    resolve,
-)
+from lmm.evaluation.tasks._base import LETTER, LetterAccuracy, field, image_first, records, resolve
 from lmm.evaluation.tasks._choices import dotted_options, letters
 
 # LLaVA's `args.options`: the letters its parser knows at all.

@@ -16,12 +16,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
-import yaml
 from safetensors.torch import save_file
 from transformers import (
     AutoConfig,
     AutoModelForCausalLM,
-    AutoTokenizer,
     FuyuConfig,
     FuyuForCausalLM,
     PreTrainedModel,
@@ -29,7 +27,9 @@ from transformers import (
 )
 from transformers.models.fuyu.image_processing_pil_fuyu import FuyuImageProcessorPil
 
+from lmm.data.tokenization import checkpoint_tokenizer
 from lmm.families.fuyu.model import IMAGE_TOKEN, NEWLINE_TOKEN
+from lmm.families.registry import component, import_recipe
 from lmm.utils.logging import get_logger
 
 log = get_logger(__name__)
@@ -152,13 +152,7 @@ def _fuyu_config(src: Path) -> FuyuConfig:
 
 
 def _tokenizer(path: str | Path) -> PreTrainedTokenizerBase:
-    try:
-        return AutoTokenizer.from_pretrained(str(path))
-    except (OSError, ValueError) as err:
-        raise ValueError(
-            f"{path}: cannot load a tokenizer ({err}); pass the folder of the checkpoint's "
-            "tokenizer (--tokenizer)"
-        ) from err
+    return checkpoint_tokenizer(path, image_token=None)
 
 
 def _image_geometry(src: Path, config: FuyuConfig) -> tuple[tuple[int, int], int]:
@@ -189,42 +183,31 @@ def _image_geometry(src: Path, config: FuyuConfig) -> tuple[tuple[int, int], int
 def _recipe(
     src: Path, out: Path, dtype: str, canvas: tuple[int, int], patch: int, mantis: bool
 ) -> str:
-    model = {
-        "model": {
-            "class_path": "lmm.LMMModule",
-            "init_args": {
-                "tokenizer": str((out / "tokenizer").resolve()),
-                "model": {
-                    "class_path": "lmm.families.fuyu.FuyuModel",
-                    "init_args": {
-                        "llm": {
-                            "class_path": "lmm.components.language.CausalLM",
-                            "init_args": {"path": str((out / "llm").resolve()), "dtype": dtype},
-                        },
-                        "patch_size": patch,
-                        "image_height": canvas[0],
-                        "image_width": canvas[1],
-                        "patch_embedding": str((out / "patch_embedding.safetensors").resolve()),
-                        "image_prefix": MANTIS_PREFIX if mantis else [],
-                        "image_suffix": MANTIS_SUFFIX if mantis else ["<s>"],
-                    },
-                },
-            },
-        }
-    }
+    model = component(
+        "lmm.families.fuyu.FuyuModel",
+        llm=component(
+            "lmm.components.language.CausalLM", path=str((out / "llm").resolve()), dtype=dtype
+        ),
+        patch_size=patch,
+        image_height=canvas[0],
+        image_width=canvas[1],
+        patch_embedding=str((out / "patch_embedding.safetensors").resolve()),
+        image_prefix=MANTIS_PREFIX if mantis else [],
+        image_suffix=MANTIS_SUFFIX if mantis else ["<s>"],
+    )
     if mantis:
         text = [
-            "# The tokenizer has |IMAGE| and |ENDOFIMAGE|: a Mantis-Fuyu checkpoint, so images are",
-            "# written as MFuyuProcessor does; its data template is lmm.data.templates.MantisFuyu.",
+            "The tokenizer has |IMAGE| and |ENDOFIMAGE|: a Mantis-Fuyu checkpoint, so images are",
+            "written as MFuyuProcessor does; its data template is lmm.data.templates.MantisFuyu.",
         ]
     else:
         text = [
-            "# Images are written as Fuyu-8B's processor does (patch rows, then <s>); for Mantis-Fuyu",
-            "# fine-tuning see recipes/mantis/fuyu.yaml.",
+            "Images are written as Fuyu-8B's processor does (patch rows, then <s>); for Mantis-Fuyu",
+            "fine-tuning see recipes/mantis/fuyu.yaml.",
         ]
     header = [
-        f"# Imported from {src} by `lmm convert import --layout fuyu`: the model part of a recipe.",
-        "# Every weight loads from the files named here.",
+        f"Imported from {src} by `lmm convert import --layout fuyu`: the model part of a recipe.",
+        "Every weight loads from the files named here.",
         *text,
     ]
-    return "\n".join(header) + "\n" + yaml.safe_dump(model, sort_keys=False)
+    return import_recipe(header, model, str((out / "tokenizer").resolve()))

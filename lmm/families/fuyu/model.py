@@ -25,7 +25,7 @@ from torch import Tensor, nn
 from torch.distributed.device_mesh import DeviceMesh
 
 from lmm.components.language import CausalLM
-from lmm.components.merge import scatter_media
+from lmm.components.merge import scatter_tokens
 from lmm.components.pretrained import reads_weights
 from lmm.data.batch import Batch
 from lmm.data.media import normalize
@@ -212,11 +212,17 @@ class FuyuModel(FamilyModel):
         embeds = self.llm.embed(batch.input_ids)
         if batch.pixel_values is not None and batch.pixel_values.shape[0] > 0:
             patches, per_row = self.patches(batch)
-            self._check_slots(batch, image_token_id, per_row)
             features = self.vision(patches.to(self.vision.weight.dtype))  # [P, D]
-            # Each patch is one "media item" of one token for the shared scatter.
-            return scatter_media(
-                embeds, batch.input_ids, image_token_id, features[:, None], per_row, batch.ids
+            (h, w), p = self.canvas, self.patch_size
+            return scatter_tokens(  # each patch is one token
+                embeds,
+                batch.input_ids,
+                image_token_id,
+                features,
+                per_row,
+                batch.ids,
+                lambda b: f"{per_row[b]} patches: canvas {h}x{w}, patch {p}",
+                "image (canvas or patch size)",
             )
         if joins_collectives(self):
             return with_unused(embeds, self.vision(embeds.new_zeros(1, self.vision.in_features)))
@@ -266,14 +272,3 @@ class FuyuModel(FamilyModel):
         spec = self.media_spec()
         grids = [spec.grid((int(h), int(w))) for h, w in batch.image_sizes.tolist()]
         return torch.tensor(grids, dtype=torch.long).repeat_interleave(torch.tensor(views), dim=0)
-
-    def _check_slots(self, batch: Batch, image_token_id: int, per_row: list[int]) -> None:
-        slots = (batch.input_ids == image_token_id).sum(dim=1).tolist()
-        for b, (n_slots, n_patches) in enumerate(zip(slots, per_row, strict=True)):
-            if n_slots != n_patches:
-                raise ValueError(
-                    f"sample {batch.ids[b]!r}: {n_slots} image placeholders in the text but its "
-                    f"images give {n_patches} patches (canvas {self.canvas[0]}x{self.canvas[1]}, "
-                    f"patch {self.patch_size}); the processor and the model disagree on the "
-                    "canvas or patch size"
-                )

@@ -15,7 +15,6 @@ import json
 from pathlib import Path
 
 import torch
-import yaml
 from huggingface_hub import save_torch_state_dict
 from safetensors.torch import save_file
 from torch import Tensor, nn
@@ -28,7 +27,7 @@ from transformers.models.idefics2 import modeling_idefics2 as hf
 
 from lmm.components.qformer import checkpoint_tensors
 from lmm.data.sample import IMAGE_MARKER
-from lmm.data.tokenization import load_tokenizer
+from lmm.data.tokenization import checkpoint_tokenizer
 from lmm.families.idefics2.model import (
     FAKE_IMAGE_TOKEN,
     IDEFICS2_MEAN,
@@ -36,6 +35,7 @@ from lmm.families.idefics2.model import (
     _idefics2_config,
     _read_json,
 )
+from lmm.families.registry import component, import_recipe
 from lmm.utils.logging import get_logger
 
 log = get_logger(__name__)
@@ -130,13 +130,7 @@ def _text_config(config: Idefics2Config, tied: bool):
 
 def _tokenizer(name: str | Path, config: Idefics2Config):
     """The checkpoint's tokenizer, checked against the config's image token and Idefics2's tokens."""
-    try:
-        tok = load_tokenizer(str(name))
-    except (OSError, ValueError) as err:
-        raise ValueError(
-            f"{name}: cannot load a tokenizer ({err}); pass tokenizer / --tokenizer with the "
-            "folder of the checkpoint's tokenizer"
-        ) from err
+    tok = checkpoint_tokenizer(name)
     image_id = tok.convert_tokens_to_ids(IMAGE_MARKER)
     if image_id != config.image_token_id:
         raise ValueError(
@@ -188,40 +182,22 @@ def _dtype_name(state: dict[str, Tensor]) -> str:
 def _recipe(src: str, out: Path, pre: dict, vision_dtype: str, llm_dtype: str) -> str:
     """The `model:` part of a recipe that builds the imported model."""
     vision = str((out / "vision").resolve())
-    model = {
-        "model": {
-            "class_path": "lmm.LMMModule",
-            "init_args": {
-                "tokenizer": str((out / "tokenizer").resolve()),
-                "model": {
-                    "class_path": "lmm.families.idefics2.Idefics2Model",
-                    "init_args": {
-                        "vision": {
-                            "class_path": "lmm.families.idefics2.Idefics2Vision",
-                            "init_args": {"path": vision, "dtype": vision_dtype},
-                        },
-                        "connector": {
-                            "class_path": "lmm.families.idefics2.PerceiverConnector",
-                            "init_args": {"path": vision, "dtype": vision_dtype},
-                        },
-                        "llm": {
-                            "class_path": "lmm.components.language.CausalLM",
-                            "init_args": {
-                                "path": str((out / "llm").resolve()),
-                                "dtype": llm_dtype,
-                            },
-                        },
-                        "do_image_splitting": pre["do_image_splitting"],
-                        "shortest_edge": pre["size"]["shortest_edge"],
-                        "longest_edge": pre["size"]["longest_edge"],
-                    },
-                },
-            },
-        }
-    }
+    model = component(
+        "lmm.families.idefics2.Idefics2Model",
+        vision=component("lmm.families.idefics2.Idefics2Vision", path=vision, dtype=vision_dtype),
+        connector=component(
+            "lmm.families.idefics2.PerceiverConnector", path=vision, dtype=vision_dtype
+        ),
+        llm=component(
+            "lmm.components.language.CausalLM", path=str((out / "llm").resolve()), dtype=llm_dtype
+        ),
+        do_image_splitting=pre["do_image_splitting"],
+        shortest_edge=pre["size"]["shortest_edge"],
+        longest_edge=pre["size"]["longest_edge"],
+    )
     header = [
-        f"# Imported from {src} (transformers Idefics2) by lmm.families.idefics2.convert.",
-        "# The model part of a recipe; every weight loads from the folders it names.",
-        f"# Data template that matches the source: {TEMPLATE}.",
+        f"Imported from {src} (transformers Idefics2) by lmm.families.idefics2.convert.",
+        "The model part of a recipe; every weight loads from the folders it names.",
+        f"Data template that matches the source: {TEMPLATE}.",
     ]
-    return "\n".join(header) + "\n" + yaml.safe_dump(model, sort_keys=False)
+    return import_recipe(header, model, str((out / "tokenizer").resolve()))

@@ -14,7 +14,6 @@ from pathlib import Path
 from typing import Literal, get_args
 
 import torch
-import yaml
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 from transformers import (
@@ -24,18 +23,11 @@ from transformers import (
 from lmm.components.connectors import LinearConnector, MLPConnector
 from lmm.components.vision import CLIP_MEAN, CLIP_STD, SIGLIP_MEAN, SIGLIP_STD
 from lmm.data.sample import IMAGE_MARKER
-from lmm.data.tokenization import load_tokenizer
+from lmm.data.tokenization import checkpoint_tokenizer
+from lmm.families.llava import layouts
 from lmm.families.llava.export import export_hf as export_hf  # the family's exporter
-from lmm.families.llava.layouts import (
-    VISION_CLASSES,
-    _check_keys,
-    _read_json,
-    _read_llava_qwen,
-    _read_mantis,
-    _read_mipha,
-    _Source,
-    _vision_geometry,
-)
+from lmm.families.llava.layouts import Source
+from lmm.families.registry import component, import_recipe
 from lmm.utils.logging import get_logger
 
 log = get_logger(__name__)
@@ -106,29 +98,23 @@ def import_checkpoint(
     src, out = Path(src), Path(out)
     if layout not in LAYOUTS:
         raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
-    config = _read_json(src / "config.json")
+    config = layouts.read_json(src / "config.json")
     state = {k: v for k, v in load_state_dict(src).items() if not k.endswith(_RECOMPUTED)}
-    readers: dict[str, Callable[..., _Source]] = {
-        "mantis": _read_mantis,
-        "llava_qwen": _read_llava_qwen,
-        "mipha": _read_mipha,
+    readers: dict[str, Callable[..., Source]] = {
+        "mantis": layouts.read_mantis,
+        "llava_qwen": layouts.read_llava_qwen,
+        "mipha": layouts.read_mipha,
     }
     source = readers[layout](src, config, state, vision_config)
     out.mkdir(parents=True, exist_ok=True)
     vision_dir = _write_vision(source, src, out / "vision")
     llm_dir = _write_llm(source, out / "llm")
     conn = _build_connector(source)
-    _check_keys(conn, source.connector, f"{src} connector")
+    layouts.check_keys(conn, source.connector, f"{src} connector")
     weights = {f"model.connector.{k}": v for k, v in source.connector.items()}
     weights.update({f"model.anyres.{k}": v for k, v in source.extra.items()})
     save_file({k: v.contiguous() for k, v in weights.items()}, out / "weights.safetensors")
-    try:
-        tok = load_tokenizer(str(tokenizer or src))
-    except (OSError, ValueError) as err:
-        raise ValueError(
-            f"{tokenizer or src}: cannot load a tokenizer ({err}); pass tokenizer / --tokenizer "
-            "with the folder of the checkpoint's tokenizer"
-        ) from err
+    tok = checkpoint_tokenizer(tokenizer or src)
     image_id = tok.convert_tokens_to_ids(IMAGE_MARKER)
     if source.image_token_index is not None and image_id != source.image_token_index:
         raise ValueError(
@@ -142,11 +128,11 @@ def import_checkpoint(
     return recipe
 
 
-def _write_vision(source: _Source, src: Path, out: Path) -> Path:
+def _write_vision(source: Source, src: Path, out: Path) -> Path:
     """Save the vision tower as a transformers CLIP/SigLIP vision model folder."""
     kind, where = source.vision_kind, f"{src} vision tower"
-    config_cls, model_cls = VISION_CLASSES[kind]
-    fields = {**source.vision_config, **_vision_geometry(source.vision, kind, where)}
+    config_cls, model_cls = layouts.VISION_CLASSES[kind]
+    fields = {**source.vision_config, **layouts.vision_geometry(source.vision, kind, where)}
     if kind == "siglip":
         fields["vision_use_head"] = any(k.startswith("vision_model.head.") for k in source.vision)
     if fields["num_hidden_layers"] != source.vision_config.get(
@@ -164,7 +150,7 @@ def _write_vision(source: _Source, src: Path, out: Path) -> Path:
     mean, std = (CLIP_MEAN, CLIP_STD) if kind == "clip" else (SIGLIP_MEAN, SIGLIP_STD)
     preprocessor = src / "preprocessor_config.json"
     if preprocessor.is_file():
-        pre = _read_json(preprocessor)
+        pre = layouts.read_json(preprocessor)
         mean, std = pre.get("image_mean", mean), pre.get("image_std", std)
     # HFVisionTower reads the normalization from here
     (out / "preprocessor_config.json").write_text(
@@ -173,7 +159,7 @@ def _write_vision(source: _Source, src: Path, out: Path) -> Path:
     return out
 
 
-def _write_llm(source: _Source, out: Path) -> Path:
+def _write_llm(source: Source, out: Path) -> Path:
     config = source.text_config
     config.architectures = None
     _load_and_save(AutoModelForCausalLM.from_config, config, source.llm, out, "LLM")
@@ -191,14 +177,14 @@ def _load_and_save(factory, config, weights: dict[str, Tensor], out: Path, where
     tied = bool(getattr(config, "tie_word_embeddings", False))
     if tied:
         weights = {k: v for k, v in weights.items() if k != "lm_head.weight"}
-    _check_keys(model, weights, where, tied_head=tied)
+    layouts.check_keys(model, weights, where, tied_head=tied)
     model.load_state_dict(weights, strict=False, assign=True)
     if tied:
         model.tie_weights()
     model.save_pretrained(out)
 
 
-def _build_connector(source: _Source) -> nn.Module:
+def _build_connector(source: Source) -> nn.Module:
     d_vis = source.vision["vision_model.embeddings.patch_embedding.weight"].shape[0]
     d_llm = source.text_config.hidden_size
     with torch.device("meta"):
@@ -207,54 +193,37 @@ def _build_connector(source: _Source) -> nn.Module:
         return MLPConnector(d_vis, d_llm, depth=source.depth)
 
 
-def _recipe(source: _Source, layout: str, src: Path, out: Path, vision: Path, llm: Path) -> str:
+def _recipe(source: Source, layout: str, src: Path, out: Path, vision: Path, llm: Path) -> str:
     """The `model:` part of a recipe that builds the imported model."""
     dtype = str(next(iter(source.llm.values())).dtype).removeprefix("torch.")
     vdtype = str(next(iter(source.vision.values())).dtype).removeprefix("torch.")
     if source.depth == 0:
-        connector = {"class_path": "lmm.components.connectors.LinearConnector"}
+        connector = component("lmm.components.connectors.LinearConnector")
     else:
-        connector = {
-            "class_path": "lmm.components.connectors.MLPConnector",
-            "init_args": {"depth": source.depth},
-        }
-    model = {
-        "model": {
-            "class_path": "lmm.LMMModule",
-            "init_args": {
-                "tokenizer": str((out / "tokenizer").resolve()),
-                "init_from": str((out / "weights.safetensors").resolve()),
-                "model": {
-                    "class_path": "lmm.families.llava.LlavaModel",
-                    "init_args": {
-                        "vision": {
-                            "class_path": "lmm.components.vision.HFVisionTower",
-                            "init_args": {
-                                "path": str(vision.resolve()),
-                                "feature_layer": source.feature_layer,
-                                "select": source.select,
-                                "dtype": vdtype,
-                            },
-                        },
-                        "llm": {
-                            "class_path": "lmm.components.language.CausalLM",
-                            "init_args": {"path": str(llm.resolve()), "dtype": dtype},
-                        },
-                        "connector": connector,
-                        "image_aspect": source.image_aspect,
-                        **source.model_args,
-                    },
-                },
-            },
-        }
-    }
+        connector = component("lmm.components.connectors.MLPConnector", depth=source.depth)
+    model = component(
+        "lmm.families.llava.LlavaModel",
+        vision=component(
+            "lmm.components.vision.HFVisionTower",
+            path=str(vision.resolve()),
+            feature_layer=source.feature_layer,
+            select=source.select,
+            dtype=vdtype,
+        ),
+        llm=component("lmm.components.language.CausalLM", path=str(llm.resolve()), dtype=dtype),
+        connector=connector,
+        image_aspect=source.image_aspect,
+        **source.model_args,
+    )
     header = [
-        f"# Imported from {src} (layout {layout}) by `lmm convert import`.",
-        "# The model part of a recipe: the vision tower and LLM from their folders, the",
-        "# connector (and OneVision's image_newline) from weights.safetensors (init_from).",
-        f"# Data template that matches the source: {_template_hint(layout)}.",
+        f"Imported from {src} (layout {layout}) by `lmm convert import`.",
+        "The model part of a recipe: the vision tower and LLM from their folders, the",
+        "connector (and OneVision's image_newline) from weights.safetensors (init_from).",
+        f"Data template that matches the source: {_template_hint(layout)}.",
     ]
-    return "\n".join(header) + "\n" + yaml.safe_dump(model, sort_keys=False)
+    tokenizer = str((out / "tokenizer").resolve())
+    weights = str((out / "weights.safetensors").resolve())
+    return import_recipe(header, model, tokenizer, init_from=weights)
 
 
 # --- building modules -----------------------------------------------------------------------

@@ -17,7 +17,7 @@ from transformers import (
 
 from lmm.components.connectors import MLPConnector
 from lmm.components.vision import HFVisionTower
-from lmm.families.llava.layouts import _check_keys
+from lmm.families.llava.layouts import check_keys
 from lmm.utils.logging import get_logger
 
 if TYPE_CHECKING:
@@ -65,7 +65,7 @@ def export_hf(module: LMMModule, out: str | Path) -> Path:
         state.pop("lm_head.weight", None)
     with torch.device("meta"):  # only to check the key set; no memory
         hf = LlavaForConditionalGeneration(config)
-    _check_keys(hf, state, "transformers Llava", tied_head=tied)
+    check_keys(hf, state, "transformers Llava", tied_head=tied)
     out.mkdir(parents=True, exist_ok=True)
     config.architectures = ["LlavaForConditionalGeneration"]
     config.dtype = next(iter(state.values())).dtype

@@ -1,5 +1,5 @@
 """Reading the published LLaVA layouts (Mantis, LLaVA-NeXT / OneVision as MAmmoTH-VL, Mipha):
-checkpoint files, key layouts, tower and LLM configs → a `_Source` that `convert` writes."""
+checkpoint files, key layouts, tower and LLM configs → a `Source` that `convert` writes."""
 
 from __future__ import annotations
 
@@ -107,13 +107,13 @@ _NOT_TEXT = {
 # --- reading checkpoints -------------------------------------------------------------------
 
 
-def _read_json(path: Path) -> dict:
+def read_json(path: Path) -> dict:
     if not path.is_file():
         raise FileNotFoundError(f"{path} not found; expected the checkpoint's {path.name}")
     return json.loads(path.read_text())
 
 
-def _check_keys(
+def check_keys(
     model: nn.Module, state: dict[str, Tensor], where: str, tied_head: bool = False
 ) -> None:
     """Raise if `state` lacks a key `model` needs or has one it does not know."""
@@ -133,7 +133,7 @@ def _check_keys(
 
 
 @dataclass
-class _Source:
+class Source:
     """What a layout reader found: the three parts' weights and how to rebuild them."""
 
     vision: dict[str, Tensor]  # keys `vision_model.*` (published CLIP/SigLIP layout)
@@ -149,6 +149,34 @@ class _Source:
     image_token_index: int | None = None  # the checkpoint's <image> id, where it has one
     extra: dict[str, Tensor] = field(default_factory=dict)  # e.g. image_newline
     model_args: dict = field(default_factory=dict)  # more LlavaModel init_args (e.g. anyres)
+
+
+# Key prefix → (part, new prefix), first match wins, per layout: how `_split` cuts a state dict.
+SPLIT_RULES: dict[str, list[tuple[str, str, str]]] = {
+    "mantis": [
+        ("model.vision_tower.", "vision", ""),  # transformers ≥ 4.52 writes these
+        ("model.multi_modal_projector.", "connector", ""),
+        ("model.language_model.", "llm", "model."),
+        ("vision_tower.", "vision", ""),  # Mantis (transformers < 4.52)
+        ("multi_modal_projector.", "connector", ""),
+        ("language_model.model.", "llm", "model."),
+        ("language_model.lm_head.", "llm", "lm_head."),
+        ("lm_head.", "llm", "lm_head."),
+    ],
+    "llava_qwen": [
+        ("model.vision_tower.vision_tower.", "vision", ""),
+        ("model.mm_projector.", "connector", ""),
+        ("model.image_newline", "extra", "image_newline"),
+        ("model.", "llm", "model."),
+        ("lm_head.", "llm", "lm_head."),
+    ],
+    "mipha": [
+        ("model.vision_tower.", "vision", ""),
+        ("model.mm_projector.", "connector", ""),
+        ("model.", "llm", "model."),
+        ("lm_head.", "llm", "lm_head."),
+    ],
+}
 
 
 def _split(
@@ -196,21 +224,11 @@ def _projector(weights: dict[str, Tensor], kind: str, where: str) -> tuple[dict,
     return out, int(match.group(1))
 
 
-def _read_mantis(src: Path, config: dict, state: dict, vision_config) -> _Source:
+def read_mantis(src: Path, config: dict, state: dict, vision_config) -> Source:
     where = str(src)
     if config.get("model_type") != "llava":
         raise ValueError(f"{where}: model_type {config.get('model_type')!r}, expected 'llava'")
-    rules = [
-        ("model.vision_tower.", "vision", ""),  # transformers ≥ 4.52 writes these
-        ("model.multi_modal_projector.", "connector", ""),
-        ("model.language_model.", "llm", "model."),
-        ("vision_tower.", "vision", ""),  # Mantis (transformers < 4.52)
-        ("multi_modal_projector.", "connector", ""),
-        ("language_model.model.", "llm", "model."),
-        ("language_model.lm_head.", "llm", "lm_head."),
-        ("lm_head.", "llm", "lm_head."),
-    ]
-    parts = _split(state, rules, where)
+    parts = _split(state, SPLIT_RULES["mantis"], where)
     act = config.get("projector_hidden_act", "gelu")
     if act != "gelu":
         raise ValueError(f"{where}: projector_hidden_act {act!r}; MLPConnector uses gelu")
@@ -230,8 +248,8 @@ def _read_mantis(src: Path, config: dict, state: dict, vision_config) -> _Source
     text = _text_config(tcfg.pop("model_type", "llama"), tcfg)
     depth = len([k for k in parts["connector"] if k.endswith(".weight")])
     preprocessor = src / "preprocessor_config.json"
-    crop = not preprocessor.is_file() or _read_json(preprocessor).get("do_center_crop", True)
-    return _Source(
+    crop = not preprocessor.is_file() or read_json(preprocessor).get("do_center_crop", True)
+    return Source(
         vision=vision,
         connector=parts["connector"],
         llm=parts["llm"],
@@ -246,16 +264,9 @@ def _read_mantis(src: Path, config: dict, state: dict, vision_config) -> _Source
     )
 
 
-def _read_llava_qwen(src: Path, config: dict, state: dict, vision_config) -> _Source:
+def read_llava_qwen(src: Path, config: dict, state: dict, vision_config) -> Source:
     where = str(src)
-    rules = [
-        ("model.vision_tower.vision_tower.", "vision", ""),
-        ("model.mm_projector.", "connector", ""),
-        ("model.image_newline", "extra", "image_newline"),
-        ("model.", "llm", "model."),
-        ("lm_head.", "llm", "lm_head."),
-    ]
-    parts = _split(state, rules, where)
+    parts = _split(state, SPLIT_RULES["llava_qwen"], where)
     connector, depth = _projector(
         parts["connector"], config.get("mm_projector_type", "linear"), where
     )
@@ -272,7 +283,7 @@ def _read_llava_qwen(src: Path, config: dict, state: dict, vision_config) -> _So
     model_type = config.get("model_type", "llava_qwen")
     text = _text_config(TEXT_MODEL_TYPES.get(model_type, model_type), config)
     extra = parts.get("extra", {})
-    return _Source(
+    return Source(
         vision=parts["vision"],
         connector=connector,
         llm=parts["llm"],
@@ -337,15 +348,9 @@ def _onevision_args(config: dict, extra: dict[str, Tensor], where: str) -> dict:
     }
 
 
-def _read_mipha(src: Path, config: dict, state: dict, vision_config) -> _Source:
+def read_mipha(src: Path, config: dict, state: dict, vision_config) -> Source:
     where = str(src)
-    rules = [
-        ("model.vision_tower.", "vision", ""),
-        ("model.mm_projector.", "connector", ""),
-        ("model.", "llm", "model."),
-        ("lm_head.", "llm", "lm_head."),
-    ]
-    parts = _split(state, rules, where)
+    parts = _split(state, SPLIT_RULES["mipha"], where)
     try:
         tower = dict(config["vision_config"]["vision_tower"])
         projector = config["vision_config"]["mm_projector"]
@@ -374,7 +379,7 @@ def _read_mipha(src: Path, config: dict, state: dict, vision_config) -> _Source:
     model_type = config.get("model_type", "mipha_phi")
     text_fields = {k: v for k, v in config.items() if k != "vision_config"}
     text = _text_config(TEXT_MODEL_TYPES.get(model_type, model_type), text_fields)
-    return _Source(
+    return Source(
         vision=parts["vision"],
         connector=connector,
         llm=parts["llm"],
@@ -448,7 +453,7 @@ def _text_config(model_type: str, fields: dict) -> PretrainedConfig:
     return CONFIG_MAPPING[model_type](**kept)
 
 
-def _vision_geometry(weights: dict[str, Tensor], kind: str, where: str) -> dict:
+def vision_geometry(weights: dict[str, Tensor], kind: str, where: str) -> dict:
     """Width, depth, MLP size, patch and image size of a CLIP/SigLIP tower from its weights."""
     p = "vision_model."
     try:

@@ -7,7 +7,7 @@ LLaVA-OneVision (tiles, unpadding, newlines, pooled video frames; lmm.components
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -174,7 +174,7 @@ class LlavaModel(FamilyModel):
         has_media = batch.pixel_values is not None and batch.pixel_values.shape[0] > 0
         if has_media and self.anyres is not None and batch.views_per_media:
             items = self.media_features(batch)
-            per_row = _items_per_row(batch.views_per_sample, batch.views_per_media, batch.ids)
+            per_row = batch.items_per_row()
             if joins_collectives(self):  # every rank's newline, even with `no_token` videos
                 embeds = with_unused(embeds, self.anyres.image_newline)
             return scatter_items(embeds, batch.input_ids, image_token_id, items, per_row, batch.ids)
@@ -190,23 +190,3 @@ class LlavaModel(FamilyModel):
         return scatter_media(
             embeds, batch.input_ids, image_token_id, features, batch.views_per_sample, batch.ids
         )
-
-
-def _items_per_row(
-    views_per_row: Sequence[int], views_per_item: Sequence[int], ids: Sequence[str]
-) -> list[int]:
-    """How many media items each row holds, from its pixel views and each item's view count."""
-    out, i = [], 0
-    for b, n in enumerate(views_per_row):
-        k, total = 0, 0
-        while total < n and i + k < len(views_per_item):
-            total += views_per_item[i + k]
-            k += 1
-        if total != n:
-            raise ValueError(
-                f"sample {ids[b]!r}: {n} pixel views but its media items have "
-                f"{list(views_per_item[i : i + k])} views; build batches with lmm.data collators"
-            )
-        out.append(k)
-        i += k
-    return out

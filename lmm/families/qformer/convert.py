@@ -14,7 +14,6 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import yaml
 from safetensors.torch import save_file
 from torch import Tensor
 from transformers import (
@@ -39,6 +38,7 @@ from lmm.families.qformer.lavis import (
     vision_config,
     vision_to_hf,
 )
+from lmm.families.registry import component, import_recipe
 from lmm.utils.logging import get_logger
 
 log = get_logger(__name__)
@@ -201,48 +201,31 @@ def _recipe(
     """A recipe (model + data template) that builds the imported Cheetah with its weights."""
     blip2 = str((out / "blip2").resolve())
     local = lambda p: str(Path(p).resolve()) if Path(p).exists() else p  # noqa: E731
-    model = {
-        "class_path": "lmm.LMMModule",
-        "init_args": {
-            "tokenizer": local(tokenizer),
-            "model": {
-                "class_path": "lmm.families.qformer.QFormerModel",
-                "init_args": {
-                    "vision": {
-                        "class_path": "lmm.components.qformer.Blip2VisionTower",
-                        "init_args": {"path": blip2, "dtype": vdtype},
-                    },
-                    "qformer": {
-                        "class_path": "lmm.components.qformer.QFormer",
-                        "init_args": {"path": blip2, "dtype": "float32"},
-                    },
-                    "llm": {
-                        "class_path": "lmm.components.language.CausalLM",
-                        "init_args": {"path": local(llm), "dtype": ldtype},
-                    },
-                    "connector": {"class_path": "lmm.components.connectors.LinearConnector"},
-                    "vpgc": True,
-                    "update_layer": update_layer,
-                    "image_aspect": "resize",
-                },
-            },
-            "max_new_tokens": 300,
-            "init_from": str((out / "cheetah.safetensors").resolve()),
-            "init_include": [r"model\.connector\..*", r"model\.vpgc\..*"],
-        },
-    }
-    data = {
-        "class_path": "lmm.data.datamodule.ChatDataModule",
-        "init_args": {"template": TEMPLATES[template]},
-    }
+    model = component(
+        "lmm.families.qformer.QFormerModel",
+        vision=component("lmm.components.qformer.Blip2VisionTower", path=blip2, dtype=vdtype),
+        qformer=component("lmm.components.qformer.QFormer", path=blip2, dtype="float32"),
+        llm=component("lmm.components.language.CausalLM", path=local(llm), dtype=ldtype),
+        connector=component("lmm.components.connectors.LinearConnector"),
+        vpgc=True,
+        update_layer=update_layer,
+        image_aspect="resize",
+    )
     header = [
-        f"# Cheetah imported from {given} by lmm.families.qformer.convert.import_checkpoint.",
-        "# blip2/: EVA ViT + ln_vision and Q-Former + queries (transformers BLIP-2 names);",
-        "# cheetah.safetensors: llama_proj (model.connector), VPG-C (model.vpgc), for init_from.",
-        "# Cheetah samples its answers: top_p 0.9, temperature 1.0.",
+        f"Cheetah imported from {given} by lmm.families.qformer.convert.import_checkpoint.",
+        "blip2/: EVA ViT + ln_vision and Q-Former + queries (transformers BLIP-2 names);",
+        "cheetah.safetensors: llama_proj (model.connector), VPG-C (model.vpgc), for init_from.",
+        "Cheetah samples its answers: top_p 0.9, temperature 1.0.",
     ]
-    body = yaml.safe_dump({"model": model, "data": data}, sort_keys=False)
-    return "\n".join(header) + "\n" + body
+    return import_recipe(
+        header,
+        model,
+        local(tokenizer),
+        TEMPLATES[template],
+        max_new_tokens=300,
+        init_from=str((out / "cheetah.safetensors").resolve()),
+        init_include=[r"model\.connector\..*", r"model\.vpgc\..*"],
+    )
 
 
 # --- loading -----------------------------------------------------------------------------------

@@ -15,13 +15,13 @@ import json
 from pathlib import Path
 
 import torch
-import yaml
 from safetensors.torch import save_file
 from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
 
-from lmm.data.tokenization import load_tokenizer
+from lmm.data.tokenization import checkpoint_tokenizer
 from lmm.families.qwen2_5_vl.media import VISION_END, VISION_START
 from lmm.families.qwen2_5_vl.model import IMAGE_PAD, Qwen25VLModel
+from lmm.families.registry import component, import_recipe
 from lmm.utils.logging import get_logger
 
 log = get_logger(__name__)
@@ -132,13 +132,7 @@ def _dtype_name(where: str) -> str:
 
 def _tokenizer(name: str | Path, config: Qwen2_5_VLConfig):
     """The checkpoint's tokenizer, checked against the config's media token ids."""
-    try:
-        tok = load_tokenizer(str(name), IMAGE_PAD)
-    except (OSError, ValueError) as err:
-        raise ValueError(
-            f"{name}: cannot load a tokenizer ({err}); pass tokenizer / --tokenizer with the "
-            "folder of the checkpoint's tokenizer"
-        ) from err
+    tok = checkpoint_tokenizer(name, IMAGE_PAD)
     expected = {
         IMAGE_PAD: config.image_token_id,
         VIDEO_PAD: config.video_token_id,
@@ -157,27 +151,22 @@ def _tokenizer(name: str | Path, config: Qwen2_5_VLConfig):
 
 def _recipe(src: str, out: Path, dtype: str) -> str:
     """A recipe (model + data template) that builds the imported model with its weights."""
-    root = str(out.resolve())
-    model = {
-        "class_path": "lmm.LMMModule",
-        "init_args": {
-            "tokenizer": str((out / "tokenizer").resolve()),
-            "model": {
-                "class_path": "lmm.families.qwen2_5_vl.Qwen25VLModel",
-                "init_args": {"path": root, "weights": False, "dtype": dtype},
-            },
-            "stop_strings": ["<|im_end|>"],
-            "init_from": str((out / WEIGHTS).resolve()),
-        },
-    }
-    data = {
-        "class_path": "lmm.data.datamodule.ChatDataModule",
-        "init_args": {"template": TEMPLATE},
-    }
+    model = component(
+        "lmm.families.qwen2_5_vl.Qwen25VLModel",
+        path=str(out.resolve()),
+        weights=False,
+        dtype=dtype,
+    )
     header = [
-        f"# Imported from {src} (transformers Qwen2.5-VL) by lmm.families.qwen2_5_vl.convert.",
-        "# config.json and the processor configs build the model; model.safetensors holds its",
-        "# weights under lmm's names (init_from).",
+        f"Imported from {src} (transformers Qwen2.5-VL) by lmm.families.qwen2_5_vl.convert.",
+        "config.json and the processor configs build the model; model.safetensors holds its",
+        "weights under lmm's names (init_from).",
     ]
-    body = yaml.safe_dump({"model": model, "data": data}, sort_keys=False)
-    return "\n".join(header) + "\n" + body
+    return import_recipe(
+        header,
+        model,
+        str((out / "tokenizer").resolve()),
+        TEMPLATE,
+        stop_strings=["<|im_end|>"],
+        init_from=str((out / WEIGHTS).resolve()),
+    )

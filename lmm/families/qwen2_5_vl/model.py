@@ -9,7 +9,6 @@ and LLM freeze and take learning rates on their own.
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
 
 import torch
 from torch import Tensor, nn
@@ -345,7 +344,7 @@ class Qwen25VLModel(FamilyModel):
         rows, grid_thw = self.vision_inputs(batch)
         features = self.encode(rows, grid_thw)
         per_item = (grid_thw.prod(-1) // self.spec.merge_size**2).tolist()
-        per_row = items_per_row(batch.views_per_sample, batch.views_per_media, batch.ids)
+        per_row = batch.items_per_row()
         return scatter_items(
             embeds, batch.input_ids, image_token_id, features.split(per_item), per_row, batch.ids
         )
@@ -415,26 +414,6 @@ class Qwen25VLModel(FamilyModel):
         merged = n // self.spec.merge_size**2
         flops += matmul_flops(self.connector, merged, grad_vision or trains(self.connector))
         return flops
-
-
-def items_per_row(
-    views_per_row: Sequence[int], views_per_item: Sequence[int], ids: Sequence[str]
-) -> list[int]:
-    """How many media items each row holds, from its patch rows and each item's."""
-    out, i = [], 0
-    for b, n in enumerate(views_per_row):
-        k, total = 0, 0
-        while total < n and i + k < len(views_per_item):
-            total += views_per_item[i + k]
-            k += 1
-        if total != n:
-            raise ValueError(
-                f"sample {ids[b]!r}: {n} patch rows but its media items have "
-                f"{list(views_per_item[i : i + k])}; build batches with lmm.data collators"
-            )
-        out.append(k)
-        i += k
-    return out
 
 
 def _preprocessor(path: str, name: str) -> dict:
