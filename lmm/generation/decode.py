@@ -279,11 +279,14 @@ class _Decoder:
                 **kwargs,
             )
 
-    def keep(self, keep: list[int]) -> Tensor:
-        """Drop finished rows, give the survivors one more mask column; the index kept."""
-        index = torch.tensor(keep, device=self.mask.device)
-        self.rows = [self.rows[i] for i in keep]
-        self.mask = torch.cat([self.mask[index], self.mask.new_ones(len(keep), 1)], dim=1)
+    def keep(self, keep: list[int]) -> Tensor | None:
+        """Drop finished rows (their index, None if none finished); one more mask column."""
+        index = None
+        if len(keep) < len(self.rows):
+            index = torch.tensor(keep, device=self.mask.device)
+            self.rows = [self.rows[i] for i in keep]
+            self.mask = self.mask[index]
+        self.mask = torch.cat([self.mask, self.mask.new_ones(len(keep), 1)], dim=1)
         return index
 
 
@@ -297,10 +300,10 @@ class _CachedDecoder(_Decoder):
         return out.logits[:, -1].float()
 
     def step(self, keep: list[int], tokens: Tensor) -> Tensor:  # tokens [B_active] -> [B_active, V]
-        if len(keep) < len(self.rows):  # finished rows leave the batch
-            self.cache.batch_select_indices(torch.tensor(keep, device=tokens.device))
         index = self.keep(keep)
-        self.next_position = self.next_position[..., index]
+        if index is not None:  # finished rows leave the batch
+            self.cache.batch_select_indices(index)
+            self.next_position = self.next_position[..., index]
         with kernels(self.exact, chunk=1):
             out = self.llm(
                 input_ids=tokens[:, None],
@@ -322,10 +325,11 @@ class _Recompute(_Decoder):
 
     def step(self, keep: list[int], tokens: Tensor) -> Tensor:
         index = self.keep(keep)
+        if index is not None:
+            self.embeds, self.positions = self.embeds[index], self.positions[..., index, :]
         new = self.llm.get_input_embeddings()(tokens)[:, None].to(self.embeds.dtype)  # [B, 1, D]
-        self.embeds = torch.cat([self.embeds[index], new], dim=1)
-        positions = self.positions[..., index, :]
-        self.positions = torch.cat([positions, positions[..., -1:] + 1], dim=-1)
+        self.embeds = torch.cat([self.embeds, new], dim=1)
+        self.positions = torch.cat([self.positions, self.positions[..., -1:] + 1], dim=-1)
         return self.prefill()
 
 
