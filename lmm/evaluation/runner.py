@@ -14,8 +14,8 @@ import glob
 import importlib
 import json
 import math
-from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+import pkgutil
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -27,7 +27,8 @@ from lmm.data.batch import Batch
 from lmm.data.datamodule import PromptTask
 from lmm.data.sample import Sample, VideoRef
 from lmm.data.templates import ChatTemplate, render_text
-from lmm.evaluation.tasks import demon, gqa, mantis_eval, mmmu, mvbench, vqav2
+from lmm.evaluation import tasks
+from lmm.evaluation.tasks._benchmark import Benchmark
 from lmm.utils.logging import get_logger
 
 log = get_logger(__name__)
@@ -35,81 +36,21 @@ log = get_logger(__name__)
 VIDEO_SUFFIXES = (".mp4", ".avi", ".mov", ".mkv", ".webm", ".m4v", ".mpeg", ".mpg")
 
 
-@dataclass(frozen=True)
-class Benchmark:
-    """How `lmm` scores one benchmark module by default."""
-
-    metric: Callable[[list[Sample]], Metric]  # the official-rule metric, given the samples read
-    score: Callable[[Any, Mapping, Metric], float | None]  # one sample's score in [0, 1], or None
-    headline: str  # the metric key a report shows
-    scale: float = 100.0  # the headline's best value (MME perception: 2000)
+def _declaration(module: ModuleType) -> Benchmark | None:
+    """The module's own `BENCHMARK = Benchmark(...)`, or None (its tasks then need a `metric`)."""
+    spec = getattr(module, "BENCHMARK", None)
+    return spec if isinstance(spec, Benchmark) else None
 
 
-def _same(parsed, meta: Mapping, metric: Metric) -> float:
-    return float(parsed == meta["answer"])
+def _builtin_benchmarks() -> dict[str, Benchmark]:
+    """`{name: BENCHMARK}` of the modules of `lmm.evaluation.tasks` that declare one."""
+    names = [m.name for m in pkgutil.iter_modules(tasks.__path__) if not m.name.startswith("_")]
+    specs = {n: _declaration(importlib.import_module(f"{tasks.__name__}.{n}")) for n in names}
+    return {n: spec for n, spec in specs.items() if spec is not None}
 
 
-def _vqa(parsed, meta: Mapping, metric: Metric) -> float | None:
-    answers = meta.get("answers")
-    return (
-        vqav2.vqa_score(parsed, answers, getattr(metric, "mode", "official")) if answers else None
-    )
-
-
-def _module_metric(module: str, name: str) -> Callable[[list[Sample]], Metric]:
-    def build(samples: list[Sample]) -> Metric:
-        return getattr(importlib.import_module(f"lmm.evaluation.tasks.{module}"), name)()
-
-    return build
-
-
-BENCHMARKS: dict[str, Benchmark] = {
-    "vqav2": Benchmark(_module_metric("vqav2", "VQAAccuracy"), _vqa, "accuracy"),
-    "textvqa": Benchmark(_module_metric("textvqa", "TextVQAAccuracy"), _vqa, "accuracy"),
-    "gqa": Benchmark(
-        _module_metric("gqa", "GQAAccuracy"),
-        lambda p, m, metric: float(
-            gqa.gqa_correct(p, m["answer"], getattr(metric, "mode", "official"))
-        ),
-        "accuracy",
-    ),
-    "scienceqa": Benchmark(_module_metric("scienceqa", "ScienceQAAccuracy"), _same, "accuracy"),
-    "pope": Benchmark(_module_metric("pope", "POPEMetrics"), _same, "f1"),
-    "mme": Benchmark(_module_metric("mme", "MMEScore"), _same, "perception", scale=2000.0),
-    "mmbench": Benchmark(_module_metric("mmbench", "MMBenchCircular"), _same, "circular"),
-    "mmmu": Benchmark(
-        _module_metric("mmmu", "MMMUAccuracy"),
-        lambda p, m, metric: float(mmmu.is_correct(p, m)),
-        "accuracy",
-    ),
-    "nlvr2": Benchmark(
-        _module_metric("nlvr2", "NLVR2Accuracy"),
-        lambda p, m, metric: float(mantis_eval.is_correct(p, m, nlvr2=True)),
-        "accuracy",
-    ),
-    "qbench": Benchmark(_module_metric("qbench", "QBenchAccuracy"), _same, "accuracy"),
-    "blink": Benchmark(_module_metric("blink", "BLINKAccuracy"), _same, "accuracy"),
-    "mvbench": Benchmark(
-        _module_metric("mvbench", "MVBenchAccuracy"),
-        lambda p, m, metric: float(mvbench.check_ans(p, m["answer"])),
-        "accuracy",
-    ),
-    "mantis_eval": Benchmark(
-        _module_metric("mantis_eval", "MantisAccuracy"),
-        lambda p, m, metric: float(mantis_eval.is_correct(p, m, getattr(metric, "nlvr2", False))),
-        "accuracy",
-    ),
-    "demon": Benchmark(
-        lambda samples: demon.DemonScore(demon.dataset_categories(samples)),
-        lambda p, m, metric: demon.demon_score(
-            p, m, getattr(metric, "image_choice", demon.IMAGE_CHOICE_OFFICIAL)
-        ),
-        "average",
-    ),
-    "videofeedback": Benchmark(
-        _module_metric("videofeedback", "VideoFeedbackSpearman"), lambda p, m, metric: None, "mean"
-    ),
-}
+# The built-in benchmarks, listed from their modules (each declares its own `BENCHMARK`).
+BENCHMARKS: dict[str, Benchmark] = _builtin_benchmarks()
 
 
 class Task(PromptTask):
@@ -133,7 +74,8 @@ class Task(PromptTask):
         """
         Args:
             benchmark: a module of `lmm.evaluation.tasks` (`pope`, `mmbench`, `vqav2`, ...) or the
-                dotted path of your own module with `read(path, root, **kw)` and `parse(output, meta)`.
+                dotted path of your own module with `read(path, root, **kw)` and `parse(output, meta)`
+                (and, for defaults, `BENCHMARK = Benchmark(...)` as the built-in modules have).
             path: the benchmark file in its published format (docs/evaluation.md), or a glob of
                 several (DEMON's `*/*/core/core.json`, MVBench's per-task files).
             name: the task's name in logged keys (`test/<name>/<metric>`) and output files
@@ -141,8 +83,8 @@ class Task(PromptTask):
             root: folder the media paths are relative to (default: the file's folder).
             read_args: keyword arguments of the reader, e.g. `{circular: true}` for MMBench.
             parse_args: keyword arguments of the parser, e.g. `{mode: lmms_eval}`.
-            metric: the torchmetrics metric (default: the benchmark's official rule), e.g.
-                `{class_path: lmm.evaluation.tasks.pope.POPEMetrics, init_args: {mode: lmms_eval}}`.
+            metric: the torchmetrics metric (default: the official rule, its module's `BENCHMARK`),
+                e.g. `{class_path: lmm.evaluation.tasks.pope.POPEMetrics, init_args: {mode: lmms_eval}}`.
             headline: the metric key reports show (default: the benchmark's, e.g. POPE `f1`).
             max_new_tokens: answer length (default: the model's `max_new_tokens`).
             limit: score only the first `limit` prompts (quick runs).
@@ -160,7 +102,7 @@ class Task(PromptTask):
         self.max_frames = max_frames
         self.check_media = check_media
         self.module = _benchmark_module(benchmark)
-        self.spec = BENCHMARKS.get(benchmark)
+        self.spec = _declaration(self.module)
         self._metric = metric
         self.headline = headline or (self.spec.headline if self.spec else "accuracy")
         self.scale = self.spec.scale if self.spec else 100.0
@@ -219,7 +161,7 @@ class Task(PromptTask):
                     f"task {self.name!r}: benchmark {self.benchmark!r} has no default metric; "
                     "give `metric` (a torchmetrics Metric taking parsed answers and metas)"
                 )
-            self._metric = self.spec.metric(self.samples())
+            self._metric = self.spec.build_metric(self.samples())
         return self._metric
 
     def parse(self, output: str, meta: Mapping):

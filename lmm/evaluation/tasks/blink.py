@@ -19,6 +19,7 @@ import torch
 
 from lmm.data.sample import BadRecordError, Sample
 from lmm.evaluation.tasks._base import GroupedMean, field, image_first, records, resolve
+from lmm.evaluation.tasks._benchmark import Benchmark, same_answer
 from lmm.evaluation.tasks._choices import letters, paren_options
 
 SUBTASKS = (
@@ -114,3 +115,6 @@ class BLINKAccuracy(GroupedMean):
             "unparsed": self.unparsed,
             **self._per_group(),
         }
+
+
+BENCHMARK = Benchmark(BLINKAccuracy, same_answer, "accuracy")

@@ -25,6 +25,7 @@ import torch
 
 from lmm.data.sample import BadRecordError, Media, Part, Sample, Turn
 from lmm.evaluation.tasks._base import GroupedMean, resolve
+from lmm.evaluation.tasks._benchmark import Benchmark
 from lmm.evaluation.tasks._normalize import process_punctuation
 
 IMAGE_CHOICE_OFFICIAL = ("recipeqa-RecipeQA_VisualCloze", "RecipeQA_ImageCoherence", "COMICS_Panel")
@@ -254,3 +255,11 @@ class DemonScore(GroupedMean):
         if by_category:
             out["average"] = torch.stack([out[f"category/{c}"] for c in by_category]).mean()
         return out
+
+
+BENCHMARK = Benchmark(
+    DemonScore,
+    lambda p, m, metric: demon_score(p, m, getattr(metric, "image_choice", IMAGE_CHOICE_OFFICIAL)),
+    "average",
+    metric_args=lambda samples: {"datasets": dataset_categories(samples)},
+)

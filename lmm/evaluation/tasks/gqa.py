@@ -15,6 +15,7 @@ from typing import Literal
 
 from lmm.data.sample import Sample
 from lmm.evaluation.tasks._base import SWP, GroupedMean, field, image_first, records, resolve
+from lmm.evaluation.tasks._benchmark import Benchmark
 
 PROMPT = "{question}" + SWP
 _NO_PUNCT = str.maketrans("", "", string.punctuation)
@@ -81,3 +82,10 @@ class GQAAccuracy(GroupedMean):
     def compute(self) -> dict:
         """`accuracy` ×100."""
         return {"accuracy": self._overall()}
+
+
+BENCHMARK = Benchmark(
+    GQAAccuracy,
+    lambda p, m, metric: float(gqa_correct(p, m["answer"], getattr(metric, "mode", "official"))),
+    "accuracy",
+)

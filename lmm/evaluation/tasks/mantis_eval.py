@@ -13,6 +13,7 @@ from pathlib import Path
 
 from lmm.data.sample import IMAGE_MARKER, BadRecordError, Sample
 from lmm.evaluation.tasks._base import GroupedMean, field, interleaved, records, resolve
+from lmm.evaluation.tasks._benchmark import Benchmark
 from lmm.evaluation.tasks._choices import letters, mantis_choice, mantis_correct, mantis_strip
 
 MULTI_CHOICE = "{question}\nAnswer with the option's letter from the given choices directly."
@@ -99,3 +100,10 @@ class MantisAccuracy(GroupedMean):
     def compute(self) -> dict:
         """`accuracy` overall plus `multi-choice` / `short-answer` when present."""
         return {"accuracy": self._overall(), **self._per_group()}
+
+
+BENCHMARK = Benchmark(
+    MantisAccuracy,
+    lambda p, m, metric: float(is_correct(p, m, getattr(metric, "nlvr2", False))),
+    "accuracy",
+)

@@ -20,6 +20,7 @@ from torchmetrics.utilities import dim_zero_cat
 
 from lmm.data.sample import BadRecordError, Sample
 from lmm.evaluation.tasks._base import LETTER, field, image_first, records, resolve
+from lmm.evaluation.tasks._benchmark import Benchmark, same_answer
 from lmm.evaluation.tasks._choices import UPPER, dotted_options, vlmeval_choice
 
 GROUP_STRIDE = 1_000_000
@@ -138,3 +139,6 @@ class MMBenchCircular(Metric):
         originals = rows[rows[:, 1] == 1]
         vanilla = originals[:, 2].double().mean() if len(originals) else torch.tensor(0.0)
         return {"circular": 100 * (wrong == 0).double().mean(), "vanilla": 100 * vanilla.double()}
+
+
+BENCHMARK = Benchmark(MMBenchCircular, same_answer, "circular")

@@ -18,6 +18,7 @@ from torchmetrics.utilities import dim_zero_cat
 
 from lmm.data.sample import BadRecordError, Sample
 from lmm.evaluation.tasks._base import SWP, field, image_first, records, resolve
+from lmm.evaluation.tasks._benchmark import Benchmark, same_answer
 
 PERCEPTION = (
     "existence", "count", "position", "color", "posters", "celebrity", "scene", "landmark",
@@ -130,3 +131,6 @@ class MMEScore(Metric):
             totals["perception" if name in PERCEPTION else "cognition"] += float(score)
         out.update({k: torch.tensor(v, dtype=torch.float64) for k, v in totals.items()})
         return out
+
+
+BENCHMARK = Benchmark(MMEScore, same_answer, "perception", scale=2000.0)

@@ -28,6 +28,7 @@ from lmm.evaluation.tasks._base import (
     records,
     resolve,
 )
+from lmm.evaluation.tasks._benchmark import Benchmark
 from lmm.evaluation.tasks._choices import dotted_options, letters, mmmu_choice, paren_options
 
 SUBJECTS = (
@@ -226,3 +227,6 @@ class MMMUAccuracy(GroupedMean):
     def compute(self) -> dict:
         """`accuracy` (instance-weighted) plus one entry per subject seen."""
         return {"accuracy": self._overall(), **self._per_group()}
+
+
+BENCHMARK = Benchmark(MMMUAccuracy, lambda p, m, metric: float(is_correct(p, m)), "accuracy")

@@ -14,6 +14,7 @@ from pathlib import Path
 
 from lmm.data.sample import BadRecordError, Sample
 from lmm.evaluation.tasks._base import GroupedMean, field, image_first, records, resolve
+from lmm.evaluation.tasks._benchmark import Benchmark
 from lmm.evaluation.tasks._choices import letters, paren_options
 
 SYSTEM = (
@@ -99,3 +100,8 @@ class MVBenchAccuracy(GroupedMean):
     def compute(self) -> dict:
         """`accuracy` (mean over tasks), `micro` (per sample) and one entry per task."""
         return {"accuracy": self._macro(), "micro": self._overall(), **self._per_group()}
+
+
+BENCHMARK = Benchmark(
+    MVBenchAccuracy, lambda p, m, metric: float(check_ans(p, m["answer"])), "accuracy"
+)

@@ -18,6 +18,7 @@ from torchmetrics import Metric
 
 from lmm.data.sample import BadRecordError, Sample
 from lmm.evaluation.tasks._base import SWP, field, image_first, records, resolve
+from lmm.evaluation.tasks._benchmark import Benchmark, same_answer
 
 SPLITS = ("adversarial", "popular", "random")
 PROMPT = "{question}" + SWP
@@ -142,3 +143,6 @@ class POPEMetrics(Metric):
             out["f1"] = torch.stack(f1s).mean()
             out["accuracy"] = torch.stack(accs).mean()
         return out
+
+
+BENCHMARK = Benchmark(POPEMetrics, same_answer, "f1")

@@ -14,6 +14,7 @@ from pathlib import Path
 
 from lmm.data.sample import BadRecordError, Sample
 from lmm.evaluation.tasks._base import LETTER, LetterAccuracy, field, image_first, records, resolve
+from lmm.evaluation.tasks._benchmark import Benchmark, same_answer
 from lmm.evaluation.tasks._choices import dotted_options, letters, mmmu_choice
 
 # Q-Bench's own generator, so that its draws do not depend on how many MMMU answers came first.
@@ -71,3 +72,6 @@ def parse(output: str, sample_meta: Mapping, rng: random.Random | None = None) -
 
 class QBenchAccuracy(LetterAccuracy):
     """Q-Bench A1 accuracy ×100."""
+
+
+BENCHMARK = Benchmark(QBenchAccuracy, same_answer, "accuracy")

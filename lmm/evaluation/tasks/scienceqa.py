@@ -15,6 +15,7 @@ from pathlib import Path
 
 from lmm.data.sample import BadRecordError, Sample
 from lmm.evaluation.tasks._base import LETTER, LetterAccuracy, field, image_first, records, resolve
+from lmm.evaluation.tasks._benchmark import Benchmark, same_answer
 from lmm.evaluation.tasks._choices import dotted_options, letters
 
 # LLaVA's `args.options`: the letters its parser knows at all.
@@ -93,3 +94,6 @@ def parse(output: str, sample_meta: Mapping, mode: str = "llava") -> str:
 
 class ScienceQAAccuracy(LetterAccuracy):
     """ScienceQA-IMG accuracy ×100 (unparsed answers are wrong)."""
+
+
+BENCHMARK = Benchmark(ScienceQAAccuracy, same_answer, "accuracy")

@@ -10,7 +10,8 @@ from pathlib import Path
 
 from lmm.data.sample import Sample
 from lmm.evaluation.tasks._base import SWP, field, image_first, records, resolve
-from lmm.evaluation.tasks.vqav2 import VQAAccuracy, gold_answers
+from lmm.evaluation.tasks._benchmark import Benchmark
+from lmm.evaluation.tasks.vqav2 import VQAAccuracy, gold_answers, sample_score
 
 OCR_LINE = "\nReference OCR token: {tokens}"
 
@@ -52,3 +53,6 @@ def parse(output: str, sample_meta: Mapping | None = None) -> str:
 def TextVQAAccuracy() -> VQAAccuracy:  # noqa: N802 - a metric factory reads like a class
     """The TextVQA metric: `VQAAccuracy(mode="textvqa")` with a single "all" group."""
     return VQAAccuracy(mode="textvqa", answer_types=None)
+
+
+BENCHMARK = Benchmark(TextVQAAccuracy, sample_score, "accuracy")

@@ -19,6 +19,7 @@ from torchmetrics.utilities import dim_zero_cat
 
 from lmm.data.sample import IMAGE_MARKER, BadRecordError, Sample
 from lmm.evaluation.tasks._base import field, interleaved, records, resolve
+from lmm.evaluation.tasks._benchmark import Benchmark
 
 DIMENSIONS = (
     "visual quality", "temporal consistency", "dynamic degree", "text-to-video alignment",
@@ -124,3 +125,6 @@ class VideoFeedbackSpearman(Metric):
         defined = [v for v in out.values() if not torch.isnan(v)]
         out["mean"] = torch.stack(defined).mean() if defined else torch.tensor(float("nan"))
         return out
+
+
+BENCHMARK = Benchmark(VideoFeedbackSpearman, lambda p, m, metric: None, "mean")

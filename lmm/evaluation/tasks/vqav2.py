@@ -18,8 +18,11 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Literal
 
+from torchmetrics import Metric
+
 from lmm.data.sample import BadRecordError, Sample
 from lmm.evaluation.tasks._base import SWP, GroupedMean, field, image_first, records, resolve
+from lmm.evaluation.tasks._benchmark import Benchmark
 from lmm.evaluation.tasks._normalize import evalai_answer, normalize_vqa
 
 ANSWER_TYPES = ("yes/no", "number", "other")
@@ -139,3 +142,12 @@ class VQAAccuracy(GroupedMean):
         if self._by_type:
             out.update(self._per_group())
         return out
+
+
+def sample_score(parsed: str, sample_meta: Mapping, metric: Metric) -> float | None:
+    """One sample's VQA soft score in [0, 1] under the metric's `mode`; None without answers."""
+    answers = sample_meta.get("answers")
+    return vqa_score(parsed, answers, getattr(metric, "mode", "official")) if answers else None
+
+
+BENCHMARK = Benchmark(VQAAccuracy, sample_score, "accuracy")
