@@ -334,33 +334,16 @@ def _classification(record, record_id, source, resolve, bad, check_media, labels
 
 
 def iter_samples(
-    records: Iterable[tuple[int, dict]],
-    *,
-    source: str | Path,
-    root: str | Path | None = None,
-    check_media: bool = True,
-    allow_outside_root: bool = False,
-    video: VideoOptions | None = None,
-    labels: Sequence[str] | None = None,
-    policy: Preprocessing | None = None,
+    records: Iterable[tuple[int, dict]], **options
 ) -> Iterator[Sample | BadRecordError]:
-    """Parse records one by one, yielding the error of a bad record in its place."""
+    """Parse records one by one, `parse_record(record, index=i, **options)` (`source`, `root`,
+    `check_media`, ...), yielding the error of a bad record in its place."""
     for i, rec in records:
         if isinstance(rec, BadRecordError):
             yield rec
             continue
         try:
-            yield parse_record(
-                rec,
-                source=source,
-                root=root,
-                index=i,
-                check_media=check_media,
-                allow_outside_root=allow_outside_root,
-                video=video,
-                labels=labels,
-                policy=policy,
-            )
+            yield parse_record(rec, index=i, **options)
         except BadRecordError as err:
             yield err
 
