@@ -1,10 +1,15 @@
-"""Mantis-Eval: reader, Mantis prompts and `get_prediction` scoring (`mantis/benchmark/eval.py`).
+"""Mantis-Eval: reader, Mantis prompts and `get_prediction` scoring.
+
+Official scorer: TIGER-AI-Lab/Mantis @ f3a319202d882a1794d28440b77bba7c58869a9e,
+`mantis/benchmark/eval.py`: `parse_answer`, `get_option`, `get_prediction`; `main` prints the
+accuracy overall and per question type (multi-choice, short-answer), here ×100.
 
 Multi-choice: strip up to "final answer:" / "the answer is" / "answer:", take "Answer: X" or the
 first alphabetic character as the letter if it is a valid option ("cat" -> C, as in Mantis);
-otherwise the raw text must equal the gold option's text. Short answers: case-insensitive
-equality after the prefix strip. NLVR2 (`nlvr2.py`) adds a true/false keyword fallback.
-"""
+otherwise the raw text must equal the gold option's text (after its "X." / "X:" / "(X)" label,
+the gold letter's case as written). Short answers: case-insensitive equality after the prefix
+strip, the output otherwise unstripped (" 2" is not "2"). NLVR2 (`nlvr2.py`) adds a true/false
+keyword fallback. Parity: `tests/fixtures/official/mantis_eval/official.json`."""
 
 from __future__ import annotations
 
@@ -14,7 +19,7 @@ from pathlib import Path
 from lmm.data.sample import IMAGE_MARKER, BadRecordError, Sample
 from lmm.evaluation.tasks._base import GroupedMean, field, interleaved, records, resolve
 from lmm.evaluation.tasks._benchmark import Benchmark
-from lmm.evaluation.tasks._choices import letters, mantis_choice, mantis_correct, mantis_strip
+from lmm.evaluation.tasks._choices import letters, mantis_choice, mantis_option, mantis_strip
 
 MULTI_CHOICE = "{question}\nAnswer with the option's letter from the given choices directly."
 SHORT_ANSWER = (
@@ -74,10 +79,46 @@ def parse(output: str, sample_meta: Mapping) -> str:
     return mantis_strip(output)
 
 
+def reference_letter(answer: str) -> str:
+    """The gold letter as `get_prediction` reads it: strip `()` and blanks, else its first letter.
+
+    Its case is kept: the option-text comparison looks for the gold letter as written ("b. small"
+    for gold "b"), only the letter comparison upper-cases it.
+    """
+    ref = answer.strip("()\n ")
+    if len(ref) != 1:
+        ref = next((c for c in ref if c.isalpha()), ref)
+    return ref
+
+
+def choice_correct(raw: str, answer: str, options: Sequence[str], nlvr2: bool = False) -> bool:
+    """`get_prediction(...)["correct"]` of a multi-choice question (Mantis f3a3192, eval.py)."""
+    ref = reference_letter(answer)
+    option = mantis_option(mantis_strip(raw))
+    if option and ord(option) - ord("A") < len(options):
+        return option == ref.upper()
+    # No valid letter: the raw text itself is compared (idempotent on `parse` output).
+    idx = ord(ref.upper()) - ord("A")
+    if not 0 <= idx < len(options):
+        return False
+    gold = options[idx]
+    if nlvr2:
+        low, g = raw.lower(), gold.lower()
+        says_true = "true" in low and "false" not in low
+        says_false = "false" in low and "true" not in low
+        return (says_true and "true" in g) or (says_false and "false" in g)
+    for head in (ref + ".", ref + ":"):
+        if gold.startswith(head):
+            return raw.strip() == gold[len(head) :].strip()
+    if gold.startswith(f"({ref})"):
+        return raw.strip() == gold[len(ref) + 2 :].strip()
+    return raw.strip() == gold.strip()
+
+
 def is_correct(parsed: str, sample_meta: Mapping, nlvr2: bool = False) -> bool:
     """Mantis `get_prediction(...)["correct"]` on a `parse` output."""
     if sample_meta["question_type"] == "multi-choice":
-        return mantis_correct(parsed, sample_meta["answer"], sample_meta["options"], nlvr2)
+        return choice_correct(parsed, sample_meta["answer"], sample_meta["options"], nlvr2)
     return parsed.lower() == sample_meta["answer"].strip("()\n ").lower()
 
 

@@ -1,8 +1,11 @@
 """NLVR2 as Mantis evaluates it: Mantis-Eval records and prompts, plus the true/false fallback.
 
-When no valid option letter is found, Mantis accepts an answer holding exactly one of "true" /
-"false" (case-insensitive) if the gold option holds the same word. lmms-eval has no such branch.
-"""
+Official scorer: TIGER-AI-Lab/Mantis @ f3a319202d882a1794d28440b77bba7c58869a9e,
+`mantis/benchmark/eval.py:get_prediction(..., dataset_name="nlvr2")` (run by
+`eval_single_model.sh` on TIGER-Lab/NLVR2, split test). When no valid option letter is found,
+an answer holding "true" and not "false" (or the reverse; case-insensitive, substrings count:
+"untrue" says true) is right if the gold option holds the same word. lmms-eval has no such
+branch. Parity: `tests/fixtures/official/nlvr2/official.json`."""
 
 from __future__ import annotations
 
