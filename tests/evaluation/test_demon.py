@@ -98,7 +98,7 @@ def test_read(tmp_path):
         "response": "image b",
         "task_instance": {
             "context": "Panel {image#1} then {image#2}?",
-            "images_path": ["images/1.jpg", "images/2.jpg"],
+            "images_path": ["1.jpg", "2.jpg"],  # under core/images/, as Cheetah reads them
             "choice_list": ["image a", "image b"],
         },
     }
@@ -106,12 +106,30 @@ def test_read(tmp_path):
     assert s.meta["dataset"] == "COMICS_Panel"
     assert s.meta["category"] == "Multi-Modal Cloze"
     assert s.turns[0].parts == [
-        "Pick one.\nPanel ",
+        "Pick one.Panel ",
         Media(0),
         " then ",
         Media(1),
-        "?\nChoice list:[image a, image b]. Your answer is:",
+        "?Choice list:['image a', 'image b']. Your answer is:",
     ]
+    assert (
+        s.images[1] == tmp_path / "Multi-Modal Cloze" / "COMICS_Panel" / "core" / "images" / "2.jpg"
+    )
+
+
+def test_read_tables_and_image_choice_without_choice_list(tmp_path):
+    # MMCoQA-style {table#k} markers are images; COMICS_Panel items carry no choice_list.
+    item = {
+        "sample_id": 1,
+        "response": "Image B",
+        "task_instance": {"context": "{table#1} Q {image#2}", "images_path": ["1.jpg", "2.jpg"]},
+    }
+    [s] = demon.read(_core(tmp_path, [item]))
+    assert s.turns[0].parts == ["Pick one.", Media(0), " Q ", Media(1)]
+    assert s.meta["choice_list"] == []
+    assert demon_score("image b", s.meta) == 1.0
+    with pytest.raises(ValueError, match="TF-IDF"):
+        demon_score("image b", {**s.meta, "dataset": "RecipeQA_TextCloze"})
     assert demon.dataset_categories([s]) == {"COMICS_Panel": "Multi-Modal Cloze"}
 
 

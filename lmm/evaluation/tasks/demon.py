@@ -1,4 +1,10 @@
-"""DEMON-Core (Cheetah): reader, prompt and the official scorers (`DEMON Benchmark/scripts/evaluate.py`).
+"""DEMON-Core (Cheetah): reader, prompt and the official scorers.
+
+Official scorer: DCDmllm/Cheetah @ 619bd61894e61d4710f23d23443c72b23df77e58,
+`DEMON Benchmark/scripts/evaluate.py` (`Eval.process`, `evaluate_rouge`, `evaluate_multichoice`
+with `judge_multi_choice`, `evaluate_multi_choice_image`, dispatched by `question_type` and
+`image_choice_dataset_list`) and `i4_score.py:dict_mean` (categories); prompts and image folder
+as `Cheetah/i4_cheetah_llama2.py:IDataset` builds them.
 
 Every text first goes through the VQA punctuation rule, quote stripping and lower-casing. Then:
 - open-ended datasets: ROUGE-L F of the `rouge` package (v1.0.1, re-implemented: sentences split
@@ -7,10 +13,11 @@ Every text first goes through the VQA punctuation rule, quote stripping and lowe
   `TfidfVectorizer` defaults, re-implemented) must equal the gold answer; with no usable token at
   all, exact equality. Empty or one-letter outputs give a zero vector, so the first choice wins;
 - image-choice datasets: the first 7 characters must match and at most one "image x" may appear.
-A dataset's score is the mean over its samples ×100; a category's, the mean of its datasets.
-The official image-choice list misspells `RecipeQA_VisualCloze`, which is therefore scored by
-TF-IDF; `IMAGE_CHOICE_FIXED` is the list with the spelling fixed.
-"""
+A dataset's score is the mean over its samples ×100; a category's, `dict_mean` of its datasets
+(their mean rounded to 5 decimals, ×100). The official image-choice list misspells
+`RecipeQA_VisualCloze`, which is therefore scored by TF-IDF ("Image A" … "Image D" share one
+2-letter token, so the first choice always wins); `IMAGE_CHOICE_FIXED` is the list with the
+spelling fixed. Parity: `tests/fixtures/official/demon/{official,image_choice_fixed}.json`."""
 
 from __future__ import annotations
 
@@ -30,16 +37,18 @@ from lmm.evaluation.tasks._normalize import process_punctuation
 
 IMAGE_CHOICE_OFFICIAL = ("recipeqa-RecipeQA_VisualCloze", "RecipeQA_ImageCoherence", "COMICS_Panel")
 IMAGE_CHOICE_FIXED = ("RecipeQA_VisualCloze", "RecipeQA_ImageCoherence", "COMICS_Panel")
-_IMAGE_MARKER = re.compile(r"\{image#(\d+)\}")
+# Cheetah replaces "{image#k}" and "{table#k}" (a table given as an image) by the k-th image.
+_IMAGE_MARKER = re.compile(r"\{(?:image|table)#(\d+)\}")
 _TOKEN = re.compile(r"(?u)\b\w\w+\b")  # sklearn's default token_pattern
 _IMAGE_NAMES = ("image a", "image b", "image c", "image d")
 
 
 def prompt(instruction: str, context: str, choices: Sequence[str] | None = None) -> str:
-    """Instruction, context, and for multi-choice `Choice list:[a, b]. Your answer is:`."""
-    text = f"{instruction}\n{context}"
+    """Cheetah's `IDataset.__getitem__` (`Cheetah/i4_cheetah_llama2.py`): instruction + context,
+    then `Choice list:['a', 'b']. Your answer is:` when the item has a `choice_list`."""
+    text = instruction + context
     if choices:
-        text += f"\nChoice list:[{', '.join(choices)}]. Your answer is:"
+        text += "Choice list:['" + "', '".join(choices) + "']. Your answer is:"
     return text
 
 
@@ -74,10 +83,12 @@ def read(
     """Read one `{category}/{dataset}/core/core.json` (`metadata` + `data` of task instances).
 
     `dataset` and `category` default to the folder names; image paths are relative to `root`
-    (default: the folder of core.json).
+    (default: `core/images/` beside core.json, as Cheetah's `i4_cheetah_llama2.py` reads them).
+    Image-choice items (COMICS_Panel, RecipeQA_*) may carry no `choice_list`.
     """
     path = Path(path)
     dataset = dataset or path.parent.parent.name
+    root = root if root is not None else path.parent / "images"
     category = category or path.parent.parent.parent.name
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
@@ -92,18 +103,16 @@ def read(
         )
     samples = []
     for i, item in enumerate(items):
-        rid = str(item.get("sample_id", f"#{i}"))
+        rid = f"{dataset}/{item.get('sample_id', f'#{i}')}"  # sample ids restart per dataset
         try:
             instance = item["task_instance"]
             instruction = instructions[int(item.get("task_instruction_id", 0))]
             context = instance["context"]
-            response = item["response"]
+            response = str(item["response"])
         except (KeyError, IndexError, TypeError, ValueError) as err:
             raise BadRecordError(path, rid, f"malformed task instance ({err!r})") from err
         choices = instance.get("choice_list") if qtype == "multi-choice" else None
-        if qtype == "multi-choice":
-            if not choices:
-                raise BadRecordError(path, rid, "multi-choice item without choice_list")
+        if choices:
             if process(response) not in [process(c) for c in choices]:
                 raise BadRecordError(path, rid, f"response {response!r} is not in choice_list")
         if not process(response):
@@ -217,6 +226,12 @@ def demon_score(
         if sum(name in pred for name in _IMAGE_NAMES) > 1:
             return 0.0
         return float(gold[:7] == pred[:7])
+    if not sample_meta["choice_list"]:
+        raise ValueError(
+            f"DEMON dataset {sample_meta['dataset']!r} is scored by TF-IDF over the choice_list, "
+            "but its item has none (the official script fails there too); if it is an "
+            "image-choice dataset, list it in `image_choice` (e.g. IMAGE_CHOICE_FIXED)"
+        )
     choices = [process(c) for c in sample_meta["choice_list"]]
     best = tfidf_best(pred, choices)
     return float((pred if best is None else choices[best]) == gold)
@@ -244,14 +259,20 @@ class DemonScore(GroupedMean):
             self._add(meta["dataset"], demon_score(pred, meta, self.image_choice))
 
     def compute(self) -> dict:
-        """`dataset/{name}`, `category/{name}` and `average` (mean over categories)."""
-        per_dataset = self._per_group()
-        out: dict[str, torch.Tensor] = {f"dataset/{k}": v for k, v in per_dataset.items()}
-        by_category: dict[str, list[torch.Tensor]] = {}
-        for name, score in per_dataset.items():
-            by_category.setdefault(self.categories[name], []).append(score)
-        for cat, scores in by_category.items():
-            out[f"category/{cat}"] = torch.stack(scores).mean()
+        """`dataset/{name}`, `category/{name}` and `average` (mean over categories).
+
+        A category is `i4_score.py:dict_mean` of its datasets' fractions: their mean rounded to 5
+        decimals, ×100 (so 12.346000000000002 as the script prints it).
+        """
+        out: dict[str, torch.Tensor] = {f"dataset/{k}": v for k, v in self._per_group().items()}
+        fractions = (self.sums / self.counts.clamp(min=1)).tolist()
+        by_category: dict[str, list[float]] = {}
+        for i, name in enumerate(self.groups):
+            if self.counts[i] > 0:
+                by_category.setdefault(self.categories[name], []).append(fractions[i])
+        for cat, values in by_category.items():
+            score = round(sum(values) / len(values), 5) * 100
+            out[f"category/{cat}"] = torch.tensor(score, dtype=torch.float64)
         if by_category:
             out["average"] = torch.stack([out[f"category/{c}"] for c in by_category]).mean()
         return out
