@@ -1,11 +1,16 @@
-"""VideoFeedback (VideoScore-Bench): reader, score parsing and Spearman ρ×100 per dimension.
+r"""VideoFeedback (VideoScore-Bench): reader, score parsing and Spearman ρ×100 per dimension.
 
-Gold scores are the `: (\\d+)` numbers of the record's gpt turn (`eval_videoscore.py`). A
-generative model's answer is parsed the same way and formatted like `_ans_formatted`: cut or
-padded with 0 to five scores, anything outside 1..4 becomes 0. A regression head's five floats
-go to the metric directly. ρ is `scipy.stats.spearmanr` re-implemented (ties get average ranks);
-a constant column gives NaN, which the official script reports as None.
-"""
+Official scorer: TIGER-AI-Lab/VideoScore @ 8e449734bbeb4aba327b82f2269e7247633a7abc,
+`benchmark/eval_other_mllm.py` (gold and generated scores: `re.findall(r": (\d+)")`, then
+`utils_tools.py:_ans_formatted`) and `benchmark/get_spearman_corr.py:cal_spearman_correlation`.
+
+Gold scores are the `: (\d+)` numbers of the record's gpt turn. A generative model's answer is
+parsed the same way and formatted like `_ans_formatted`: cut or padded with 0 to five scores,
+anything outside 1..4 becomes 0 ("3.5" reads as 3, "visual quality:3" is skipped). A regression
+head's five floats go to the metric directly. ρ is `scipy.stats.spearmanr` re-implemented (ties
+get average ranks), ×100 and rounded to 4 decimals as the script stores it; a constant column
+gives NaN, which the official script reports as None. `mean` is the mean of the defined
+dimensions (the paper's average). Parity: `tests/fixtures/official/videofeedback/official.json`."""
 
 from __future__ import annotations
 
@@ -26,6 +31,7 @@ DIMENSIONS = (
     "factual consistency",
 )  # fmt: skip
 _SCORE = re.compile(r": (\d+)")
+ROUND_DIGITS = 4  # get_spearman_corr.py:ROUND_DIGIT
 IMAGE = IMAGE_MARKER
 
 
@@ -116,12 +122,14 @@ class VideoFeedbackSpearman(Metric):
         self.refs.append(refs)
 
     def compute(self) -> dict:
-        """One ρ×100 per dimension (NaN for a constant column) and their `mean` over defined ones."""
+        """One ρ×100 per dimension, rounded to 4 decimals as `get_spearman_corr.py` does (NaN for
+        a constant column, where the script reports None), and their `mean` over defined ones."""
         preds, refs = dim_zero_cat(self.preds), dim_zero_cat(self.refs)
-        out = {
-            name: torch.tensor(100 * spearman(preds[:, k], refs[:, k]), dtype=torch.float64)
-            for k, name in enumerate(self.dimensions)
-        }
+        out = {}
+        for k, name in enumerate(self.dimensions):
+            rho = torch.tensor(100 * spearman(preds[:, k], refs[:, k]), dtype=torch.float64)
+            # numpy's round(x, 4) on the script's np.float64: rint(x * 1e4) / 1e4
+            out[name] = torch.round(rho * 10**ROUND_DIGITS) / 10**ROUND_DIGITS
         defined = [v for v in out.values() if not torch.isnan(v)]
         out["mean"] = torch.stack(defined).mean() if defined else torch.tensor(float("nan"))
         return out
