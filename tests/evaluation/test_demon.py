@@ -141,3 +141,17 @@ def test_read_gold_not_in_choices(tmp_path):
     }
     with pytest.raises(BadRecordError, match="'image c' is not in choice_list"):
         demon.read(_core(tmp_path, [item]))
+
+
+def test_demon_breakdown():
+    # Per dataset (mean x100) and per category as i4_score.dict_mean: mean of the datasets'
+    # fractions rounded to 5 decimals, x100. D1 = 1/3, D2 = 0.1234567 -> X = round(0.2283950, 5)
+    metric = DemonScore({"D1": "X", "D2": "X", "D3": "Y"})
+    mc = _meta("multi-choice", "red car", ["blue car", "red car"])
+    metric.update(["red car", "blue car", "blue"], [mc] * 3)
+    metric.sums[1], metric.counts[1] = 0.1234567, 1  # a soft (ROUGE-L) dataset mean
+    out = {k: float(v) for k, v in metric.compute().items()}
+    assert out["dataset/D1"] == pytest.approx(100 / 3)
+    assert out["dataset/D2"] == pytest.approx(12.34567)
+    assert out["category/X"] == round((1 / 3 + 0.1234567) / 2, 5) * 100  # 22.84 exactly as printed
+    assert "category/Y" not in out and out["average"] == out["category/X"]

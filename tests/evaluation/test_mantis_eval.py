@@ -104,3 +104,47 @@ def test_read_bad_type(write_records):
     recs = [{"id": "m2", "question_type": "essay", "question": "q", "answer": "x"}]
     with pytest.raises(BadRecordError, match="question_type 'essay'"):
         mantis_eval.read(write_records(recs))
+
+
+def test_gold_letter_case_kept_for_option_text():
+    # Mantis compares the text after the gold option's label as written: gold "b", "b. small".
+    meta = {"question_type": "multi-choice", "answer": "b", "options": ["a. large", "b. small"]}
+    assert is_correct(mantis_eval.parse("small", meta), meta)
+    assert is_correct(mantis_eval.parse("B", meta), meta)
+
+
+def test_mantis_eval_breakdown():
+    # Mantis's eval.py prints multi-choice, short-answer and overall accuracy.
+    metric = MantisAccuracy()
+    short = {"question_type": "short-answer", "answer": "2", "options": []}
+    outputs = ["B", "cat", "dog", "2", " 2"]  # right, wrong, wrong, right, wrong (unstripped)
+    metas = [MC, MC, MC, short, short]
+    metric.update([mantis_eval.parse(o, m) for o, m in zip(outputs, metas, strict=True)], metas)
+    out = {k: float(v) for k, v in metric.compute().items()}
+    assert out == pytest.approx({"accuracy": 40.0, "multi-choice": 100 / 3, "short-answer": 50.0})
+
+
+def test_read_hub_parquet(tmp_path):
+    pa = pytest.importorskip("pyarrow")
+    pq = pytest.importorskip("pyarrow.parquet")
+    png = b"\x89PNG\r\n\x1a\nfake"
+    rows = [
+        {
+            "id": "m7",
+            "question_type": "multi-choice",
+            "question": "<image><image> Same dog?",
+            "images": [{"bytes": png, "path": "a.png"}, {"bytes": png, "path": None}],
+            "options": ["yes", "no"],
+            "answer": "A",
+            "data_source": "x",
+            "category": "y",
+        }
+    ]
+    shard = tmp_path / "mantis_eval" / "test-00000-of-00001.parquet"
+    shard.parent.mkdir()
+    pq.write_table(pa.Table.from_pylist(rows), shard)
+    [s] = mantis_eval.read(shard)
+    folder = shard.parent / "test-00000-of-00001_images"
+    assert s.images == [folder / "m7_0.png", folder / "m7_1.png"]
+    assert s.images[0].read_bytes() == png
+    assert s.meta["options"] == ["yes", "no"] and s.turns[0].parts[:2] == [Media(0), Media(1)]

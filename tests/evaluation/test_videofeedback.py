@@ -69,3 +69,40 @@ def test_read(write_records, tmp_path):
     recs[0]["conversations"][1]["value"] = "visual quality: 3"
     with pytest.raises(BadRecordError, match="1 gold scores"):
         videofeedback.read(write_records(recs, media=("vid1/f0.jpg", "vid1/f1.jpg")))
+
+
+def test_videofeedback_breakdown():
+    # One rho x100 per dimension, rounded to 4 decimals as get_spearman_corr.py stores it; mean.
+    metric = VideoFeedbackSpearman(dimensions=["a", "b"])
+    metric.update(
+        [[1, 1], [2, 3], [2, 2], [3, 4]], [{"scores": s} for s in ([1, 2], [3, 1], [2, 3], [4, 4])]
+    )
+    out = {k: float(v) for k, v in metric.compute().items()}
+    assert out["a"] == round(100 * 4.5 / math.sqrt(22.5), 4) == 94.8683
+    assert out["b"] == round(
+        100 * spearman(torch.tensor([1.0, 3, 2, 4]), torch.tensor([2.0, 1, 3, 4])), 4
+    )
+    assert out["mean"] == pytest.approx((out["a"] + out["b"]) / 2)
+
+
+def test_read_hub_parquet(tmp_path):
+    pa = pytest.importorskip("pyarrow")
+    pq = pytest.importorskip("pyarrow.parquet")
+    rows = [
+        {
+            "id": "v9",
+            "images": ["00.jpg", "01.jpg"],
+            "conversations": [
+                {"from": "human", "value": "Rate.\n<image> <image>"},
+                {"from": "gpt", "value": GPT},
+            ],
+        }
+    ]
+    shard = tmp_path / "test-00000-of-00001.parquet"
+    pq.write_table(pa.Table.from_pylist(rows), shard)
+    [s] = videofeedback.read(shard, tmp_path / "frames", check_media=False)
+    assert s.meta["scores"] == [3.0, 4.0, 2.0, 1.0, 3.0]
+    assert s.images == [
+        tmp_path / "frames" / "v9" / "00.jpg",
+        tmp_path / "frames" / "v9" / "01.jpg",
+    ]

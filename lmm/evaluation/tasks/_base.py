@@ -169,3 +169,29 @@ class LetterAccuracy(GroupedMean):
     def compute(self) -> dict:
         """`accuracy` ×100."""
         return {"accuracy": self._overall()}
+
+
+def table_records(path: str | Path) -> Iterator[tuple[int, dict]]:
+    """`records`, plus Parquet files (a Hugging Face dataset's shards) read with pyarrow."""
+    path = Path(path)
+    if path.suffix != ".parquet":
+        yield from records(path)
+        return
+    import pyarrow.parquet as pq  # a dependency of `datasets`
+
+    yield from enumerate(pq.read_table(path).to_pylist())
+
+
+def embedded_image(value, folder: Path, stem: str) -> str | Path:
+    """A Hugging Face `Image` cell (`{"bytes", "path"}`) written once to `folder/stem<suffix>`;
+    a plain string (a path) is returned as it is."""
+    if not isinstance(value, Mapping):
+        return value
+    if not value.get("bytes"):
+        return value["path"]
+    suffix = Path(value.get("path") or "").suffix or ".png"
+    target = folder / f"{stem}{suffix}"
+    if not target.is_file():
+        folder.mkdir(parents=True, exist_ok=True)
+        target.write_bytes(value["bytes"])
+    return target

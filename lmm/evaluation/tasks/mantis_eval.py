@@ -17,7 +17,14 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from lmm.data.sample import IMAGE_MARKER, BadRecordError, Sample
-from lmm.evaluation.tasks._base import GroupedMean, field, interleaved, records, resolve
+from lmm.evaluation.tasks._base import (
+    GroupedMean,
+    embedded_image,
+    field,
+    interleaved,
+    resolve,
+    table_records,
+)
 from lmm.evaluation.tasks._benchmark import Benchmark
 from lmm.evaluation.tasks._choices import letters, mantis_choice, mantis_option, mantis_strip
 
@@ -45,11 +52,15 @@ def read(
 ) -> list[Sample]:
     """Read Mantis eval items (`id`, `question_type`, `question`, `options`, `answer`, `images`).
 
-    Image paths are relative to `root` (default: the JSON's folder). Missing `<image>` markers
-    are added at the start of the question, as Mantis does.
+    Both forms `eval.py` reads: the Hugging Face shards (`mantis_eval/test-*.parquet` of
+    TIGER-Lab/Mantis-Eval, `nlvr2/test-*.parquet` of TIGER-Lab/NLVR2), whose embedded images are
+    written once to `{stem}_images/` beside the shard, and a local JSON list whose image paths
+    are relative to `root` (default: the JSON's folder). Missing `<image>` markers are added at
+    the start of the question, as Mantis does.
     """
     samples = []
-    for i, rec in records(path):
+    cache = Path(path).parent / f"{Path(path).stem}_images"
+    for i, rec in table_records(path):
         rid = str(rec.get("id", f"#{i}"))
         qtype = field(rec, "question_type", path, rid)
         if qtype not in QUESTION_TYPES:
@@ -58,7 +69,11 @@ def read(
         answer = str(field(rec, "answer", path, rid, object))
         if qtype == "multi-choice" and len(options) < 2:
             raise BadRecordError(path, rid, f"multi-choice with {len(options)} options")
-        images = [resolve(r, root, path, rid, check_media) for r in rec.get("images") or []]
+        cells = rec.get("images") or []
+        images = [
+            resolve(embedded_image(c, cache, f"{rid}_{k}"), root, path, rid, check_media)
+            for k, c in enumerate(cells)
+        ]
         text = prompt(field(rec, "question", path, rid), qtype, options)
         text = IMAGE * max(0, len(images) - text.count(IMAGE)) + text
         meta = {

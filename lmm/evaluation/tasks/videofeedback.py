@@ -23,7 +23,7 @@ from torchmetrics import Metric
 from torchmetrics.utilities import dim_zero_cat
 
 from lmm.data.sample import IMAGE_MARKER, BadRecordError, Sample
-from lmm.evaluation.tasks._base import field, interleaved, records, resolve
+from lmm.evaluation.tasks._base import field, interleaved, resolve, table_records
 from lmm.evaluation.tasks._benchmark import Benchmark
 
 DIMENSIONS = (
@@ -38,13 +38,15 @@ IMAGE = IMAGE_MARKER
 def read(
     path: str | Path, root: str | Path | None = None, *, check_media: bool = True
 ) -> list[Sample]:
-    """Read VideoFeedback test records (`id`, `images` = frame names, `conversations` human+gpt).
+    """Read VideoFeedback test records (`id`, `images` = frame names, `conversations` human+gpt):
+    a JSON file, or the Hugging Face shard `video_feedback/test-*.parquet` of
+    TIGER-Lab/VideoScore-Bench that `eval_videoscore.py` loads.
 
     Frames live at `{root}/{id}/{frame}` as in `eval_videoscore.py`; the human turn (with its
     `<image>` markers, or the frames first) is the prompt and the gpt turn gives the gold scores.
     """
     samples = []
-    for i, rec in records(path):
+    for i, rec in table_records(path):
         rid = str(field(rec, "id", path, f"#{i}", object))
         turns = field(rec, ("conversations", "conversation"), path, rid, list)
         if len(turns) < 2:
