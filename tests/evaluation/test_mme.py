@@ -1,8 +1,11 @@
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from lmm.data.sample import BadRecordError
+from lmm.evaluation.runner import Task
 from lmm.evaluation.tasks import mme
 from lmm.evaluation.tasks.mme import MMEScore
 
@@ -105,3 +108,29 @@ def test_read_unknown_subtask(write_records):
     )
     with pytest.raises(BadRecordError, match="unknown MME subtask 'x'"):
         mme.read(path)
+
+
+def test_mme_breakdown():
+    # Every subtask of the parity fixture has its acc, acc+ and score in the results, and the
+    # totals are the sums of the subtask scores (as calculation.py prints them).
+    folder = Path(__file__).resolve().parents[1] / "fixtures/official/mme"
+    task = Task("mme", str(folder / "mme.jsonl"), check_media=False)
+    samples = task.samples()
+    task.metric.update(["yes"] * len(samples), [s.meta for s in samples])
+    out = task.compute()
+    for name in mme.PERCEPTION + mme.COGNITION:
+        assert out[f"{name}/score"] == pytest.approx(out[f"{name}/acc"] + out[f"{name}/acc_plus"])
+    # "yes" to both questions of an image: one right each, so acc 50 and acc+ 0 everywhere.
+    assert {out[f"{n}/acc"] for n in mme.PERCEPTION + mme.COGNITION} == {50.0}
+    assert out["perception"] == pytest.approx(500.0) and out["cognition"] == pytest.approx(200.0)
+
+
+def test_repeated_question_ids_become_unique_sample_ids(write_records):
+    recs = [
+        {"question_id": "OCR/1.jpg", "image": "OCR/1.jpg", "question": q, "answer": a,
+         "category": "OCR"}
+        for q, a in (("Is it A?", "Yes"), ("Is it B?", "No"))
+    ]  # fmt: skip
+    samples = mme.read(write_records(recs, "mme.jsonl"), check_media=False)
+    assert [s.id for s in samples] == ["OCR/1.jpg#0", "OCR/1.jpg#1"]
+    assert samples[0].meta["pair_id"] == samples[1].meta["pair_id"]

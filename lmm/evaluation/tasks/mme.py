@@ -1,14 +1,25 @@
-"""MME: reader, the official yes/no/other rule and acc + acc+ per subtask (`eval_tool/calculation.py`).
+"""MME: reader, the official yes/no/other rule and acc + acc+ per subtask.
 
-Official parse: lower-case (no strip), exact "yes"/"no", else "yes" in the first 4 characters,
-else "no" there, else "other" (scored wrong). So "   yes" is "other" and "y" is "other".
-`mode="lmms_eval"` (Otter parser): also strips, deletes "." and maps a lone "y"/"n".
-Score per subtask = 100·acc + 100·acc+ (acc+ = share of images whose questions are all right);
+Official: BradyFU/Awesome-Multimodal-Large-Language-Models @ dd2950902889cd614d4edf606827240166d29381
+(branch Evaluation), `tools/eval_tool.zip` → `eval_tool/calculation.py`,
+`calculate_metrics.parse_pred_ans` / `compute_metric` / `process_result`. Parse: lower-case (no
+strip), exact "yes"/"no", else "yes" in the first 4 characters, else "no" there, else "other"
+(scored wrong). So "   yes" and "y" are "other". (The tool reads `img\tq\tgt\tresponse` lines,
+so a response holds no newline or tab; the line's own "\n" changes no parse.)
+Score per subtask = 100·acc + 100·acc+ (acc+ = share of images whose two questions are right);
 perception = sum of the 10 perception subtasks (max 2000), cognition of the 4 others (max 800).
+The tool crashes (sklearn, empty input) on a subtask whose every answer is "other"; lmm scores it.
+
+`mode="lmms_eval"`: EvolvingLMMs-Lab/lmms-eval @ 75571cfe0fa36ca5ec2e6aa2bb268f9d38295af3,
+`lmms_eval/tasks/mme/utils.py:parse_pred_ans` (Otter's parser: also strips, deletes "." and maps
+a lone "y"/"n"), scored by `mme_process_results` / `mme_aggregate_results` (the same acc + acc+
+per subtask, per image = per `question_id`). `tests/fixtures/official/mme/` holds both codes'
+results on our cases.
 """
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -40,12 +51,20 @@ def read(
 ) -> list[Sample]:
     """Read MME (`question_id` = "category/image", `image`, `question`|`text`, `answer`, `category`).
 
-    Questions about the same (category, image) share `meta["pair_id"]`, which acc+ groups by.
+    Questions about the same (category, image) share `meta["pair_id"]`, which acc+ groups by. A
+    `question_id` that repeats (LLaVA's `llava_mme.jsonl`, lmms-lab's copy: the image path for
+    both questions) becomes the sample ids `<question_id>#0`, `<question_id>#1`, ... in file order.
     """
+    rows = list(records(path))
+    # LLaVA's and lmms-lab's files give both questions of an image its path as `question_id`.
+    repeats = Counter(str(rec.get("question_id", f"#{i}")) for i, rec in rows)
+    seen: Counter[str] = Counter()
     pairs: dict[tuple[str, str], int] = {}
     samples = []
-    for i, rec in records(path):
-        rid = str(rec.get("question_id", f"#{i}"))
+    for i, rec in rows:
+        qid = str(rec.get("question_id", f"#{i}"))
+        rid = f"{qid}#{seen[qid]}" if repeats[qid] > 1 else qid
+        seen[qid] += 1
         question = field(rec, ("question", "text"), path, rid)
         answer = field(rec, "answer", path, rid).strip().lower()
         if answer not in ("yes", "no"):
