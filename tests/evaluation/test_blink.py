@@ -20,7 +20,8 @@ META = {"n_choices": 2, "answer": "(B)", "sub_task": "Counting"}
         ("(A) or (B)", "", "(A)"),
         ("I compared (A) and (B).\n\nSo (B)", "(B)", "(I)"),  # last paragraph decides
         ("Point B", "", "(P)"),
-        ("b", "", ""),
+        ("b", "", "(B)"),  # lmms-eval: case-insensitive, upper-cased
+        (" b) two", "", "(B)"),  # lmms-eval strips first
         ("", "", ""),
         ("(B) " * 400, "(B)", "(B)"),
         ("（B）", "", ""),  # full-width brackets
@@ -31,9 +32,9 @@ def test_parse(output, official, lmms):
     assert blink.parse(output, META, mode="lmms_eval") == lmms
 
 
-def test_macro_vs_micro():
+def test_blink_breakdown():
     # Counting: 1 of 1 right (100); Jigsaw: 1 of 3 right (33.3)
-    # macro (official) = (100 + 33.33) / 2 = 66.67; micro = 2 / 4 = 50
+    # macro (official "Total", and lmms-eval's unweighted `blink` group) = 66.67; micro = 50
     metas = [META] + [{"answer": "(A)", "sub_task": "Jigsaw"}] * 3
     preds = ["(B)", "(A)", "(B)", ""]
     official, lmms = BLINKAccuracy(), BLINKAccuracy(mode="lmms_eval")
@@ -43,7 +44,9 @@ def test_macro_vs_micro():
     assert float(out["accuracy"]) == pytest.approx(200 / 3)
     assert float(out["micro"]) == pytest.approx(50.0)
     assert int(out["unparsed"]) == 1
-    assert float(lmms.compute()["accuracy"]) == pytest.approx(50.0)
+    assert float(out["Counting"]) == 100.0
+    assert float(out["Jigsaw"]) == pytest.approx(100 / 3)
+    assert float(lmms.compute()["accuracy"]) == pytest.approx(200 / 3)
 
 
 def test_read(write_records):

@@ -1,6 +1,8 @@
 from __future__ import annotations
 
+import json
 import random
+from pathlib import Path
 
 import pytest
 
@@ -9,6 +11,7 @@ from lmm.evaluation.tasks import mmmu
 from lmm.evaluation.tasks._choices import mmmu_choice
 from lmm.evaluation.tasks.mmmu import MMMUAccuracy, eval_open, parse_open
 
+FIXTURES = Path(__file__).resolve().parents[1] / "fixtures" / "official" / "mmmu"
 INDEX2ANS = {"A": "dog", "B": "cat", "C": "bird", "D": "fish"}
 CHOICES = list(INDEX2ANS)
 
@@ -56,7 +59,7 @@ def test_open_parse_and_eval():
     assert eval_open("café", parse_open("It is Café"))
 
 
-def test_accuracy_is_instance_level():
+def test_mmmu_breakdown():
     metas = [
         {"question_type": "multiple-choice", "answer": "B", "subject": "Art"},
         {"question_type": "multiple-choice", "answer": "A", "subject": "Art"},
@@ -68,6 +71,38 @@ def test_accuracy_is_instance_level():
     assert out["accuracy"] == pytest.approx(200 / 3)  # 2 of 3 (not the mean of 50 and 100)
     assert out["Art"] == pytest.approx(50.0)
     assert out["Math"] == pytest.approx(100.0)
+    # main_eval_only.py's domain rows, instance-weighted over the domain's subjects
+    assert out["Overall-Art and Design"] == pytest.approx(50.0)
+    assert out["Overall-Science"] == pytest.approx(100.0)
+    assert "Overall-Business" not in out  # no sample
+
+
+def test_each_read_draws_its_own_fallbacks(write_records):
+    recs = [
+        {"id": f"validation_Art_{i}", "question": "q", "options": ["x", "y", "z", "w"],
+         "answer": "A", "question_type": "multiple-choice"}
+        for i in range(6)
+    ]  # fmt: skip
+    path = write_records(recs)
+    first = [mmmu.parse("???", s.meta) for s in mmmu.read(path)]
+    again = [mmmu.parse("???", s.meta) for s in mmmu.read(path)]
+    official = random.Random(42)  # eval_utils.py: random.seed(42), then draws in parse order
+    assert first == again == [official.choice(CHOICES) for _ in range(6)]
+    other = [mmmu.parse("???", s.meta, seed=0) for s in mmmu.read(path)]
+    zero = random.Random(0)
+    assert other == [zero.choice(CHOICES) for _ in range(6)]
+
+
+def test_open_candidates_equal_the_official_set():
+    # The official parse_open_response returns list(set(...)); the fixture keeps it as made.
+    fixture = json.loads((FIXTURES / "official.json").read_text())
+    task = {s.id: s for s in mmmu.read(FIXTURES / fixture["data"], check_media=False)}
+    opens = [c for c in fixture["cases"] if "official_parsed" in c]
+    assert len(opens) >= 20
+    for case in opens:
+        got = mmmu.parse(case["output"], task[case["id"]].meta)
+        assert len(got) == len(set(got))
+        assert set(got) == set(case["official_parsed"]), case["output"]
 
 
 def test_read(write_records):

@@ -1,11 +1,18 @@
 """BLINK (val): reader, the official rule-based answer matching and the macro-averaged score.
 
-Official (`eval/test_benchmark.py:analyze_answer`): exactly "A" or "(A)", else exactly one option
-token "(X)" among the words (or in the last paragraph); anything else goes to a GPT-3.5 matcher,
-which is not run here: such answers count as wrong and are reported as `unparsed`.
-Total = unweighted mean of the 14 subtask accuracies (`eval/evaluate.py`).
-`mode="lmms_eval"`: regex `^[(\\s]*([A-Z])` ("The answer is (B)" reads as T) and a
-sample-weighted total.
+Official: zeyofu/BLINK_Benchmark @ 2d6a779be4aa1ad0d38d7aa539bcb43b6dd81592,
+`eval/test_benchmark.py:analyze_answer`: exactly "A".."E" or "(A)".."(E)", else exactly one option
+token "(X)" among the words (or in the last paragraph); anything else goes to a GPT-3.5 matcher
+(`eval/multiple_choice.py:match_multiple_choice`), which is not run here: such answers count as
+wrong and are reported as `unparsed`. Total = unweighted mean of the 14 subtask accuracies
+(`eval/evaluate.py:eval_prediction`, "Total").
+
+`mode="lmms_eval"`: EvolvingLMMs-Lab/lmms-eval @ 75571cfe0fa36ca5ec2e6aa2bb268f9d38295af3,
+`lmms_eval/tasks/blink/utils.py:_extract_answer_letter`: the output stripped, then
+`[(\\s]*([A-Z])` matched at its start case-insensitively and upper-cased ("b" reads as B, "The
+answer is (B)" as T); `blink_process_results` compares it with the gold letter. The `blink` group
+averages its 14 subtask tasks unweighted (`aggregate_metric_list` without `weight_by_size`,
+`lmms_eval/api/metrics.py:aggregate_subtask_metrics`), so its total is the macro mean too.
 """
 
 from __future__ import annotations
@@ -29,7 +36,7 @@ SUBTASKS = (
     "Visual_Correspondence", "Visual_Similarity",
 )  # fmt: skip
 _EXACT = ("A", "B", "C", "D", "E")
-_LMMS_EVAL = re.compile(r"^[(\s]*([A-Z])")
+_LMMS_EVAL = re.compile(r"[\(\s]*([A-Z])[\)\.\s]*", flags=re.IGNORECASE)
 
 
 def prompt(question: str, choices: Sequence[str]) -> str:
@@ -65,8 +72,8 @@ def read(
 def parse(output: str, sample_meta: Mapping, mode: str = "official") -> str:
     """The chosen option as "(X)", or "" when the official rule would need the GPT matcher."""
     if mode == "lmms_eval":
-        m = _LMMS_EVAL.match(output)
-        return f"({m.group(1)})" if m else ""
+        m = _LMMS_EVAL.match(output.strip())
+        return f"({m.group(1).upper()})" if m else ""
     if mode != "official":
         raise ValueError(f"unknown BLINK parse mode {mode!r}; use 'official' or 'lmms_eval'")
     options = {f"({c})" for c in letters(int(sample_meta["n_choices"]))}
@@ -82,7 +89,7 @@ def parse(output: str, sample_meta: Mapping, mode: str = "official") -> str:
 
 
 class BLINKAccuracy(GroupedMean):
-    """BLINK accuracy ×100 per subtask, macro (official) and sample-weighted totals."""
+    """BLINK accuracy ×100 per subtask, macro (both harnesses' total) and sample-weighted totals."""
 
     def __init__(
         self,
@@ -91,7 +98,8 @@ class BLINKAccuracy(GroupedMean):
     ):
         """
         Args:
-            mode: which total is `accuracy`: "official" (mean of subtasks) or "lmms_eval" (per sample).
+            mode: the harness ("official" or "lmms_eval"); both report the mean of the subtask
+                accuracies as `accuracy` (lmms-eval's `blink` group is unweighted).
             subtasks: the `sub_task` names to report.
         """
         super().__init__(subtasks)
@@ -107,9 +115,8 @@ class BLINKAccuracy(GroupedMean):
     def compute(self) -> dict:
         """`accuracy` (per mode), `macro`, `micro`, `unparsed` count and one entry per subtask."""
         macro, micro = self._macro(), self._overall()
-        headline = macro if self.mode == "official" else micro
         return {
-            "accuracy": headline,
+            "accuracy": macro,
             "macro": macro,
             "micro": micro,
             "unparsed": self.unparsed,

@@ -1,9 +1,19 @@
-"""MMMU (val): reader, the official parsers (`mmmu/utils/eval_utils.py`) and instance-level accuracy.
+"""MMMU (val): reader, the official parsers and instance-level accuracy with the official breakdowns.
+
+Official: MMMU-Benchmark/MMMU @ bb0b95a945998d91dfef37e969e07d49d1139438, `mmmu/utils/eval_utils.py`:
+`parse_multi_choice_response`, `parse_open_response`, `eval_multi_choice`, `eval_open`,
+`calculate_ins_level_acc`; breakdown as `mmmu/main_eval_only.py` prints it (per subject, and
+"Overall-<domain>" over `mmmu/utils/data_utils.py:DOMAIN_CAT2SUB_CAT`).
 
 Multiple choice: strip `,.!?;:'` from the ends, then `(X)`, then ` X `, then option text (only if
-the response has more than 5 words), else `random.choice` from a generator seeded with 42 as the
-official module does; with several candidates the last occurrence wins. "D. fish" therefore goes
-to the random fallback (lmms-eval's extra `X.` stage would read D).
+the response has more than 5 words), else `random.choice`; with several candidates the last
+occurrence wins. "D. fish" therefore goes to the random fallback (lmms-eval's extra `X.` stage
+would read D; lmms-eval's rule is not offered).
+The random fallback: `eval_utils.py` calls `random.seed(42)` at import and draws from the global
+generator in the order the outputs are parsed. lmm gives every read of a benchmark file its own
+generator seeded with `seed` (42) and draws from it in the order `parse` is called, so a run that
+parses a file's outputs in file order (one process) draws what the official script draws; the
+parity fixture relies on it. With several ranks each rank draws from its own generator.
 Open questions: key sub-responses after "is/so/thus/answer/..." (and "=" in the last line),
 numbers rounded to 2 dp, lower-cased strings; a string gold is right if it is a substring of a
 candidate, a number if it equals one.
@@ -12,6 +22,7 @@ candidate, a number if it equals one.
 from __future__ import annotations
 
 import ast
+import itertools
 import random
 import re
 from collections.abc import Mapping, Sequence
@@ -40,6 +51,41 @@ SUBJECTS = (
     "Public_Health", "Sociology",
 )  # fmt: skip
 MAX_IMAGES = 7
+# mmmu/utils/data_utils.py:DOMAIN_CAT2SUB_CAT
+DOMAINS = {
+    "Art and Design": ("Art", "Art_Theory", "Design", "Music"),
+    "Business": ("Accounting", "Economics", "Finance", "Manage", "Marketing"),
+    "Science": ("Biology", "Chemistry", "Geography", "Math", "Physics"),
+    "Health and Medicine": (
+        "Basic_Medical_Science", "Clinical_Medicine", "Diagnostics_and_Laboratory_Medicine",
+        "Pharmacy", "Public_Health",
+    ),
+    "Humanities and Social Science": ("History", "Literature", "Sociology", "Psychology"),
+    "Tech and Engineering": (
+        "Agriculture", "Architecture_and_Engineering", "Computer_Science", "Electronics",
+        "Energy_and_Power", "Materials", "Mechanical_Engineering",
+    ),
+}  # fmt: skip
+SEED = 42  # eval_utils.py: random.seed(42) at import
+
+# The random-fallback generators: one per (read of a benchmark file, seed), made on first draw.
+_STREAMS: dict[tuple[str, int], random.Random] = {}
+_READS = itertools.count()
+
+
+def new_stream(path: str | Path) -> str:
+    """A fresh key for the random fallbacks of one read of `path` (kept in `meta["stream"]`)."""
+    return f"{path}#{next(_READS)}"
+
+
+def stream(key: str | None, seed: int) -> random.Random | None:
+    """The generator seeded with `seed` for the file read under `key` (None without a key)."""
+    if key is None:
+        return None
+    rng = _STREAMS.get((key, seed))
+    if rng is None:
+        rng = _STREAMS[(key, seed)] = random.Random(seed)
+    return rng
 
 
 def prompt(
@@ -86,6 +132,7 @@ def read(
     `<image k>` tags stay in the text as in the official prompt.
     """
     samples = []
+    key = new_stream(path)
     for i, rec in records(path):
         rid = str(field(rec, "id", path, f"#{i}"))
         qtype = field(rec, "question_type", path, rid)
@@ -93,7 +140,12 @@ def read(
         answer = field(rec, "answer", path, rid, object)
         if isinstance(answer, str) and answer.strip().startswith("["):
             answer = _literal_list(answer, path, rid, "answer")
-        meta: dict = {"answer": answer, "question_type": qtype, "subject": subject_of(rid)}
+        meta: dict = {
+            "answer": answer,
+            "question_type": qtype,
+            "subject": subject_of(rid),
+            "stream": key,
+        }
         if qtype == "multiple-choice":
             choices = letters(len(options))
             if not options or (isinstance(answer, str) and answer not in choices):
@@ -191,10 +243,12 @@ def eval_open(gold: str | list[str], candidates: Sequence[str | float]) -> bool:
 
 
 def parse(
-    output: str, sample_meta: Mapping, rng: random.Random | None = None
+    output: str, sample_meta: Mapping, rng: random.Random | None = None, seed: int = SEED
 ) -> str | list[str | float]:
-    """MC: the letter (random fallback); open: the list of normalised candidates."""
+    """MC: the letter (random fallback from `rng`, else the file's generator seeded with `seed`);
+    open: the list of normalised candidates (the official returns them as `list(set(...))`)."""
     if sample_meta["question_type"] == "multiple-choice":
+        rng = rng or stream(sample_meta.get("stream"), seed)
         return mmmu_choice(output, sample_meta["all_choices"], sample_meta["index2ans"], rng)
     return parse_open(output)
 
@@ -210,7 +264,8 @@ def is_correct(parsed: str | list[str | float], sample_meta: Mapping) -> bool:
 
 
 class MMMUAccuracy(GroupedMean):
-    """MMMU accuracy ×100: instance-level overall (`calculate_ins_level_acc`) and per subject."""
+    """MMMU accuracy ×100: instance-level overall (`calculate_ins_level_acc`), per subject and
+    per domain (`Overall-<domain>`, as `main_eval_only.py` prints them)."""
 
     def __init__(self, subjects: Sequence[str] = SUBJECTS):
         """
@@ -225,8 +280,15 @@ class MMMUAccuracy(GroupedMean):
             self._add(meta["subject"], is_correct(pred, meta))
 
     def compute(self) -> dict:
-        """`accuracy` (instance-weighted) plus one entry per subject seen."""
-        return {"accuracy": self._overall(), **self._per_group()}
+        """`accuracy` (instance-weighted), one entry per subject seen and `Overall-<domain>` for
+        each domain with samples."""
+        out = {"accuracy": self._overall(), **self._per_group()}
+        for domain, subjects in DOMAINS.items():
+            idx = [self._index[s] for s in subjects if s in self._index]
+            count = self.counts[idx].sum()
+            if count > 0:
+                out[f"Overall-{domain}"] = 100 * self.sums[idx].sum() / count
+        return out
 
 
 BENCHMARK = Benchmark(MMMUAccuracy, lambda p, m, metric: float(is_correct(p, m)), "accuracy")

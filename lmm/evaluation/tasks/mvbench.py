@@ -1,14 +1,19 @@
 """MVBench: reader, the official prompt (assistant pre-filled with "Best option:(") and `check_ans`.
 
-Official (Ask-Anything `video_chat2/mvbench.ipynb`): prediction = "(" + first output line; it is
-right if its first space-separated token, lower-cased and without ".", is a substring of the gold
-"(a)" token, or the reverse. So an empty output ("(") counts as **correct**, and "The answer is A"
-is wrong. The score is the mean over the 20 tasks (equal-sized, so also per sample).
-lmms-eval's `mcq_acc` (drops empty predictions) is not reproduced.
+Official: OpenGVLab/Ask-Anything @ 4dd8210b030374bb0c510a57dfbe916f70d3ef71,
+`video_chat2/mvbench.ipynb`: `answer` strips the decoded text, `infer_mvbench` returns
+"(" + `llm_message.strip().split('\n')[0]`, and `check_ans(pred, gt)` is right if the first
+space-separated token of the prediction, lower-cased and without ".", is a substring of the gold
+"(a)" token, or the reverse. So an empty output ("(") counts as **correct**, " B" reads as "(B"
+(not "( B", whose token "(" would match any option), and "The answer is A" is wrong. The gold is
+`qa_template`'s "(X) text", X the *last* candidate equal to the answer. The total (`final_res['Avg']`)
+is correct / total over all samples; `macro` is the mean of the task accuracies (equal on the
+published data, 200 per task). lmms-eval's `mcq_acc` is not offered.
 """
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -38,6 +43,12 @@ def prompt(question: str, candidates: Sequence[str]) -> str:
     return f"Question: {question}\nOptions:\n{paren_options(candidates)}{QUESTION_PROMPT}"
 
 
+def task_name(name: str) -> str:
+    """The task's file stem from the official display name: "Fine-grained Action" ->
+    "fine_grained_action" (stems pass unchanged)."""
+    return re.sub(r"[\s-]+", "_", name.strip()).lower()
+
+
 def read(
     path: str | Path,
     root: str | Path | None = None,
@@ -45,23 +56,28 @@ def read(
     task: str | None = None,
     check_media: bool = True,
 ) -> list[Sample]:
-    """Read one MVBench task file (`video`, `question`, `candidates`, `answer` text).
+    """Read MVBench (`video`, `question`, `candidates`, `answer` text): one file per task
+    (`json/action_sequence.json`, as published) or one file of all tasks whose records carry
+    `task_type` (the official notebook's display name, "Action Sequence", or the file stem).
 
-    The task is the record's `task`, else `task=`, else the file stem (`action_sequence.json`).
+    The task is the record's `task_type` or `task`, else `task=`, else the file stem.
     `meta["assistant_prefix"]` holds the text the official code pre-fills the answer with.
     """
     samples = []
     for i, rec in records(path):
-        rid = str(rec.get("id", f"{Path(path).stem}-{i}"))
+        name = rec.get("task_type") or rec.get("task") or task or Path(path).stem
+        rid = str(rec.get("id", f"{task_name(str(name))}-{i}"))
         candidates = [str(c) for c in field(rec, "candidates", path, rid, list)]
         answer = str(field(rec, "answer", path, rid, object))
         if answer not in candidates:
             raise BadRecordError(path, rid, f"answer {answer!r} is not among the candidates")
         video = resolve(field(rec, "video", path, rid), root, path, rid, check_media)
-        letter = letters(len(candidates))[candidates.index(answer)]
+        # `qa_template` keeps the last candidate equal to the answer.
+        index = len(candidates) - 1 - candidates[::-1].index(answer)
+        letter = letters(len(candidates))[index]
         meta = {
             "answer": f"({letter}) {answer}",
-            "task": rec.get("task") or task or Path(path).stem,
+            "task": task_name(str(name)),
             "media": "video",
             "assistant_prefix": ANSWER_PREFIX,
         }
@@ -71,8 +87,10 @@ def read(
 
 
 def parse(output: str, sample_meta: Mapping | None = None) -> str:
-    """ "(" + the first line of the continuation after the pre-filled "Best option:("."""
-    return "(" + output.split("\n")[0]
+    """ "(" + the first line of the continuation after the pre-filled "Best option:(", as the
+    official `answer` + `infer_mvbench` cut it: before "###", after the last "Assistant:", stripped."""
+    text = output.split("###")[0].split("Assistant:")[-1].strip()
+    return "(" + text.strip().split("\n")[0]
 
 
 def check_ans(prediction: str, gold: str) -> bool:
@@ -83,7 +101,7 @@ def check_ans(prediction: str, gold: str) -> bool:
 
 
 class MVBenchAccuracy(GroupedMean):
-    """MVBench accuracy ×100 per task and averaged over tasks."""
+    """MVBench accuracy ×100: over all samples (official `Avg`), mean over tasks, and per task."""
 
     def __init__(self, tasks: Sequence[str] = TASKS):
         """
@@ -98,8 +116,10 @@ class MVBenchAccuracy(GroupedMean):
             self._add(meta["task"], check_ans(pred, meta["answer"]))
 
     def compute(self) -> dict:
-        """`accuracy` (mean over tasks), `micro` (per sample) and one entry per task."""
-        return {"accuracy": self._macro(), "micro": self._overall(), **self._per_group()}
+        """`accuracy` (official `Avg`: per sample; also `micro`), `macro` (mean over tasks) and
+        one entry per task (the official `final_res[task]`)."""
+        micro = self._overall()
+        return {"accuracy": micro, "micro": micro, "macro": self._macro(), **self._per_group()}
 
 
 BENCHMARK = Benchmark(
