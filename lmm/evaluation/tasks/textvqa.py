@@ -52,7 +52,7 @@ def parse(output: str, sample_meta: Mapping | None = None) -> str:
 
 def TextVQAAccuracy() -> VQAAccuracy:  # noqa: N802 - a metric factory reads like a class
     """The TextVQA metric: `VQAAccuracy(mode="textvqa")` with a single "all" group."""
-    return VQAAccuracy(mode="textvqa", answer_types=None)
+    return VQAAccuracy(mode="textvqa", answer_types=None, question_types=None)
 
 
 BENCHMARK = Benchmark(TextVQAAccuracy, sample_score, "accuracy")
