@@ -217,3 +217,15 @@ def test_read_official_questions_and_annotations(tmp_path):
     assert (s.meta["answer_type"], s.meta["question_type"]) == ("other", "what")
     [t] = vqav2.read(tmp_path / "q.json", "images", check_media=False)  # test-dev: no answers
     assert t.meta["answers"] is None
+
+
+def test_textvqa_reads_the_official_file(tmp_path):
+    data = {
+        "dataset_name": "textvqa",
+        "data": [
+            {"question": "what brand?", "image_id": "ab12", "question_id": 5, "answers": ["x"] * 10}
+        ],
+    }
+    (tmp_path / "TextVQA_0.5.1_val.json").write_text(json.dumps(data))
+    [s] = textvqa.read(tmp_path / "TextVQA_0.5.1_val.json", "train_images", check_media=False)
+    assert (s.id, s.images, s.meta["answers"]) == ("5", [Path("train_images/ab12.jpg")], ["x"] * 10)
