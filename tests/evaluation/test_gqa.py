@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from lmm.data.sample import BadRecordError
@@ -57,3 +59,54 @@ def test_read_gqa_missing_image(write_records):
     path = write_records([{"question_id": "5", "question": "q", "imageId": "gone", "answer": "a"}])
     with pytest.raises(BadRecordError, match="media not found"):
         gqa.read(path)
+
+
+def test_gqa_breakdown():
+    def meta(qid, answer, structural, semantic, entailed=(), balanced=True, **kw):
+        return {
+            "question_id": qid, "answer": answer, "structural": structural, "semantic": semantic,
+            "entailed": list(entailed), "balanced": balanced, "group": kw.get("group"),
+            "detailed": kw.get("detailed"), "valid": kw.get("valid", ["yes", "no"]),
+            "plausible": kw.get("plausible", ["yes"]),
+        }  # fmt: skip
+
+    metas = [
+        meta("1", "yes", "verify", "attr", entailed=["2", "3"]),
+        meta("2", "no", "verify", "attr", entailed=["1"]),
+        meta("3", "red", "query", "attr", balanced=False),  # only entailed: not scored
+        meta("4", "cat", "query", "cat", group="animal", valid=["cat", "dog"]),
+        meta("5", "color", "compare", "attr", detailed="twoCommon", valid=[]),
+    ]
+    metric = GQAAccuracy()
+    metric.update(["yes", "yes", "red", "dog", "shape"], metas)
+    out = {k: float(v) for k, v in metric.compute().items()}
+    assert out["accuracy"] == pytest.approx(25.0)  # 1 of the 4 balanced
+    assert (out["binary"], out["open"]) == pytest.approx((100 / 3, 0.0))
+    assert out["structural/verify"] == pytest.approx(50.0) and out["semantic/cat"] == 0.0
+    # "dog" is valid, not plausible; "shape" counts for a "Common" question whatever the lists
+    assert out["validity"] == pytest.approx(100.0) and out["plausibility"] == pytest.approx(75.0)
+    # question 1 is right; of its entailed, 2 is wrong and 3 right: 0.5
+    assert out["consistency"] == pytest.approx(50.0)
+    # one global group, gold {cat: 1}, predicted {dog: 1}: (0 - 1)^2 / 1 = 1, / 100
+    assert out["distribution"] == pytest.approx(0.01)
+    plain = GQAAccuracy()
+    plain.update(["yes"], [{"answer": "yes"}])
+    assert set(plain.compute()) == {"accuracy"}  # no fields, no breakdown
+
+
+def test_read_official_questions_and_choices(tmp_path):
+    questions = {
+        "7": {"question": "Is it red?", "imageId": "n1", "answer": "no", "isBalanced": True,
+              "types": {"structural": "verify", "semantic": "attr", "detailed": "verifyAttr"},
+              "groups": {"global": None, "local": "x"}, "entailed": ["8"]},
+        "8": {"question": "What color?", "imageId": "n1", "answer": "blue", "isBalanced": False},
+    }  # fmt: skip
+    (tmp_path / "testdev_all_questions.json").write_text(json.dumps(questions))
+    choices = {"7": {"valid": ["yes", "no"], "plausible": ["no"]}}
+    (tmp_path / "testdev_all_choices.json").write_text(json.dumps(choices))
+    path = tmp_path / "testdev_all_questions.json"
+    [s] = gqa.read(path, choices="testdev_all_choices.json", check_media=False)
+    assert s.meta["valid"] == ["yes", "no"] and s.meta["entailed"] == ["8"]
+    assert (s.meta["structural"], s.meta["group"]) == ("verify", None)
+    both = gqa.read(path, balanced_only=False, check_media=False)
+    assert [(t.id, t.meta["balanced"]) for t in both] == [("7", True), ("8", False)]

@@ -1,8 +1,11 @@
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from lmm.data.sample import BadRecordError
+from lmm.evaluation.runner import Task
 from lmm.evaluation.tasks import pope
 from lmm.evaluation.tasks.pope import POPEMetrics
 
@@ -23,6 +26,7 @@ from lmm.evaluation.tasks.pope import POPEMetrics
         ("I don't think so", "yes", "i don't think so"),
         ("", "yes", ""),
         ("no\nway", "yes", "no\nway"),  # split on single spaces only
+        ("no\n", "no", "no"),  # LLaVA's answer file holds the stripped generation
         ("Non, café", "yes", "non, café"),
     ],
 )
@@ -78,7 +82,7 @@ def test_read_llava_format(write_records):
             "label": "Yes",
         }
     ]
-    path = write_records(recs, "coco_pope_random.jsonl", media=("COCO_val2014_1.jpg",))
+    path = write_records(recs, "llava_pope_questions.jsonl", media=("COCO_val2014_1.jpg",))
     [s] = pope.read(path, category="random")
     assert s.meta == {"answer": "yes", "category": "random"}
     assert (
@@ -102,3 +106,33 @@ def test_read_lmms_eval_format(write_records):
     path = write_records(recs, media=("COCO_1.jpg",))
     with pytest.raises(BadRecordError, match="'maybe' is not yes/no"):
         pope.read(path)
+
+
+def test_read_published_split_files(tmp_path):
+    # AoiDragon/POPE output/coco/coco_pope_<split>.json: JSON lines, ids restart in each file.
+    for split in ("random", "popular"):
+        rec = {"question_id": 1, "image": "a.jpg", "text": "Is there a dog?", "label": "no"}
+        (tmp_path / f"coco_pope_{split}.json").write_text(json.dumps(rec) + "\n" + json.dumps(rec))
+    [s, _] = pope.read(tmp_path / "coco_pope_popular.json", check_media=False)
+    assert (s.id, s.meta) == ("popular/1", {"answer": "no", "category": "popular"})
+    task = Task("pope", str(tmp_path / "coco_pope_*.json"), check_media=False)
+    assert [s.id for s in task.samples()] == ["popular/1", "popular/1", "random/1", "random/1"]
+
+
+def test_pope_breakdown():
+    outputs = ["Yes", "No", "Yes", "no", "maybe", "Yes"]
+    golds = ["yes", "no", "no", "yes", "yes", "yes"]
+    metas = [{"answer": g, "category": "random"} for g in golds]
+    official, lmms = POPEMetrics(), POPEMetrics(mode="lmms_eval")
+    official.update([pope.parse(o) for o in outputs], metas)  # "maybe" is read as yes
+    lmms.update([pope.parse(o, mode="lmms_eval") for o in outputs], metas)
+    out = {k: float(v) for k, v in official.compute().items()}
+    assert {k: out[f"random/{k}"] for k in ("tp", "fp", "tn", "fn")} == {
+        "tp": 3, "fp": 1, "tn": 1, "fn": 1
+    }  # fmt: skip
+    assert out["f1"] == pytest.approx(100 * 0.75) and out["random/yes_ratio"] == pytest.approx(
+        400 / 6
+    )
+    pooled = {k: float(v) for k, v in lmms.compute().items()}
+    assert (pooled["random/tp"], pooled["random/fn"]) == (2, 1)  # "maybe" is neither
+    assert pooled["accuracy"] == pytest.approx(50.0) and pooled["recall"] == pytest.approx(200 / 3)

@@ -72,14 +72,37 @@ def test_read_problems_json(write_records):
             "split": "train",
         },
     }
-    path = write_records(problems, "problems.json", media=("image.png",))
+    path = write_records(problems, "problems.json", media=("5/image.png",))
     [s] = scienceqa.read(path, split="test")
     assert s.id == "5"
-    assert s.meta == {"answer": "B", "n_choices": 2, "subject": "natural science"}
+    assert s.images == [path.parent / "5/image.png"]  # images/<split>/<pid>/image.png
+    assert s.meta == {
+        "answer": "B", "n_choices": 2, "subject": "natural science", "has_image": True
+    }  # fmt: skip
     assert s.turns[0].parts[-1] == (
         "Context: N/A\nWhich is a mammal?\nA. frog\nB. dog\n"
         "Answer with the option's letter from the given choices directly."
     )
+    both = scienceqa.read(path, split="test", images_only=False)
+    assert [(t.id, t.images, t.meta["has_image"]) for t in both][1] == ("6", [], False)
+    assert [p for p in both[1].turns[0].parts if not isinstance(p, str)] == []
+
+
+def test_scienceqa_breakdown():
+    # LLaVA prints Accuracy over every question and IMG-Accuracy over those with an image.
+    metric = ScienceQAAccuracy()
+    metas = [
+        {**META3, "has_image": True},
+        {**META3, "has_image": True},
+        {**META3, "has_image": False},
+        {**META3, "has_image": False},
+    ]
+    metric.update(["B", "", "B", "B"], metas)
+    out = {k: float(v) for k, v in metric.compute().items()}
+    assert out == pytest.approx({"accuracy": 75.0, "img_accuracy": 50.0})
+    img_only = ScienceQAAccuracy()  # ScienceQA-IMG: accuracy is the IMG accuracy
+    img_only.update(["B"], [{**META3, "has_image": True}])
+    assert set(img_only.compute()) == {"accuracy"}
 
 
 def test_read_bad_answer_index(write_records):

@@ -1,5 +1,8 @@
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import pytest
 
 from lmm.data.sample import BadRecordError, Media
@@ -154,3 +157,75 @@ def test_textvqa_applies_processor_to_both_sides(write_records):
         "Brand?\nReference OCR token: coca\nAnswer the question using a single word or phrase."
     )
     assert s.images[0].name == "abc.jpg"
+
+
+def test_lmms_eval_mode_normalises_unanimous_answers_too():
+    # vqav2_process_results normalises the answers whatever the humans said.
+    assert vqa_score("t shirt", ["t-shirt"] * 10, mode="lmms_eval") == 1.0
+    assert vqa_score("t shirt", ["t-shirt"] * 10) == 0.0
+
+
+def test_vqav2_breakdown():
+    metric = VQAAccuracy()
+    metas = [
+        {"answers": UNANIMOUS_YES, "answer_type": "yes/no", "question_type": "is this"},
+        {"answers": MIXED, "answer_type": "other", "question_type": "what is the"},
+        {"answers": ["2"] * 10, "answer_type": "number", "question_type": "how many"},
+        {"answers": ["3"] * 10, "answer_type": "number", "question_type": "how many"},
+    ]
+    metric.update(["yes", "dog", "2", "three"], metas)  # 1, 0.6, 1, 0 (quirk)
+    out = {k: float(v) for k, v in metric.compute().items()}
+    assert out == pytest.approx(
+        {
+            "accuracy": 100 * 2.6 / 4,
+            "yes/no": 100.0,
+            "other": 60.0,
+            "number": 50.0,
+            "question_type/is this": 100.0,
+            "question_type/what is the": 60.0,
+            "question_type/how many": 50.0,
+        }
+    )
+    with pytest.raises(ValueError, match="unknown group 'question_type/how tall'"):
+        metric.update(["1"], [{"answers": ["1"], "question_type": "how tall"}])
+
+
+def test_read_official_questions_and_annotations(tmp_path):
+    questions = {
+        "data_subtype": "val2014",
+        "questions": [{"image_id": 42, "question": "What animal?", "question_id": 420}],
+    }
+    answers = [{"answer": "dog", "answer_confidence": "yes", "answer_id": k} for k in range(10)]
+    anns = {
+        "annotations": [
+            {
+                "question_id": 420,
+                "image_id": 42,
+                "question_type": "what",
+                "answer_type": "other",
+                "answers": answers,
+                "multiple_choice_answer": "dog",
+            }
+        ]
+    }
+    (tmp_path / "q.json").write_text(json.dumps(questions))
+    (tmp_path / "a.json").write_text(json.dumps(anns))
+    [s] = vqav2.read(tmp_path / "q.json", "images", annotations="a.json", check_media=False)
+    assert s.id == "420"
+    assert s.images == [Path("images/COCO_val2014_000000000042.jpg")]
+    assert s.meta["answers"] == ["dog"] * 10
+    assert (s.meta["answer_type"], s.meta["question_type"]) == ("other", "what")
+    [t] = vqav2.read(tmp_path / "q.json", "images", check_media=False)  # test-dev: no answers
+    assert t.meta["answers"] is None
+
+
+def test_textvqa_reads_the_official_file(tmp_path):
+    data = {
+        "dataset_name": "textvqa",
+        "data": [
+            {"question": "what brand?", "image_id": "ab12", "question_id": 5, "answers": ["x"] * 10}
+        ],
+    }
+    (tmp_path / "TextVQA_0.5.1_val.json").write_text(json.dumps(data))
+    [s] = textvqa.read(tmp_path / "TextVQA_0.5.1_val.json", "train_images", check_media=False)
+    assert (s.id, s.images, s.meta["answers"]) == ("5", [Path("train_images/ab12.jpg")], ["x"] * 10)

@@ -1,10 +1,16 @@
 """TextVQA: reader and scorer (m4c `TextVQAAccuracyEvaluator`: EvalAI processor on both sides).
 
-LLaVA's `eval_textvqa.py` and lmms-eval agree here (EVAL.md), so there is one rule.
+The rule is LLaVA's `llava/eval/eval_textvqa.py:eval_single` →
+`llava/eval/m4c_evaluator.py:TextVQAAccuracyEvaluator.eval_pred_list`
+(haotian-liu/LLaVA@c121f0432da27facab705978f83c4ada465e46fd), the processor of the EvalAI server.
+lmms-eval's `lmms_eval/tasks/textvqa/utils.py:textvqa_process_results`
+(EvolvingLMMs-Lab/lmms-eval@75571cfe0fa36ca5ec2e6aa2bb268f9d38295af3) gives the same score on
+every case of tests/fixtures/official/textvqa/, so there is one rule.
 """
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -31,10 +37,12 @@ def read(
 ) -> list[Sample]:
     """Read TextVQA (`question_id`, `question`, `image_id`, `answers`, `ocr_tokens`).
 
-    The image is the record's `image` path if given, else `{image_id}.jpg` under `root`.
+    Accepts the official `TextVQA_0.5.1_val.json` (`{"data": [...]}`), a list or JSON lines.
+    The image is the record's `image` path if given, else `{image_id}.jpg` under `root` (the
+    official val images live in `train_images/`).
     """
     samples = []
-    for i, rec in records(path):
+    for i, rec in _records(path):
         rid = str(rec.get("question_id", f"#{i}"))
         question = field(rec, "question", path, rid)
         rel = rec.get("image") or f"{field(rec, 'image_id', path, rid)}.jpg"
@@ -45,6 +53,15 @@ def read(
     return samples
 
 
+def _records(path: str | Path) -> list[tuple[int, dict]]:
+    path = Path(path)
+    if path.suffix == ".json" and path.is_file():
+        data = json.loads(path.read_text(encoding="utf-8"))
+        if isinstance(data, dict) and isinstance(data.get("data"), list):
+            return list(enumerate(data["data"]))
+    return list(records(path))
+
+
 def parse(output: str, sample_meta: Mapping | None = None) -> str:
     """The stripped output; the metric applies the EvalAI processor to both sides."""
     return output.strip()
@@ -52,7 +69,7 @@ def parse(output: str, sample_meta: Mapping | None = None) -> str:
 
 def TextVQAAccuracy() -> VQAAccuracy:  # noqa: N802 - a metric factory reads like a class
     """The TextVQA metric: `VQAAccuracy(mode="textvqa")` with a single "all" group."""
-    return VQAAccuracy(mode="textvqa", answer_types=None)
+    return VQAAccuracy(mode="textvqa", answer_types=None, question_types=None)
 
 
 BENCHMARK = Benchmark(TextVQAAccuracy, sample_score, "accuracy")
