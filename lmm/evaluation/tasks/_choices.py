@@ -1,8 +1,10 @@
 """Multiple-choice answer parsers shared by several benchmarks, each as its source code does it.
 
-- `mmmu_choice`: MMMU's `parse_multi_choice_response` (MMMU, Q-Bench).
-- `mantis_choice` / `mantis_correct`: Mantis `get_prediction` (Mantis-Eval, NLVR2).
-- `vlmeval_choice`: VLMEvalKit's `can_infer` in exact-matching mode (MMBench).
+- `mmmu_choice`: MMMU's `parse_multi_choice_response` (MMMU).
+- `mantis_choice`, `mantis_option`, `mantis_strip`: Mantis `get_prediction`'s letter reading
+  (Mantis-Eval, NLVR2; the correctness rule is `mantis_eval.choice_correct`).
+
+MMBench's VLMEvalKit `can_infer` and Q-Bench's lmms-eval matcher live in their own modules.
 """
 
 from __future__ import annotations
@@ -44,21 +46,24 @@ def mmmu_choice(
     all_choices: Sequence[str],
     index2ans: Mapping[str, str],
     rng: random.Random | None = None,
+    letter_forms: Sequence[str] = (" {} ",),
 ) -> str:
-    """MMMU's `parse_multi_choice_response`: `(X)`, then ` X `, then option text, else random."""
+    """MMMU's `parse_multi_choice_response`: `(X)`, then ` X `, then option text, else random.
+
+    `letter_forms`: the bare-letter stages tried in order after `(X)` (lmms-eval's Q-Bench copy
+    tries `"X "` then `"X."`); a tie is still broken by the last ` X `, as both do.
+    """
     for ch in (",", ".", "!", "?", ";", ":", "'"):
         response = response.strip(ch)
     response = " " + response + " "  # so that " A " also matches at the ends
 
-    candidates: list[str] = []
-    with_brackets = False
     by_content = False
-    for c in all_choices:
-        if f"({c})" in response:
-            candidates.append(c)
-            with_brackets = True
-    if not candidates:
-        candidates = [c for c in all_choices if f" {c} " in response]
+    candidates = [c for c in all_choices if f"({c})" in response]
+    with_brackets = bool(candidates)
+    for form in letter_forms:
+        if candidates:
+            break
+        candidates = [c for c in all_choices if form.format(c) in response]
     if not candidates and len(response.split()) > 5:
         candidates = [c for c in all_choices if index2ans[c].lower() in response.lower()]
         by_content = bool(candidates)
@@ -101,83 +106,9 @@ def mantis_option(answer: str) -> str | None:
     return None
 
 
-def mantis_reference_letter(ref: str) -> str:
-    """The gold letter as Mantis reads it: strip `()` and blanks, else its first letter."""
-    ref = ref.strip("()\n ")
-    if len(ref) != 1:
-        ref = next((c for c in ref if c.isalpha()), ref)
-    return ref.upper()
-
-
 def mantis_choice(raw: str, n_options: int) -> str:
     """The parsed answer: a valid option letter, or the raw text when no valid letter is found."""
     option = mantis_option(mantis_strip(raw))
     if option and ord(option) - ord("A") < n_options:
         return option
     return raw
-
-
-def mantis_correct(raw: str, reference: str, options: Sequence[str], nlvr2: bool = False) -> bool:
-    """Mantis `get_prediction(...)["correct"]` for a multi-choice question."""
-    ref = mantis_reference_letter(reference)
-    option = mantis_option(mantis_strip(raw))
-    if option and ord(option) - ord("A") < len(options):
-        return option == ref
-    # No valid letter: the raw text itself is compared (idempotent on `mantis_choice` output).
-    idx = ord(ref) - ord("A")
-    if not 0 <= idx < len(options):
-        return False
-    gold = options[idx]
-    if nlvr2:
-        low, g = raw.lower(), gold.lower()
-        says_true = "true" in low and "false" not in low
-        says_false = "false" in low and "true" not in low
-        return (says_true and "true" in g) or (says_false and "false" in g)
-    for head in (ref + ".", ref + ":"):
-        if gold.startswith(head):
-            return raw.strip() == gold[len(head) :].strip()
-    if gold.startswith(f"({ref})"):
-        return raw.strip() == gold[len(ref) + 2 :].strip()
-    return raw.strip() == gold.strip()
-
-
-# ------------------------------------------------------- VLMEvalKit (vlmeval/utils/matching_util)
-
-_REFUSALS = (
-    "Sorry, I can't help with images of people yet.",
-    "I can't process this file.",
-    "I'm sorry, but without the image provided",
-    "Cannot determine the answer",
-)
-
-
-def _vlmeval_option(answer: str, choices: Sequence[str]) -> str | None:
-    if "Failed to obtain answer via API" in answer:
-        return None
-    if any(err in answer for err in _REFUSALS):
-        return "Z"
-    mod = answer
-    for ch in ".()[],:;!*#{}":
-        mod = mod.replace(ch, " ")
-    splits = [x.strip() for x in mod.split()]
-    hits = [c for c in choices if c in splits]
-    if len(hits) == 1:
-        # "A" may be the article ("A dog is ..."): a long answer holding the token A is rejected.
-        # Recent VLMEvalKit only does this with VERBOSE set; EVAL.md's run rejected it.
-        if "A" in splits and len(splits) > 3:
-            return None
-        return hits[0]
-    if not hits and ("Z" in splits or "" in splits):
-        return "Z"
-    return None
-
-
-def vlmeval_choice(answer: str, choices: Mapping[str, str]) -> str | None:
-    """VLMEvalKit `can_infer`: a lone option letter, else a lone option text; None if neither."""
-    answer = str(answer)
-    letter = _vlmeval_option(answer, list(choices))
-    if letter:
-        return letter
-    low = answer.lower()
-    hits = [k for k, v in choices.items() if str(v).lower() in low]
-    return hits[0] if len(hits) == 1 else None

@@ -29,7 +29,7 @@ from pathlib import Path
 from lmm.data.sample import BadRecordError, Sample
 from lmm.evaluation.tasks._base import LETTER, GroupedMean, field, image_first, records, resolve
 from lmm.evaluation.tasks._benchmark import Benchmark, same_answer
-from lmm.evaluation.tasks._choices import dotted_options, letters
+from lmm.evaluation.tasks._choices import dotted_options, letters, mmmu_choice
 from lmm.evaluation.tasks.mmmu import new_stream, stream
 
 PADDING = "N/A"
@@ -112,33 +112,9 @@ def _name(value, names: Sequence[str], path, rid: str, what: str) -> str | None:
 def lmms_eval_choice(
     response: str, all_choices: Sequence[str], index2ans: Mapping[str, str], rng: random.Random
 ) -> str:
-    """lmms-eval's Q-Bench `parse_multi_choice_response`: `(X)`, `X `, `X.`, option text, random."""
-    for ch in (",", ".", "!", "?", ";", ":", "'"):
-        response = response.strip(ch)
-    response = " " + response + " "
-
-    by_content = False
-    candidates = [c for c in all_choices if f"({c})" in response]
-    with_brackets = bool(candidates)
-    if not candidates:
-        candidates = [c for c in all_choices if f"{c} " in response]
-    if not candidates:
-        candidates = [c for c in all_choices if f"{c}." in response]
-    if not candidates and len(response.split()) > 5:
-        candidates = [c for c in all_choices if index2ans[c].lower() in response.lower()]
-        by_content = bool(candidates)
-
-    if not candidates:
-        return rng.choice(list(all_choices))
-    if len(candidates) == 1:
-        return candidates[0]
-    if by_content:
-        starts = [response.lower().rfind(index2ans[c].lower()) for c in candidates]
-    elif with_brackets:
-        starts = [response.rfind(f"({c})") for c in candidates]
-    else:  # " X " even when "X " or "X." matched: often -1 for all, and argmax takes the first
-        starts = [response.rfind(f" {c} ") for c in candidates]
-    return candidates[starts.index(max(starts))]
+    """lmms-eval's Q-Bench `parse_multi_choice_response`: `(X)`, `X `, `X.`, option text, random
+    (MMMU's parser with two other bare-letter stages)."""
+    return mmmu_choice(response, all_choices, index2ans, rng, letter_forms=("{} ", "{}."))
 
 
 def parse(
