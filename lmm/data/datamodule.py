@@ -19,7 +19,7 @@ from lmm.data.mixture import Mixture
 from lmm.data.policy import Preprocessing
 from lmm.data.processor import MediaSpec, Processor
 from lmm.data.sample import IMAGE_MARKER, Sample
-from lmm.data.stream import StreamLoader, TrainStream, shuffled
+from lmm.data.stream import StreamLoader, TrainStream, check_pack_tokens, shuffled
 from lmm.data.templates import ChatTemplate
 from lmm.utils.logging import get_logger
 
@@ -104,7 +104,8 @@ class ChatDataModule(L.LightningDataModule):
             max_length: longest sample in tokens; longer ones lose whole rounds from the end.
             seed: seed of the training shuffle.
             allow_outside_root: accept absolute media paths and paths with `..`.
-            pack_tokens: pack training samples into rows of this many tokens (None: pad).
+            pack_tokens: pack training samples into rows of this many tokens (None: pad); at
+                least `max_length`, so that every sample fits a row.
             buffer_size: training samples shuffled and packed together.
             streaming: read the training file with `datasets` streaming instead of into memory.
             on_bad_record: `raise` at the first bad training record, or `skip` and count it.
@@ -122,6 +123,7 @@ class ChatDataModule(L.LightningDataModule):
                 is lmm's.
         """
         super().__init__()
+        check_pack_tokens(pack_tokens, max_length)  # once, before any data is read
         self.template = template
         self.files = {"train": train, "val": val, "test": test, "predict": predict}
         self.root = root

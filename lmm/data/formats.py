@@ -17,6 +17,7 @@ policies. Any other disagreement is an error naming the record.
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -47,32 +48,73 @@ ROLE_NAMES = {
 
 
 def read_records(path: str | Path) -> Iterator[tuple[int, dict | BadRecordError]]:
-    """Yield `(index, record)` from a JSON array file or a JSON-lines file.
+    """Yield `(index, record)` from a JSON array file, a JSON-lines file, or a `.json` file
+    holding one record object. A leading UTF-8 byte-order mark is ignored.
 
     In a JSON-lines file a line that is not UTF-8 or not JSON yields a `BadRecordError` in
-    place of its record (so a run can skip it); a broken JSON array file raises.
+    place of its record (so a run can skip it), with its line number; a `.json` file that is
+    broken JSON as a whole raises a `BadRecordError` naming the file and the position. Lines
+    are read one at a time, so a JSON-lines file is streamed, never held in memory whole.
     """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"data file {path} does not exist")
     with path.open("rb") as f:
-        head = f.read(1024).lstrip()
-    if path.suffix == ".jsonl" or not head.startswith(b"["):
-        with path.open("rb") as f:
-            for i, raw in enumerate(f):
-                if raw.strip():
-                    yield i, _json_line(raw, path, i)
+        head = f.read(1024).removeprefix(_BOM).lstrip()
+    lines = path.suffix == ".jsonl" or not head.startswith((b"[", b"{"))
+    if lines or (head.startswith(b"{") and _first_line_is_json(path)):
+        yield from _json_lines(path)
         return
     try:
-        text = path.read_text(encoding="utf-8")
+        text = path.read_text(encoding="utf-8-sig")
     except UnicodeDecodeError as err:
         raise BadRecordError(
             path, "(whole file)", f"not UTF-8 at byte {err.start}", "re-encode the file as UTF-8"
         ) from err
-    records = json.loads(text)
+    try:
+        records = json.loads(text)
+    except json.JSONDecodeError as err:
+        if head.startswith(b"{"):  # not one object: JSON lines (one object per line)
+            yield from _json_lines(path)
+            return
+        raise BadRecordError(
+            path,
+            "(whole file)",
+            f"invalid JSON at line {err.lineno}, column {err.colno}: {err.msg}",
+            "fix the file there (a trailing comma after the last element is not JSON), "
+            "or write one record per line as JSON lines (.jsonl)",
+        ) from err
+    if isinstance(records, dict):  # a file holding one record
+        yield 0, records
+        return
     if not isinstance(records, list):
-        raise ValueError(f"{path}: expected a JSON array of records, got {type(records).__name__}")
+        raise ValueError(
+            f"{path}: expected a JSON array of records, got a JSON {type(records).__name__}"
+        )
     yield from enumerate(records)
+
+
+_BOM = b"\xef\xbb\xbf"
+
+
+def _first_line_is_json(path: Path) -> bool:
+    """Whether the first line is a whole JSON value: JSON lines, not one object over many lines."""
+    with path.open("rb") as f:
+        first = f.readline().removeprefix(_BOM)
+    try:
+        json.loads(first)
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        return False
+    return True
+
+
+def _json_lines(path: Path) -> Iterator[tuple[int, dict | BadRecordError]]:
+    with path.open("rb") as f:
+        for i, raw in enumerate(f):
+            if i == 0:
+                raw = raw.removeprefix(_BOM)
+            if raw.strip():
+                yield i, _json_line(raw, path, i)
 
 
 def _json_line(raw: bytes, path: Path, i: int) -> dict | BadRecordError:
@@ -193,6 +235,11 @@ def parse_record(
             )
         if not isinstance(text, str):
             raise bad(f"turn {k} has no text content")
+        if role != "system" and not text.strip():
+            raise bad(
+                f"turn {k} ({role}) is empty",
+                "give the turn its text or drop it (a file to answer may end with the user turn)",
+            )
         if media and isinstance(media[0], VideoRef):
             text = text.replace(VIDEO_MARKER, IMAGE_MARKER)
         if media:  # the seeds move markers only in records that have media
@@ -323,14 +370,30 @@ def _classification(record, record_id, source, resolve, bad, check_media, labels
             f"unexpected {extra})",
             "give every declared label a value, or declare the labels the data has",
         )
-    try:
-        target = [float(scores[n]) for n in names]
-    except (TypeError, ValueError) as err:
-        raise bad(f"a label value is not a number: {scores}") from err
+    target = [_score(n, scores[n], bad) for n in names]
     if check_media:
         _check_files(frames, bad)
     meta = {"labels": names, **{k: record[k] for k in ("task", "source") if k in record}}
     return Sample(record_id, [Turn("user", parts)], frames, str(source), meta, target)
+
+
+_FLOAT32_MAX = 3.4028234663852886e38
+
+
+def _score(name: str, value, bad) -> float:
+    """A score label's value: a finite JSON number that float32 holds (targets are float32)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise bad(
+            f"label {name!r} is {value!r} ({type(value).__name__}), not a number",
+            "write the score as a JSON number, e.g. 3 or 2.5 (not a string or a boolean)",
+        )
+    if not math.isfinite(value) or abs(value) > _FLOAT32_MAX:
+        raise bad(
+            f"label {name!r} is {value!r}, not a finite float32 number (the loss would be NaN "
+            "or infinite from the first step)",
+            "give a finite score, or drop the record",
+        )
+    return float(value)
 
 
 def iter_samples(
@@ -348,8 +411,16 @@ def iter_samples(
             yield err
 
 
-def stream_records(path: str | Path) -> Iterator[tuple[int, dict]]:
-    """Records of a json/jsonl file streamed with `datasets` (for data larger than memory)."""
+def stream_records(path: str | Path) -> Iterator[tuple[int, dict | BadRecordError]]:
+    """Records of a json/jsonl file for data larger than memory.
+
+    A local file is read by `read_records`, which streams JSON lines one line at a time and
+    turns a malformed or non-UTF-8 line into a bad record naming its line (`datasets` raised
+    at such a line and could not go on); any other path is streamed with `datasets`.
+    """
+    if Path(path).is_file():
+        yield from read_records(path)
+        return
     from datasets import load_dataset
 
     dataset = load_dataset("json", data_files=str(path), split="train", streaming=True)

@@ -36,6 +36,21 @@ log = get_logger(__name__)
 Records = Callable[[int], Iterable[Sample | BadRecordError]]  # epoch -> samples
 
 
+class NoUsableRecordsError(RuntimeError):
+    """The stream cannot yield a batch: every record of an epoch (or of a batch) was bad.
+
+    With `on_bad_record: skip` an epoch without a batch would start the next one, and the
+    next, forever; the stream stops with this error instead, naming the bad records.
+    """
+
+
+def _summary(errors: Sequence[BadRecordError], total: int, limit: int = 5) -> str:
+    lines = [f"  {err}" for err in errors[:limit]]
+    if total > len(lines):
+        lines.append(f"  ... and {total - len(lines)} more")
+    return "\n".join(lines)
+
+
 @dataclass
 class Planned:
     """One batch of the plan: its rows of samples and its position in the epoch."""
@@ -74,6 +89,7 @@ class TrainStream(IterableDataset):
         """
         if on_bad_record not in ("raise", "skip"):
             raise ValueError(f"on_bad_record must be 'raise' or 'skip', got {on_bad_record!r}")
+        check_pack_tokens(pack_tokens, processor.max_length)
         self.samples = samples
         self.processor = processor
         self.batch_size = batch_size
@@ -82,6 +98,7 @@ class TrainStream(IterableDataset):
         self.seed = seed
         self.on_bad_record = on_bad_record
         self.group_by_modality_length = group_by_modality_length
+        self._errors: list[BadRecordError] = []  # the first bad records skipped, to name
         self.epoch = 0
         self.start = 0  # first batch of the epoch to hand out (resume)
         self.rank, self.world_size = 0, 1  # data-parallel rank: takes rows rank::world_size
@@ -94,6 +111,9 @@ class TrainStream(IterableDataset):
         if self.on_bad_record == "raise" and not isinstance(err, SkippedRecord):
             raise err
         log.debug("skipped: %s", err)
+        self._errors.append(err)
+        if len(self._errors) > 5:  # only the first few are named in an error
+            self._errors.pop()
 
     def plan(self) -> Iterator[Planned]:
         """The epoch's batches as rows of samples, without loading any image.
@@ -102,6 +122,8 @@ class TrainStream(IterableDataset):
         the epoch's last is full.
         """
         index, skipped = 0, 0
+        self._errors = []
+        n_bad = 0
         items = iter(self.samples(self.epoch))
         step = self.batch_size * self.world_size  # one global batch: every rank's rows
         pending: list[list[Sample]] = []
@@ -111,6 +133,7 @@ class TrainStream(IterableDataset):
                 if isinstance(item, BadRecordError):
                     self._bad(item)
                     skipped += 1
+                    n_bad += 1
                     continue
                 block.append(item)
                 if len(block) == self.buffer_size:
@@ -119,7 +142,9 @@ class TrainStream(IterableDataset):
             if block:
                 rng = np.random.default_rng([self.seed, self.epoch, block_no])
                 shuffled = [block[i] for i in rng.permutation(len(block))]
+                before = skipped
                 rows, lengths, skipped = self._rows(shuffled, skipped, rng)
+                n_bad += skipped - before
                 if self.group_by_modality_length and self.pack_tokens is None:
                     # batches of one modality each, partial ones included: never mixed
                     media = [bool(r[0].images) for r in rows]
@@ -132,7 +157,23 @@ class TrainStream(IterableDataset):
                 yield Planned(index, pending[:step], skipped)
                 pending, index, skipped = pending[step:], index + 1, 0
             if last:
+                if index == 0:
+                    self._no_batch(n_bad)
                 return
+
+    def _no_batch(self, n_bad: int) -> None:
+        if n_bad == 0:
+            raise NoUsableRecordsError(
+                f"epoch {self.epoch} of the training data has no records. Fix: check data.train "
+                "(an empty file, or a mixture whose sources are all empty)"
+            )
+        raise NoUsableRecordsError(
+            f"epoch {self.epoch}: every one of the {n_bad} training records is bad, so there is "
+            f"nothing to train on (on_bad_record: skip skipped them all):\n"
+            f"{_summary(self._errors, n_bad)}\n"
+            "Fix: repair the records (`lmm data check` lists them) or point data.train at "
+            "the right file"
+        )
 
     def _rows(
         self, samples: list[Sample], skipped: int, rng: np.random.Generator
@@ -173,6 +214,7 @@ class TrainStream(IterableDataset):
         masked = not mine
         rows: list[list[Features]] = []
         skipped = planned.skipped if self.rank == 0 else 0
+        lost: list[BadRecordError] = []
         for row in mine or planned.rows[:1]:
             feats = []
             for sample in row:
@@ -180,11 +222,19 @@ class TrainStream(IterableDataset):
                     feats.append(self.processor(sample))
                 except BadRecordError as err:
                     self._bad(err)
+                    lost.append(err)
                     skipped += 1
             if feats:
                 rows.append(feats)
         if not rows:
-            raise RuntimeError(f"batch {planned.index} lost every sample to bad records")
+            # Dropping the batch would shift every later batch between workers and ranks (the
+            # plan is their shared order), so a batch of bad records stops the run, naming them.
+            raise NoUsableRecordsError(
+                f"batch {planned.index} of epoch {self.epoch} lost every sample to bad records "
+                f"(on_bad_record: skip cannot drop a whole batch):\n"
+                f"{_summary(lost, len(lost))}\n"
+                "Fix: repair or remove these records (`lmm data check` lists them)"
+            )
         if self._pack is not None:
             batch = self._pack.collate_rows(rows)
         else:
@@ -194,6 +244,16 @@ class TrainStream(IterableDataset):
         batch.stream_position = (self.epoch, planned.index)
         batch.skipped = skipped
         return batch
+
+
+def check_pack_tokens(pack_tokens: int | None, max_length: int) -> None:
+    """Refuse packed rows shorter than the longest sample: such a sample fits no row."""
+    if pack_tokens is not None and pack_tokens < max_length:
+        raise ValueError(
+            f"data.pack_tokens={pack_tokens} is smaller than data.max_length={max_length}: a "
+            f"sample of up to {max_length} tokens would fit no packed row. Fix: set "
+            f"pack_tokens >= max_length, or lower max_length to {pack_tokens}"
+        )
 
 
 def group_by_modality_length(

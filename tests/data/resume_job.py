@@ -55,6 +55,7 @@ def main() -> None:
         batch_size=2,
         num_workers=2,
         pack_tokens=160,
+        max_length=160,
         buffer_size=8,
         streaming=True,
         seed=3,

@@ -8,17 +8,19 @@ truncated and too-short videos at the reader level (test_video.py).
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
 from PIL import Image
 
 from lmm.data import media
+from lmm.data.datamodule import ChatDataModule
 from lmm.data.formats import load_samples, read_records
 from lmm.data.media import ImageTransform
 from lmm.data.processor import MediaSpec, Processor
 from lmm.data.sample import BadRecordError
-from lmm.data.stream import TrainStream
+from lmm.data.stream import NoUsableRecordsError, TrainStream
 from lmm.data.templates import Llama3
 from lmm.data.tokenization import load_tokenizer
 from tests.data.test_video import write_video
@@ -151,3 +153,198 @@ def test_skip_counts_bad_records(folder, processor):
     assert sum(b.skipped for b in batches) == 3
     with pytest.raises(BadRecordError, match="'gone'"):
         list(TrainStream(source, processor, batch_size=2, on_bad_record="raise"))
+
+
+# --- issue 17: nothing hangs, nothing silently wrong ------------------------------------
+
+
+def _stream(path: Path, processor, on_bad_record: str, **kwargs) -> TrainStream:
+    from lmm.data.formats import iter_samples
+
+    def source(epoch):
+        return iter_samples(read_records(path), source=path)
+
+    return TrainStream(source, processor, on_bad_record=on_bad_record, **kwargs)
+
+
+def _skips(path: Path, processor, batch_size: int = 2) -> tuple[list[str], int]:
+    """The ids trained and the records counted as skipped in one epoch with `skip`."""
+    batches = list(_stream(path, processor, "skip", batch_size=batch_size, buffer_size=16))
+    return [i for b in batches for i in b.ids], sum(b.skipped for b in batches)
+
+
+def test_skip_with_every_record_bad_stops_naming_them(folder, processor):
+    path = _write(folder, [_chat(f"gone{i}", image="missing.png") for i in range(3)])
+    with pytest.raises(NoUsableRecordsError, match="every one of the 3 training records") as err:
+        list(_stream(path, processor, "skip", batch_size=2))
+    assert "'gone0'" in str(err.value) and str(path) in str(err.value)
+    assert "Fix:" in str(err.value)
+    with pytest.raises(BadRecordError, match="'gone0'"):
+        list(_stream(path, processor, "raise", batch_size=2))
+
+
+def test_empty_training_file_stops(folder, processor):
+    path = folder / "empty.jsonl"
+    path.write_text("\n")
+    with pytest.raises(NoUsableRecordsError, match="has no records"):
+        list(_stream(path, processor, "skip", batch_size=2))
+
+
+@pytest.mark.parametrize("name", ["data.json", "data.jsonl"])
+def test_byte_order_mark(folder, name):
+    records = [_chat("b0", image="ok.png"), _chat("b1", image="ok.png")]
+    path = folder / name
+    if name.endswith(".jsonl"):
+        text = "".join(json.dumps(r) + "\n" for r in records)
+    else:
+        text = json.dumps(records, indent=2)
+    path.write_bytes(b"\xef\xbb\xbf" + text.encode())
+    assert [s.id for s in load_samples(path)] == ["b0", "b1"]
+
+
+@pytest.mark.parametrize("bom", [b"", b"\xef\xbb\xbf"])
+def test_json_file_holding_one_object(folder, bom):
+    path = folder / "one.json"
+    path.write_bytes(bom + json.dumps(_chat("solo", image="ok.png"), indent=2).encode())
+    [sample] = load_samples(path)
+    assert sample.id == "solo" and sample.turns[1].text == "green"
+
+
+def test_json_array_with_trailing_comma_names_the_file(folder):
+    path = folder / "data.json"
+    path.write_text("[\n" + json.dumps(_chat("t0", image="ok.png")) + ",\n]\n")
+    with pytest.raises(BadRecordError, match=r"invalid JSON at line 3, column 1") as err:
+        load_samples(path)
+    assert str(path) in str(err.value) and "trailing comma" in str(err.value)
+
+
+def test_batch_of_only_bad_records_names_them(folder, processor):
+    (folder / "fake.png").write_text("not an image")
+    path = _write(folder, [_chat("fake1", image="fake.png"), _chat("fake2", image="fake.png")])
+    with pytest.raises(NoUsableRecordsError, match="lost every sample") as err:
+        list(_stream(path, processor, "skip", batch_size=2))
+    assert "'fake1'" in str(err.value) and "'fake2'" in str(err.value)
+    assert str(path) in str(err.value)
+    with pytest.raises(BadRecordError, match="'fake"):
+        list(_stream(path, processor, "raise", batch_size=2))
+
+
+def _streaming_data(folder: Path, processor, on_bad_record: str) -> ChatDataModule:
+    good = [json.dumps(_chat(f"s{i}", image="ok.png")).encode() for i in range(3)]
+    lines = [
+        good[0],
+        b'{"id": "s-broken", "conversation": [',
+        good[1],
+        b'{"id": "caf\xe9"}',
+        good[2],
+    ]
+    path = folder / "train.jsonl"
+    path.write_bytes(b"\n".join(lines) + b"\n")
+    dm = ChatDataModule(
+        Llama3(), train=str(path), streaming=True, batch_size=2, on_bad_record=on_bad_record
+    )
+    dm.connect(processor.tokenizer, _Spec())
+    return dm
+
+
+def test_streaming_malformed_and_non_utf8_lines(folder, processor):
+    batches = list(_streaming_data(folder, processor, "skip").train_stream())
+    assert sorted(i for b in batches for i in b.ids) == ["s0", "s1", "s2"]
+    assert sum(b.skipped for b in batches) == 2
+    with pytest.raises(BadRecordError, match="'line 2'.*invalid JSON") as err:
+        list(_streaming_data(folder, processor, "raise").train_stream())
+    assert "train.jsonl" in str(err.value)
+
+
+def test_pack_tokens_below_max_length_refused(folder):
+    path = _write(folder, [_chat("p0", image="ok.png")])
+    with pytest.raises(ValueError, match="pack_tokens=64 is smaller than data.max_length=256"):
+        ChatDataModule(Llama3(), train=str(path), pack_tokens=64, max_length=256)
+    ChatDataModule(Llama3(), train=str(path), pack_tokens=256, max_length=256)  # equal is fine
+
+
+def _scored(rid: str, value) -> dict:
+    return {"id": rid, "images": ["ok.png"], "prompt": "<image> rate it", "labels": {"q": value}}
+
+
+@pytest.mark.parametrize(
+    ("value", "problem"),
+    [
+        ("3", "not a number"),
+        (True, "not a number"),
+        (None, "not a number"),
+        (float("nan"), "not a finite float32"),
+        (float("inf"), "not a finite float32"),
+        (float("-inf"), "not a finite float32"),
+        (1e39, "not a finite float32"),
+        (10**40, "not a finite float32"),
+    ],
+)
+def test_score_label_must_be_a_finite_number(folder, processor, value, problem):
+    path = folder / "scores.jsonl"
+    records = [_chat("c0", image="ok.png"), _scored("bad", value), _chat("c1", image="ok.png")]
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    with pytest.raises(BadRecordError, match=f"label 'q' is .*{problem}") as err:
+        load_samples(path, labels=["q"])
+    _names(err.value, path, "bad")
+    ids, skipped = _skips(path, processor)
+    assert sorted(ids) == ["c0", "c1"] and skipped == 1
+
+
+def test_score_label_numbers_are_kept(folder):
+    path = _write(folder, [_scored("g", 2), _scored("h", -3.4e38)])
+    assert [s.target for s in load_samples(path, labels=["q"])] == [[2.0], [-3.4e38]]
+
+
+@pytest.mark.parametrize(
+    ("user", "answer", "turn"),
+    [
+        ("", "green", "turn 0 (user)"),
+        ("<image>\nColour?", "", "turn 1 (assistant)"),
+        ("<image>\nColour?", "  \n", "turn 1 (assistant)"),
+    ],
+)
+def test_empty_turn_is_a_bad_record(folder, processor, user, answer, turn):
+    records = [_chat("k0", image="ok.png"), _chat("empty", user, answer, image="ok.png")]
+    path = _write(folder, records)
+    with pytest.raises(BadRecordError, match=rf"{re.escape(turn)} is empty") as err:
+        load_samples(path)
+    _names(err.value, path, "empty")
+    ids, skipped = _skips(path, processor)
+    assert ids == ["k0"] and skipped == 1
+
+
+_FIT = """
+import sys, torch
+from pathlib import Path
+from tests.helpers import quiet_trainer, tiny_data, tiny_llava
+assets = {k: Path(sys.argv[1]) / k for k in ("tokenizer", "llm", "vision")}
+module = tiny_llava(assets)
+data = tiny_data(Path(sys.argv[2]), module, batch_size=2, on_bad_record="skip")
+quiet_trainer(Path(sys.argv[2]), max_steps=3, callbacks=[]).fit(module, datamodule=data)
+"""
+
+
+def test_fit_with_skip_on_all_bad_records_ends_with_a_clear_error(tiny_assets, tmp_path):
+    import subprocess
+    import sys
+    import time
+
+    data = tmp_path / "data"
+    data.mkdir()
+    bad = [_chat(f"gone{i}", image="missing.png") for i in range(4)]
+    for split in ("train", "val", "test"):
+        _write(data, bad if split == "train" else [], f"{split}.json")
+    root = tiny_assets["tokenizer"].parent
+    start = time.monotonic()
+    run = subprocess.run(
+        [sys.executable, "-c", _FIT, str(root), str(data)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=Path(__file__).parents[2],
+    )
+    assert time.monotonic() - start < 60
+    assert run.returncode != 0
+    assert "every one of the 4 training records is bad" in run.stderr, run.stderr[-3000:]
+    assert "'gone0'" in run.stderr and "train.json" in run.stderr

@@ -25,7 +25,7 @@ def test_mixture_yaml_trains_through_the_stream(tiny_assets, synthetic_data, tmp
 
 def test_packed_stream_fills_rows(tiny_assets, synthetic_data):
     module = tiny_llava(tiny_assets)
-    dm = tiny_data(synthetic_data, module, batch_size=4, pack_tokens=200)
+    dm = tiny_data(synthetic_data, module, batch_size=4, pack_tokens=200, max_length=200)
     batches = list(dm.train_stream())
     samples = sum(len(lens) for b in batches for lens in b.seq_lens) - sum(
         lens.count(1) for b in batches for lens in b.seq_lens
