@@ -152,15 +152,27 @@ def _split_markers(text: str, next_index: int) -> tuple[list[Part], int]:
 
 
 def _resolve(rel: str, root: Path, source: Path, record_id: str, allow_outside_root: bool) -> Path:
+    """`root / rel`; unless `allow_outside_root`, a BadRecordError when it leaves the root: an
+    absolute path, a `..`, or a symlink (any part of it) pointing outside the root."""
     path = Path(rel)
-    if not allow_outside_root and (path.is_absolute() or ".." in path.parts):
+    if allow_outside_root:
+        return path if path.is_absolute() else root / path
+    fix = "use a path relative to the data root, or set allow_outside_root: true in the recipe"
+    if path.is_absolute() or ".." in path.parts:
+        raise BadRecordError(
+            source, record_id, f"media path {rel!r} is absolute or leaves the data root {root}", fix
+        )
+    full = root / path
+    # Symlinks are resolved before the check: a link inside the root may point anywhere.
+    real = full.resolve()
+    if not real.is_relative_to(root.resolve()):
         raise BadRecordError(
             source,
             record_id,
-            f"media path {rel!r} is absolute or leaves the data root {root}",
-            "use a path relative to the data root, or set allow_outside_root: true in the recipe",
+            f"media path {rel!r} is a symlink to {real}, outside the data root {root}",
+            fix,
         )
-    return path if path.is_absolute() else root / path
+    return full
 
 
 def parse_record(

@@ -12,6 +12,7 @@ from typing import Any, Literal
 import numpy as np
 from PIL import Image
 
+from lmm.data import media
 from lmm.data.sample import BadRecordError
 from lmm.utils.logging import get_logger
 
@@ -157,6 +158,7 @@ class VideoReader:
         """Call the decord implementation of `op`, falling back to PyAV under `auto`."""
         if not path.is_file():
             raise FileNotFoundError(f"video file not found: {path}")
+        _refuse_images(path)
         if self._decord is not None:
             try:
                 return getattr(self, f"_decord_{op}")(path, *args)
@@ -208,6 +210,13 @@ class VideoReader:
         if not container.streams.video:
             container.close()
             raise VideoError(f"{path}: the file has no video stream")
+        fmt = container.format.name
+        if fmt == "image2" or fmt.endswith("_pipe"):  # FFmpeg's still-image demuxers
+            container.close()
+            raise VideoError(
+                f"{path}: FFmpeg reads it as a still image ({fmt}), not a video; give it as "
+                "an image (the record's `image` field) or fix the file"
+            )
         stream = container.streams.video[0]
         stream.codec_context.thread_count = self.num_threads
         return container
@@ -308,6 +317,19 @@ class VideoReader:
         return np.stack([out[i] for i in idx])
 
 
+def _refuse_images(path: Path) -> None:
+    """VideoError when the content is a still image: a PNG named `.mp4` is not a 1-frame video.
+
+    GIF passes: animated GIFs are videos in some datasets (TGIF-QA).
+    """
+    kind = media.sniff_media(path)
+    if kind is not None and not kind[1] and kind[0] != "a GIF image":
+        raise VideoError(
+            f"{path}: the file is {kind[0]}, not a video; give it as an image (the record's "
+            "`image` field) or fix the file"
+        )
+
+
 def _first_line(e: BaseException) -> str:
     """An exception's message, first line only (decord appends C++ stack traces)."""
     if getattr(e, "strerror", None):  # FFmpeg errors: the reason without errno and path
@@ -359,6 +381,7 @@ def load_video(
     indices = sample_indices(
         info.num_frames, info.avg_fps, strategy=strategy, max_frames=max_frames, fps=fps
     )
+    _check_frame_budget(info, len(indices), path, source, record_id)
     if len(indices) < min_frames:
         if len(indices) == info.num_frames:
             problem = f"video {path} has {info.num_frames} frames but min_frames={min_frames}"
@@ -375,4 +398,37 @@ def load_video(
         frames = reader.read(path, indices)  # [k, H, W, 3] uint8
     except VideoError as e:
         raise BadRecordError(source, record_id, f"cannot decode video: {e}", reencode) from e
+    except MemoryError as e:
+        raise BadRecordError(
+            source,
+            record_id,
+            f"out of memory decoding {len(indices)} frames of {info.width}x{info.height} "
+            f"from video {path}",
+            "sample fewer frames, resize the video or use fewer workers",
+        ) from e
     return [Image.fromarray(f) for f in frames]
+
+
+def _check_frame_budget(
+    info: VideoInfo, k: int, path: Path, source: str | Path, record_id: str
+) -> None:
+    """BadRecordError when the header's frame size breaks the image budgets of lmm.data.media
+    (pixels, side, decoded bytes for `k` RGB frames), before any frame is decoded."""
+    w, h = info.width, info.height
+    if w * h > media.MAX_IMAGE_PIXELS or max(w, h) > media.MAX_IMAGE_SIDE:
+        raise BadRecordError(
+            source,
+            record_id,
+            f"video {path} has {w}x{h} frames, more than the limits of "
+            f"{media.MAX_IMAGE_PIXELS} pixels and {media.MAX_IMAGE_SIDE} per side",
+            "resize the video, or raise lmm.data.media.MAX_IMAGE_PIXELS / MAX_IMAGE_SIDE",
+        )
+    need = k * media.decode_bytes("RGB", w, h)
+    if need > media.MAX_DECODE_BYTES:
+        raise BadRecordError(
+            source,
+            record_id,
+            f"{k} frames of {w}x{h} from video {path} take {need} bytes to decode, more than "
+            f"the limit of {media.MAX_DECODE_BYTES}",
+            "sample fewer frames, resize the video or raise lmm.data.media.MAX_DECODE_BYTES",
+        )

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -93,7 +94,8 @@ def data(synthetic_data, tmp_path_factory) -> Path:
     ]
     ordered = [records[0], text[0], records[1], text[1], *records[2:]]
     out = tmp_path_factory.mktemp("fsdp_data")
-    (out / "images").symlink_to(synthetic_data / "images")
+    # a copy: a symlink out of the data root is refused (lmm.data.formats._resolve)
+    shutil.copytree(synthetic_data / "images", out / "images")
     (out / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in ordered))
     return out
 
