@@ -40,6 +40,20 @@ class LMMCLI(LightningCLI):
         with empty_init(bool(config and config.get("model.init_args.fsdp.meta_init"))):
             super().instantiate_classes()
 
+    def _parse_ckpt_path(self) -> None:
+        """Check `--ckpt_path` (readable, hashes intact: `load_checkpoint_file`) before
+        Lightning reads it (here, for hyperparameters, and again to restore), so a bad file
+        gives lmm's named error, not torch's."""
+        subcommand = self.config.get("subcommand")
+        ckpt_path = self.config[subcommand].get("ckpt_path") if subcommand else None
+        special = ckpt_path in ("last", "best", "hpc") or str(ckpt_path).startswith("registry")
+        if ckpt_path and not special and "://" not in str(ckpt_path):
+            from lmm.training.checkpoint import load_checkpoint_file
+
+            if "hyper_parameters" not in load_checkpoint_file(ckpt_path, mmap=True):
+                return  # nothing for Lightning to read here: the file is read once less
+        super()._parse_ckpt_path()
+
 
 def synth(argv: list[str]) -> None:
     """`lmm synth`: write the synthetic shapes dataset (see `lmm synth --help`)."""

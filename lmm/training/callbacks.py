@@ -1,5 +1,5 @@
 """Callbacks every `LMMModule` brings along (`configure_callbacks`): the data connected to the
-model, RNG state, skipped records."""
+model, RNG state, skipped records, a stop on a non-finite loss, checkpoint hashes."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ import numpy as np
 import torch
 
 from lmm.data.batch import Batch
+from lmm.training.checkpoint import add_hashes, verified, verify_hashes
 from lmm.utils.logging import get_logger
 
 log = get_logger(__name__)
@@ -80,3 +81,74 @@ class SkippedRecords(L.Callback):
                 trainer.current_epoch,
                 self.skipped,
             )
+
+
+class CheckpointHashes(L.Callback):
+    """Writes the hash of every tensor and value into each checkpoint (`lmm_hashes`) and checks
+    them when Lightning loads one (`--ckpt_path`, `ckpt_path="last"`), unless
+    `load_checkpoint_file` already checked that file. Last in the callback list, so the
+    entries other callbacks add (RNG state) are covered."""
+
+    def on_save_checkpoint(self, trainer, module, checkpoint: dict) -> None:
+        add_hashes(checkpoint)
+
+    def on_load_checkpoint(self, trainer, module, checkpoint: dict) -> None:
+        path = trainer.ckpt_path if trainer is not None else None
+        if path is None or not verified(path):
+            verify_hashes(checkpoint, path or "<loaded by Lightning>")
+
+
+class NonFiniteLoss(L.Callback):
+    """Stops training when a batch's loss is NaN or infinite, naming the batch's record ids,
+    before its backward pass and optimizer step (the weights stay as they were).
+
+    On by default (`LMMModule.configure_callbacks`); a recipe's
+    `trainer.callbacks: [{class_path: lmm.training.callbacks.NonFiniteLoss, init_args:
+    {enabled: false}}]` is used instead of the default one (`unless_configured`). With several ranks the decision is shared,
+    so every rank stops together.
+    """
+
+    def __init__(self, enabled: bool = True):
+        """
+        Args:
+            enabled: raise on a non-finite training loss (False: train on, as Lightning does).
+        """
+        self.enabled = enabled
+        self._batch: Batch | None = None
+        self._batch_idx = -1
+
+    @classmethod
+    def unless_configured(cls, trainer) -> NonFiniteLoss:
+        """The trainer's own `NonFiniteLoss` (from a recipe's `trainer.callbacks`), else the
+        default: Lightning lets a module's callbacks replace the trainer's of the same type."""
+        for callback in getattr(trainer, "callbacks", None) or []:
+            if isinstance(callback, cls):
+                return callback
+        return cls()
+
+    def on_train_batch_start(self, trainer, module, batch: Batch, batch_idx: int) -> None:
+        self._batch, self._batch_idx = batch, batch_idx
+
+    def on_before_backward(self, trainer, module, loss: torch.Tensor) -> None:
+        if not self.enabled:
+            return
+        bad = not bool(torch.isfinite(loss.detach()).all())
+        if trainer is not None and trainer.world_size > 1:
+            anywhere = trainer.strategy.reduce_boolean_decision(bad, all=False)
+        else:
+            anywhere = bad
+        if not anywhere:
+            return
+        ids = list(getattr(self._batch, "ids", []) or [])
+        step = trainer.global_step if trainer is not None else "?"
+        where = (
+            f"records {ids}"
+            if bad
+            else f"another rank's batch (this rank's records {ids} are finite)"
+        )
+        raise FloatingPointError(
+            f"training loss is {loss.detach().float().item()} at step {step} (batch "
+            f"{self._batch_idx}): {where}. Fix: check those records' labels and scores (NaN, "
+            "inf, out of range), or lower the learning rate / use bf16 or fp32 if the loss "
+            "diverged; `lmm data check` validates the records"
+        )

@@ -1,17 +1,23 @@
-"""Checkpoints: atomic writes, clear errors for truncated files, weights-only loading, stage init.
+"""Checkpoints: atomic writes, content hashes, clear errors for bad files, stage init.
 
 `AtomicCheckpointIO` writes to a temporary file in the same folder and renames it over the
-target, so a process killed mid-write leaves the previous checkpoint intact. Loading always
-uses `torch.load(weights_only=True)` and turns a truncated or corrupt file into an error
-that names it.
+target, so a process killed mid-write leaves the previous checkpoint intact. Every checkpoint
+carries a hash of each tensor and value it holds (`lmm_hashes`, written by `add_hashes`: the
+`CheckpointHashes` callback and `AtomicCheckpointIO`); `load_checkpoint_file`, which every load
+path uses, checks them. Loading always uses `torch.load(weights_only=True)`; an empty,
+truncated, corrupt or altered file raises `CheckpointError` naming the file (and the first
+entry that differs).
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
+import pickle
 import re
 import tempfile
-from collections.abc import Sequence
+import zipfile
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -26,27 +32,162 @@ log = get_logger(__name__)
 
 
 class CheckpointError(RuntimeError):
-    """A checkpoint file that cannot be read."""
+    """A checkpoint file that cannot be read, or whose content is not what was written."""
 
 
-def load_checkpoint_file(path: str | Path) -> dict[str, Any]:
-    """`torch.load(path, weights_only=True)`, or safetensors; a bad file raises `CheckpointError`."""
+class CheckpointIntegrityError(CheckpointError):
+    """A checkpoint whose tensors or values differ from the hashes written with it."""
+
+
+HASHES = "lmm_hashes"
+_ALGORITHM = "blake2b-128"
+_FIX = "the file was damaged after it was written (disk, copy, transfer): resume from an earlier "
+_FIX += "checkpoint or copy it again"
+# files whose hashes matched, by (path, size, mtime): a run that checked the file before
+# Lightning loads it does not hash it twice
+_verified: set[tuple[str, int, int]] = set()
+
+
+def _leaves(obj: Any, path: str = "") -> Iterator[tuple[str, Any]]:
+    """(`a/b/0/c`, value) for every tensor and plain value inside dicts, lists and tuples."""
+    if isinstance(obj, dict):
+        for key, value in obj.items():
+            if path == "" and key == HASHES:
+                continue
+            yield from _leaves(value, f"{path}/{key}" if path else str(key))
+    elif isinstance(obj, list | tuple):
+        for i, value in enumerate(obj):
+            yield from _leaves(value, f"{path}/{i}")
+    else:
+        yield path, obj
+
+
+def _digest(value: Any) -> str | None:
+    """Hash of a tensor's dtype, shape and bytes, or of a plain value's type and repr; None for
+    what cannot be hashed here (sharded DTensors, meta tensors)."""
+    h = hashlib.blake2b(digest_size=16)
+    if isinstance(value, torch.Tensor):
+        if type(value) is not torch.Tensor and not isinstance(value, nn.Parameter):
+            return None  # DTensor and other subclasses: their bytes are on other ranks
+        if value.is_meta:
+            return None
+        t = value.detach().cpu().contiguous().reshape(-1)
+        h.update(f"{t.dtype}{tuple(value.shape)}".encode())
+        h.update(t.view(torch.uint8).numpy().data if t.numel() else b"")
+    elif value is None or isinstance(value, bool | int | float | str | bytes):
+        h.update(f"{type(value).__name__}:{value!r}".encode())
+    else:
+        h.update(type(value).__qualname__.encode())  # repr may hold an address
+    return h.hexdigest()
+
+
+def add_hashes(checkpoint: dict) -> dict:
+    """Write `checkpoint["lmm_hashes"]`: the hash of every tensor and plain value in it."""
+    hashes = {}
+    for path, value in _leaves(checkpoint):
+        digest = _digest(value)
+        if digest is not None:
+            hashes[path] = digest
+    checkpoint[HASHES] = {"algorithm": _ALGORITHM, "entries": hashes}
+    return checkpoint
+
+
+def verify_hashes(checkpoint: dict, path: str | Path) -> None:
+    """Check `checkpoint` against its `lmm_hashes`; `CheckpointIntegrityError` names the first
+    entry that differs. A checkpoint without hashes (another tool's, or older) is logged."""
+    stored = checkpoint.get(HASHES)
+    if stored is None:
+        log.warning("checkpoint %s has no %s: its content cannot be verified", path, HASHES)
+        return
+    if not isinstance(stored, dict) or stored.get("algorithm") != _ALGORITHM:
+        raise CheckpointIntegrityError(
+            f"checkpoint {path}: {HASHES} is unreadable (expected algorithm {_ALGORITHM!r}); {_FIX}"
+        )
+    expected: dict = stored.get("entries", {})
+    seen, differ = set(), []
+    for name, value in _leaves(checkpoint):
+        if name in expected:
+            seen.add(name)
+            if _digest(value) != expected[name]:
+                differ.append(name)
+    missing = [name for name in expected if name not in seen]
+    if differ or missing:
+        what = (
+            f"entry {differ[0]!r} differs from the hash written with it"
+            if differ
+            else f"entry {missing[0]!r} is missing"
+        )
+        raise CheckpointIntegrityError(
+            f"checkpoint {path}: {what} ({len(differ)} entries differ, {len(missing)} missing, "
+            f"of {len(expected)}); {_FIX}"
+        )
+
+
+def _check_pickle_crc(path: Path) -> None:
+    """Read the pickle of a zip checkpoint through `zipfile`, which checks its CRC-32: a changed
+    byte there (a key, a plain value, the hashes themselves) is caught even where it still
+    unpickles. Tensors are covered by `lmm_hashes`; a file that is no zip is left to torch."""
+    if not zipfile.is_zipfile(path):
+        return
+    with zipfile.ZipFile(path) as archive:
+        for info in archive.infolist():
+            if info.filename.endswith("/data.pkl"):
+                archive.read(info)  # BadZipFile on a CRC mismatch
+
+
+def _unreadable(path: Path, err: Exception) -> CheckpointError:
+    size = path.stat().st_size
+    reason = f"{type(err).__name__}: {err}"
+    if isinstance(err, pickle.UnpicklingError):
+        # torch's message advises weights_only=False; the part that says what failed is last
+        reason = "the pickle is corrupt or holds objects other than tensors and plain values ("
+        reason += str(err).split("WeightsUnpickler error:")[-1].strip().splitlines()[0] + ")"
+    return CheckpointError(
+        f"checkpoint {path} ({size} bytes) cannot be read ({reason}); it is probably truncated "
+        "(a write was interrupted) or corrupt: resume from an earlier checkpoint"
+    )
+
+
+def load_checkpoint_file(path: str | Path, verify: bool = True, mmap: bool = False) -> dict:
+    """`torch.load(path, weights_only=True)`, or safetensors, with its hashes checked
+    (`verify`); a bad file raises `CheckpointError`. `mmap` maps tensors instead of reading
+    them (a check that does not hold a second copy in memory)."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint {path} does not exist")
+    stat = path.stat()
+    if stat.st_size == 0:
+        raise CheckpointError(
+            f"checkpoint {path} is empty (0 bytes): a write was interrupted or the disk was "
+            "full; resume from an earlier checkpoint"
+        )
     try:
         if path.suffix == ".safetensors":
             from safetensors.torch import load_file
 
             return {"state_dict": load_file(str(path))}
-        return torch.load(path, map_location="cpu", weights_only=True)
+        _check_pickle_crc(path)
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except Exception as err:  # zipfile, pickle and safetensors raise several types
-        size = path.stat().st_size
+        raise _unreadable(path, err) from err
+    if not isinstance(checkpoint, dict):
         raise CheckpointError(
-            f"checkpoint {path} ({size} bytes) cannot be read ({type(err).__name__}: {err}); "
-            "it is probably truncated (a write was interrupted) or corrupt: resume from an "
-            "earlier checkpoint"
-        ) from err
+            f"checkpoint {path} holds a {type(checkpoint).__name__}, not a dict of weights; "
+            "expected a Lightning checkpoint or a state dict"
+        )
+    if verify:
+        verify_hashes(checkpoint, path)
+        _verified.add((str(path.resolve()), stat.st_size, stat.st_mtime_ns))
+    return checkpoint
+
+
+def verified(path: str | Path) -> bool:
+    """Whether `load_checkpoint_file` checked this file, unchanged since, in this process."""
+    path = Path(path)
+    if not path.is_file():
+        return False
+    stat = path.stat()
+    return (str(path.resolve()), stat.st_size, stat.st_mtime_ns) in _verified
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
@@ -57,6 +198,8 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         get_filesystem(path).makedirs(str(path.parent), exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
         os.close(fd)
+        if HASHES not in checkpoint:
+            add_hashes(checkpoint)
         try:
             torch.save(checkpoint, tmp)
             os.replace(tmp, path)  # atomic on POSIX: readers see the old or the new file
@@ -81,6 +224,7 @@ def init_from_checkpoint(
     shape, or the error lists the ones that do not. Returns the loaded names.
     """
     checkpoint = load_checkpoint_file(path)
+    checkpoint.pop(HASHES, None)
     state = checkpoint.get("state_dict", checkpoint)
     keep = [
         k

@@ -18,7 +18,13 @@ from lmm.data.tokenization import add_special_tokens, load_tokenizer
 from lmm.families.model import FamilyModel
 from lmm.generation.decode import Step
 from lmm.generation.generator import Generator
-from lmm.training.callbacks import ConnectData, RngState, SkippedRecords
+from lmm.training.callbacks import (
+    CheckpointHashes,
+    ConnectData,
+    NonFiniteLoss,
+    RngState,
+    SkippedRecords,
+)
 from lmm.training.checkpoint import init_from_checkpoint
 from lmm.training.lora import LoraConfig, apply_lora
 from lmm.training.objectives import LanguageModel, Objective
@@ -135,7 +141,14 @@ class LMMModule(L.LightningModule):
     def configure_callbacks(self) -> list[L.Callback]:
         from lmm.evaluation.callbacks import Scoring  # evaluation builds on training
 
-        return [ConnectData(), RngState(), SkippedRecords(), Scoring()]
+        return [
+            ConnectData(),
+            RngState(),
+            SkippedRecords(),
+            NonFiniteLoss.unless_configured(self._trainer),
+            Scoring(),
+            CheckpointHashes(),
+        ]
 
     # --- forward and loss -----------------------------------------------------------------
     def forward(self, batch: Batch, **kwargs) -> Tensor:

@@ -8,10 +8,10 @@ from __future__ import annotations
 from collections.abc import Mapping
 from pathlib import Path
 
-import torch
 import yaml
 from jsonargparse import ArgumentParser
 
+from lmm.training.checkpoint import HASHES, load_checkpoint_file
 from lmm.training.module import LMMModule
 
 
@@ -35,14 +35,11 @@ def module_from_recipe(recipe: str | Path) -> LMMModule:
 
 
 def load_weights(module: LMMModule, checkpoint: Path, recipe: str) -> None:
-    """Load a Lightning checkpoint's `state_dict` (or a safetensors file) into `module`, strictly."""
-    if checkpoint.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        state = load_file(checkpoint)
-    else:
-        loaded = torch.load(checkpoint, map_location="cpu", weights_only=True)
-        state = loaded.get("state_dict", loaded)
+    """Load a Lightning checkpoint's `state_dict` (or a safetensors file) into `module`, strictly;
+    a bad or altered file raises `CheckpointError` (`load_checkpoint_file`)."""
+    loaded = load_checkpoint_file(checkpoint)
+    loaded.pop(HASHES, None)
+    state = loaded.get("state_dict", loaded)
     missing, unexpected = module.load_state_dict(state, strict=False)
     if missing or unexpected:
         raise ValueError(
