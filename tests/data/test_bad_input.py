@@ -17,25 +17,11 @@ from PIL import Image
 from lmm.data import media
 from lmm.data.datamodule import ChatDataModule
 from lmm.data.formats import load_samples, read_records
-from lmm.data.media import ImageTransform
-from lmm.data.processor import MediaSpec, Processor
 from lmm.data.sample import BadRecordError
 from lmm.data.stream import NoUsableRecordsError, TrainStream
 from lmm.data.templates import Llama3
-from lmm.data.tokenization import load_tokenizer
+from tests.data.bad_input import TinySpec
 from tests.data.test_video import write_video
-
-
-class _Spec(MediaSpec):
-    transform = ImageTransform(8, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5), "pad")
-
-    def num_image_tokens(self, image_size):
-        return 4
-
-
-@pytest.fixture
-def processor(tiny_assets):
-    return Processor(load_tokenizer(str(tiny_assets["tokenizer"])), Llama3(), _Spec(), 256)
 
 
 @pytest.fixture
@@ -243,7 +229,7 @@ def _streaming_data(folder: Path, processor, on_bad_record: str) -> ChatDataModu
     dm = ChatDataModule(
         Llama3(), train=str(path), streaming=True, batch_size=2, on_bad_record=on_bad_record
     )
-    dm.connect(processor.tokenizer, _Spec())
+    dm.connect(processor.tokenizer, TinySpec())
     return dm
 
 

@@ -20,29 +20,13 @@ from lmm.data.media import (
     ImageMemoryError,
     ImageModeError,
     ImageTooLargeError,
-    ImageTransform,
     NotAnImageError,
     load_image,
 )
-from lmm.data.processor import MediaSpec, Processor
 from lmm.data.sample import BadRecordError
 from lmm.data.stream import TrainStream
-from lmm.data.templates import Llama3
-from lmm.data.tokenization import load_tokenizer
 from lmm.data.video import VideoError, VideoReader
 from tests.data.test_video import write_video
-
-
-class _Spec(MediaSpec):
-    transform = ImageTransform(8, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5), "pad")
-
-    def num_image_tokens(self, image_size):
-        return 4
-
-
-@pytest.fixture
-def processor(tiny_assets):
-    return Processor(load_tokenizer(str(tiny_assets["tokenizer"])), Llama3(), _Spec(), 256)
 
 
 def _rgb(path: Path) -> np.ndarray:
