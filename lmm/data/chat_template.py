@@ -107,7 +107,9 @@ class ChatTemplate:
     """
 
     special_tokens: ClassVar[tuple[str, ...]] = ()  # strings that must be single tokens
-    stop_strings: ClassVar[tuple[str, ...]] = ()  # what ends an assistant turn at generation
+    # what ends an assistant turn at generation: its `assistant_end` (stripped, unless it is all
+    # whitespace), set for every template that declares one and no stop strings of its own
+    stop_strings: ClassVar[tuple[str, ...]] = ()
     default_system: ClassVar[str | None] = None  # used when neither argument nor turn gives one
     default_bos: ClassVar[str] = ""  # written first, untrainable (unless labels="all_text")
     default_image_text: ClassVar[str] = "{image}"  # how a media marker is written
@@ -121,6 +123,12 @@ class ChatTemplate:
     assistant_prefix: ClassVar[str] = ""  # trainable, before the answer (a leading space)
     assistant_end: ClassVar[str] = ""  # trainable terminator: the model must learn to stop
     assistant_suffix: ClassVar[str] = ""  # untrainable, after the terminator
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        end = cls.__dict__.get("assistant_end")
+        if end and "stop_strings" not in cls.__dict__:
+            cls.stop_strings = (end.strip() or end,)
 
     def __init__(
         self,

@@ -60,7 +60,6 @@ class Plain(ChatTemplate):
     the user turn becomes one `<image>`, so only the first image is fed).
     """
 
-    stop_strings = ("\n",)
     system_format = ""
     assistant_end = "\n"
 
@@ -129,7 +128,6 @@ class Llama3(ChatTemplate):
     """
 
     special_tokens = ("<|begin_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>")
-    stop_strings = ("<|eot_id|>",)
     default_bos = "<|begin_of_text|>"
     system_format = "<|start_header_id|>system<|end_header_id|>\n\n{system}<|eot_id|>"
     user_prefix = "<|start_header_id|>user<|end_header_id|>\n\n"
@@ -147,7 +145,6 @@ class ChatML(ChatTemplate):
     """
 
     special_tokens = ("<|im_start|>", "<|im_end|>")
-    stop_strings = ("<|im_end|>",)
     default_system = "You are a helpful assistant."
     system_format = "<|im_start|>system\n{system}<|im_end|>\n"
     user_prefix = "<|im_start|>user\n"
@@ -183,7 +180,6 @@ class Phi(_LlavaTwo):
     """
 
     special_tokens = ("<|endoftext|>",)
-    stop_strings = ("<|endoftext|>",)
     assistant_end = "<|endoftext|>"
 
 
@@ -195,7 +191,6 @@ class VicunaV1(_LlavaTwo):
     """
 
     special_tokens = ("<s>", "</s>")
-    stop_strings = ("</s>",)
     default_bos = "<s>"
     assistant_end = "</s>"
 
@@ -209,7 +204,6 @@ class MiphaGemma(_LlavaTwo):
     """
 
     special_tokens = ("<bos>", "<eos>")
-    stop_strings = ("<eos>",)
     default_bos = "<bos>"
     assistant_end = "<eos>"
 
@@ -223,7 +217,6 @@ class Gemma(ChatTemplate):
     """
 
     special_tokens = ("<bos>", "<start_of_turn>", "<end_of_turn>")
-    stop_strings = ("<end_of_turn>",)
     default_bos = "<bos>"
     system_format = ""  # the system prompt goes into the first user turn
     user_prefix = "<start_of_turn>user\n"
@@ -242,7 +235,6 @@ class Llama2(ChatTemplate):
     """
 
     special_tokens = ("<s>", "</s>")
-    stop_strings = ("</s>",)
     system_format = ""  # the system prompt goes into the first [INST] block
     user_prefix = "<s>[INST] "
     first_user_prefix = "<s>[INST] <<SYS>>\n{system}\n<</SYS>>\n\n"
@@ -296,7 +288,6 @@ class CheetahVicuna(_Cheetah):
     """
 
     special_tokens = ("<s>",)
-    stop_strings = ("###",)
     default_bos = "<s>"
     user_prefix = "Human: "
     first_user_prefix = "{system}###Human: "
@@ -334,7 +325,6 @@ class Idefics2(ChatTemplate):
     """
 
     special_tokens = ("<s>", "<end_of_utterance>")
-    stop_strings = ("<end_of_utterance>",)
     default_bos = "<s>"
     system_format = "System: {system}<end_of_utterance>\n"
     user_suffix = "<end_of_utterance>\n"
@@ -370,7 +360,6 @@ class MantisIdefics2(ChatTemplate):
     """
 
     special_tokens = ("<s>", "<end_of_utterance>")
-    stop_strings = ("<end_of_utterance>",)
     default_bos = "<s>"
     user_prefix = "User:"
     user_suffix = "<end_of_utterance>"
@@ -408,7 +397,6 @@ class MantisFuyu(ChatTemplate):
     """
 
     special_tokens = ("<s>", "<0x04>", "|ENDOFTEXT|")
-    stop_strings = ("|ENDOFTEXT|",)
     default_system = MFUYU_SYSTEM
     default_bos = "<s>"
     system_format = "{system}\n"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import shutil
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -37,6 +38,7 @@ from lmm.families.qwen2_5_vl.positions import item_positions, sample_positions
 from lmm.training.module import LMMModule
 from lmm.training.strategies import FSDP2Config
 from tests.builders import build_tiny_qwen2_5_vl
+from tests.families.test_onevision import write_video as onevision_write_video
 
 av = pytest.importorskip("av")
 
@@ -47,20 +49,7 @@ FPS = 2.0  # the model's video_fps: a frame pair spans 1 s, 2 temporal positions
 WIDE, SMALL, BIG, FRAME = (50, 90), (60, 70), (100, 120), (80, 90)
 
 
-def write_video(path: Path, frames: int = 4, size: tuple[int, int] = FRAME, fps: int = 4):
-    """An H.264 file of random frames (height, width = size)."""
-    rng = np.random.default_rng(1)
-    with av.open(str(path), "w") as container:
-        stream = container.add_stream("libx264", rate=fps)
-        stream.height, stream.width = size
-        stream.pix_fmt = "yuv420p"
-        for _ in range(frames):
-            pixels = rng.integers(0, 256, (*size, 3), dtype=np.uint8)
-            for packet in stream.encode(av.VideoFrame.from_ndarray(pixels, format="rgb24")):
-                container.mux(packet)
-        for packet in stream.encode():
-            container.mux(packet)
-    return path
+write_video = partial(onevision_write_video, size=FRAME)  # H.264 of random frames
 
 
 def _image(path: Path, size: tuple[int, int], seed: int) -> Path:
