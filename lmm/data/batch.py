@@ -50,7 +50,8 @@ class Batch:
     targets: Tensor | None = None  # [B, n_labels] for scored samples (score heads)
     seq_lens: list[list[int]] | None = None  # packed rows: the sample lengths of each row
     stream_position: tuple[int, int] | None = None  # (epoch, batch index) in a TrainStream
-    skipped: int = 0  # bad records skipped on the way to this batch
+    # bad records skipped on the way to this batch: (data file, record id, problem) each
+    skipped_records: list[tuple[str, str, str]] = field(default_factory=list)
     # Per media item of the batch, rows' items in order (see Features).
     image_sizes: Tensor | None = None  # [M, 2] original (height, width)
     media_modes: list[str] = field(default_factory=list)
@@ -60,6 +61,11 @@ class Batch:
     task: str | None = None
     max_new_tokens: int | None = None
     stop_strings: tuple[str, ...] = ()
+
+    @property
+    def skipped(self) -> int:
+        """How many bad records were skipped on the way to this batch."""
+        return len(self.skipped_records)
 
     @property
     def packed(self) -> bool:

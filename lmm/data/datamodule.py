@@ -18,8 +18,14 @@ from lmm.data.formats import VideoOptions, iter_samples, load_samples, read_reco
 from lmm.data.mixture import Mixture
 from lmm.data.policy import Preprocessing
 from lmm.data.processor import MediaSpec, Processor
-from lmm.data.sample import IMAGE_MARKER, Sample
-from lmm.data.stream import StreamLoader, TrainStream, check_pack_tokens, shuffled
+from lmm.data.sample import IMAGE_MARKER, BadRecordError, Sample
+from lmm.data.stream import (
+    NoUsableRecordsError,
+    StreamLoader,
+    TrainStream,
+    check_pack_tokens,
+    shuffled,
+)
 from lmm.data.templates import ChatTemplate
 from lmm.utils.logging import get_logger
 
@@ -108,7 +114,9 @@ class ChatDataModule(L.LightningDataModule):
                 least `max_length`, so that every sample fits a row.
             buffer_size: training samples shuffled and packed together.
             streaming: read the training file with `datasets` streaming instead of into memory.
-            on_bad_record: `raise` at the first bad training record, or `skip` and count it.
+            on_bad_record: `raise` at the first bad record, or `skip` and count it: in the
+                training stream as it goes, in val/test/predict files once, when their loader
+                is built (each record read and processed, images decoded).
             group_by_modality_length: without packing, batch image and text-only samples
                 apart, each batch of similar length (LLaVA's sampler).
             max_frames: frames sampled from each video (spread uniformly unless `fps`).
@@ -149,6 +157,8 @@ class ChatDataModule(L.LightningDataModule):
         self.position = (0, 0)  # (epoch, batches of it consumed): the training loader's state
         self.processor: Processor | None = None
         self.samples: dict[str, list[Sample]] = {}
+        self._processed: set[str] = set()  # eval splits whose bad samples were dropped (skip)
+        self._read_skips: dict[str, list[BadRecordError]] = {}  # the reader's, per eval split
 
     def connect(
         self, tokenizer: PreTrainedTokenizerBase, media: MediaSpec, image_token: str = IMAGE_MARKER
@@ -182,9 +192,56 @@ class ChatDataModule(L.LightningDataModule):
         path = self.files[split]
         if path is None:
             raise ValueError(f"no {split} data file given (data.{split} in the recipe)")
-        samples = load_samples(path, **self._read_options())
+        if self.on_bad_record == "raise":
+            samples = load_samples(path, **self._read_options())
+        else:
+            samples, bad = [], []
+            for item in iter_samples(read_records(path), source=path, **self._read_options()):
+                (bad if isinstance(item, BadRecordError) else samples).append(item)
+            if not samples:
+                self._report_skips(split, path, bad, 0)
+            self._read_skips[split] = bad  # reported with the processor's, once (`_usable`)
         log.info("%s: %d samples from %s", split, len(samples), Path(path))
         return samples
+
+    def _usable(self, split: str, encode: Callable[[Sample], Features]) -> None:
+        """With `skip`: drop the samples of an eval split that the processor rejects (a broken
+        or oversized image, a sample too long for max_length), counting them; once per split."""
+        if self.on_bad_record == "raise" or split in self._processed:
+            return
+        good, bad = [], list(self._read_skips.pop(split, []))
+        for sample in self.samples[split]:
+            try:
+                encode(sample)
+                good.append(sample)
+            except BadRecordError as err:
+                bad.append(err)
+        self._report_skips(split, self.files[split], bad, len(good))
+        self.samples[split] = good
+        self._processed.add(split)
+
+    def _report_skips(self, split: str, path, bad: list[BadRecordError], n_good: int) -> None:
+        """Warn with the count and the first records skipped; no usable record is an error."""
+        if not bad:
+            return
+        named = "\n".join(f"  {err}" for err in bad[:5])
+        more = f"\n  ... and {len(bad) - 5} more" if len(bad) > 5 else ""
+        if not n_good:
+            raise NoUsableRecordsError(
+                f"data.{split} ({path}): every one of its {len(bad)} records is bad "
+                f"(on_bad_record: skip skipped them all):\n{named}{more}\n"
+                "Fix: repair the records (`lmm data check` lists them) or point "
+                f"data.{split} at the right file"
+            )
+        log.warning(
+            "data.%s (%s): %d bad records skipped (on_bad_record: skip), %d kept:\n%s%s",
+            split,
+            path,
+            len(bad),
+            n_good,
+            named,
+            more,
+        )
 
     def _loader(self, split: str, train: bool) -> DataLoader:
         if split not in self.samples:
@@ -192,6 +249,7 @@ class ChatDataModule(L.LightningDataModule):
         assert self.processor is not None, "call connect() or let the trainer call setup()"
         generate = split in ("test", "predict")
         encode = self.processor.prompt if generate else self.processor
+        self._usable(split, encode)
         pad_id = self.processor.tokenizer.pad_token_id
         return DataLoader(
             ChatDataset(self.samples[split], encode),

@@ -37,6 +37,7 @@ from lmm.data.sources import (
     expand_braces,
     open_store,
     parse_entry,
+    unknown_key,
 )
 from lmm.utils.logging import get_logger
 
@@ -227,9 +228,7 @@ class Mixture:
                 f"'datasets:' list (LLaVA-NeXT), exactly one of them; got {keys}"
             )
         form = "data" if "data" in doc else "datasets"
-        unknown = sorted(set(doc) - _TOP_LEVEL)
-        if unknown:
-            log.warning("%s: top-level field(s) %s are not used by lmm", path, unknown)
+        unknown_key(doc, _TOP_LEVEL, str(path))
         entries = doc[form]
         if not isinstance(entries, list) or not entries:
             raise MixtureError(f"{path}: '{form}' must be a non-empty list of sources")

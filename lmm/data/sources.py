@@ -5,6 +5,7 @@ dataset). `lmm.data.mixture.Mixture` draws its epochs from them.
 
 from __future__ import annotations
 
+import difflib
 import json
 import math
 import os
@@ -27,7 +28,8 @@ UNSUPPORTED_FORMATS: tuple[str, ...] = ("qwen2_video_classification", "siglip_vi
 TYPES: tuple[str, ...] = ("json", "huggingface")
 SPLITS: tuple[str, ...] = ("train", "val", "test")
 
-# Entry fields lmm acts on; any other field is kept in `Source.extra` with a warning.
+# Entry fields lmm acts on; Mantis's fields that lmm does not use (`_IGNORED`) are kept in
+# `Source.extra` with a warning; any other field is an error naming the closest known one.
 _USED = {
     "name",
     "type",
@@ -47,6 +49,7 @@ _USED = {
     "images_folder",
     "revision",
 }
+_IGNORED = {"offline_sha", "max_image_size", "max_seq_len", "packing_same_mm_media", "video_dir"}
 _RULE = re.compile(r"^(first|end|random):(\d+(?:\.\d+)?)(%?)$")
 
 
@@ -249,12 +252,25 @@ def open_store(source: Source) -> _ArrayStore | _LinesStore | _HFStore:
 # YAML entries → sources
 
 
+def unknown_key(mapping: dict, known: set[str], where: str) -> None:
+    """A `MixtureError` for the first key of `mapping` not in `known`, naming the closest
+    known key: a misspelt rule (`sampling_stategy`) must not be ignored."""
+    for key in mapping:
+        if key not in known:
+            close = difflib.get_close_matches(str(key), sorted(known), n=1, cutoff=0.6)
+            hint = f"did you mean {close[0]!r}?" if close else f"known fields: {sorted(known)}"
+            raise MixtureError(
+                f"{where}: unknown field {key!r}; {hint} Fix: correct or remove the field"
+            )
+
+
 def parse_entry(doc: Path, form: str, k: int, entry: Any) -> list[Source]:
     """The source(s) of entry `k` of a mixture YAML (several when its path has braces)."""
     where = f"{doc}: {form}[{k}]"
     path_key = "path" if form == "data" else "json_path"
     if not isinstance(entry, dict):
         raise MixtureError(f"{where}: expected a mapping with '{path_key}', got {entry!r}")
+    unknown_key(entry, _USED | _IGNORED, f"{where} ({entry.get('name') or entry.get(path_key)})")
     raw = entry.get(path_key, entry.get("json_path" if form == "data" else "path"))
     name = entry.get("name")
     if raw is None:
@@ -312,7 +328,9 @@ def parse_entry(doc: Path, form: str, k: int, entry: Any) -> list[Source]:
     extra = {key: value for key, value in entry.items() if key not in used}
     if extra:
         log.warning(
-            "%s: field(s) %s are kept in Source.extra but not used by lmm", where, sorted(extra)
+            "%s: Mantis field(s) %s are kept in Source.extra but not used by lmm",
+            where,
+            sorted(extra),
         )
     if "revision" in entry:
         extra["revision"] = entry["revision"]

@@ -51,13 +51,21 @@ def _summary(errors: Sequence[BadRecordError], total: int, limit: int = 5) -> st
     return "\n".join(lines)
 
 
+Skip = tuple[str, str, str]  # a skipped record: (data file, record id, problem)
+
+
+def skip_key(err: BadRecordError) -> Skip:
+    """A skipped record as batches carry it (plain strings: it crosses worker processes)."""
+    return (err.source, err.record_id, err.problem)
+
+
 @dataclass
 class Planned:
     """One batch of the plan: its rows of samples and its position in the epoch."""
 
     index: int
     rows: list[list[Sample]]
-    skipped: int  # bad records skipped since the previous batch
+    skipped: list[Skip]  # bad records skipped since the previous batch
 
 
 class TrainStream(IterableDataset):
@@ -106,24 +114,40 @@ class TrainStream(IterableDataset):
         self._pad = PadCollator(pad)
         self._pack = PackCollator(pad, pack_tokens) if pack_tokens else None
 
-    def _bad(self, err: BadRecordError) -> None:
-        # A record a mixture rule filtered out (max_num_images, vl_only) is counted, never fatal.
+    def _bad(self, err: BadRecordError, skipped: list[Skip]) -> None:
+        """Raise a bad record (`raise`), or count it in `skipped` (`skip`, and always for a
+        record a mixture rule filtered out: max_num_images, vl_only)."""
         if self.on_bad_record == "raise" and not isinstance(err, SkippedRecord):
             raise err
         log.debug("skipped: %s", err)
-        self._errors.append(err)
-        if len(self._errors) > 5:  # only the first few are named in an error
-            self._errors.pop()
+        skipped.append(skip_key(err))
+        if len(self._errors) < 5:  # only the first few are named in an error
+            self._errors.append(err)
 
     def plan(self) -> Iterator[Planned]:
         """The epoch's batches as rows of samples, without loading any image.
 
         Rows left over at the end of a block wait for the next block's, so every batch but
-        the epoch's last is full.
+        the epoch's last is full. Every skipped record is counted in exactly one batch: those
+        after the epoch's last good record in its last batch.
         """
-        index, skipped = 0, 0
+        held: Planned | None = None  # one batch held back until the next is planned
+        trailing: list[Skip] = []
+        for item in self._plan():
+            if isinstance(item, Planned):
+                if held is not None:
+                    yield held
+                held = item
+            else:
+                trailing = item
+        if held is not None:
+            held.skipped += trailing
+            yield held
+
+    def _plan(self) -> Iterator[Planned | list[Skip]]:
+        """The batches of `plan`, then the records skipped after the last one."""
+        index, skipped, n_bad = 0, [], 0
         self._errors = []
-        n_bad = 0
         items = iter(self.samples(self.epoch))
         step = self.batch_size * self.world_size  # one global batch: every rank's rows
         pending: list[list[Sample]] = []
@@ -131,8 +155,7 @@ class TrainStream(IterableDataset):
             block: list[Sample] = []
             for item in items:
                 if isinstance(item, BadRecordError):
-                    self._bad(item)
-                    skipped += 1
+                    self._bad(item, skipped)
                     n_bad += 1
                     continue
                 block.append(item)
@@ -142,23 +165,24 @@ class TrainStream(IterableDataset):
             if block:
                 rng = np.random.default_rng([self.seed, self.epoch, block_no])
                 shuffled = [block[i] for i in rng.permutation(len(block))]
-                before = skipped
-                rows, lengths, skipped = self._rows(shuffled, skipped, rng)
-                n_bad += skipped - before
+                before = len(skipped)
+                rows, lengths = self._rows(shuffled, skipped, rng)
+                n_bad += len(skipped) - before
                 if self.group_by_modality_length and self.pack_tokens is None:
                     # batches of one modality each, partial ones included: never mixed
                     media = [bool(r[0].images) for r in rows]
                     for group in group_by_modality_length(lengths, media, step, rng):
                         yield Planned(index, [rows[i] for i in group], skipped)
-                        index, skipped = index + 1, 0
+                        index, skipped = index + 1, []
                     rows = []
                 pending += rows
             while len(pending) >= step or (last and pending):
                 yield Planned(index, pending[:step], skipped)
-                pending, index, skipped = pending[step:], index + 1, 0
+                pending, index, skipped = pending[step:], index + 1, []
             if last:
                 if index == 0:
                     self._no_batch(n_bad)
+                yield skipped
                 return
 
     def _no_batch(self, n_bad: int) -> None:
@@ -176,25 +200,25 @@ class TrainStream(IterableDataset):
         )
 
     def _rows(
-        self, samples: list[Sample], skipped: int, rng: np.random.Generator
-    ) -> tuple[list[list[Sample]], list[int], int]:
-        """The rows of a shuffled block in batch order (packed or as shuffled), and lengths."""
+        self, samples: list[Sample], skipped: list[Skip], rng: np.random.Generator
+    ) -> tuple[list[list[Sample]], list[int]]:
+        """The rows of a shuffled block in batch order (packed or as shuffled), and lengths;
+        samples whose tokens cannot be counted are added to `skipped`."""
         kept, lengths = [], []
         for sample in samples:
             try:
                 lengths.append(self.processor.length(sample))
                 kept.append(sample)
             except BadRecordError as err:
-                self._bad(err)
-                skipped += 1
+                self._bad(err, skipped)
         if self.pack_tokens is not None:
             bins = first_fit_decreasing(lengths, self.pack_tokens)
             # FFD fills rows longest-first: the first rows hold the long samples, the last the
             # short ones. Shuffle the rows so that no batch is all long or all short.
             order = rng.permutation(len(bins))
             rows = [[kept[i] for i in bins[b]] for b in order]
-            return rows, [sum(lengths[i] for i in bins[b]) for b in order], skipped
-        return [[s] for s in kept], lengths, skipped
+            return rows, [sum(lengths[i] for i in bins[b]) for b in order]
+        return [[s] for s in kept], lengths
 
     def __iter__(self) -> Iterator[Batch]:
         info = get_worker_info()
@@ -213,7 +237,7 @@ class TrainStream(IterableDataset):
         mine = planned.rows[self.rank :: self.world_size]
         masked = not mine
         rows: list[list[Features]] = []
-        skipped = planned.skipped if self.rank == 0 else 0
+        skipped = list(planned.skipped) if self.rank == 0 else []
         lost: list[BadRecordError] = []
         for row in mine or planned.rows[:1]:
             feats = []
@@ -221,9 +245,8 @@ class TrainStream(IterableDataset):
                 try:
                     feats.append(self.processor(sample))
                 except BadRecordError as err:
-                    self._bad(err)
+                    self._bad(err, skipped)
                     lost.append(err)
-                    skipped += 1
             if feats:
                 rows.append(feats)
         if not rows:
@@ -242,7 +265,7 @@ class TrainStream(IterableDataset):
         if masked:
             batch.labels.fill_(-100)
         batch.stream_position = (self.epoch, planned.index)
-        batch.skipped = skipped
+        batch.skipped_records = skipped
         return batch
 
 

@@ -57,12 +57,30 @@ class RngState(L.Callback):
 
 
 class SkippedRecords(L.Callback):
-    """Logs `train/skipped_records` (bad records skipped with `on_bad_record: skip`) and the
-    step's `train/tokens_per_s`; warns at each epoch end while any were skipped."""
+    """Counts the bad records skipped with `on_bad_record: skip` and logs the step's
+    `train/tokens_per_s`.
 
-    def __init__(self):
-        self.skipped = 0
+    A bad record is skipped again in every epoch that draws it, so two counts are kept and
+    logged: `train/skipped_records`, distinct records skipped so far, and `train/skips`, every
+    skip (a record skipped in two epochs counts 2). Each epoch's end warns with both while any
+    were skipped, and the end of training names the first distinct records.
+    """
+
+    def __init__(self, show: int = 5):
+        """
+        Args:
+            show: distinct skipped records named in the end-of-training warning.
+        """
+        self.show = show
+        self.skips = 0
+        self.distinct: dict[tuple[str, str], str] = {}  # (file, record id) -> problem
+        self._epoch_skips = 0
         self._start = 0.0
+
+    @property
+    def skipped(self) -> int:
+        """Distinct records skipped so far."""
+        return len(self.distinct)
 
     def on_train_batch_start(self, trainer, module, batch: Batch, batch_idx: int) -> None:
         self._start = time.perf_counter()
@@ -71,17 +89,48 @@ class SkippedRecords(L.Callback):
         elapsed = time.perf_counter() - self._start
         if elapsed > 0:
             module.log("train/tokens_per_s", batch.num_tokens / elapsed, batch_size=len(batch))
-        if batch.skipped:
-            self.skipped += batch.skipped
+        records = getattr(batch, "skipped_records", None) or []
+        if records:
+            self.skips += len(records)
+            self._epoch_skips += len(records)
+            for source, record_id, problem in records:
+                self.distinct.setdefault((source, record_id), problem)
             module.log("train/skipped_records", float(self.skipped), batch_size=len(batch))
+            module.log("train/skips", float(self.skips), batch_size=len(batch))
+
+    def on_train_epoch_start(self, trainer, module) -> None:
+        self._epoch_skips = 0
 
     def on_train_epoch_end(self, trainer, module) -> None:
-        if self.skipped:
+        if self._epoch_skips:
             log.warning(
-                "epoch %d: %d bad training records skipped so far (on_bad_record: skip)",
+                "epoch %d: %d bad training records skipped (on_bad_record: skip); %d distinct "
+                "records so far, %d skips in all (a bad record is skipped in every epoch)",
                 trainer.current_epoch,
+                self._epoch_skips,
                 self.skipped,
+                self.skips,
             )
+
+    def on_train_end(self, trainer, module) -> None:
+        if self.distinct:
+            named = [f"  {f} [{i}]: {p}" for (f, i), p in list(self.distinct.items())[: self.show]]
+            if self.skipped > self.show:
+                named.append(f"  ... and {self.skipped - self.show} more")
+            log.warning(
+                "training skipped %d distinct bad records (%d skips in all):\n%s\n"
+                "`lmm data check` lists them all",
+                self.skipped,
+                self.skips,
+                "\n".join(named),
+            )
+
+    def state_dict(self) -> dict:
+        return {"skips": self.skips, "distinct": [[*k, v] for k, v in self.distinct.items()]}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.skips = int(state.get("skips", 0))
+        self.distinct = {(f, i): p for f, i, p in state.get("distinct", [])}
 
 
 class CheckpointHashes(L.Callback):

@@ -334,3 +334,88 @@ def test_fit_with_skip_on_all_bad_records_ends_with_a_clear_error(tiny_assets, t
     assert run.returncode != 0
     assert "every one of the 4 training records is bad" in run.stderr, run.stderr[-3000:]
     assert "'gone0'" in run.stderr and "train.json" in run.stderr
+
+
+def test_bad_records_after_the_last_good_one_are_counted(folder, processor):
+    # buffer_size 2: the good records fill whole blocks, the bad ones come after the last batch
+    records = [_chat(f"g{i}", image="ok.png") for i in range(4)]
+    records += [_chat(f"tail{i}", image="missing.png") for i in range(3)]
+    path = _write(folder, records)
+    batches = list(_stream(path, processor, "skip", batch_size=2, buffer_size=2))
+    assert sorted(i for b in batches for i in b.ids) == ["g0", "g1", "g2", "g3"]
+    assert sum(b.skipped for b in batches) == 3
+    assert sorted(r[1] for b in batches for r in b.skipped_records) == ["tail0", "tail1", "tail2"]
+    assert batches[-1].skipped == 3  # counted with the epoch's last batch
+
+
+def test_skip_counts_distinct_records_and_skips_over_epochs(folder, processor):
+    from lmm.training.callbacks import SkippedRecords
+
+    records = [_chat(f"g{i}", image="ok.png") for i in range(4)] + [
+        _chat("gone", image="missing.png")
+    ]
+    stream = _stream(_write(folder, records), processor, "skip", batch_size=2, buffer_size=8)
+
+    class Module:
+        logged: dict = {}
+
+        def log(self, name, value, **kwargs):
+            self.logged[name] = value
+
+    callback, module = SkippedRecords(), Module()
+    for epoch in range(2):
+        stream.epoch = epoch
+        callback.on_train_epoch_start(None, module)
+        for batch in stream:
+            callback.on_train_batch_end(None, module, None, batch, 0)
+    assert (callback.skipped, callback.skips) == (1, 2)
+    assert module.logged == {
+        "train/tokens_per_s": module.logged["train/tokens_per_s"],
+        "train/skipped_records": 1.0,
+        "train/skips": 2.0,
+    }
+    restored = SkippedRecords()
+    restored.load_state_dict(callback.state_dict())
+    assert (restored.skipped, restored.skips) == (1, 2)
+
+
+def _eval_data(folder: Path, processor, split: str, on_bad_record: str) -> ChatDataModule:
+    (folder / "fake.png").write_text("not an image")
+    records = [
+        _chat("v0", image="ok.png"),
+        _chat("missing", image="missing.png"),
+        _chat("v1", image="ok.png"),
+        _chat("fake", image="fake.png"),  # found by the reader, refused by the processor
+        {"id": "norole", "conversation": [{"role": "robot", "content": "x"}]},
+    ]
+    dm = ChatDataModule(
+        Llama3(),
+        **{split: str(_write(folder, records, f"{split}.json"))},
+        batch_size=2,
+        on_bad_record=on_bad_record,
+    )
+    dm.connect(processor.tokenizer, TinySpec())
+    return dm
+
+
+@pytest.mark.parametrize("split", ["val", "test", "predict"])
+def test_skip_covers_eval_files(folder, processor, split, caplog):
+    dm = _eval_data(folder, processor, split, "skip")
+    dm.setup({"val": "validate", "test": "test", "predict": "predict"}[split])
+    loader = getattr(dm, f"{split}_dataloader")()
+    assert [i for b in loader for i in b.ids] == ["v0", "v1"]
+    text = caplog.text
+    assert f"data.{split}" in text and "3 bad records skipped" in text, text
+    for rid in ("'missing'", "'fake'", "'norole'"):
+        assert rid in text
+    loader = getattr(dm, f"{split}_dataloader")()  # a second loader: checked once, same samples
+    assert [i for b in loader for i in b.ids] == ["v0", "v1"]
+    with pytest.raises(BadRecordError, match="'missing'"):
+        _eval_data(folder, processor, split, "raise").setup(None)
+
+
+def test_eval_file_with_every_record_bad_stops(folder, processor):
+    path = _write(folder, [_chat("gone", image="missing.png")], "val.json")
+    dm = ChatDataModule(Llama3(), val=str(path), on_bad_record="skip")
+    with pytest.raises(NoUsableRecordsError, match=r"data.val .*every one of its 1 records"):
+        dm.setup("validate")

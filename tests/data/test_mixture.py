@@ -440,3 +440,31 @@ def test_huggingface_source(tmp_path, monkeypatch):
     assert m.sources[0].type == "huggingface"  # Mantis's default type for a non-json path
     assert calls == [("TIGER-Lab/Mantis-Instruct", "nlvr2", "train", {"revision": "script"})]
     assert [s.id for s in m.samples(0)] == ["hf0", "hf1", "hf2", "hf3"]
+
+
+@pytest.mark.parametrize(
+    ("text", "problem"),
+    [
+        # a misspelt rule: ignored, it would take every record
+        ("datasets:\n  - json_path: a.json\n    sampling_stategy: first:2\n", "'sampling_stategy'"),
+        ("datasets:\n  - json_path: a.json\n    weight: -1\n", "unknown field 'weight'"),
+        (
+            "dataset_balanceing: false\ndata:\n  - name: a\n    path: a.json\n",
+            "'dataset_balanceing'",
+        ),
+        ("data:\n  - name: a\n    path: a.json\n    max_num_image: 2\n", "'max_num_image'"),
+    ],
+)
+def test_unknown_mixture_key_is_an_error_naming_the_closest(tmp_path, text, problem):
+    _write(tmp_path / "a.json", 4)
+    mix = _yaml(tmp_path / "mix.yaml", text)
+    with pytest.raises(MixtureError, match=problem) as err:
+        Mixture.from_yaml(mix)
+    message = str(err.value)
+    assert str(mix) in message and "Fix:" in message
+    closest = {
+        "'sampling_stategy'": "did you mean 'sampling_strategy'?",
+        "'dataset_balanceing'": "did you mean 'dataset_balancing'?",
+        "'max_num_image'": "did you mean 'max_num_images'?",
+    }
+    assert closest.get(problem, "known fields:") in message
