@@ -22,6 +22,7 @@ from tqdm.auto import tqdm
 from lmm.data.batch import Batch
 from lmm.data.collate import PadCollator
 from lmm.data.datamodule import ChatDataModule
+from lmm.data.media import media_kind
 from lmm.data.processor import Processor
 from lmm.data.sample import IMAGE_MARKER, Media, Part, Sample, Turn, VideoRef
 from lmm.data.templates import ChatTemplate, build_template
@@ -120,7 +121,7 @@ class LMM:
             leading: list[Part] = []
             for path in queue:
                 leading += [Media(len(media)), "\n"]
-                media.append(self._media(path, "video" if _is_video(path) else "image"))
+                media.append(self._media(path, media_kind(path)))
             first.parts[:0] = leading
         for item in media:
             path = item.path if isinstance(item, VideoRef) else item
@@ -244,12 +245,6 @@ def _parts(content, k: int) -> list[tuple[str, Any]]:
                 )
         return out
     raise ValueError(f"message {k}: content must be a string or a list of parts, got {content!r}")
-
-
-def _is_video(path: Path) -> bool:
-    from lmm.evaluation.runner import VIDEO_SUFFIXES
-
-    return path.suffix.lower() in VIDEO_SUFFIXES
 
 
 def _safe_prefix(text: str, stops: Sequence[str]) -> str:

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import TextIO
 
 from lmm.api import LMM, load
-from lmm.evaluation.runner import VIDEO_SUFFIXES
+from lmm.data.media import VIDEO_SUFFIXES, media_kind
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 _MEDIA_WORD = re.compile(
@@ -35,7 +35,7 @@ def parse_turn(line: str) -> list[dict]:
         if text.strip():
             parts.append({"type": "text", "text": text})
         path = Path(match.group(1)).expanduser()
-        kind = "video" if path.suffix.lower() in VIDEO_SUFFIXES else "image"
+        kind = media_kind(path)
         parts.append({"type": kind, kind: str(path)})
         last = match.end()
     tail = line[last:]

@@ -62,6 +62,12 @@ class Batch:
     max_new_tokens: int | None = None
     stop_strings: tuple[str, ...] = ()
 
+    @classmethod
+    def empty(cls) -> Batch:
+        """A batch of no rows: a training step whose every sample was a bad record (skipped)."""
+        none = torch.zeros(0, 0, dtype=torch.long)
+        return cls(none, none.clone(), none.clone(), none.clone(), None, [], [])
+
     @property
     def skipped(self) -> int:
         """How many bad records were skipped on the way to this batch."""

@@ -77,6 +77,22 @@ def sniff_media(path: str | Path) -> tuple[str, bool] | None:
     return None
 
 
+VIDEO_SUFFIXES = (".mp4", ".avi", ".mov", ".mkv", ".webm", ".m4v", ".mpeg", ".mpg")
+
+
+def media_kind(path: str | Path) -> str:
+    """`"video"` or `"image"`: by the file's first bytes (`sniff_media`), so a PNG named `.mp4`
+    is an image; by its suffix only when the content is not known or the file is missing (the
+    loader then names the problem)."""
+    try:
+        sniffed = sniff_media(path)
+    except OSError:
+        sniffed = None
+    if sniffed is not None:
+        return "video" if sniffed[1] else "image"
+    return "video" if Path(path).suffix.lower() in VIDEO_SUFFIXES else "image"
+
+
 def load_image(
     path: str | Path,
     max_pixels: int | None = None,

@@ -231,15 +231,18 @@ class TrainStream(IterableDataset):
     def materialise(self, planned: Planned) -> Batch:
         """Load the images and collate this rank's rows of one planned (global) batch.
 
-        A rank left without rows (a short last batch) gets a copy of the first row with every
-        label masked: it contributes no loss and no gradient, but takes part in the step.
+        A rank left without rows (a short last batch, or rows that were all bad records)
+        gets a copy of another rank's row with every label masked: it contributes no loss and
+        no gradient, but takes part in the step. A global batch in which no sample can be
+        loaded becomes an empty batch (`Batch.empty`) on every rank alike: the module skips
+        its step (no weights change), and its skipped records are counted with it. Dropping
+        the batch instead would shift every later batch between workers and ranks.
         """
         mine = planned.rows[self.rank :: self.world_size]
-        masked = not mine
-        rows: list[list[Features]] = []
         skipped = list(planned.skipped) if self.rank == 0 else []
+        rows: list[list[Features]] = []
         lost: list[BadRecordError] = []
-        for row in mine or planned.rows[:1]:
+        for row in mine:
             feats = []
             for sample in row:
                 try:
@@ -249,24 +252,44 @@ class TrainStream(IterableDataset):
                     lost.append(err)
             if feats:
                 rows.append(feats)
+        masked = not rows
+        if masked:
+            rows = self._borrowed_row(planned, mine)
         if not rows:
-            # Dropping the batch would shift every later batch between workers and ranks (the
-            # plan is their shared order), so a batch of bad records stops the run, naming them.
-            raise NoUsableRecordsError(
-                f"batch {planned.index} of epoch {self.epoch} lost every sample to bad records "
-                f"(on_bad_record: skip cannot drop a whole batch):\n"
-                f"{_summary(lost, len(lost))}\n"
-                "Fix: repair or remove these records (`lmm data check` lists them)"
+            log.warning(
+                "batch %d of epoch %d: no sample of it could be loaded (on_bad_record: skip); "
+                "its step is skipped:\n%s",
+                planned.index,
+                self.epoch,
+                _summary(lost, len(lost)),
             )
-        if self._pack is not None:
+            batch = Batch.empty()
+        elif self._pack is not None:
             batch = self._pack.collate_rows(rows)
         else:
             batch = self._pad([f for row in rows for f in row])
-        if masked:
+        if masked and batch.labels is not None:
             batch.labels.fill_(-100)
         batch.stream_position = (self.epoch, planned.index)
         batch.skipped_records = skipped
         return batch
+
+    def _borrowed_row(self, planned: Planned, mine: list[list[Sample]]) -> list[list[Features]]:
+        """The first row of the global batch outside this rank's own that loads (its samples'
+        errors are the owner rank's to count), or none."""
+        for row in planned.rows:
+            if any(row is own for own in mine):
+                continue
+            feats = []
+            for sample in row:
+                try:
+                    feats.append(self.processor(sample))
+                except BadRecordError:
+                    if self.on_bad_record == "raise":
+                        raise
+            if feats:
+                return [feats]
+        return []
 
 
 def check_pack_tokens(pack_tokens: int | None, max_length: int) -> None:

@@ -25,6 +25,7 @@ from torchmetrics import Metric
 
 from lmm.data.batch import Batch
 from lmm.data.datamodule import PromptTask
+from lmm.data.media import media_kind
 from lmm.data.sample import Sample, VideoRef
 from lmm.data.templates import ChatTemplate, render_text
 from lmm.evaluation import tasks
@@ -32,8 +33,6 @@ from lmm.evaluation.tasks._benchmark import Benchmark
 from lmm.utils.logging import get_logger
 
 log = get_logger(__name__)
-
-VIDEO_SUFFIXES = (".mp4", ".avi", ".mov", ".mkv", ".webm", ".m4v", ".mpeg", ".mpg")
 
 
 def _declaration(module: ModuleType) -> Benchmark | None:
@@ -147,7 +146,7 @@ class Task(PromptTask):
         return self._samples
 
     def _media(self, item):
-        if isinstance(item, Path) and item.suffix.lower() in VIDEO_SUFFIXES:
+        if isinstance(item, Path) and media_kind(item) == "video":
             return VideoRef(item, max_frames=self.max_frames)
         return item
 

@@ -12,6 +12,7 @@ import numpy as np
 import torch
 
 from lmm.data.batch import Batch
+from lmm.data.stream import NoUsableRecordsError
 from lmm.training.checkpoint import add_hashes, verified, verify_hashes
 from lmm.utils.logging import get_logger
 
@@ -74,7 +75,7 @@ class SkippedRecords(L.Callback):
         self.show = show
         self.skips = 0
         self.distinct: dict[tuple[str, str], str] = {}  # (file, record id) -> problem
-        self._epoch_skips = 0
+        self._epoch_skips = self._epoch_batches = self._epoch_trained = 0
         self._start = 0.0
 
     @property
@@ -87,21 +88,32 @@ class SkippedRecords(L.Callback):
 
     def on_train_batch_end(self, trainer, module, outputs, batch: Batch, batch_idx: int) -> None:
         elapsed = time.perf_counter() - self._start
-        if elapsed > 0:
+        if elapsed > 0 and len(batch):
             module.log("train/tokens_per_s", batch.num_tokens / elapsed, batch_size=len(batch))
         records = getattr(batch, "skipped_records", None) or []
+        self._epoch_batches += 1
+        self._epoch_trained += bool(len(batch))
         if records:
+            size = max(1, len(batch))
             self.skips += len(records)
             self._epoch_skips += len(records)
             for source, record_id, problem in records:
                 self.distinct.setdefault((source, record_id), problem)
-            module.log("train/skipped_records", float(self.skipped), batch_size=len(batch))
-            module.log("train/skips", float(self.skips), batch_size=len(batch))
+            module.log("train/skipped_records", float(self.skipped), batch_size=size)
+            module.log("train/skips", float(self.skips), batch_size=size)
 
     def on_train_epoch_start(self, trainer, module) -> None:
-        self._epoch_skips = 0
+        self._epoch_skips = self._epoch_batches = self._epoch_trained = 0
 
     def on_train_epoch_end(self, trainer, module) -> None:
+        if self._epoch_batches and not self._epoch_trained:
+            named = [f"  {f} [{i}]: {p}" for (f, i), p in list(self.distinct.items())[: self.show]]
+            raise NoUsableRecordsError(
+                f"epoch {trainer.current_epoch}: no sample of its {self._epoch_batches} batches "
+                f"could be loaded ({self._epoch_skips} bad records skipped with on_bad_record: "
+                "skip), so nothing was trained:\n" + "\n".join(named) + "\nFix: repair the "
+                "records (`lmm data check` lists them) or point data.train at the right file"
+            )
         if self._epoch_skips:
             log.warning(
                 "epoch %d: %d bad training records skipped (on_bad_record: skip); %d distinct "

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import warnings
 from collections.abc import Iterator, Mapping
 
 import lightning as L
@@ -180,7 +181,14 @@ class LMMModule(L.LightningModule):
             self._sharded = sharding
 
     # --- steps ----------------------------------------------------------------------------
-    def training_step(self, batch: Batch, batch_idx: int) -> Tensor:
+    def training_step(self, batch: Batch, batch_idx: int) -> Tensor | None:
+        """The objective's loss; None (no backward, no optimizer step) for an empty batch,
+        whose every sample was a bad record skipped on every rank (`TrainStream`)."""
+        if len(batch) == 0:
+            # Lightning would warn after every such step that a None may be a mistake; here it
+            # is meant (the stream logged the skipped records)
+            warnings.filterwarnings("ignore", message="`training_step` returned `None`")
+            return None
         loss, _ = self.loss(batch)
         self.log("train/loss", loss, prog_bar=True, batch_size=len(batch))
         return loss

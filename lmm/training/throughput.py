@@ -70,6 +70,8 @@ class ThroughputMonitor(L.Callback):
     def on_train_batch_end(self, trainer, module, outputs, batch: Batch, batch_idx: int) -> None:
         now = time.perf_counter()
         self._end = now
+        if not len(batch):
+            return  # a skipped step (every sample was a bad record): nothing was computed
         acc = self._acc
         acc["time"] += now - self._start + self._wait
         acc["wait"] += self._wait

@@ -12,6 +12,7 @@ import re
 from pathlib import Path
 
 import pytest
+import torch
 from PIL import Image
 
 from lmm.data import media
@@ -204,15 +205,29 @@ def test_json_array_with_trailing_comma_names_the_file(folder):
     assert str(path) in str(err.value) and "trailing comma" in str(err.value)
 
 
-def test_batch_of_only_bad_records_names_them(folder, processor):
+def test_batch_of_only_bad_records_is_an_empty_counted_batch(folder, processor):
+    # found by the reader, refused when the processor decodes them: the plan has them
     (folder / "fake.png").write_text("not an image")
     path = _write(folder, [_chat("fake1", image="fake.png"), _chat("fake2", image="fake.png")])
-    with pytest.raises(NoUsableRecordsError, match="lost every sample") as err:
-        list(_stream(path, processor, "skip", batch_size=2))
-    assert "'fake1'" in str(err.value) and "'fake2'" in str(err.value)
-    assert str(path) in str(err.value)
+    [batch] = list(_stream(path, processor, "skip", batch_size=2))
+    assert len(batch) == 0 and batch.stream_position == (0, 0)
+    assert sorted(r[1] for r in batch.skipped_records) == ["fake1", "fake2"]
+    assert all(r[0] == str(path) for r in batch.skipped_records)
     with pytest.raises(BadRecordError, match="'fake"):
         list(_stream(path, processor, "raise", batch_size=2))
+
+
+def test_rank_whose_rows_are_all_bad_takes_a_masked_row(folder, processor):
+    (folder / "fake.png").write_text("not an image")
+    path = _write(folder, [_chat("fake", image="fake.png"), _chat("good", image="ok.png")])
+    streams = [_stream(path, processor, "skip", batch_size=1) for _ in range(2)]
+    for rank, stream in enumerate(streams):
+        stream.rank, stream.world_size = rank, 2
+    [b0], [b1] = (list(s) for s in streams)
+    assert b0.ids == b1.ids == ["good"]  # the rank of `fake` trains a masked copy of `good`
+    masked = b0 if (b0.labels == -100).all() else b1
+    assert (masked.labels == -100).all() and masked.skipped == 1
+    assert sum(b.skipped for b in (b0, b1)) == 1
 
 
 def _streaming_data(folder: Path, processor, on_bad_record: str) -> ChatDataModule:
@@ -311,14 +326,24 @@ quiet_trainer(Path(sys.argv[2]), max_steps=3, callbacks=[]).fit(module, datamodu
 """
 
 
-def test_fit_with_skip_on_all_bad_records_ends_with_a_clear_error(tiny_assets, tmp_path):
+@pytest.mark.parametrize(
+    ("image", "message"),
+    [
+        ("missing.png", "every one of the 4 training records is bad"),  # the reader's
+        ("fake.png", "no sample of its 2 batches could be loaded"),  # the processor's
+    ],
+)
+def test_fit_with_skip_on_all_bad_records_ends_with_a_clear_error(
+    tiny_assets, tmp_path, image, message
+):
     import subprocess
     import sys
     import time
 
     data = tmp_path / "data"
     data.mkdir()
-    bad = [_chat(f"gone{i}", image="missing.png") for i in range(4)]
+    (data / "fake.png").write_text("not an image")
+    bad = [_chat(f"gone{i}", image=image) for i in range(4)]
     for split in ("train", "val", "test"):
         _write(data, bad if split == "train" else [], f"{split}.json")
     root = tiny_assets["tokenizer"].parent
@@ -332,90 +357,31 @@ def test_fit_with_skip_on_all_bad_records_ends_with_a_clear_error(tiny_assets, t
     )
     assert time.monotonic() - start < 60
     assert run.returncode != 0
-    assert "every one of the 4 training records is bad" in run.stderr, run.stderr[-3000:]
+    assert message in run.stderr, run.stderr[-3000:]
     assert "'gone0'" in run.stderr and "train.json" in run.stderr
 
 
-def test_bad_records_after_the_last_good_one_are_counted(folder, processor):
-    # buffer_size 2: the good records fill whole blocks, the bad ones come after the last batch
-    records = [_chat(f"g{i}", image="ok.png") for i in range(4)]
-    records += [_chat(f"tail{i}", image="missing.png") for i in range(3)]
-    path = _write(folder, records)
-    batches = list(_stream(path, processor, "skip", batch_size=2, buffer_size=2))
-    assert sorted(i for b in batches for i in b.ids) == ["g0", "g1", "g2", "g3"]
-    assert sum(b.skipped for b in batches) == 3
-    assert sorted(r[1] for b in batches for r in b.skipped_records) == ["tail0", "tail1", "tail2"]
-    assert batches[-1].skipped == 3  # counted with the epoch's last batch
+def test_fit_skips_the_step_of_an_all_bad_batch(tiny_assets, tmp_path):
+    from tests.helpers import quiet_trainer, tiny_data, tiny_llava
 
+    data = tmp_path / "data"
+    data.mkdir()
+    Image.new("RGB", (8, 8), (0, 200, 0)).save(data / "ok.png")
+    (data / "fake.png").write_text("not an image")
+    records = [_chat("fake0", image="fake.png"), _chat("fake1", image="fake.png")]
+    records += [_chat("good0", image="ok.png"), _chat("good1", image="ok.png")]
+    # streamed in file order, blocks of 2: batch 0 is the two fakes, batch 1 the two goods
+    (data / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    module = tiny_llava(tiny_assets)
+    dm = tiny_data(data, module, batch_size=2, buffer_size=2, on_bad_record="skip")
+    dm.files.update(train=str(data / "train.jsonl"), val=None, test=None)
+    dm.streaming = True
+    before = {k: v.clone() for k, v in module.state_dict().items()}
+    trainer = quiet_trainer(tmp_path, max_steps=2, callbacks=[])
+    trainer.fit(module, datamodule=dm)
+    [skips] = [c for c in trainer.callbacks if type(c).__name__ == "SkippedRecords"]
+    assert (skips.skipped, skips.skips) == (2, 2) and trainer.global_step == 2
 
-def test_skip_counts_distinct_records_and_skips_over_epochs(folder, processor):
-    from lmm.training.callbacks import SkippedRecords
-
-    records = [_chat(f"g{i}", image="ok.png") for i in range(4)] + [
-        _chat("gone", image="missing.png")
-    ]
-    stream = _stream(_write(folder, records), processor, "skip", batch_size=2, buffer_size=8)
-
-    class Module:
-        logged: dict = {}
-
-        def log(self, name, value, **kwargs):
-            self.logged[name] = value
-
-    callback, module = SkippedRecords(), Module()
-    for epoch in range(2):
-        stream.epoch = epoch
-        callback.on_train_epoch_start(None, module)
-        for batch in stream:
-            callback.on_train_batch_end(None, module, None, batch, 0)
-    assert (callback.skipped, callback.skips) == (1, 2)
-    assert module.logged == {
-        "train/tokens_per_s": module.logged["train/tokens_per_s"],
-        "train/skipped_records": 1.0,
-        "train/skips": 2.0,
-    }
-    restored = SkippedRecords()
-    restored.load_state_dict(callback.state_dict())
-    assert (restored.skipped, restored.skips) == (1, 2)
-
-
-def _eval_data(folder: Path, processor, split: str, on_bad_record: str) -> ChatDataModule:
-    (folder / "fake.png").write_text("not an image")
-    records = [
-        _chat("v0", image="ok.png"),
-        _chat("missing", image="missing.png"),
-        _chat("v1", image="ok.png"),
-        _chat("fake", image="fake.png"),  # found by the reader, refused by the processor
-        {"id": "norole", "conversation": [{"role": "robot", "content": "x"}]},
-    ]
-    dm = ChatDataModule(
-        Llama3(),
-        **{split: str(_write(folder, records, f"{split}.json"))},
-        batch_size=2,
-        on_bad_record=on_bad_record,
-    )
-    dm.connect(processor.tokenizer, TinySpec())
-    return dm
-
-
-@pytest.mark.parametrize("split", ["val", "test", "predict"])
-def test_skip_covers_eval_files(folder, processor, split, caplog):
-    dm = _eval_data(folder, processor, split, "skip")
-    dm.setup({"val": "validate", "test": "test", "predict": "predict"}[split])
-    loader = getattr(dm, f"{split}_dataloader")()
-    assert [i for b in loader for i in b.ids] == ["v0", "v1"]
-    text = caplog.text
-    assert f"data.{split}" in text and "3 bad records skipped" in text, text
-    for rid in ("'missing'", "'fake'", "'norole'"):
-        assert rid in text
-    loader = getattr(dm, f"{split}_dataloader")()  # a second loader: checked once, same samples
-    assert [i for b in loader for i in b.ids] == ["v0", "v1"]
-    with pytest.raises(BadRecordError, match="'missing'"):
-        _eval_data(folder, processor, split, "raise").setup(None)
-
-
-def test_eval_file_with_every_record_bad_stops(folder, processor):
-    path = _write(folder, [_chat("gone", image="missing.png")], "val.json")
-    dm = ChatDataModule(Llama3(), val=str(path), on_bad_record="skip")
-    with pytest.raises(NoUsableRecordsError, match=r"data.val .*every one of its 1 records"):
-        dm.setup("validate")
+    steps = {int(s["step"]) for s in trainer.optimizers[0].state_dict()["state"].values()}
+    assert steps == {1}  # one optimizer update: the empty batch's step changed nothing
+    assert any(not torch.equal(before[k], v) for k, v in module.state_dict().items())

@@ -137,6 +137,24 @@ def test_parse_turn_reads_media_words():
     ]
 
 
+def test_media_kind_is_read_from_content_not_suffix(model, synthetic_data, tmp_path):
+    pytest.importorskip("av")
+    import shutil
+
+    from tests.data.test_video import write_video
+
+    png_as_mp4 = tmp_path / "still.mp4"
+    shutil.copy(sorted((synthetic_data / "images").glob("*.png"))[0], png_as_mp4)
+    mp4_as_png = write_video(tmp_path / "clip.mp4", n=12).rename(tmp_path / "clip.png")
+    question = [{"role": "user", "content": "Same?"}]
+    sample = model.sample(question, images=[png_as_mp4, mp4_as_png])
+    features = model.processor.prompt(sample)
+    assert features.media_modes[0] == "image" and features.views_per_media[0] == 1
+    assert features.views_per_media[1] == 8  # the video's sampled frames
+    parts = parse_turn(f"compare {png_as_mp4} and {mp4_as_png}")
+    assert [p["type"] for p in parts if p["type"] != "text"] == ["image", "video"]
+
+
 def test_generate_accepts_markers_parts_and_batches(model, synthetic_data):
     image = str(sorted((synthetic_data / "images").glob("*.png"))[0])
     marker = [{"role": "user", "content": "<image>\nWhat colour is the shape?"}]
