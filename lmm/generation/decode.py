@@ -35,7 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 from torch.overrides import TorchFunctionMode
-from transformers import PreTrainedModel
+from transformers import DynamicCache, PreTrainedModel
 
 StopFn = Callable[[int, list[int]], bool]
 PREFILL_CHUNK = 16  # positions per fixed-shape product at prefill (and media encoding)
@@ -294,8 +294,10 @@ class _CachedDecoder(_Decoder):
     """Prefill the left-padded batch once, then decode all active rows from the KV cache."""
 
     def prefill(self) -> Tensor:
-        out = self.whole_prompts(use_cache=True)
-        self.cache = out.past_key_values
+        # transformers' Cache object, passed and read as `cache` (the `past_key_values` name
+        # is deprecated since 5.24)
+        out = self.whole_prompts(cache=DynamicCache(config=self.llm.config), use_cache=True)
+        self.cache = out.cache
         self.next_position = self.positions[..., -1] + 1  # [B] (or [k, B])
         return out.logits[:, -1].float()
 
@@ -309,10 +311,10 @@ class _CachedDecoder(_Decoder):
                 input_ids=tokens[:, None],
                 attention_mask=self.mask,
                 position_ids=self.next_position[..., None],
-                past_key_values=self.cache,
+                cache=self.cache,
                 use_cache=True,
             )
-        self.cache = out.past_key_values
+        self.cache = out.cache
         self.next_position = self.next_position + 1
         return out.logits[:, -1].float()
 

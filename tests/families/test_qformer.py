@@ -322,6 +322,7 @@ def test_cheetah_recipe_trains_two_steps(recipe, tiny_assets, synthetic_data, bl
 def test_vpgc_generation_without_cache(tiny_assets, synthetic_data, blip2, monkeypatch):
     """Rows that finish at different steps shrink the batch; without a cache every step runs
     the prompts again, and VPG-C must still apply to the rows left (it silently stopped)."""
+    torch.manual_seed(0)  # the randomly initialised parts decide which row can stop early
     module = tiny_qformer(tiny_assets, blip2, max_new_tokens=6).eval()
     _randomise_vpgc(module)
     prompts = _batch(module, synthetic_data, n=3, prompts=True)
