@@ -33,10 +33,14 @@ def launched_rank_zero() -> bool:
 
 
 @contextmanager
-def empty_init(enabled: bool = True) -> Iterator[None]:
+def empty_init(enabled: bool = True, every_rank: bool = False) -> Iterator[None]:
     """Build modules with their parameters on the meta device, reading no weights, on every
-    rank but rank 0 (`launched_rank_zero`); a no-op on rank 0 or when not `enabled`."""
-    if not enabled or launched_rank_zero() or _state["meta"]:
+    rank but rank 0 (`launched_rank_zero`); a no-op on rank 0 or when not `enabled`.
+
+    `every_rank` builds on the meta device on rank 0 too: for a tool that needs a model's
+    tokenizer and media spec but none of its weights (`lmm data check --recipe`).
+    """
+    if not enabled or (launched_rank_zero() and not every_rank) or _state["meta"]:
         yield
         return
     from accelerate import init_empty_weights  # peft's dependency

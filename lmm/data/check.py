@@ -1,8 +1,12 @@
-"""`lmm data check`: validate a data file or mixture and report what one epoch of training sees.
+"""`lmm data check`: validate a data file or mixture exactly as training reads it, and report
+what one epoch of training sees.
 
-Every record of the epoch is parsed and its media checked; with a tokenizer, its tokens are
-counted by the processor (`Processor.length`: a fixed number of tokens per image, so no image
-is decoded). The report gives per-source counts, the bad records (file, id, problem), token-
+Every distinct record of the epoch goes through fit's own steps: the reader (parse, media
+paths, score labels), `Processor.length` (the tokens fit plans with; a video's frames from
+its header) and, unless `fast`, the processor itself (images decoded with their budgets,
+videos' frames sampled and decoded). A record any step refuses is bad: the bad records are
+exactly those `on_bad_record: skip` skips in fit. Without a tokenizer the media are still
+decoded. The report gives per-source counts, the bad records (file, id, problem), token-
 length and image-count histograms, and the share of real tokens in padded and packed batches.
 """
 
@@ -20,20 +24,22 @@ from pathlib import Path
 import yaml
 from tqdm import tqdm
 
+from lmm.data.formats import VideoOptions
 from lmm.data.media import ImageTransform
 from lmm.data.mixture import Mixture, SkippedRecord
 from lmm.data.packing import first_fit_decreasing
 from lmm.data.policy import Preprocessing
-from lmm.data.processor import MediaSpec, Processor
+from lmm.data.processor import MediaSpec, Processor, load_media
 from lmm.data.sample import IMAGE_MARKER, BadRecordError, Sample
 from lmm.data.templates import ChatTemplate, build_template
 from lmm.data.tokenization import load_tokenizer
+from lmm.data.video import VideoReader
 from lmm.utils.logging import get_logger
 
 log = get_logger(__name__)
 
 BAR_WIDTH = 40
-# CLIP's normalisation; the stub transform is never applied, only its size is read.
+# CLIP's normalisation, for the stub transform (its pixels are made and dropped).
 _MEAN = (0.48145466, 0.4578275, 0.40821073)
 _STD = (0.26862954, 0.26130258, 0.27577711)
 
@@ -78,19 +84,101 @@ def build_processor(
     return Processor(tok, template, media, max_length, image_token, preprocessing)
 
 
-def recipe_data(recipe: str | Path) -> dict:
-    """What `lmm data check --recipe` takes from a recipe: its data module's template (with its
-    init_args), preprocessing, max_length and pack_tokens."""
+# What `--recipe` takes from the recipe's data module besides template and preprocessing:
+# ChatDataModule's arguments that decide which records fit reads, skips and how it batches.
+RECIPE_DATA = (
+    "train",
+    "root",
+    "allow_outside_root",
+    "max_length",
+    "pack_tokens",
+    "batch_size",
+    "buffer_size",
+    "max_frames",
+    "fps",
+    "labels",
+    "seed",
+)
+
+
+def load_recipe(recipe: str | Path, overrides: Sequence[str] = ()) -> dict:
+    """A recipe YAML with `lmm fit`-style overrides applied: `--model.init_args.tokenizer=DIR`
+    (or `--data.init_args.max_length 512`); each value is read as YAML."""
     config = yaml.safe_load(Path(recipe).read_text())
+    if not isinstance(config, dict):
+        raise ValueError(f"{recipe}: not a YAML mapping; expected an lmm training recipe")
+    args = list(overrides)
+    while args:
+        flag = args.pop(0)
+        key, eq, value = flag.removeprefix("--").partition("=")
+        if not flag.startswith("--") or not key.startswith(("model.", "data.")):
+            raise ValueError(
+                f"unknown argument {flag!r}. Fix: override a recipe value as "
+                "--model.init_args.KEY=VALUE or --data.init_args.KEY=VALUE"
+            )
+        if not eq:
+            if not args:
+                raise ValueError(f"{flag}: no value. Fix: give {flag}=VALUE")
+            value = args.pop(0)
+        node = config
+        *parents, last = key.split(".")
+        for part in parents:
+            child = node.get(part)
+            if not isinstance(child, dict):
+                child = node[part] = {}
+            node = child
+        node[last] = yaml.safe_load(value)
+    return config
+
+
+def recipe_data(recipe: str | Path | dict) -> dict:
+    """What `lmm data check --recipe` takes from a recipe (a path, or `load_recipe`'s dict): its
+    data module's template (with its init_args), preprocessing and the `RECIPE_DATA` it sets."""
+    config = load_recipe(recipe) if not isinstance(recipe, dict) else recipe
     data = (config or {}).get("data", {}).get("init_args", {})
     if "template" not in data:
         raise ValueError(f"{recipe}: no data.init_args.template; is it an lmm training recipe?")
     return {
         "template": build_template(data["template"]),
         "preprocessing": Preprocessing(**data.get("preprocessing", {})),
-        "max_length": data.get("max_length"),
-        "pack_tokens": data.get("pack_tokens"),
+        **{key: data[key] for key in RECIPE_DATA if key in data},
     }
+
+
+def model_processor(
+    config: dict,
+    template: ChatTemplate,
+    max_length: int,
+    preprocessing: Preprocessing | None = None,
+    where: str = "<recipe>",
+) -> Processor | None:
+    """The processor fit would connect (`ConnectData`): the recipe's model's own tokenizer, media
+    spec and image token, built on the meta device (no weights read). None, with a logged note,
+    when the model cannot be built (a full-size recipe whose model is not on this machine)."""
+    from lmm.components.pretrained import empty_init
+    from lmm.training.recipe import build_module
+
+    try:
+        with empty_init(every_rank=True):
+            module = build_module(config, where)
+        media = module.media_spec()
+    except Exception as err:  # a missing folder, no network, a quantized model, ...
+        cause: BaseException = err
+        while cause.__cause__ is not None:  # jsonargparse wraps the error that says why
+            cause = cause.__cause__
+        text = str(cause).strip()
+        log.warning(
+            "%s: its model cannot be built here (%s: %s), so tokens are counted with the stub "
+            "media spec (--image-tokens per image) and --tokenizer, not the model's own. Fix: "
+            "point the recipe at the model's files (--model.init_args.tokenizer=DIR, ...)",
+            where,
+            type(cause).__name__,
+            text.splitlines()[0] if text else "no message",
+        )
+        return None
+    return Processor(
+        module.tokenizer, template, media, max_length, module.image_token, preprocessing
+    )
 
 
 def padded_share(lengths: Sequence[int], batch_size: int) -> float | None:
@@ -139,6 +227,7 @@ def histogram(values: Sequence[int], bins: int) -> list[dict]:
 def check(
     data: str | Path,
     *,
+    processor: Processor | None = None,
     tokenizer: str | None = None,
     template: str | ChatTemplate = "lmm.data.templates.Llama3",
     image_tokens: int = 576,
@@ -146,6 +235,10 @@ def check(
     max_length: int = 2048,
     pack_tokens: int | None = None,
     preprocessing: Preprocessing | None = None,
+    max_frames: int = 8,
+    fps: float | None = None,
+    labels: Sequence[str] | None = None,
+    fast: bool = False,
     batch_size: int = 8,
     buffer_size: int = 1024,
     split: str = "train",
@@ -158,17 +251,33 @@ def check(
     show: int = 50,
     out=None,
 ) -> dict:
-    """Check every record of one epoch of `data`; write the report to `out` and return it.
+    """Check every record of one epoch of `data` as fit reads it; write the report to `out`
+    and return it.
+
+    Each distinct record is read (`Mixture.sample`), its tokens counted (`Processor.length`)
+    and, unless `fast`, processed (`Processor.__call__`: images decoded, video frames sampled
+    and decoded); the first step to refuse it makes it bad with that step's problem, as
+    `on_bad_record: skip` skips it in fit. Without a processor (no `processor`, no `tokenizer`)
+    the media are decoded all the same, as fit decodes them (`lmm.data.processor.load_media`).
 
     Args:
         data: a json/jsonl file (`{a,b}.json` allowed) or a mixture YAML.
-        tokenizer: tokenizer folder; without one, tokens and batch shares are not counted.
-        template: chat template class path (or a template).
-        image_tokens: tokens per image.
-        image_size: side of the (stub) image transform.
-        max_length: the processor's max_length (longer samples lose rounds from the end).
-        pack_tokens: row size for the packed share (default: max_length).
-        preprocessing: marker, truncation and tokenization policies (a recipe's).
+        processor: the processor fit uses (a model's tokenizer and media spec); its
+            `max_length` and preprocessing apply. Give it or `tokenizer`, not both.
+        tokenizer: tokenizer folder for a stub processor (`--image-tokens` per image); without
+            it or `processor`, tokens and batch shares are not counted.
+        template: chat template class path (or a template), for the stub processor.
+        image_tokens: tokens per image, for the stub processor.
+        image_size: side of the stub processor's image transform.
+        max_length: the stub processor's max_length (longer samples lose rounds from the end).
+        pack_tokens: row size for the packed share (default: the processor's max_length).
+        preprocessing: marker, truncation and tokenization policies (a recipe's; default: the
+            processor's).
+        max_frames: frames sampled per video of a json file (ChatDataModule's `max_frames`).
+        fps: frames per second sampled from a json file's videos (ChatDataModule's `fps`).
+        labels: score names of a json file's scored records (ChatDataModule's `labels`).
+        fast: read headers only, decode nothing (the reader and `Processor.length`): broken
+            image files and undecodable video frames then pass.
         batch_size: rows per batch for both shares.
         buffer_size: samples packed together (TrainStream's buffer_size).
         split: the split of a mixture YAML to check.
@@ -176,18 +285,26 @@ def check(
         seed: the mixture seed.
         root: media folder for sources without their own (default: each data file's folder).
         allow_outside_root: accept absolute media paths and paths with `..`.
-        check_media: check that every media file exists.
+        check_media: check media files; False neither stats nor decodes them (implies `fast`).
         bins: bins of the token-length histogram.
         show: bad records listed in the text report (the returned dict has them all).
         out: where the text report goes (default: stdout).
     """
-    mixture = Mixture.from_path(data, split, seed=seed)
-    processor = None
-    if tokenizer is not None:
+    if processor is not None and tokenizer is not None:
+        raise ValueError("check: give processor (the one fit uses) or tokenizer (a stub), not both")
+    if processor is None and tokenizer is not None:
         processor = build_processor(
             tokenizer, template, image_tokens, image_size, max_length, preprocessing=preprocessing
         )
+    if preprocessing is None and processor is not None:
+        preprocessing = processor.policy  # fit reads records with its processor's policy
+    if processor is not None:
+        max_length = processor.max_length
     pack_tokens = pack_tokens or max_length
+    fast = fast or not check_media
+    video = VideoOptions(max_frames=max_frames, fps=fps)
+    mixture = Mixture.from_path(data, split, seed=seed, video=video, labels=labels)
+    reader = processor.video_reader if processor is not None else VideoReader()
 
     outcomes: dict[tuple[int, int], tuple[str, object]] = {}
     lengths: list[int] = []
@@ -205,7 +322,7 @@ def check(
                 check_media=check_media,
                 policy=preprocessing,
             )
-            outcomes[key] = _outcome(item, processor)
+            outcomes[key] = _outcome(item, processor, fast, reader)
         kind, value = outcomes[key]
         if kind == "ok":
             n_tokens, n_images = value
@@ -219,6 +336,8 @@ def check(
         "epoch": epoch,
         "seed": seed,
         "balancing": mixture.balancing,
+        "media": "decoded" if not fast else ("headers" if check_media else "unchecked"),
+        "tokens_counted_by": _counted_by(processor),
         "sources": _source_rows(mixture, outcomes, epoch_count),
         "bad": _listed(mixture, outcomes, "bad"),
         "skipped": _listed(mixture, outcomes, "skipped"),
@@ -260,18 +379,37 @@ def check(
     return stats
 
 
-def _outcome(item: Sample | BadRecordError, processor: Processor | None) -> tuple[str, object]:
-    """("ok", (tokens or None, images)), ("bad", error) or ("skipped", error)."""
+def _counted_by(processor: Processor | None) -> str | None:
+    """What counted the tokens: the media spec (a stub's tokens per image) and the tokenizer."""
+    if processor is None:
+        return None
+    media = processor.media
+    tokenizer = getattr(processor.tokenizer, "name_or_path", "") or "?"
+    if isinstance(media, StubMedia):
+        return f"a stub media spec ({media.tokens} tokens per image), tokenizer {tokenizer}"
+    return f"the media spec {type(media).__name__}, tokenizer {tokenizer}"
+
+
+def _outcome(
+    item: Sample | BadRecordError, processor: Processor | None, fast: bool, reader: VideoReader
+) -> tuple[str, object]:
+    """("ok", (tokens or None, images)), ("bad", error) or ("skipped", error): fit's steps in
+    fit's order (reader, `Processor.length` when planning, `Processor.__call__` when loading)."""
     if isinstance(item, SkippedRecord):
         return "skipped", item
     if isinstance(item, BadRecordError):
         return "bad", item
     n_tokens = None
-    if processor is not None:
-        try:
+    try:
+        if processor is not None:
             n_tokens = processor.length(item)
-        except BadRecordError as err:
-            return "bad", err
+            if not fast:
+                processor(item)
+        elif not fast:
+            for index in range(len(item.images)):
+                load_media(item, index, reader)
+    except BadRecordError as err:
+        return "bad", err
     return "ok", (n_tokens, len(item.images))
 
 
@@ -316,12 +454,22 @@ def _bar(count: int, top: int) -> str:
     return "#" * (round(BAR_WIDTH * count / top) if top else 0)
 
 
+_MEDIA = {
+    "decoded": "decoded as in training (images, sampled video frames)",
+    "headers": "files and video headers read, nothing decoded (--fast)",
+    "unchecked": "not checked (--no-check-media)",
+}
+
+
 def render(stats: dict, show: int = 50) -> str:
     """The text report of `check`'s result."""
     lines = [
         f"lmm data check: {stats['data']} (split {stats['split']}, epoch {stats['epoch']}, "
-        f"seed {stats['seed']}, balancing {'on' if stats['balancing'] else 'off'})"
+        f"seed {stats['seed']}, balancing {'on' if stats['balancing'] else 'off'})",
+        f"media: {_MEDIA[stats['media']]}",
     ]
+    if stats["tokens_counted_by"]:
+        lines.append(f"tokens counted with {stats['tokens_counted_by']}")
     rows = stats["sources"] + [{"name": "total", "format": "", "rule": "", **stats["total"]}]
     name_w = max(6, *(len(r["name"]) for r in rows))
     head = ("source", "format", "rule", "file", "distinct", "epoch", "ok", "bad", "skipped")
@@ -385,47 +533,89 @@ def _percent(share: float | None) -> str:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    """`lmm data check DATA [options]`; returns the report (exit 1 with --strict and bad records)."""
+    """`lmm data check [DATA] [options] [--model.KEY=VALUE ...]`; returns the report (exit 1
+    with --strict and bad records)."""
     parser = argparse.ArgumentParser(prog="lmm data", description="Data tools.")
     commands = parser.add_subparsers(dest="command", required=True)
     p = commands.add_parser(
         "check",
-        help="validate a data file or mixture and report lengths, images and padding",
+        help="validate a data file or mixture as training reads it; report lengths and padding",
         description=__doc__,
+        epilog="With --recipe, --model.init_args.KEY=VALUE and --data.init_args.KEY=VALUE "
+        "override the recipe's values as they do for `lmm fit`.",
     )
-    p.add_argument("data", help="a json/jsonl file ({a,b}.json allowed) or a mixture YAML")
-    p.add_argument("--tokenizer", help="tokenizer folder (without one, tokens are not counted)")
+    p.add_argument(
+        "data",
+        nargs="?",
+        help="a json/jsonl file ({a,b}.json allowed) or a mixture YAML "
+        "(default: the recipe's data.train)",
+    )
+    p.add_argument("--tokenizer", help="tokenizer folder for the stub media spec")
     p.add_argument("--template", help="chat template class (default: Llama3, or the recipe's)")
     p.add_argument(
         "--recipe",
-        help="a training recipe: its template, preprocessing, max_length and pack_tokens",
+        help="a training recipe: its data settings (template, preprocessing, max_length, ...) "
+        "and, when its model can be built here, the model's own tokenizer and media spec",
     )
-    p.add_argument("--image-tokens", type=int, default=576, help="tokens per image")
-    p.add_argument("--image-size", type=int, default=336, help="image side of the transform")
+    p.add_argument("--fast", action="store_true", help="read headers only, decode no media")
+    p.add_argument("--image-tokens", type=int, default=576, help="stub: tokens per image")
+    p.add_argument("--image-size", type=int, default=336, help="stub: image side")
     p.add_argument("--max-length", type=int, help="longest sample in tokens (default: 2048)")
     p.add_argument("--pack-tokens", type=int, help="packed row size (default: --max-length)")
-    p.add_argument("--batch-size", type=int, default=8, help="rows per batch")
-    p.add_argument("--buffer-size", type=int, default=1024, help="samples packed together")
+    p.add_argument("--max-frames", type=int, help="frames sampled per video (default: 8)")
+    p.add_argument("--fps", type=float, help="frames per second sampled from videos")
+    p.add_argument("--labels", nargs="+", help="score names of scored records, in target order")
+    p.add_argument("--batch-size", type=int, help="rows per batch (default: 8)")
+    p.add_argument("--buffer-size", type=int, help="samples packed together (default: 1024)")
     p.add_argument("--split", default="train", choices=["train", "val", "test"])
     p.add_argument("--epoch", type=int, default=0)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, help="the mixture seed (default: 0, or the recipe's)")
     p.add_argument("--root", help="media folder (default: each data file's folder)")
     p.add_argument("--allow-outside-root", action="store_true")
-    p.add_argument("--no-check-media", action="store_true", help="do not stat media files")
+    p.add_argument("--no-check-media", action="store_true", help="neither stat nor decode media")
     p.add_argument("--bins", type=int, default=10, help="token histogram bins")
     p.add_argument("--show", type=int, default=50, help="bad records listed in the report")
     p.add_argument("--strict", action="store_true", help="exit with status 1 on a bad record")
-    a = parser.parse_args(argv)
-    recipe = recipe_data(a.recipe) if a.recipe else {}
-    passed = ("image_tokens", "image_size", "batch_size", "buffer_size", "split", "epoch", "seed")
-    passed += ("root", "allow_outside_root", "bins", "show")  # the flags as they are
+    a, overrides = parser.parse_known_args(argv)
+    if overrides and not a.recipe:
+        parser.error(f"unrecognized arguments: {' '.join(overrides)} (overrides need --recipe)")
+    config = load_recipe(a.recipe, overrides) if a.recipe else {}
+    recipe = recipe_data(config) if a.recipe else {}
+    data = a.data or recipe.get("train")
+    if data is None:
+        parser.error("give DATA, or a --recipe with data.init_args.train")
+
+    def pick(name: str, default):
+        flag = getattr(a, name)
+        return flag if flag is not None else recipe.get(name, default)
+
+    template = a.template or recipe.get("template") or "lmm.data.templates.Llama3"
+    max_length = pick("max_length", 2048)
+    preprocessing = recipe.get("preprocessing")
+    processor = None
+    if a.recipe:
+        template = template if isinstance(template, ChatTemplate) else load_template(template)
+        processor = model_processor(config, template, max_length, preprocessing, a.recipe)
+        if processor is not None and a.tokenizer:
+            log.warning("--tokenizer %s is not used: the recipe's model gives its own", a.tokenizer)
+    passed = ("image_tokens", "image_size", "split", "epoch", "bins", "show")
     report = check(
-        a.data,
-        tokenizer=a.tokenizer,
-        template=a.template or recipe.get("template") or "lmm.data.templates.Llama3",
-        max_length=a.max_length or recipe.get("max_length") or 2048,
-        pack_tokens=a.pack_tokens or recipe.get("pack_tokens"),
-        preprocessing=recipe.get("preprocessing"),
+        data,
+        processor=processor,
+        tokenizer=a.tokenizer if processor is None else None,
+        template=template,
+        max_length=max_length,
+        pack_tokens=pick("pack_tokens", None),
+        preprocessing=preprocessing,
+        max_frames=pick("max_frames", 8),
+        fps=pick("fps", None),
+        labels=pick("labels", None),
+        fast=a.fast,
+        batch_size=pick("batch_size", 8),
+        buffer_size=pick("buffer_size", 1024),
+        seed=pick("seed", 0),
+        root=pick("root", None),
+        allow_outside_root=a.allow_outside_root or bool(recipe.get("allow_outside_root")),
         check_media=not a.no_check_media,
         **{name: getattr(a, name) for name in passed},
     )

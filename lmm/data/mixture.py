@@ -250,13 +250,30 @@ class Mixture:
 
     @classmethod
     def from_path(
-        cls, path: str | Path, split: str = "train", *, seed: int = 0, **kwargs: Any
+        cls,
+        path: str | Path,
+        split: str = "train",
+        *,
+        seed: int = 0,
+        video: VideoOptions | None = None,
+        labels: Sequence[str] | None = None,
+        **kwargs: Any,
     ) -> Mixture:
-        """A mixture YAML, or json/jsonl file(s) (`data/{a,b}.json` allowed) taken whole."""
+        """A mixture YAML, or json/jsonl file(s) (`data/{a,b}.json` allowed) taken whole.
+
+        `video` (frames sampled per video) and `labels` (score names, in target order) apply to
+        json files, as ChatDataModule's `max_frames`, `fps` and `labels` do; a mixture YAML's
+        sources give their own.
+        """
         text = str(path)
         if Path(text).suffix in (".yaml", ".yml"):
             return cls.from_yaml(text, split, seed=seed, **kwargs)
-        sources = [Source(name=Path(p).stem, path=p, where=p) for p in expand_braces(text)]
+        video = video or VideoOptions()
+        options = dict(max_num_frames=video.max_frames, fps=video.fps)
+        options["labels"] = list(labels) if labels is not None else None
+        sources = [
+            Source(name=Path(p).stem, path=p, where=p, **options) for p in expand_braces(text)
+        ]
         kwargs.setdefault("shuffle", False)  # one file: keep its order (TrainStream shuffles)
         kwargs["balancing"] = bool(kwargs.get("balancing"))
         return cls(sources, seed=seed, name=text, **kwargs)

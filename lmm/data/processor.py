@@ -377,30 +377,31 @@ class Processor:
 
     def _media(self, sample: Sample, index: int) -> list[Image.Image]:
         """The images of one media marker: an image, or a video's sampled frames."""
-        item = sample.images[index]
-        if isinstance(item, VideoRef):
-            return load_video(
-                item.path,
-                **item.sampling,
-                min_frames=item.min_frames,
-                reader=self.video_reader,
-                source=sample.source,
-                record_id=sample.id,
-            )
-        return [self._image(sample, index)]
+        return load_media(sample, index, self.video_reader)
 
-    def _image(self, sample: Sample, index: int) -> Image.Image:
-        path = sample.images[index]
-        try:
-            return load_image(path)
-        except FileNotFoundError as err:
-            raise BadRecordError(
-                sample.source, sample.id, f"image {index} not found: {path}"
-            ) from err
-        except Exception as err:  # PIL raises several types for corrupt files
-            raise BadRecordError(
-                sample.source, sample.id, f"image {index} ({path}) cannot be read: {err}"
-            ) from err
+
+def load_media(sample: Sample, index: int, reader: VideoReader | None = None) -> list[Image.Image]:
+    """The 8-bit RGB images of media `index` of a sample, decoded as training decodes them: an
+    image (`lmm.data.media.load_image`, its budgets checked), or a video's sampled frames
+    (`lmm.data.video.load_video`). A missing, broken or refused file raises BadRecordError."""
+    item = sample.images[index]
+    if isinstance(item, VideoRef):
+        return load_video(
+            item.path,
+            **item.sampling,
+            min_frames=item.min_frames,
+            reader=reader,
+            source=sample.source,
+            record_id=sample.id,
+        )
+    try:
+        return [load_image(item)]
+    except FileNotFoundError as err:
+        raise BadRecordError(sample.source, sample.id, f"image {index} not found: {item}") from err
+    except Exception as err:  # PIL raises several types for corrupt files
+        raise BadRecordError(
+            sample.source, sample.id, f"image {index} ({item}) cannot be read: {err}"
+        ) from err
 
 
 def _cap_answers(ids: list[int], labels: list[int], cap: int) -> tuple[list[int], list[int]]:
