@@ -1,6 +1,10 @@
 """lmm: train, evaluate and chat with large multimodal models on PyTorch Lightning."""
 
+from lmm.utils.logging import quiet_third_party
+
 __version__ = "0.1.0"
+
+quiet_third_party()
 
 __all__ = ["LMM", "LMMModule", "load"]
 

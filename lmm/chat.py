@@ -9,6 +9,7 @@ chat template. Commands: `/reset` (forget the history), `/exit` (or end of input
 from __future__ import annotations
 
 import argparse
+import atexit
 import re
 import sys
 from pathlib import Path
@@ -81,10 +82,9 @@ def run(session: ChatSession, stdin: TextIO, stdout: TextIO) -> int:
     """The read-reply loop on the given streams; returns the number of replies."""
     replies = 0
     stdout.write(HELP + "\n")
+    read = _line_reader(stdin, stdout)
     while True:
-        stdout.write("user> ")
-        stdout.flush()
-        line = stdin.readline()
+        line = read()
         if not line:
             stdout.write("\n")
             return replies
@@ -110,6 +110,50 @@ def run(session: ChatSession, stdin: TextIO, stdout: TextIO) -> int:
         else:
             replies += 1
         stdout.write("\n")
+
+
+HISTORY = Path("~/.lmm_chat_history")
+
+
+def _line_reader(stdin: TextIO, stdout: TextIO):
+    """A function reading one typed line ("" at the end of input). On a terminal it is
+    `input()` with readline: arrow keys edit the line and walk the history (kept in
+    ~/.lmm_chat_history); otherwise a plain read of `stdin` after the prompt."""
+    if stdin is sys.stdin and stdin.isatty() and stdout is sys.stdout:
+        try:
+            import readline
+        except ImportError:  # not on every platform; input() still works without editing
+            readline = None
+        history = HISTORY.expanduser()
+        if readline is not None:
+            try:
+                readline.read_history_file(history)
+            except OSError:
+                pass
+            atexit.register(_save_history, readline, history)
+
+        def typed() -> str:
+            try:
+                return input("user> ") + "\n"
+            except EOFError:
+                return ""
+
+        return typed
+
+    def piped() -> str:
+        stdout.write("user> ")
+        stdout.flush()
+        return stdin.readline()
+
+    return piped
+
+
+def _save_history(readline, path: Path) -> None:
+    try:
+        readline.set_history_length(1000)
+        readline.write_history_file(path)
+    except OSError:
+        pass
 
 
 def main(argv: list[str] | None = None, stdin: TextIO | None = None, stdout: TextIO | None = None):

@@ -3,35 +3,74 @@
 from __future__ import annotations
 
 import argparse
+import difflib
 import json
+import re
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import lightning as L
-from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+from transformers.utils import logging as hf_logging
 
 from lmm.components.pretrained import empty_init
 from lmm.training.module import LMMModule
+from lmm.utils import errors
 from lmm.utils.logging import get_logger
 
 log = get_logger(__name__)
+
+
+class LMMArgumentParser(LightningArgumentParser):
+    """LightningCLI's parser with short errors: the problem, the closest known option for an
+    unknown one, and where the options are listed (not the 100-line usage)."""
+
+    def error(self, message: str, ex: Exception | None = None):
+        if not self.exit_on_error:
+            return super().error(message, ex)
+        parser = getattr(ex, "subcommand_parser", None) or self
+        prog = parser.prog.replace(" [options]", "")
+        hint = ""
+        unknown = re.findall(r"(--[\w.\-]+)", message) if "unrecognized" in message else []
+        if unknown:
+            known = [o for a in parser._actions for o in a.option_strings if o.startswith("--")]
+            close = difflib.get_close_matches(unknown[0].split("=")[0], known, n=1, cutoff=0.6)
+            if close:
+                hint = f" Did you mean {close[0]}?"
+        sys.stderr.write(
+            f"lmm: error: {message.strip()}.{hint}\n(`{prog} --help` lists the options)\n"
+        )
+        raise SystemExit(errors.EXIT_USER_ERROR)
 
 
 class LMMCLI(LightningCLI):
     """LightningCLI in subclass mode: the recipe names the family module and the data module."""
 
     def __init__(self, args: list[str] | None = None, run: bool = True, **kwargs):
+        # the `lmm` command passes its own argument list on purpose (tools and --debug taken
+        # out), which LightningCLI warns about when sys.argv has arguments too
+        warnings.filterwarnings("ignore", message="LightningCLI's args parameter is intended")
+        hf_logging.disable_progress_bar()  # "Loading weights" bars of every from_pretrained
         super().__init__(
             LMMModule,
             L.LightningDataModule,
             subclass_mode_model=True,
             subclass_mode_data=True,
             save_config_kwargs={"overwrite": True},
+            parser_class=LMMArgumentParser,
             args=args,
             run=run,
             **kwargs,
         )
+
+    def before_instantiate_classes(self) -> None:
+        """Check that the data and benchmark files exist before any model is built."""
+        from lmm.training.recipe import check_inputs
+
+        if self.subcommand:
+            check_inputs(self.config[self.subcommand], self.subcommand)
 
     def instantiate_classes(self) -> None:
         """Build the recipe's objects; with `model.init_args.fsdp.meta_init`, the model's
@@ -65,18 +104,15 @@ def synth(argv: list[str]) -> None:
 def tiny(argv: list[str]) -> None:
     """`lmm tiny`: write a tiny tokenizer, LLM and vision tower for the synthetic tasks."""
     from lmm.data.synthetic import corpus
-    from lmm.tiny import build_tiny_assets
+    from lmm.tiny import QUICKSTART_SIZES, build_tiny_assets
 
     parser = argparse.ArgumentParser(prog="lmm tiny", description=tiny.__doc__)
     parser.add_argument("--out", default="assets/tiny")
     parser.add_argument("--llm-type", default="llama")
     parser.add_argument("--vision-type", default="clip", choices=["clip", "siglip"])
-    parser.add_argument("--image-size", type=int, default=32)
-    parser.add_argument("--patch-size", type=int, default=8)
-    parser.add_argument("--vision-hidden", type=int, default=64)
-    parser.add_argument("--vision-layers", type=int, default=2)
-    parser.add_argument("--llm-hidden", type=int, default=64)
-    parser.add_argument("--llm-layers", type=int, default=2)
+    # the defaults are the quickstart model's (recipes/tiny/llava_synthetic.yaml, `lmm demo`)
+    for name, value in QUICKSTART_SIZES.items():
+        parser.add_argument(f"--{name.replace('_', '-')}", type=int, default=value)
     parser.add_argument("--seed", type=int, default=0)
     options = vars(parser.parse_args(argv))  # the flags are build_tiny_assets' arguments
     out = options.pop("out")
@@ -240,12 +276,48 @@ TOOLS = {
 }
 
 
+LIGHTNING = {
+    "fit": "train a recipe (`lmm fit --config RECIPE`)",
+    "validate": "the validation loss and benchmarks of a checkpoint",
+    "test": "answer and score a recipe's test data and benchmarks (results.json, predictions)",
+    "predict": "answer a data file with a checkpoint (predictions JSONL)",
+}
+
+
+def usage() -> str:
+    """`lmm --help`: every subcommand with one line."""
+    lines = ["usage: lmm COMMAND [options]   (lmm COMMAND --help for its options)", ""]
+    commands = {**LIGHTNING, **{name: _first_line(tool) for name, tool in TOOLS.items()}}
+    width = max(map(len, commands))
+    lines += [f"  {name:<{width}}  {text}" for name, text in commands.items()]
+    lines += ["", "--debug (or LMM_DEBUG=1) shows the traceback of an error."]
+    return "\n".join(lines) + "\n"
+
+
+def _first_line(tool) -> str:
+    doc = (tool.__doc__ or "").strip().splitlines()[0]
+    return doc.split(": ", 1)[-1] if doc.startswith("`") else doc
+
+
 def main(argv: list[str] | None = None) -> None:
+    """The `lmm` command. Run as the command (no `argv`), a user error (`lmm.utils.errors`)
+    exits with code 2 and its message, no traceback, unless --debug or LMM_DEBUG=1; called
+    with `argv` from Python, it raises."""
+    command = argv is None
     argv = sys.argv[1:] if argv is None else list(argv)
-    if argv and argv[0] in TOOLS:
-        TOOLS[argv[0]](argv[1:])
+    debug = errors.debug_requested(argv) or not command
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        sys.stdout.write(usage())
         return
-    LMMCLI(args=argv)
+    try:
+        if argv[0] in TOOLS:
+            TOOLS[argv[0]](argv[1:])
+            return
+        LMMCLI(args=argv)
+    except Exception as err:
+        if debug or not errors.is_user_error(err):
+            raise
+        raise SystemExit(errors.report(err)) from None
 
 
 if __name__ == "__main__":

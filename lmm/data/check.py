@@ -554,6 +554,8 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--template", help="chat template class (default: Llama3, or the recipe's)")
     p.add_argument(
         "--recipe",
+        "--config",
+        dest="recipe",
         help="a training recipe: its data settings (template, preprocessing, max_length, ...) "
         "and, when its model can be built here, the model's own tokenizer and media spec",
     )

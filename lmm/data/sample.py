@@ -6,6 +6,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
+from lmm.utils.errors import UserError
+
 Role = Literal["system", "user", "assistant"]
 ROLES: tuple[str, ...] = ("system", "user", "assistant")
 IMAGE_MARKER = "<image>"
@@ -71,7 +73,7 @@ class Sample:
         return f"sample {self.id!r} ({self.source})"
 
 
-class BadRecordError(ValueError):
+class BadRecordError(UserError, ValueError):
     """A record that cannot become a correct sample. The message names file, record and fix."""
 
     def __init__(self, source: str | Path, record_id: str, problem: str, fix: str = ""):

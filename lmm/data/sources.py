@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 
 from lmm.data.formats import _json_line
+from lmm.utils.errors import UserError
 from lmm.utils.logging import get_logger
 
 log = get_logger(__name__)
@@ -53,7 +54,7 @@ _IGNORED = {"offline_sha", "max_image_size", "max_seq_len", "packing_same_mm_med
 _RULE = re.compile(r"^(first|end|random):(\d+(?:\.\d+)?)(%?)$")
 
 
-class MixtureError(ValueError):
+class MixtureError(UserError, ValueError):
     """A mixture YAML that cannot be read; the message names the file and the entry."""
 
 

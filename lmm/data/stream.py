@@ -29,6 +29,7 @@ from lmm.data.mixture import SkippedRecord
 from lmm.data.packing import PackCollator, first_fit_decreasing
 from lmm.data.processor import Processor
 from lmm.data.sample import BadRecordError, Sample
+from lmm.utils.errors import UserError
 from lmm.utils.logging import get_logger
 
 log = get_logger(__name__)
@@ -36,7 +37,7 @@ log = get_logger(__name__)
 Records = Callable[[int], Iterable[Sample | BadRecordError]]  # epoch -> samples
 
 
-class NoUsableRecordsError(RuntimeError):
+class NoUsableRecordsError(UserError, RuntimeError):
     """The stream cannot yield a batch: every record of an epoch (or of a batch) was bad.
 
     With `on_bad_record: skip` an epoch without a batch would start the next one, and the

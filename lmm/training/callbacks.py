@@ -14,6 +14,7 @@ import torch
 from lmm.data.batch import Batch
 from lmm.data.stream import NoUsableRecordsError
 from lmm.training.checkpoint import add_hashes, verified, verify_hashes
+from lmm.utils.errors import UserError
 from lmm.utils.logging import get_logger
 
 log = get_logger(__name__)
@@ -164,6 +165,10 @@ class CheckpointHashes(L.Callback):
             verify_hashes(checkpoint, path or "<loaded by Lightning>")
 
 
+class NonFiniteLossError(UserError, FloatingPointError):
+    """A training loss that is NaN or infinite; the message names the batch's records."""
+
+
 class NonFiniteLoss(L.Callback):
     """Stops training when a batch's loss is NaN or infinite, naming the batch's record ids,
     before its backward pass and optimizer step (the weights stay as they were).
@@ -212,9 +217,32 @@ class NonFiniteLoss(L.Callback):
             if bad
             else f"another rank's batch (this rank's records {ids} are finite)"
         )
-        raise FloatingPointError(
+        raise NonFiniteLossError(
             f"training loss is {loss.detach().float().item()} at step {step} (batch "
             f"{self._batch_idx}): {where}. Fix: check those records' labels and scores (NaN, "
             "inf, out of range), or lower the learning rate / use bf16 or fp32 if the loss "
             "diverged; `lmm data check` validates the records"
         )
+
+
+class StepProgress(L.Callback):
+    """Shows `step N/max_steps` in the training progress bar when the run is bounded by
+    `max_steps` (Lightning's own shows `Epoch 0/-2` then: max_epochs is -1 and the training
+    stream has no length)."""
+
+    def _describe(self, trainer) -> None:
+        bar = trainer.progress_bar_callback
+        if bar is None or trainer.max_steps is None or trainer.max_steps < 0:
+            return
+        text = f"Epoch {trainer.current_epoch} · step {trainer.global_step}/{trainer.max_steps}"
+        progress, task = getattr(bar, "progress", None), getattr(bar, "train_progress_bar_id", None)
+        if progress is not None and task is not None:  # RichProgressBar
+            progress.update(task, description=text)
+        elif getattr(bar, "_train_progress_bar", None) is not None:  # TQDMProgressBar
+            bar._train_progress_bar.set_description(text)
+
+    def on_train_epoch_start(self, trainer, module) -> None:
+        self._describe(trainer)
+
+    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx: int) -> None:
+        self._describe(trainer)

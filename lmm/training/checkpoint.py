@@ -26,12 +26,13 @@ from lightning.fabric.utilities.cloud_io import get_filesystem
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 from torch import nn
 
+from lmm.utils.errors import UserError
 from lmm.utils.logging import get_logger
 
 log = get_logger(__name__)
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(UserError, RuntimeError):
     """A checkpoint file that cannot be read, or whose content is not what was written."""
 
 

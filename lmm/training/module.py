@@ -25,12 +25,55 @@ from lmm.training.callbacks import (
     NonFiniteLoss,
     RngState,
     SkippedRecords,
+    StepProgress,
 )
 from lmm.training.checkpoint import init_from_checkpoint
 from lmm.training.lora import LoraConfig, apply_lora
 from lmm.training.objectives import LanguageModel, Objective
 from lmm.training.optim import WarmupCosine, param_groups
 from lmm.training.strategies import FSDP2Config, shard_module
+from lmm.utils.errors import UserError
+
+
+class CheckpointMismatchError(UserError, ValueError):
+    """A checkpoint whose weights do not fit the recipe's model."""
+
+
+def check_state_fits(module: nn.Module, state: Mapping, saved: Mapping | None = None) -> None:
+    """`CheckpointMismatchError` when `state` (a checkpoint's state dict) does not have exactly
+    the module's weight names and shapes; the message names the family the checkpoint came
+    from (`saved`, its `lmm_model` entry) and at most three names of each kind."""
+    own = module.state_dict()
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    shapes = [k for k in own if k in state and tuple(own[k].shape) != tuple(state[k].shape)]
+    if not (missing or unexpected or shapes):
+        return
+    saved = saved or {}
+    came = "a model whose family it does not record"
+    if saved.get("family"):
+        came = f"a {saved['family']} model ({saved['class']}, objective {saved.get('objective')})"
+    ours = getattr(module, "family", lambda: type(module).__name__)()
+    objective = getattr(module, "objective", None)
+    if objective is not None:
+        ours += f" model (objective {type(objective).__name__})"
+    lines = [
+        f"the checkpoint holds {came}; the recipe builds a {ours}, and the weights "
+        f"differ: {len(missing)} missing, {len(unexpected)} unexpected, {len(shapes)} of "
+        "another shape"
+    ]
+    for label, names in (("missing", missing), ("unexpected", unexpected)):
+        if names:
+            lines.append(f"  {label}: {', '.join(names[:3])}" + (" ..." if len(names) > 3 else ""))
+    for k in shapes[:3]:
+        lines.append(
+            f"  {k}: {tuple(state[k].shape)} in the checkpoint, {tuple(own[k].shape)} here"
+        )
+    lines.append(
+        "Fix: pass the recipe the checkpoint was trained with (`--config` of its run's "
+        "config.yaml), or a checkpoint of this recipe"
+    )
+    raise CheckpointMismatchError("\n".join(lines))
 
 
 class LMMModule(L.LightningModule):
@@ -148,8 +191,31 @@ class LMMModule(L.LightningModule):
             SkippedRecords(),
             NonFiniteLoss.unless_configured(self._trainer),
             Scoring(),
+            StepProgress(),
             CheckpointHashes(),
         ]
+
+    # --- checkpoints ----------------------------------------------------------------------
+    def family(self) -> str:
+        """The family of this module's model (`lmm.families.<family>...`), for messages."""
+        where = type(self.model).__module__.split(".")
+        return where[2] if where[:2] == ["lmm", "families"] else type(self.model).__qualname__
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        model = type(self.model)
+        checkpoint["lmm_model"] = {
+            "family": self.family(),
+            "class": f"{model.__module__}.{model.__qualname__}",
+            "objective": type(self.objective).__name__,
+        }
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        """Refuse a checkpoint whose weights do not fit this recipe's model, naming the family
+        it came from and the first names that differ (before Lightning's strict load lists them
+        all)."""
+        state = checkpoint.get("state_dict")
+        if state is not None:
+            check_state_fits(self, state, checkpoint.get("lmm_model", {}))
 
     # --- forward and loss -----------------------------------------------------------------
     def forward(self, batch: Batch, **kwargs) -> Tensor:

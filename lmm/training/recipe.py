@@ -5,6 +5,7 @@
 
 from __future__ import annotations
 
+import glob
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -12,7 +13,8 @@ import yaml
 from jsonargparse import ArgumentParser
 
 from lmm.training.checkpoint import HASHES, load_checkpoint_file
-from lmm.training.module import LMMModule
+from lmm.training.module import CheckpointMismatchError, LMMModule, check_state_fits
+from lmm.utils.errors import DataFileError
 
 
 def build_module(config: Mapping, where: str = "<recipe>") -> LMMModule:
@@ -40,10 +42,66 @@ def load_weights(module: LMMModule, checkpoint: Path, recipe: str) -> None:
     loaded = load_checkpoint_file(checkpoint)
     loaded.pop(HASHES, None)
     state = loaded.get("state_dict", loaded)
-    missing, unexpected = module.load_state_dict(state, strict=False)
-    if missing or unexpected:
-        raise ValueError(
-            f"checkpoint {checkpoint} does not fit the model of {recipe}: missing "
-            f"{list(missing)[:5]}, unexpected {list(unexpected)[:5]}; load it with the recipe "
-            "it was trained with (recipe=)"
+    try:
+        check_state_fits(module, state, loaded.get("lmm_model"))
+    except CheckpointMismatchError as err:
+        raise CheckpointMismatchError(f"{checkpoint} (recipe {recipe}): {err}") from None
+    module.load_state_dict(state)
+
+
+# What each command reads: the data module's files and its task lists.
+_READS = {
+    "fit": (("train", "val"), ("val_tasks",)),
+    "validate": (("val",), ("val_tasks",)),
+    "test": (("test",), ("test_tasks",)),
+    "predict": (("predict",), ()),
+}
+
+
+def _remote(path: str) -> bool:
+    return path.startswith("hf:") or "://" in path
+
+
+def missing_inputs(config, command: str) -> list[str]:
+    """The data and benchmark files a command's recipe names that are not on disk, each as
+    `data.init_args.KEY: PATH` (checked before any model is built). `config` is the command's
+    parsed recipe (anything with `.get("a.b.c")`, or nested dicts)."""
+
+    def get(node, dotted: str):
+        for key in dotted.split("."):
+            if node is None:
+                return None
+            node = node.get(key) if hasattr(node, "get") else getattr(node, key, None)
+        return node
+
+    files, task_lists = _READS.get(command, ((), ()))
+    missing = []
+    for split in files:
+        path = get(config, f"data.init_args.{split}")
+        if isinstance(path, str) and not _remote(path) and not Path(path).exists():
+            if not glob.glob(path):  # `{a,b}` braces are checked by the mixture reader
+                missing.append(f"data.init_args.{split}: {path}")
+    for key in task_lists:
+        for k, task in enumerate(get(config, f"data.init_args.{key}") or []):
+            args = get(task, "init_args") or {}
+            name = get(args, "benchmark") or get(args, "name") or f"#{k}"
+            path, root = get(args, "path"), get(args, "root")
+            if isinstance(path, str) and not _remote(path) and not glob.glob(path):
+                missing.append(f"data.init_args.{key}[{k}] ({name}) path: {path}")
+            if isinstance(root, str) and not _remote(root) and not Path(root).is_dir():
+                missing.append(f"data.init_args.{key}[{k}] ({name}) root: {root}")
+    return missing
+
+
+def check_inputs(config, command: str) -> None:
+    """`DataFileError` listing every missing data or benchmark file of the command's recipe."""
+    missing = missing_inputs(config, command)
+    if missing:
+        listed = "\n".join(f"  {m}" for m in missing[:10])
+        more = f"\n  ... and {len(missing) - 10} more" if len(missing) > 10 else ""
+        raise DataFileError(
+            f"`lmm {command}`: {len(missing)} file(s) the recipe names do not exist (relative "
+            f"paths are read from {Path.cwd()}):\n{listed}{more}\nFix: give the right paths "
+            "(e.g. --data.init_args.train=PATH); `lmm synth` writes the synthetic data, and "
+            "docs/evaluation.md says where each benchmark's files come from"
         )

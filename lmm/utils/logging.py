@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import warnings
 
 _ROOT = "lmm"
 
@@ -36,3 +37,35 @@ def get_logger(name: str) -> logging.Logger:
     if name == _ROOT or name.startswith(_ROOT + "."):
         return logging.getLogger(name)
     return logging.getLogger(f"{_ROOT}.{name}")
+
+
+class _DropMessages(logging.Filter):
+    """Drops records whose message starts with one of `prefixes`."""
+
+    def __init__(self, *prefixes: str):
+        super().__init__()
+        self.prefixes = prefixes
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith(self.prefixes)
+
+
+def quiet_third_party() -> None:
+    """Silence third-party log lines that are not the user's concern; each says why.
+
+    Called when `lmm` is imported, before the libraries are.
+    """
+    # bitsandbytes (imported by peft on every command) looks for an optional fused 4-bit CPU
+    # kernel in the `kernels` package and logs a warning when it is absent; it then uses its
+    # own CPU path. Nothing is wrong and nothing for the user to do.
+    logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(
+        _DropMessages("Failed to load CPU gemm_4bit_forward")
+    )
+    # Lightning advertises its cloud products (litlogger, litmodels) on every run.
+    logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(_DropMessages("💡 Tip:"))
+    warnings.filterwarnings(  # Lightning's own use of a torch API it has not updated yet
+        "ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated"
+    )
+    warnings.filterwarnings(  # the summary's size estimate under bf16; the counts are right
+        "ignore", message="Precision bf16-mixed is not supported by the model summary"
+    )

@@ -122,3 +122,22 @@ def test_fit_meta_init_on_two_processes(tiny_assets, synthetic_data, tmp_path):
     assert "rank 0 loaded the weights" in out, out[-4000:]
     assert "over 2 ranks" in out, out[-4000:]  # both ranks data-parallel (FSDP2Strategy)
     assert "train/loss" in (tmp_path / "version_0" / "metrics.csv").read_text()
+
+
+def test_lmm_tiny_defaults_are_the_quickstart_model(tmp_path):
+    from lmm.cli import tiny
+    from lmm.tiny import QUICKSTART_SIZES
+
+    tiny(["--out", str(tmp_path)])
+    llm = json.loads((tmp_path / "llm" / "config.json").read_text())
+    vision = json.loads((tmp_path / "vision" / "config.json").read_text())
+    vision = vision.get("vision_config", vision)
+    built = {
+        "image_size": vision["image_size"],
+        "patch_size": vision["patch_size"],
+        "vision_hidden": vision["hidden_size"],
+        "vision_layers": vision["num_hidden_layers"],
+        "llm_hidden": llm["hidden_size"],
+        "llm_layers": llm["num_hidden_layers"],
+    }
+    assert built == QUICKSTART_SIZES
