@@ -20,7 +20,7 @@ from lmm.data.batch import Batch
 from lmm.data.media import load_image
 from lmm.data.sample import Sample, VideoRef
 from lmm.evaluation import hub
-from lmm.evaluation.runner import Task
+from lmm.evaluation.runner import BENCHMARKS, Task
 
 datasets = pytest.importorskip("datasets")
 REPO = Path(__file__).resolve().parents[2]
@@ -431,6 +431,23 @@ def test_local_folders_do_not_share_a_cache(tmp_path):
     assert gold == ["yes", "no"]
     mme(first, "No")  # rewritten in place
     assert Task("mme", f"hf:{first}").samples()[0].meta["answer"] == "no"
+
+
+def test_lmm_tasks_lists_every_benchmark(capsys):
+    from lmm.cli import main
+
+    main(["tasks"])
+    out = capsys.readouterr().out
+    lines = {line.split()[0]: line for line in out.splitlines()[1:-1]}
+    assert set(lines) == set(BENCHMARKS) and len(BENCHMARKS) == 15
+    assert "POPEMetrics (f1)" in lines["pope"] and "hf:lmms-lab/POPE (split test)" in lines["pope"]
+    assert "hf:lmms-lab/GQA (subset testdev_balanced_instructions" in lines["gqa"]
+    assert "local files only" in lines["demon"]
+    # docs/evaluation.md says where each benchmark's data comes from, hub ids included
+    docs = (REPO / "docs" / "evaluation.md").read_text()
+    for name, spec in BENCHMARKS.items():
+        if spec.hub is not None:
+            assert f"`{spec.hub.repo}`" in docs, name
 
 
 def test_lmm_test_scores_a_hub_dataset_as_its_local_files(
