@@ -405,6 +405,70 @@ def test_hub_dataset_mvbench(tmp_path):
         Task("mvbench", f"hf:{remote}", subset="action_sequence").samples()
 
 
+def _other_hub_rows(tmp_path: Path) -> dict[str, tuple[dict, dict]]:
+    """One or two rows of each other benchmark's hub dataset, in its schema, and its task args."""
+    img = cell(png(30))
+    scores = "visual quality: 3\n temporal consistency: 2\n dynamic degree: 4\n " \
+             "text-to-video alignment: 1\n factual consistency: 3"  # fmt: skip
+    frames = tmp_path / "frames" / "v1"
+    for name in ("f0.jpg", "f1.jpg"):
+        write_image(frames / name, png(31))
+    mantis = {"id": ["m1"], "question_type": ["multi-choice"], "question": ["Same? <image>"],
+              "images": [[img]], "options": [["(A) yes", "(B) no"]], "answer": ["A"],
+              "data_source": ["x"], "category": ["y"]}  # fmt: skip
+    return {
+        "vqav2": ({"question_id": [1, 2], "question": ["Colour?", "How many?"],
+                   "question_type": ["what color", "how many"],
+                   "multiple_choice_answer": ["red", "2"],
+                   "answers": [[{"answer": "red", "answer_confidence": "yes", "answer_id": 1}]] * 2,
+                   "image_id": [9, 9], "answer_type": ["other", "number"], "image": [img, img]},
+                  {}),
+        "mmmu": ({"id": ["validation_Art_1"], "question": ["<image 1> Which style?"],
+                  "options": ["['Baroque', 'Cubism']"], "explanation": [""], "image_1": [img],
+                  "image_2": [None], "img_type": ["['Paintings']"], "answer": ["B"],
+                  "topic_difficulty": ["Easy"], "question_type": ["multiple-choice"],
+                  "subfield": ["Art"]}, {}),
+        "blink": ({"idx": ["val_Art_Style_1"], "question": ["Which matches?"],
+                   "sub_task": ["Art_Style"], "image_1": [img], "image_2": [img],
+                   "image_3": [None], "image_4": [None], "choices": [["(A)", "(B)"]],
+                   "answer": ["(A)"], "prompt": ["Which image matches? (A) or (B)"],
+                   "explanation": [""]}, {"subset": ["Art_Style"]}),
+        "qbench": ({"id": [0], "image": [img], "question": ["Is it blurry?"], "option0": ["Yes"],
+                    "option1": ["No"], "option2": ["N/A"], "option3": ["N/A"],
+                    "question_type": [0], "question_concern": [0], "correct_choice": ["B"]}, {}),
+        "mantis_eval": (mantis, {}),
+        "nlvr2": (mantis, {}),
+        "videofeedback": ({"id": ["v1"], "images": [["f0.jpg", "f1.jpg"]],
+                           "conversations": [[{"from": "human", "value": "<image><image> Rate."},
+                                              {"from": "gpt", "value": scores}]]},
+                          {"root": str(tmp_path / "frames")}),
+    }  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "benchmark", ["vqav2", "mmmu", "blink", "qbench", "mantis_eval", "nlvr2", "videofeedback"]
+)
+def test_hub_dataset_reads_in_the_other_benchmarks(benchmark, tmp_path):
+    # Each other benchmark's hub schema (lmms-eval's, or Mantis's / VideoScore's for their
+    # sets) becomes samples whose media are files, scored without error.
+    columns, args = _other_hub_rows(tmp_path)[benchmark]
+    source = BENCHMARKS[benchmark].hub
+    media = [k for k, v in columns.items() if any(isinstance(x, dict) and "bytes" in x for x in v)]
+    data = table(columns, media=tuple(media))
+    if benchmark in ("mantis_eval", "nlvr2"):
+        data = data.cast_column("images", datasets.List(datasets.Image()))
+    subset = (args.get("subset") or [source.subset])[0]
+    remote = write_hub(tmp_path / source.repo.split("/")[1], {subset: {source.split: data}})
+    task = Task(benchmark, f"hf:{remote}", **args)
+    samples = task.samples()
+    assert len(samples) == len(next(iter(columns.values())))
+    for sample in samples:
+        assert sample.images and all(Path(p).is_file() for p in sample.images)
+        assert all(np.asarray(load_image(p)).shape[-1] == 3 for p in sample.images)
+    rows = task.update(["A"] * len(samples), batch_of(samples))
+    assert len(rows) == len(samples) and task.compute()
+
+
 # ------------------------------------------------------------------------------ the rest
 
 
