@@ -264,7 +264,32 @@ def report(argv: list[str]) -> str:
     return text
 
 
+def tasks(argv: list[str]) -> str:
+    """`lmm tasks`: every built-in benchmark with its metric, local files and hub dataset."""
+    from lmm.evaluation.runner import benchmark_table
+
+    parser = argparse.ArgumentParser(prog="lmm tasks", description=tasks.__doc__)
+    parser.add_argument("--markdown", action="store_true", help="a markdown table")
+    a = parser.parse_args(argv)
+    rows = benchmark_table()
+    header = {"benchmark": "benchmark", "metric": "metric (headline)", "local": "local files",
+              "hub": "hub dataset (path: hf:...)"}  # fmt: skip
+    if a.markdown:
+        lines = ["| " + " | ".join(header.values()) + " |", "|" + "---|" * len(header)]
+        lines += ["| " + " | ".join(r[k] for k in header) + " |" for r in rows]
+    else:
+        width = {k: max(len(header[k]), *(len(r[k]) for r in rows)) for k in header}
+        lines = ["  ".join(f"{r[k]:<{width[k]}}" for k in header).rstrip() for r in [header, *rows]]
+        lines.append(
+            "Use one in a recipe: recipes/eval/<benchmark>.yaml; sources: docs/evaluation.md"
+        )
+    text = "\n".join(lines) + "\n"
+    sys.stdout.write(text)
+    return text
+
+
 TOOLS = {
+    "tasks": tasks,
     "chat": chat,
     "report": report,
     "bench": bench,

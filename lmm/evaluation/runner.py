@@ -1,6 +1,7 @@
 """Benchmarks inside the Lightning loop: `Task` (a benchmark file as a dataloader) and results on disk.
 
-A `Task` reads a benchmark's published file with its module in `lmm.evaluation.tasks`, and, given
+A `Task` reads a benchmark's published file with its module in `lmm.evaluation.tasks` (or its
+lmms-eval hub dataset, `path: hf:lmms-lab/POPE`, through `lmm.evaluation.hub`), and, given
 the model's answers, parses them, updates the benchmark's torchmetrics metric and returns one
 prediction row per sample. `ChatDataModule(val_tasks=..., test_tasks=...)` turns tasks into
 dataloaders; `LMMModule` scores them, logs `val/<task>/<metric>` or `test/<task>/<metric>`, and
@@ -28,7 +29,7 @@ from lmm.data.datamodule import PromptTask
 from lmm.data.media import media_kind
 from lmm.data.sample import Sample, VideoRef
 from lmm.data.templates import ChatTemplate, render_text
-from lmm.evaluation import tasks
+from lmm.evaluation import hub, tasks
 from lmm.evaluation.tasks._benchmark import Benchmark
 from lmm.utils.logging import get_logger
 
@@ -52,6 +53,21 @@ def _builtin_benchmarks() -> dict[str, Benchmark]:
 BENCHMARKS: dict[str, Benchmark] = _builtin_benchmarks()
 
 
+def benchmark_table() -> list[dict[str, str]]:
+    """One row per built-in benchmark: name, metric and headline, local files, hub dataset."""
+    rows = []
+    for name, spec in sorted(BENCHMARKS.items()):
+        rows.append(
+            {
+                "benchmark": name,
+                "metric": f"{getattr(spec.metric, '__name__', spec.metric)} ({spec.headline})",
+                "local": spec.local or "-",
+                "hub": spec.hub.describe() if spec.hub else "- (local files only)",
+            }
+        )
+    return rows
+
+
 class Task(PromptTask):
     """One benchmark file scored by its official rule: reader, prompt, answer parser and metric."""
 
@@ -61,6 +77,9 @@ class Task(PromptTask):
         path: str,
         name: str | None = None,
         root: str | None = None,
+        subset: str | list[str] | None = None,
+        split: str | None = None,
+        revision: str | None = None,
         read_args: dict[str, Any] | None = None,
         parse_args: dict[str, Any] | None = None,
         metric: Metric | None = None,
@@ -76,10 +95,18 @@ class Task(PromptTask):
                 dotted path of your own module with `read(path, root, **kw)` and `parse(output, meta)`
                 (and, for defaults, `BENCHMARK = Benchmark(...)` as the built-in modules have).
             path: the benchmark file in its published format (docs/evaluation.md), or a glob of
-                several (DEMON's `*/*/core/core.json`, MVBench's per-task files).
+                several (DEMON's `*/*/core/core.json`, MVBench's per-task files), or
+                `hf:<dataset>`: the benchmark's hub dataset (`hf:lmms-lab/POPE`; also a local
+                folder in the hub layout or written by `save_to_disk`, `hf:/data/pope`), read
+                with `datasets` and its embedded images written to files once.
             name: the task's name in logged keys (`test/<name>/<metric>`) and output files
                 (default: the benchmark).
-            root: folder the media paths are relative to (default: the file's folder).
+            root: folder the media paths are relative to (default: the file's folder); for a
+                hub dataset whose media are not embedded (MVBench videos), their folder.
+            subset: the hub dataset's subset (config), or a list of several (default: the one
+                lmms-eval reads; for a benchmark with a subset per subtask, all of them).
+            split: the hub dataset's split (default: the one lmms-eval scores).
+            revision: the hub dataset's git revision (default: the one lmms-eval reads).
             read_args: keyword arguments of the reader, e.g. `{circular: true}` for MMBench.
             parse_args: keyword arguments of the parser, e.g. `{mode: lmms_eval}`.
             metric: the torchmetrics metric (default: the official rule, its module's `BENCHMARK`),
@@ -94,6 +121,9 @@ class Task(PromptTask):
         self.path = path
         self.name = name or benchmark.rsplit(".", 1)[-1]
         self.root = root
+        self.subset = subset
+        self.split = split
+        self.revision = revision
         self.read_args = dict(read_args or {})
         self.parse_args = dict(parse_args or {})
         self.max_new_tokens = max_new_tokens
@@ -114,7 +144,10 @@ class Task(PromptTask):
 
     # --- reading ------------------------------------------------------------------------
     def files(self) -> list[Path]:
-        """The benchmark files `path` names (a file, or the sorted matches of a glob)."""
+        """The benchmark files `path` names (a file, or the sorted matches of a glob); for a hub
+        dataset, its rows as records of the local format (`lmm.evaluation.hub.record_files`)."""
+        if hub.is_hub(self.path):
+            return self._hub_files()
         if any(c in self.path for c in "*?["):
             matches = sorted(Path(p) for p in glob.glob(self.path, recursive=True))
             if not matches:
@@ -128,6 +161,22 @@ class Task(PromptTask):
                 f"see docs/evaluation.md for where to get {self.benchmark} and its format"
             )
         return [Path(self.path)]
+
+    def _hub_files(self) -> list[Path]:
+        source = self.spec.hub if self.spec else None
+        if source is not None and source.media_root and self.root is None:
+            raise ValueError(
+                f"task {self.name!r}: {self.path} does not embed its media; give `root`, the "
+                "folder they are in (docs/evaluation.md says where to get them)"
+            )
+        return hub.record_files(
+            self.path,
+            source,
+            subset=self.subset,
+            split=self.split,
+            revision=self.revision,
+            task=self.name,
+        )
 
     def samples(self) -> list[Sample]:
         """The prompts, read once; videos (by file suffix) become frame-sampled `VideoRef`s."""

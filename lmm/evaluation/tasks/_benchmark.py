@@ -4,11 +4,14 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from torchmetrics import Metric
 
 from lmm.data.sample import Sample
+
+if TYPE_CHECKING:
+    from lmm.evaluation.hub import HubSource
 
 
 @dataclass(frozen=True)
@@ -21,6 +24,10 @@ class Benchmark:
     scale: float = 100.0  # the headline's best value (MME perception: 2000)
     # keyword arguments of `metric` taken from the samples read (DEMON's datasets), if any
     metric_args: Callable[[list[Sample]], dict[str, Any]] | None = None
+    # the published local files the reader takes (the eval recipe's default), in a few words
+    local: str = ""
+    # the lmms-eval hub dataset and how its rows become local records (`path: hf:...`), if any
+    hub: HubSource | None = None
 
     def build_metric(self, samples: list[Sample]) -> Metric:
         """The default metric of a task that read `samples`."""

@@ -25,6 +25,7 @@ from typing import Literal
 import torch
 
 from lmm.data.sample import BadRecordError, Sample
+from lmm.evaluation.hub import HubSource
 from lmm.evaluation.tasks._base import GroupedMean, field, image_first, records, resolve
 from lmm.evaluation.tasks._benchmark import Benchmark, same_answer
 from lmm.evaluation.tasks._choices import letters, paren_options
@@ -124,4 +125,10 @@ class BLINKAccuracy(GroupedMean):
         }
 
 
-BENCHMARK = Benchmark(BLINKAccuracy, same_answer, "accuracy")
+BENCHMARK = Benchmark(
+    BLINKAccuracy,
+    same_answer,
+    "accuracy",
+    local="the val split as JSON lines + images",
+    hub=HubSource("BLINK-Benchmark/BLINK", "val", subsets=SUBTASKS),
+)

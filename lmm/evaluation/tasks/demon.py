@@ -283,4 +283,6 @@ BENCHMARK = Benchmark(
     lambda p, m, metric: demon_score(p, m, getattr(metric, "image_choice", IMAGE_CHOICE_OFFICIAL)),
     "average",
     metric_args=lambda samples: {"datasets": dataset_categories(samples)},
+    local="DEMON-Core {category}/{dataset}/core/core.json + core/images/",
+    hub=None,  # no hub copy that lmms-eval reads
 )

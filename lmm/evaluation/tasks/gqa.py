@@ -34,7 +34,8 @@ from typing import Literal
 
 import torch
 
-from lmm.data.sample import Sample
+from lmm.data.sample import BadRecordError, Sample
+from lmm.evaluation.hub import HubSource
 from lmm.evaluation.tasks._base import SWP, GroupedMean, field, image_first, records, resolve
 from lmm.evaluation.tasks._benchmark import Benchmark
 
@@ -253,8 +254,37 @@ class GQAAccuracy(GroupedMean):
         return 100 * sum(scores) / len(scores) if scores else 0.0
 
 
+def _hub_records(rows, hub):
+    """lmms-lab/GQA: the questions subset (`*_instructions`: `id`, `imageId`, `question`,
+    `answer`, `fullAnswer`, `isBalanced`, `groups`, `entailed`, `types`, ...) joined by `imageId`
+    with the images subset of the same name (`*_images`: `id`, `image`), as lmms-eval's
+    `gqa_process_docs` does."""
+    subset = hub.subset or ""
+    if not subset.endswith("_instructions"):
+        raise ValueError(
+            f"GQA hub subset {subset!r}: expected a questions subset `<split>_instructions` "
+            "(e.g. testdev_balanced_instructions), whose images are `<split>_images`"
+        )
+    image_subset = subset.replace("_instructions", "_images")
+    images = {row["id"]: row["image"] for row in hub.load(image_subset)}
+    for row in rows:
+        question_id = str(row.pop("id"))
+        image = images.get(row.get("imageId"))
+        if image is None:
+            raise BadRecordError(
+                f"hf:{hub.ref}",
+                question_id,
+                f"image {row.get('imageId')!r} is not in {image_subset}",
+            )
+        yield {"question_id": question_id, **row, "image": image}
+
+
 BENCHMARK = Benchmark(
     GQAAccuracy,
     lambda p, m, metric: float(gqa_correct(p, m["answer"], getattr(metric, "mode", "official"))),
     "accuracy",
+    local="testdev_balanced_questions.json + GQA images",
+    hub=HubSource(
+        "lmms-lab/GQA", "testdev", subset="testdev_balanced_instructions", records=_hub_records
+    ),
 )

@@ -17,6 +17,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from lmm.data.sample import IMAGE_MARKER, BadRecordError, Sample
+from lmm.evaluation.hub import HubSource
 from lmm.evaluation.tasks._base import (
     GroupedMean,
     embedded_image,
@@ -162,4 +163,6 @@ BENCHMARK = Benchmark(
     MantisAccuracy,
     lambda p, m, metric: float(is_correct(p, m, getattr(metric, "nlvr2", False))),
     "accuracy",
+    local="mantis_eval_test.json + images, or the hub shards mantis_eval/test-*.parquet",
+    hub=HubSource("TIGER-Lab/Mantis-Eval", "test", subset="mantis_eval"),
 )

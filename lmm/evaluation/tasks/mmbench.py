@@ -28,6 +28,7 @@ from torchmetrics import Metric
 from torchmetrics.utilities import dim_zero_cat
 
 from lmm.data.sample import BadRecordError, Sample
+from lmm.evaluation.hub import HubSource, media_suffix
 from lmm.evaluation.tasks._base import LETTER, field, image_first, records, resolve
 from lmm.evaluation.tasks._benchmark import Benchmark, same_answer
 from lmm.evaluation.tasks._choices import UPPER, dotted_options
@@ -40,7 +41,6 @@ _PANDAS_NA = frozenset(
     ["", "#N/A", "#N/A N/A", "#NA", "-1.#IND", "-1.#QNAN", "-NaN", "-nan", "1.#IND", "1.#QNAN",
      "<NA>", "N/A", "NA", "NULL", "NaN", "None", "n/a", "nan", "null"]
 )  # fmt: skip
-_MAGIC = ((b"\x89PNG", ".png"), (b"\xff\xd8", ".jpg"), (b"GIF8", ".gif"), (b"BM", ".bmp"))
 
 
 def _missing(value) -> bool:
@@ -98,12 +98,6 @@ def _tsv_rows(path: Path) -> Iterator[tuple[int, dict]]:
             )
 
 
-def _image_suffix(data: bytes) -> str:
-    if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
-        return ".webp"
-    return next((ext for magic, ext in _MAGIC if data.startswith(magic)), ".img")
-
-
 class _TsvImages:
     """The TSV's `image` cells: base64 (decoded to `folder`) or the index of the row holding it.
 
@@ -133,7 +127,7 @@ class _TsvImages:
             except ValueError as err:
                 raise BadRecordError(self.source, rid, f"image is not base64: {err}") from err
             name = rec.get("image_path") if key == rid else None
-            target = self.folder / (name or f"{key}{_image_suffix(data[:16])}")
+            target = self.folder / (name or f"{key}{media_suffix(data[:16])}")
             if self.write and not (target.is_file() and target.stat().st_size == len(data)):
                 target.parent.mkdir(parents=True, exist_ok=True)
                 target.write_bytes(data)
@@ -369,4 +363,12 @@ def _metric_args(samples: list[Sample]) -> dict:
     return {"categories": cats, "l2_categories": l2}
 
 
-BENCHMARK = Benchmark(MMBenchCircular, same_answer, "circular", metric_args=_metric_args)
+BENCHMARK = Benchmark(
+    MMBenchCircular,
+    same_answer,
+    "circular",
+    metric_args=_metric_args,
+    local="VLMEvalKit's MMBench_DEV_EN.tsv, or its rows as JSON lines + images",
+    # the hub copy holds the circular copies already (read it with circular: false)
+    hub=HubSource("lmms-lab/MMBench", "dev", subset="en"),
+)

@@ -28,6 +28,7 @@ from torchmetrics import Metric
 from torchmetrics.utilities import dim_zero_cat
 
 from lmm.data.sample import BadRecordError, Sample
+from lmm.evaluation.hub import HubSource
 from lmm.evaluation.tasks._base import SWP, field, image_first, records, resolve
 from lmm.evaluation.tasks._benchmark import Benchmark, same_answer
 
@@ -53,7 +54,9 @@ def read(
 
     Questions about the same (category, image) share `meta["pair_id"]`, which acc+ groups by. A
     `question_id` that repeats (LLaVA's `llava_mme.jsonl`, lmms-lab's copy: the image path for
-    both questions) becomes the sample ids `<question_id>#0`, `<question_id>#1`, ... in file order.
+    both questions) becomes the sample ids `<question_id>#0`, `<question_id>#1`, ... in file order,
+    and names the image the pair is about (lmms-lab's rows embed the image, so its file is not a
+    name: two distinct pictures with the same bytes stay two pairs).
     """
     rows = list(records(path))
     # LLaVA's and lmms-lab's files give both questions of an image its path as `question_id`.
@@ -73,7 +76,7 @@ def read(
         if category not in PERCEPTION + COGNITION:
             raise BadRecordError(path, rid, f"unknown MME subtask {category!r}")
         rel = field(rec, "image", path, rid)
-        pair_id = pairs.setdefault((category, rel), len(pairs))
+        pair_id = pairs.setdefault((category, qid if repeats[qid] > 1 else rel), len(pairs))
         image = resolve(rel, root, path, rid, check_media)
         meta = {"answer": answer, "category": category, "pair_id": pair_id}
         samples.append(image_first(rid, prompt(question), [image], path, meta))
@@ -152,4 +155,11 @@ class MMEScore(Metric):
         return out
 
 
-BENCHMARK = Benchmark(MMEScore, same_answer, "perception", scale=2000.0)
+BENCHMARK = Benchmark(
+    MMEScore,
+    same_answer,
+    "perception",
+    scale=2000.0,
+    local="mme.jsonl (LLaVA's llava_mme.jsonl with answers) + MME_Benchmark_release_version",
+    hub=HubSource("lmms-lab/MME", "test"),
+)

@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Literal
 
 from lmm.data.sample import BadRecordError, Sample
+from lmm.evaluation.hub import HubSource
 from lmm.evaluation.tasks._base import (
     LETTER,
     SWP,
@@ -291,4 +292,10 @@ class MMMUAccuracy(GroupedMean):
         return out
 
 
-BENCHMARK = Benchmark(MMMUAccuracy, lambda p, m, metric: float(is_correct(p, m)), "accuracy")
+BENCHMARK = Benchmark(
+    MMMUAccuracy,
+    lambda p, m, metric: float(is_correct(p, m)),
+    "accuracy",
+    local="the validation split as JSON lines + images",
+    hub=HubSource("lmms-lab/MMMU", "validation"),
+)

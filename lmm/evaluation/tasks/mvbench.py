@@ -18,6 +18,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from lmm.data.sample import BadRecordError, Sample
+from lmm.evaluation.hub import HubSource
 from lmm.evaluation.tasks._base import GroupedMean, field, image_first, records, resolve
 from lmm.evaluation.tasks._benchmark import Benchmark
 from lmm.evaluation.tasks._choices import letters, paren_options
@@ -36,6 +37,39 @@ TASKS = (
     "moving_count", "moving_attribute", "state_change", "fine_grained_pose", "character_order",
     "egocentric_navigation", "episodic_reasoning", "counterfactual_inference",
 )  # fmt: skip
+
+# Each task's video folder under the videos' root, where the records give bare file names:
+# the official notebook's `data_list` prefixes (OpenGVLab/Ask-Anything @ 4631cd62923152988c4d850ddcb5227f24231393,
+# `video_chat2/mvbench.ipynb`, the layout of the dataset's main revision) and lmms-eval's
+# `DATA_LIST` (EvolvingLMMs-Lab/lmms-eval@75571cfe0fa36ca5ec2e6aa2bb268f9d38295af3,
+# `lmms_eval/tasks/mvbench/utils.py`, the layout of its `video` revision's archives, where
+# clevrer and star may also sit under `data0613/`).
+NOTEBOOK_FOLDERS = {
+    "action_sequence": "star/Charades_v1_480", "action_prediction": "star/Charades_v1_480",
+    "action_antonym": "ssv2_video", "fine_grained_action": "Moments_in_Time_Raw/videos",
+    "unexpected_action": "FunQA_test/test", "object_existence": "clevrer/video_validation",
+    "object_interaction": "star/Charades_v1_480", "object_shuffle": "perception/videos",
+    "moving_direction": "clevrer/video_validation", "action_localization": "sta/sta_video",
+    "scene_transition": "scene_qa/video", "action_count": "perception/videos",
+    "moving_count": "clevrer/video_validation", "moving_attribute": "clevrer/video_validation",
+    "state_change": "perception/videos", "fine_grained_pose": "nturgbd",
+    "character_order": "perception/videos", "egocentric_navigation": "vlnqa",
+    "episodic_reasoning": "tvqa/frames_fps3_hq",
+    "counterfactual_inference": "clevrer/video_validation",
+}  # fmt: skip
+LMMS_EVAL_FOLDERS = {
+    "object_interaction": "star/Charades_segment", "action_sequence": "star/Charades_segment",
+    "action_prediction": "star/Charades_segment", "action_localization": "sta/sta_video_segment",
+    "moving_count": "clevrer/video_validation", "fine_grained_pose": "nturgbd_convert",
+    "character_order": "perception/videos", "object_shuffle": "perception/videos",
+    "egocentric_navigation": "vlnqa", "moving_direction": "clevrer/video_validation",
+    "episodic_reasoning": "tvqa/video_fps3_hq_segment",
+    "fine_grained_action": "Moments_in_Time_Raw/videos", "scene_transition": "scene_qa/video",
+    "state_change": "perception/videos", "moving_attribute": "clevrer/video_validation",
+    "action_antonym": "ssv2_video_mp4", "unexpected_action": "FunQA_test/test",
+    "counterfactual_inference": "clevrer/video_validation",
+    "object_existence": "clevrer/video_validation", "action_count": "perception/videos",
+}  # fmt: skip
 
 
 def prompt(question: str, candidates: Sequence[str]) -> str:
@@ -61,6 +95,10 @@ def read(
     `task_type` (the official notebook's display name, "Action Sequence", or the file stem).
 
     The task is the record's `task_type` or `task`, else `task=`, else the file stem.
+    `video` is relative to `root` (default: the file's folder); a bare name that is not there
+    is looked for in the task's folder of the published layouts (`NOTEBOOK_FOLDERS`, the
+    dataset's main revision; `LMMS_EVAL_FOLDERS`, its `video` revision), so `root` may be the
+    folder the dataset's video archives were extracted to.
     `meta["assistant_prefix"]` holds the text the official code pre-fills the answer with.
     """
     samples = []
@@ -71,7 +109,9 @@ def read(
         answer = str(field(rec, "answer", path, rid, object))
         if answer not in candidates:
             raise BadRecordError(path, rid, f"answer {answer!r} is not among the candidates")
-        video = resolve(field(rec, "video", path, rid), root, path, rid, check_media)
+        video = _video(field(rec, "video", path, rid), task_name(str(name)), root, path, rid)
+        if check_media and not video.is_file():
+            resolve(video, root, path, rid, True)  # the error names the path looked for
         # `qa_template` keeps the last candidate equal to the answer.
         index = len(candidates) - 1 - candidates[::-1].index(answer)
         letter = letters(len(candidates))[index]
@@ -84,6 +124,27 @@ def read(
         text = prompt(field(rec, "question", path, rid), candidates)
         samples.append(image_first(rid, text, [video], path, meta, system=SYSTEM))
     return samples
+
+
+def _video(rel: str, task: str, root, source, rid: str) -> Path:
+    """`root/rel`, else the first existing `root/<task folder>/rel` of the published layouts."""
+    direct = resolve(rel, root, source, rid, False)
+    if direct.is_file() or Path(rel).is_absolute():
+        return direct
+    folders = [NOTEBOOK_FOLDERS.get(task), LMMS_EVAL_FOLDERS.get(task)]
+    folders += [f"data0613/{f}" for f in folders if f and f.startswith(("clevrer/", "star/"))]
+    for folder in filter(None, folders):
+        candidate = resolve(f"{folder}/{rel}", root, source, rid, False)
+        if candidate.is_file():
+            return candidate
+    return direct
+
+
+def _hub_records(rows, hub):
+    """OpenGVLab/MVBench rows (`video`, `question`, `candidates`, `answer`; one subset per
+    task): the task is the subset's name."""
+    for row in rows:
+        yield {"task": hub.subset, **row}
 
 
 def parse(output: str, sample_meta: Mapping | None = None) -> str:
@@ -123,5 +184,17 @@ class MVBenchAccuracy(GroupedMean):
 
 
 BENCHMARK = Benchmark(
-    MVBenchAccuracy, lambda p, m, metric: float(check_ans(p, m["answer"])), "accuracy"
+    MVBenchAccuracy,
+    lambda p, m, metric: float(check_ans(p, m["answer"])),
+    "accuracy",
+    local="OpenGVLab/MVBench json/<task>.json + its extracted video/ archives",
+    # lmms-eval reads the `video` revision, one subset per task; the videos are not in the rows
+    hub=HubSource(
+        "OpenGVLab/MVBench",
+        "train",
+        subsets=TASKS,
+        revision="video",
+        records=_hub_records,
+        media_root=True,
+    ),
 )

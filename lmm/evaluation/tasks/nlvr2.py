@@ -9,6 +9,7 @@ branch. Parity: `tests/fixtures/official/nlvr2/official.json`."""
 
 from __future__ import annotations
 
+from lmm.evaluation.hub import HubSource
 from lmm.evaluation.tasks._benchmark import Benchmark
 from lmm.evaluation.tasks.mantis_eval import MantisAccuracy, is_correct, parse, prompt, read
 
@@ -21,5 +22,9 @@ def NLVR2Accuracy() -> MantisAccuracy:  # noqa: N802 - a metric factory reads li
 
 
 BENCHMARK = Benchmark(
-    NLVR2Accuracy, lambda p, m, metric: float(is_correct(p, m, nlvr2=True)), "accuracy"
+    NLVR2Accuracy,
+    lambda p, m, metric: float(is_correct(p, m, nlvr2=True)),
+    "accuracy",
+    local="nlvr2_test.json (Mantis-Eval format) + images, or the hub shards nlvr2/test-*.parquet",
+    hub=HubSource("TIGER-Lab/NLVR2", "test", subset="nlvr2"),
 )

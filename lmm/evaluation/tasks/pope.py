@@ -29,6 +29,7 @@ from torchmetrics import Metric
 
 from lmm.data.formats import read_records
 from lmm.data.sample import BadRecordError, Sample
+from lmm.evaluation.hub import HubSource
 from lmm.evaluation.tasks._base import SWP, field, image_first, resolve
 from lmm.evaluation.tasks._benchmark import Benchmark, same_answer
 
@@ -177,4 +178,18 @@ class POPEMetrics(Metric):
         return out
 
 
-BENCHMARK = Benchmark(POPEMetrics, same_answer, "f1")
+def _hub_records(rows, hub):
+    """lmms-lab/POPE rows (`id`, `question_id`, `question`, `answer`, `image_source`, `image`,
+    `category`): the sample id is `{category}/{question_id}`, as in the published per-split
+    files (question ids restart in each split)."""
+    for row in rows:
+        yield {**row, "question_id": f"{row['category']}/{row['question_id']}"}
+
+
+BENCHMARK = Benchmark(
+    POPEMetrics,
+    same_answer,
+    "f1",
+    local="LLaVA's llava_pope_test.jsonl or POPE's coco_pope_<split>.json + COCO val2014",
+    hub=HubSource("lmms-lab/POPE", "test", records=_hub_records),
+)

@@ -27,6 +27,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from lmm.data.sample import BadRecordError, Sample
+from lmm.evaluation.hub import HubSource
 from lmm.evaluation.tasks._base import LETTER, GroupedMean, field, image_first, records, resolve
 from lmm.evaluation.tasks._benchmark import Benchmark, same_answer
 from lmm.evaluation.tasks._choices import dotted_options, letters, mmmu_choice
@@ -157,4 +158,10 @@ class QBenchAccuracy(GroupedMean):
         return {"accuracy": overall, **per_group}
 
 
-BENCHMARK = Benchmark(QBenchAccuracy, same_answer, "accuracy")
+BENCHMARK = Benchmark(
+    QBenchAccuracy,
+    same_answer,
+    "accuracy",
+    local="LLVisionQA's llvisionqa_dev.json + images",
+    hub=HubSource("q-future/Q-Bench-HF", "dev"),
+)

@@ -23,6 +23,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from lmm.data.sample import BadRecordError, Sample
+from lmm.evaluation.hub import HubSource
 from lmm.evaluation.tasks._base import (
     LETTER,
     GroupedMean,
@@ -145,4 +146,11 @@ class ScienceQAAccuracy(GroupedMean):
         return out
 
 
-BENCHMARK = Benchmark(ScienceQAAccuracy, same_answer, "accuracy")
+BENCHMARK = Benchmark(
+    ScienceQAAccuracy,
+    same_answer,
+    "accuracy",
+    local="ScienceQA's problems.json + images/test",
+    # no problem id in lmms-lab's rows: samples are numbered by row, `#0`, `#1`, ...
+    hub=HubSource("lmms-lab/ScienceQA", "test", subset="ScienceQA-IMG"),
+)

@@ -15,6 +15,7 @@ from collections.abc import Mapping
 from pathlib import Path
 
 from lmm.data.sample import Sample
+from lmm.evaluation.hub import HubSource
 from lmm.evaluation.tasks._base import SWP, field, image_first, records, resolve
 from lmm.evaluation.tasks._benchmark import Benchmark
 from lmm.evaluation.tasks.vqav2 import VQAAccuracy, gold_answers, sample_score
@@ -72,4 +73,10 @@ def TextVQAAccuracy() -> VQAAccuracy:  # noqa: N802 - a metric factory reads lik
     return VQAAccuracy(mode="textvqa", answer_types=None, question_types=None)
 
 
-BENCHMARK = Benchmark(TextVQAAccuracy, sample_score, "accuracy")
+BENCHMARK = Benchmark(
+    TextVQAAccuracy,
+    sample_score,
+    "accuracy",
+    local="TextVQA_0.5.1_val.json + train_images",
+    hub=HubSource("lmms-lab/textvqa", "validation"),
+)

@@ -23,6 +23,7 @@ from torchmetrics import Metric
 from torchmetrics.utilities import dim_zero_cat
 
 from lmm.data.sample import IMAGE_MARKER, BadRecordError, Sample
+from lmm.evaluation.hub import HubSource
 from lmm.evaluation.tasks._base import field, interleaved, resolve, table_records
 from lmm.evaluation.tasks._benchmark import Benchmark
 
@@ -137,4 +138,11 @@ class VideoFeedbackSpearman(Metric):
         return out
 
 
-BENCHMARK = Benchmark(VideoFeedbackSpearman, lambda p, m, metric: None, "mean")
+BENCHMARK = Benchmark(
+    VideoFeedbackSpearman,
+    lambda p, m, metric: None,
+    "mean",
+    local="test.json (or the hub shards video_feedback/test-*.parquet) + frames/<id>/",
+    # the rows name frame files: give the frames folder as the task's root
+    hub=HubSource("TIGER-Lab/VideoScore-Bench", "test", subset="video_feedback", media_root=True),
+)

@@ -30,6 +30,7 @@ from typing import Literal
 from torchmetrics import Metric
 
 from lmm.data.sample import BadRecordError, Sample
+from lmm.evaluation.hub import HubSource
 from lmm.evaluation.tasks._base import SWP, GroupedMean, field, image_first, records, resolve
 from lmm.evaluation.tasks._benchmark import Benchmark
 from lmm.evaluation.tasks._normalize import evalai_answer, normalize_vqa
@@ -234,4 +235,10 @@ def sample_score(parsed: str, sample_meta: Mapping, metric: Metric) -> float | N
     return vqa_score(parsed, answers, getattr(metric, "mode", "official")) if answers else None
 
 
-BENCHMARK = Benchmark(VQAAccuracy, sample_score, "accuracy")
+BENCHMARK = Benchmark(
+    VQAAccuracy,
+    sample_score,
+    "accuracy",
+    local="the official questions + annotations pair, or merged JSON lines; COCO val2014",
+    hub=HubSource("lmms-lab/VQAv2", "validation"),
+)
