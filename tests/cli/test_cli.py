@@ -141,3 +141,37 @@ def test_lmm_tiny_defaults_are_the_quickstart_model(tmp_path):
         "llm_layers": llm["num_hidden_layers"],
     }
     assert built == QUICKSTART_SIZES
+
+
+@pytest.mark.slow
+def test_wandb_logger_by_one_recipe_line(tiny_assets, synthetic_data, tmp_path, monkeypatch):
+    """`trainer.logger: WandbLogger` (offline) logs the run's metrics with no account."""
+    pytest.importorskip("wandb")
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path))
+    main(
+        [
+            "fit",
+            f"--config={next(r for r in RECIPES if r.name == 'llava_synthetic.yaml')}",
+            *tiny_llava_args(tiny_assets),
+            "--trainer.enable_progress_bar=false",
+            f"--data.init_args.train={synthetic_data / 'train.json'}",
+            f"--data.init_args.val={synthetic_data / 'val.json'}",
+            f"--trainer.default_root_dir={tmp_path}",
+            "--trainer.logger=lightning.pytorch.loggers.WandbLogger",
+            "--trainer.logger.init_args.offline=true",
+            f"--trainer.logger.init_args.save_dir={tmp_path}",
+            "--trainer.logger.init_args.project=lmm-test",
+            "--trainer.max_steps=2",
+            "--trainer.log_every_n_steps=1",
+            "--trainer.limit_val_batches=1",
+            "--trainer.val_check_interval=2",
+        ]
+    )
+    import wandb
+
+    wandb.finish()
+    [run] = list(tmp_path.glob("wandb/offline-run-*/run-*.wandb"))
+    records = run.read_bytes()  # the offline run's history, `wandb sync` uploads it
+    assert b"train/loss" in records and b"val/loss" in records
