@@ -38,7 +38,15 @@ class LMMCLI(LightningCLI):
         parameters on the meta device on every rank but 0 (`empty_init`)."""
         config = self.config.get(self.subcommand) if self.subcommand else self.config
         with empty_init(bool(config and config.get("model.init_args.fsdp.meta_init"))):
-            super().instantiate_classes()
+            try:
+                super().instantiate_classes()
+            except ValueError as err:  # a bad init_from file: its named error, not jsonargparse's
+                from lmm.training.checkpoint import checkpoint_error_in
+
+                named = checkpoint_error_in(err)
+                if named is None:
+                    raise
+                raise named from None
 
     def _parse_ckpt_path(self) -> None:
         """Check `--ckpt_path` (readable, hashes intact: `load_checkpoint_file`) before

@@ -11,7 +11,7 @@ from pathlib import Path
 import yaml
 from jsonargparse import ArgumentParser
 
-from lmm.training.checkpoint import HASHES, load_checkpoint_file
+from lmm.training.checkpoint import HASHES, checkpoint_error_in, load_checkpoint_file
 from lmm.training.module import LMMModule
 
 
@@ -22,7 +22,13 @@ def build_module(config: Mapping, where: str = "<recipe>") -> LMMModule:
     parser = ArgumentParser(exit_on_error=False)
     parser.add_subclass_arguments(LMMModule, "model", required=True)
     parsed = parser.parse_object({"model": config["model"]})
-    return parser.instantiate_classes(parsed).model
+    try:
+        return parser.instantiate_classes(parsed).model
+    except ValueError as err:  # a bad init_from file: its named error, not jsonargparse's
+        named = checkpoint_error_in(err)
+        if named is None:
+            raise
+        raise named from None
 
 
 def module_from_recipe(recipe: str | Path) -> LMMModule:

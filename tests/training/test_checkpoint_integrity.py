@@ -1,20 +1,40 @@
 """Checkpoint integrity: a flipped byte, a truncated or an empty file is a named error on every
-load path (`--ckpt_path`, `init_from`, `lmm.load`); a non-finite loss stops training."""
+load path (`--ckpt_path`, `init_from`, `lmm.load`, an imported folder's weights, a LoRA
+adapter); a non-finite loss stops training."""
 
 from __future__ import annotations
 
+import json
+import shutil
 import zipfile
 from pathlib import Path
 
 import pytest
 import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
 
 import lmm
 from lmm.cli import main
+from lmm.convert import load_imported
+from lmm.families.llava.convert import export_hf, import_checkpoint
 from lmm.training.callbacks import NonFiniteLoss
-from lmm.training.checkpoint import CheckpointError, CheckpointIntegrityError
+from lmm.training.checkpoint import (
+    CheckpointError,
+    CheckpointIntegrityError,
+    load_checkpoint_file,
+)
+from lmm.training.lora import (
+    ADAPTER_FILE,
+    TRAINABLES_FILE,
+    LoraConfig,
+    load_adapter,
+    save_adapter,
+)
 from tests.evaluation.test_runner import TINY, _model_args
 from tests.helpers import quiet_trainer, tiny_data, tiny_llava
+
+TEMPLATE = "lmm.data.templates.Llama3"
 
 
 def _fit_args(tiny_assets, synthetic_data, out: Path) -> list[str]:
@@ -126,11 +146,140 @@ def test_checkpoint_bit_flip_detected(run, broken, tiny_assets, kind):
     # the CLI's --ckpt_path, before Lightning's own load
     with pytest.raises(CheckpointError, match=name + EXPECTED[kind]):
         main(["validate", *args, f"--ckpt_path={path}"])
+    # a recipe's init_from through the CLI (jsonargparse would wrap the error)
+    with pytest.raises(CheckpointError, match=name + EXPECTED[kind]):
+        main(["validate", *args, f"--model.init_args.init_from={path}"])
 
 
 def test_resume_from_intact_checkpoint_through_the_cli(run):
     ckpt, args = run
     main(["validate", *args, f"--ckpt_path={ckpt}"])  # no error: the hashes match
+
+
+# --- safetensors lmm writes: imported weights, LoRA adapters ---------------------------------
+
+
+def _flip_tensor(path: Path, name: str) -> None:
+    """Flip one bit in the middle of tensor `name`'s bytes in a safetensors file."""
+    data = path.read_bytes()
+    path.write_bytes(_flip(data, _tensor_offset(data, load_file(path)[name])))
+
+
+def _damage(path: Path, kind: str, tensor: str) -> None:
+    if kind == "flipped":
+        _flip_tensor(path, tensor)
+    elif kind == "truncated":
+        path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    else:
+        path.write_bytes(b"")
+
+
+SAFETENSORS_EXPECTED = {
+    "flipped": "tensor '{tensor}' differs from the hash written with it",
+    "truncated": r"\(\d+ bytes\) cannot be read \(SafetensorError.*truncated",
+    "empty": r"is empty \(0 bytes\)",
+}
+
+
+@pytest.fixture(scope="module")
+def imported(tiny_assets, tmp_path_factory) -> Path:
+    """`lmm convert import --layout mantis` of the tiny LLaVA (exported to transformers first):
+    a folder with `weights.safetensors` (the connector) and `lmm.yaml`."""
+    root = tmp_path_factory.mktemp("imported")
+    torch.manual_seed(0)
+    hf = export_hf(tiny_llava(tiny_assets), root / "hf")
+    import_checkpoint(hf, root / "out", "mantis")
+    return root / "out"
+
+
+def _copy_import(imported: Path, dest: Path) -> Path:
+    """A copy of an import folder whose lmm.yaml names its own files."""
+    shutil.copytree(imported, dest)
+    recipe = dest / "lmm.yaml"
+    recipe.write_text(recipe.read_text().replace(str(imported.resolve()), str(dest.resolve())))
+    return dest
+
+
+def test_imported_weights_carry_hashes(imported):
+    weights = imported / "weights.safetensors"
+    with safe_open(str(weights), framework="pt") as f:
+        header = f.metadata()
+        names = list(f.keys())
+    stored = json.loads(header["lmm_hashes"])
+    assert stored["algorithm"] == "blake2b-128" and header["format"] == "pt"
+    assert sorted(stored["entries"]) == sorted(names) and "model.connector.linear_1.weight" in names
+    # a tensor hashes the same in a .safetensors and in a .ckpt
+    ckpt = weights.parent / "as.ckpt"
+    torch.save({"state_dict": load_file(weights)}, ckpt)
+    from lmm.training.checkpoint import add_hashes
+
+    entries = add_hashes(torch.load(ckpt, weights_only=True))["lmm_hashes"]["entries"]
+    assert {k.removeprefix("state_dict/"): v for k, v in entries.items()} == stored["entries"]
+
+
+@pytest.mark.parametrize("kind", list(SAFETENSORS_EXPECTED))
+def test_imported_weights_damaged(imported, tmp_path, kind):
+    folder = _copy_import(imported, tmp_path / "out")
+    weights = folder / "weights.safetensors"
+    tensor = "model.connector.linear_1.weight"
+    _damage(weights, kind, tensor)
+    expected = rf"checkpoint {weights}.*" + SAFETENSORS_EXPECTED[kind].format(
+        tensor=tensor.replace(".", r"\.")
+    )
+    error = CheckpointIntegrityError if kind == "flipped" else CheckpointError
+    with pytest.raises(error, match=expected):  # lmm.load of the folder
+        lmm.load(folder, template=TEMPLATE)
+    with pytest.raises(error, match=expected):  # its lmm.yaml's init_from
+        load_imported(folder)
+
+
+def test_imported_weights_without_hashes_still_load(imported, tmp_path):
+    """A safetensors file from elsewhere (no lmm_hashes in its header) loads as before."""
+    folder = _copy_import(imported, tmp_path / "out")
+    weights = folder / "weights.safetensors"
+    tensors = load_file(weights)
+    save_file(tensors, weights, {"format": "pt"})  # as transformers or the hub write them
+    module = lmm.load(folder, template=TEMPLATE).module
+    state = module.state_dict()
+    assert all(torch.equal(state[k], v) for k, v in tensors.items())
+    assert load_checkpoint_file(weights)["state_dict"].keys() == tensors.keys()
+
+
+@pytest.fixture(scope="module")
+def adapter(tiny_assets, tmp_path_factory) -> Path:
+    """An adapter folder of the tiny LLaVA (LoRA r 2 on the LLM, the connector trained)."""
+    torch.manual_seed(0)
+    module = tiny_llava(tiny_assets, lora=LoraConfig(r=2, alpha=4))
+    return save_adapter(module, tmp_path_factory.mktemp("adapter") / "adapter")
+
+
+ADAPTER_TENSORS = {
+    ADAPTER_FILE: "llm.model.model.layers.0.self_attn.q_proj.lora_A.weight",
+    TRAINABLES_FILE: "connector.linear_1.weight",
+}
+
+
+@pytest.mark.parametrize("file", list(ADAPTER_TENSORS))
+@pytest.mark.parametrize("kind", list(SAFETENSORS_EXPECTED))
+def test_lora_adapter_damaged(adapter, tiny_assets, tmp_path, file, kind):
+    folder = tmp_path / "adapter"
+    shutil.copytree(adapter, folder)
+    tensor = ADAPTER_TENSORS[file]
+    _damage(folder / file, kind, tensor)
+    fresh = tiny_llava(tiny_assets)
+    expected = rf"checkpoint {folder / file}.*" + SAFETENSORS_EXPECTED[kind].format(
+        tensor=tensor.replace(".", r"\.")
+    )
+    error = CheckpointIntegrityError if kind == "flipped" else CheckpointError
+    with pytest.raises(error, match=expected):
+        load_adapter(fresh, folder)
+
+
+def test_lora_adapter_intact_loads(adapter, tiny_assets):
+    fresh = tiny_llava(tiny_assets)
+    load_adapter(fresh, adapter)  # hashes match
+    saved = load_file(adapter / TRAINABLES_FILE)["connector.linear_1.weight"]
+    assert torch.equal(fresh.model.connector.linear_1.weight, saved)
 
 
 def test_nan_loss_stops_training_naming_the_records(tiny_assets, synthetic_data, tmp_path):
