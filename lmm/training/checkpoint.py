@@ -9,7 +9,10 @@ truncated, corrupt or altered file raises `CheckpointError` naming the file (and
 entry that differs).
 
 The safetensors files lmm writes (imports, LoRA adapters) carry the same per-tensor hashes in
-their header's metadata (`save_safetensors`; `load_safetensors` checks them).
+their header's metadata (`save_safetensors`; `load_safetensors` checks them). A sharded
+(FSDP2, `torch.distributed.checkpoint`) checkpoint folder carries a manifest,
+`lmm_hashes.json`, with the size and hash of every file in it (`write_manifest`;
+`verify_manifest` checks it).
 """
 
 from __future__ import annotations
@@ -44,14 +47,15 @@ class CheckpointIntegrityError(CheckpointError):
 
 
 HASHES = "lmm_hashes"
+MANIFEST = "lmm_hashes.json"  # in a sharded checkpoint folder: size and hash of every file
 _ALGORITHM = "blake2b-128"
 _FIX = "the file was damaged after it was written (disk, copy, transfer): resume from an earlier "
 _FIX += "checkpoint or copy it again"
 _FIX_WRITTEN = "the file was damaged after it was written (disk, copy, transfer): write it again "
 _FIX_WRITTEN += "(lmm convert import, save_adapter) or copy it again"
-# files whose hashes matched, by (path, size, mtime): a run that checked the file before
-# Lightning loads it does not hash it twice
-_verified: set[tuple[str, int, int]] = set()
+# files (and sharded folders) whose hashes matched, by (path, size, mtime): a run that checked
+# a checkpoint before Lightning loads it does not hash it twice
+_verified: set[tuple] = set()
 
 
 def _leaves(obj: Any, path: str = "") -> Iterator[tuple[str, Any]]:
@@ -195,8 +199,11 @@ def load_checkpoint_file(path: str | Path, verify: bool = True, mmap: bool = Fal
 
 
 def verified(path: str | Path) -> bool:
-    """Whether `load_checkpoint_file` checked this file, unchanged since, in this process."""
+    """Whether `load_checkpoint_file` (a file) or `verify_manifest` (a sharded folder) checked
+    this checkpoint, unchanged since, in this process."""
     path = Path(path)
+    if path.is_dir():
+        return _folder_key(path) in _verified
     if not path.is_file():
         return False
     stat = path.stat()
@@ -287,6 +294,135 @@ def load_safetensors(
     if select is None:
         _verified.add((str(path.resolve()), stat.st_size, stat.st_mtime_ns))
     return tensors
+
+
+# ------------------------------------------------------------------ sharded checkpoint folders
+
+
+def _file_digest(path: Path) -> str:
+    h = hashlib.blake2b(digest_size=16)
+    with path.open("rb") as f:
+        while chunk := f.read(1 << 24):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _folder_files(folder: Path) -> list[Path]:
+    """Every file under `folder` but the manifest (and its temporary file), sorted."""
+    return sorted(
+        p
+        for p in folder.rglob("*")
+        if p.is_file() and p.name != MANIFEST and not p.name.startswith(f".{MANIFEST}.")
+    )
+
+
+def _folder_key(folder: Path) -> tuple:
+    """What `verified` compares for a folder: each file's name, size and mtime."""
+    files = _folder_files(folder)
+    manifest = folder / MANIFEST
+    if manifest.is_file():
+        files.append(manifest)
+    return (
+        str(folder.resolve()),
+        tuple((str(p.relative_to(folder)), p.stat().st_size, p.stat().st_mtime_ns) for p in files),
+    )
+
+
+def write_manifest(folder: str | Path) -> Path:
+    """Write `folder/lmm_hashes.json`: the size and hash of every file in a sharded checkpoint
+    folder, once every rank has written its shards (the caller waits for them)."""
+    folder = Path(folder)
+    files = {
+        str(p.relative_to(folder)): {"size": p.stat().st_size, "hash": _file_digest(p)}
+        for p in _folder_files(folder)
+    }
+    body = json.dumps({"algorithm": _ALGORITHM, "files": files}, indent=1, sort_keys=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{MANIFEST}.", dir=folder)
+    with os.fdopen(fd, "w") as f:
+        f.write(body + "\n")
+    os.replace(tmp, folder / MANIFEST)
+    return folder / MANIFEST
+
+
+def verify_manifest(folder: str | Path) -> None:
+    """Check every file of a sharded checkpoint folder against its `lmm_hashes.json`:
+    `CheckpointError` names the first file that is missing or has another size (truncated),
+    `CheckpointIntegrityError` the first whose bytes differ. A folder without a manifest
+    (written before lmm wrote them, or by another tool) is logged and passes."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise CheckpointError(f"checkpoint {folder} does not exist")
+    manifest = folder / MANIFEST
+    if not manifest.is_file():
+        log.info("sharded checkpoint %s has no %s: its files cannot be verified", folder, MANIFEST)
+        _verified.add(_folder_key(folder))  # said once, not at every check of the same load
+        return
+    try:
+        stored = json.loads(manifest.read_text())
+        files: dict = stored["files"]
+        ok = stored["algorithm"] == _ALGORITHM and isinstance(files, dict)
+    except (ValueError, KeyError, TypeError):
+        ok = False
+    if not ok:
+        raise CheckpointIntegrityError(
+            f"checkpoint {folder}: {MANIFEST} is unreadable (expected JSON with algorithm "
+            f"{_ALGORITHM!r}); {_FIX}"
+        )
+    missing, resized, differ = [], [], []
+    for name, entry in files.items():
+        file = folder / name
+        if not file.is_file():
+            missing.append(name)
+        elif file.stat().st_size != entry["size"]:
+            resized.append(
+                f"{name!r} has {file.stat().st_size} bytes, {entry['size']} were written"
+            )
+        elif _file_digest(file) != entry["hash"]:
+            differ.append(name)
+    counts = (
+        f"({len(missing)} missing, {len(resized)} of another size, {len(differ)} differ, of "
+        f"{len(files)} files in {MANIFEST})"
+    )
+    if missing:
+        raise CheckpointError(
+            f"checkpoint {folder}: file {missing[0]!r} is missing {counts}; a save or a copy was "
+            "incomplete: resume from an earlier checkpoint or copy the whole folder again"
+        )
+    if resized:
+        raise CheckpointError(
+            f"checkpoint {folder}: file {resized[0]} (truncated?) {counts}; a write or a copy "
+            "was interrupted: resume from an earlier checkpoint or copy the folder again"
+        )
+    if differ:
+        raise CheckpointIntegrityError(
+            f"checkpoint {folder}: file {differ[0]!r} differs from the hash written with it "
+            f"{counts}; {_FIX}"
+        )
+    _verified.add(_folder_key(folder))
+
+
+def verify_sharded(folder: str | Path, strategy=None) -> None:
+    """`verify_manifest` of a sharded checkpoint folder, read once: with a multi-process
+    `strategy` global rank 0 reads the files and every rank raises its error. Every rank must
+    call it (it broadcasts); a folder checked before in this process is not read again."""
+    folder = Path(folder)
+    if strategy is None or strategy.world_size == 1:
+        if not verified(folder):
+            verify_manifest(folder)
+        return
+    failure = None
+    if strategy.global_rank == 0 and not verified(folder):
+        try:
+            verify_manifest(folder)
+        except CheckpointError as err:
+            failure = (type(err), str(err))
+        except Exception as err:  # every rank must hear of it, or the others wait forever
+            failure = (CheckpointError, f"checkpoint {folder} cannot be read ({err!r})")
+    failure = strategy.broadcast(failure)
+    if failure is not None:
+        kind, message = failure
+        raise kind(message)
+    _verified.add(_folder_key(folder))
 
 
 def checkpoint_error_in(err: BaseException) -> CheckpointError | None:

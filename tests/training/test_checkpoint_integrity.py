@@ -1,6 +1,6 @@
 """Checkpoint integrity: a flipped byte, a truncated or an empty file is a named error on every
-load path (`--ckpt_path`, `init_from`, `lmm.load`, an imported folder's weights, a LoRA
-adapter); a non-finite loss stops training."""
+load path (`--ckpt_path` a file or a sharded folder, `init_from`, `lmm.load`, an imported
+folder's weights, a LoRA adapter); a non-finite loss stops training."""
 
 from __future__ import annotations
 
@@ -23,6 +23,8 @@ from lmm.training.checkpoint import (
     CheckpointError,
     CheckpointIntegrityError,
     load_checkpoint_file,
+    verify_manifest,
+    write_manifest,
 )
 from lmm.training.lora import (
     ADAPTER_FILE,
@@ -154,6 +156,55 @@ def test_checkpoint_bit_flip_detected(run, broken, tiny_assets, kind):
 def test_resume_from_intact_checkpoint_through_the_cli(run):
     ckpt, args = run
     main(["validate", *args, f"--ckpt_path={ckpt}"])  # no error: the hashes match
+
+
+# --- sharded (FSDP2) checkpoint folders: the manifest (resume: tests/training/test_fsdp.py) ---
+
+SHARDED_EXPECTED = {
+    "flipped": (CheckpointIntegrityError, r"file '__1_0\.distcp' differs from the hash written"),
+    "truncated": (CheckpointError, r"file '__1_0\.distcp' has 512 bytes, 1024 were written"),
+    "missing": (CheckpointError, r"file '__1_0\.distcp' is missing"),
+}
+
+
+def _sharded_folder(folder: Path) -> Path:
+    """A folder laid out as torch.distributed.checkpoint writes one for 2 ranks, its manifest
+    written."""
+    folder.mkdir()
+    torch.manual_seed(0)
+    for name in ("__0_0.distcp", "__1_0.distcp", ".metadata", "meta.pt"):
+        (folder / name).write_bytes(torch.randint(0, 256, (1024,), dtype=torch.uint8).numpy())
+    write_manifest(folder)
+    return folder
+
+
+def test_sharded_manifest_lists_every_file(tmp_path):
+    folder = _sharded_folder(tmp_path / "epoch=0-step=2.ckpt")
+    files = json.loads((folder / "lmm_hashes.json").read_text())["files"]
+    assert sorted(files) == [".metadata", "__0_0.distcp", "__1_0.distcp", "meta.pt"]
+    assert all(entry["size"] == 1024 for entry in files.values())
+    verify_manifest(folder)  # intact
+    (folder / "lmm_hashes.json").unlink()
+    verify_manifest(folder)  # a folder without a manifest (another tool's) is not refused
+
+
+@pytest.mark.parametrize("kind", list(SHARDED_EXPECTED))
+def test_sharded_folder_damaged(run, tmp_path, kind):
+    _, args = run
+    folder = _sharded_folder(tmp_path / "epoch=0-step=2.ckpt")
+    shard = folder / "__1_0.distcp"
+    if kind == "flipped":
+        shard.write_bytes(_flip(shard.read_bytes(), 700))
+    elif kind == "truncated":
+        shard.write_bytes(shard.read_bytes()[:512])
+    else:
+        shard.unlink()
+    error, expected = SHARDED_EXPECTED[kind]
+    with pytest.raises(error, match=rf"checkpoint {folder}: {expected}"):
+        verify_manifest(folder)
+    # the CLI's --ckpt_path checks a folder before Lightning (FSDP2Strategy checks it again)
+    with pytest.raises(error, match=rf"checkpoint {folder}: {expected}"):
+        main(["validate", *args, f"--ckpt_path={folder}"])
 
 
 # --- safetensors lmm writes: imported weights, LoRA adapters ---------------------------------
