@@ -1,6 +1,6 @@
 """Checkpoint integrity: a flipped byte, a truncated or an empty file is a named error on every
-load path (`--ckpt_path` a file or a sharded folder, `init_from`, `lmm.load`, an imported
-folder's weights, a LoRA adapter); a non-finite loss stops training."""
+load path (`--ckpt_path` a file or `last`, `init_from`, `lmm.load`, `lmm convert export --ckpt`,
+an imported folder's weights, a LoRA adapter); a non-finite loss stops training."""
 
 from __future__ import annotations
 
@@ -151,6 +151,38 @@ def test_checkpoint_bit_flip_detected(run, broken, tiny_assets, kind):
     # a recipe's init_from through the CLI (jsonargparse would wrap the error)
     with pytest.raises(CheckpointError, match=name + EXPECTED[kind]):
         main(["validate", *args, f"--model.init_args.init_from={path}"])
+    # lmm convert export --ckpt (lmm.convert.export → load_weights)
+    recipe = ckpt.parents[1] / "config.yaml"
+    out = path.parent / f"export-{kind}"
+    with pytest.raises(CheckpointError, match=name + EXPECTED[kind]):
+        main(["convert", "export", "--config", str(recipe), "--ckpt", str(path), "--out", str(out)])
+    assert not out.exists()
+
+
+def _resolved_last(run, broken, tmp_path: Path, kind: str) -> tuple[Path, list[str]]:
+    """A copy of the run's folder whose `checkpoints/last.ckpt` is the `kind` copy, and the
+    arguments that make `--ckpt_path last` resolve there (the run's logger version)."""
+    ckpt, args = run
+    root = tmp_path / "run"
+    shutil.copytree(ckpt.parents[1], root / ckpt.parents[1].name)
+    last = root / ckpt.parents[1].name / "checkpoints" / "last.ckpt"
+    shutil.copyfile(broken[kind] if kind != "intact" else ckpt, last)
+    moved = [a.replace(str(ckpt.parents[2]), str(root)) for a in args]
+    version = ckpt.parents[1].name.removeprefix("version_")
+    return last, [*moved, f"--trainer.logger.init_args.version={version}", "--ckpt_path=last"]
+
+
+def test_ckpt_path_last_with_a_flipped_byte(run, broken, tmp_path):
+    """`--ckpt_path last` is left to Lightning (it resolves the ModelCheckpoint's last.ckpt);
+    CheckpointHashes checks the file it loaded: the named error, not a silent load."""
+    last, args = _resolved_last(run, broken, tmp_path, "weight")
+    with pytest.raises(CheckpointIntegrityError, match=rf"{last}.*{EXPECTED['weight']}"):
+        main(["validate", *args])
+
+
+def test_ckpt_path_last_intact_loads(run, broken, tmp_path):
+    last, args = _resolved_last(run, broken, tmp_path, "intact")
+    main(["validate", *args])  # resolved to last.ckpt (above: the same path fails when flipped)
 
 
 def test_resume_from_intact_checkpoint_through_the_cli(run):
