@@ -145,13 +145,22 @@ def test_two_nodes_localhost(tiny_assets, data, tmp_path):
     _compare(tmp_path / "one", tmp_path / "nodes")
 
 
+@pytest.fixture(scope="module")
+def stopped(tiny_assets, data, tmp_path_factory) -> Path:
+    """A 2-rank run stopped after step 3, with its sharded checkpoint `ckpt/epoch=0-step=3.ckpt`."""
+    run = tmp_path_factory.mktemp("stopped")
+    assets = Path(tiny_assets["llm"]).parent
+    _torchrun(assets, data, run, 3, 2, nnodes=1, nproc=2, extra=["--ckpt-every=3"])
+    return run
+
+
 @pytest.mark.slow
-def test_fsdp2_sharded_resume(tiny_assets, data, tmp_path):
+def test_fsdp2_sharded_resume(tiny_assets, data, stopped, tmp_path):
     """2 ranks: stopped after step 3 with a sharded checkpoint, resumed → the same steps 4-6."""
     assets = Path(tiny_assets["llm"]).parent
     _torchrun(assets, data, tmp_path / "full", steps=6, batch_size=2, nnodes=1, nproc=2)
     run = tmp_path / "resumed"
-    _torchrun(assets, data, run, 3, 2, nnodes=1, nproc=2, extra=["--ckpt-every=3"])
+    shutil.copytree(stopped, run)
     ckpt = run / "ckpt" / "epoch=0-step=3.ckpt"
     assert ckpt.is_dir(), "FSDP2 should write a sharded checkpoint folder"
     assert len(list(ckpt.glob("*.distcp"))) == 2, "one shard file per rank"
@@ -167,13 +176,11 @@ def test_fsdp2_sharded_resume(tiny_assets, data, tmp_path):
 
 
 @pytest.mark.slow
-def test_fsdp2_resume_refuses_a_damaged_shard(tiny_assets, data, tmp_path):
+def test_fsdp2_resume_refuses_a_damaged_shard(tiny_assets, data, stopped, tmp_path):
     """2 ranks: a sharded checkpoint with a flipped byte in rank 1's shard, or without rank 0's
     shard, stops the resume on both ranks with the folder's manifest error naming the file."""
     assets = Path(tiny_assets["llm"]).parent
-    run = tmp_path / "run"
-    _torchrun(assets, data, run, 2, 2, nnodes=1, nproc=2, extra=["--ckpt-every=2"])
-    ckpt = run / "ckpt" / "epoch=0-step=2.ckpt"
+    ckpt = stopped / "ckpt" / "epoch=0-step=3.ckpt"
     flipped, missing = tmp_path / "flipped.ckpt", tmp_path / "missing.ckpt"
     shutil.copytree(ckpt, flipped)
     shard = flipped / "__1_0.distcp"
@@ -188,7 +195,7 @@ def test_fsdp2_resume_refuses_a_damaged_shard(tiny_assets, data, tmp_path):
     ):
         out = tmp_path / f"resume-{folder.stem}"
         log = _torchrun(
-            assets, data, out, 3, 2, nnodes=1, nproc=2, extra=[f"--resume={folder}"], ok=False
+            assets, data, out, 6, 2, nnodes=1, nproc=2, extra=[f"--resume={folder}"], ok=False
         )
         assert log.count(expected.format(folder)) >= 2, log[-4000:]  # both ranks stop
         assert not (out / "losses.txt").exists()  # no step was taken
