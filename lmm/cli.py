@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import difflib
 import json
+import os
 import re
 import sys
 import time
@@ -77,21 +78,42 @@ class LMMCLI(LightningCLI):
         parameters on the meta device on every rank but 0 (`empty_init`)."""
         config = self.config.get(self.subcommand) if self.subcommand else self.config
         with empty_init(bool(config and config.get("model.init_args.fsdp.meta_init"))):
-            super().instantiate_classes()
+            try:
+                super().instantiate_classes()
+            except ValueError as err:  # a bad init_from file: its named error, not jsonargparse's
+                named = errors.user_error_in(err)
+                if named is None:
+                    raise
+                raise named from None
 
     def _parse_ckpt_path(self) -> None:
-        """Check `--ckpt_path` (readable, hashes intact: `load_checkpoint_file`) before
-        Lightning reads it (here, for hyperparameters, and again to restore), so a bad file
-        gives lmm's named error, not torch's."""
+        """Check `--ckpt_path` (readable, hashes intact: `load_checkpoint_file`; a sharded
+        folder against its manifest: `verify_manifest`) before Lightning reads it (here, for
+        hyperparameters, and again to restore), so a bad file gives lmm's named error, not
+        torch's. `last`, `best` and URLs are resolved by the trainer and checked when it loads
+        them (`CheckpointHashes.on_load_checkpoint`)."""
         subcommand = self.config.get("subcommand")
         ckpt_path = self.config[subcommand].get("ckpt_path") if subcommand else None
         special = ckpt_path in ("last", "best", "hpc") or str(ckpt_path).startswith("registry")
         if ckpt_path and not special and "://" not in str(ckpt_path):
-            from lmm.training.checkpoint import load_checkpoint_file
+            from lmm.training.checkpoint import load_checkpoint_file, verify_manifest
 
+            if Path(ckpt_path).is_dir():  # sharded (FSDP2): no hyperparameters to read
+                if _launch_rank() == 0:  # one reader; FSDP2Strategy's load shares its result
+                    verify_manifest(ckpt_path)
+                return
             if "hyper_parameters" not in load_checkpoint_file(ckpt_path, mmap=True):
                 return  # nothing for Lightning to read here: the file is read once less
         super()._parse_ckpt_path()
+
+
+def _launch_rank() -> int:
+    """This process's global rank as the launcher set it (torchrun, Lightning, SLURM), before
+    any process group exists; 0 in a plain run."""
+    for name in ("RANK", "SLURM_PROCID", "LOCAL_RANK"):
+        if os.environ.get(name, "").isdigit():
+            return int(os.environ[name])
+    return 0
 
 
 def synth(argv: list[str]) -> None:

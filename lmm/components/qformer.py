@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 
 import torch
-from safetensors import safe_open
 from torch import Tensor, nn
 from transformers import AutoConfig, Blip2QFormerModel, Blip2VisionModel, PreTrainedModel
 from transformers.initialization import no_init_weights
@@ -21,6 +20,7 @@ from lmm.components.attention import resolve_attention
 from lmm.components.language import _dtype
 from lmm.components.pretrained import from_pretrained, reads_weights
 from lmm.components.vision import VisionEncoder, normalization
+from lmm.training.checkpoint import load_safetensors
 from lmm.utils.logging import get_logger
 
 log = get_logger(__name__)
@@ -49,11 +49,9 @@ def checkpoint_tensors(path: str, prefix: str) -> dict[str, Tensor]:
             )
         paths = [single]
     tensors = {}
-    for file in paths:
-        with safe_open(file, framework="pt") as f:
-            for name in f.keys():
-                if name.startswith(prefix):
-                    tensors[name[len(prefix) :]] = f.get_tensor(name)
+    for file in paths:  # each tensor read checked against its hash when lmm wrote the file
+        for name, tensor in load_safetensors(file, lambda n: n.startswith(prefix)).items():
+            tensors[name[len(prefix) :]] = tensor
     if not tensors:
         raise KeyError(f"{path}: no tensor named '{prefix}*' in the checkpoint")
     return tensors

@@ -13,7 +13,7 @@ import torch
 
 from lmm.data.batch import Batch
 from lmm.data.stream import NoUsableRecordsError
-from lmm.training.checkpoint import add_hashes, verified, verify_hashes
+from lmm.training.checkpoint import add_hashes, verified, verify_hashes, verify_sharded
 from lmm.utils.errors import UserError
 from lmm.utils.logging import get_logger
 
@@ -148,9 +148,13 @@ class SkippedRecords(L.Callback):
 
 class CheckpointHashes(L.Callback):
     """Writes the hash of every tensor and value into each checkpoint (`lmm_hashes`) and checks
-    them when Lightning loads one (`--ckpt_path`, `ckpt_path="last"`), unless
-    `load_checkpoint_file` already checked that file. Last in the callback list, so the
-    entries other callbacks add (RNG state) are covered."""
+    them when Lightning loads one (`--ckpt_path` a file, `last`, `best` or a URL: by then
+    `trainer.ckpt_path` is the resolved file), unless `load_checkpoint_file` already checked
+    that file. Last in the callback list, so the entries other callbacks add (RNG state) are
+    covered.
+
+    A sharded (FSDP2) checkpoint folder is checked against its manifest (`verify_sharded`;
+    `FSDP2Strategy` writes it and checks it before loading, so here it is not read again)."""
 
     def on_save_checkpoint(self, trainer, module, checkpoint: dict) -> None:
         add_hashes(checkpoint)
@@ -158,8 +162,9 @@ class CheckpointHashes(L.Callback):
     def on_load_checkpoint(self, trainer, module, checkpoint: dict) -> None:
         path = trainer.ckpt_path if trainer is not None else None
         if path is not None and Path(path).is_dir():
-            # A sharded (FSDP2) checkpoint folder: the tensors reach the model shard by shard,
-            # not through this dict, and sharded checkpoints are not hashed yet.
+            # The tensors reached the model shard by shard, not through this dict (which holds
+            # the rest, meta.pt): the manifest covers every file of the folder.
+            verify_sharded(path, trainer.strategy)
             return
         if path is None or not verified(path):
             verify_hashes(checkpoint, path or "<loaded by Lightning>")

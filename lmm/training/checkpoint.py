@@ -7,17 +7,24 @@ carries a hash of each tensor and value it holds (`lmm_hashes`, written by `add_
 path uses, checks them. Loading always uses `torch.load(weights_only=True)`; an empty,
 truncated, corrupt or altered file raises `CheckpointError` naming the file (and the first
 entry that differs).
+
+The safetensors files lmm writes (imports, LoRA adapters) carry the same per-tensor hashes in
+their header's metadata (`save_safetensors`; `load_safetensors` checks them). A sharded
+(FSDP2, `torch.distributed.checkpoint`) checkpoint folder carries a manifest,
+`lmm_hashes.json`, with the size and hash of every file in it (`write_manifest`;
+`verify_manifest` checks it).
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import pickle
 import re
 import tempfile
 import zipfile
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -41,12 +48,15 @@ class CheckpointIntegrityError(CheckpointError):
 
 
 HASHES = "lmm_hashes"
+MANIFEST = "lmm_hashes.json"  # in a sharded checkpoint folder: size and hash of every file
 _ALGORITHM = "blake2b-128"
 _FIX = "the file was damaged after it was written (disk, copy, transfer): resume from an earlier "
 _FIX += "checkpoint or copy it again"
-# files whose hashes matched, by (path, size, mtime): a run that checked the file before
-# Lightning loads it does not hash it twice
-_verified: set[tuple[str, int, int]] = set()
+_FIX_WRITTEN = "the file was damaged after it was written (disk, copy, transfer): write it again "
+_FIX_WRITTEN += "(lmm convert import, save_adapter) or copy it again"
+# files (and sharded folders) whose hashes matched, by (path, size, mtime): a run that checked
+# a checkpoint before Lightning loads it does not hash it twice
+_verified: set[tuple] = set()
 
 
 def _leaves(obj: Any, path: str = "") -> Iterator[tuple[str, Any]]:
@@ -136,7 +146,9 @@ def _check_pickle_crc(path: Path) -> None:
                 archive.read(info)  # BadZipFile on a CRC mismatch
 
 
-def _unreadable(path: Path, err: Exception) -> CheckpointError:
+def _unreadable(
+    path: Path, err: Exception, fix: str = "resume from an earlier checkpoint"
+) -> CheckpointError:
     size = path.stat().st_size
     reason = f"{type(err).__name__}: {err}"
     if isinstance(err, pickle.UnpicklingError):
@@ -145,28 +157,33 @@ def _unreadable(path: Path, err: Exception) -> CheckpointError:
         reason += str(err).split("WeightsUnpickler error:")[-1].strip().splitlines()[0] + ")"
     return CheckpointError(
         f"checkpoint {path} ({size} bytes) cannot be read ({reason}); it is probably truncated "
-        "(a write was interrupted) or corrupt: resume from an earlier checkpoint"
+        f"(a write was interrupted) or corrupt: {fix}"
     )
 
 
-def load_checkpoint_file(path: str | Path, verify: bool = True, mmap: bool = False) -> dict:
-    """`torch.load(path, weights_only=True)`, or safetensors, with its hashes checked
-    (`verify`); a bad file raises `CheckpointError`. `mmap` maps tensors instead of reading
-    them (a check that does not hold a second copy in memory)."""
-    path = Path(path)
+def _readable_file(path: Path) -> os.stat_result:
+    """The file's stat; `CheckpointError` if it does not exist or is empty."""
     if not path.is_file():
         raise CheckpointError(f"checkpoint {path} does not exist")
     stat = path.stat()
     if stat.st_size == 0:
         raise CheckpointError(
             f"checkpoint {path} is empty (0 bytes): a write was interrupted or the disk was "
-            "full; resume from an earlier checkpoint"
+            "full; resume from an earlier checkpoint or write it again"
         )
-    try:
-        if path.suffix == ".safetensors":
-            from safetensors.torch import load_file
+    return stat
 
-            return {"state_dict": load_file(str(path))}
+
+def load_checkpoint_file(path: str | Path, verify: bool = True, mmap: bool = False) -> dict:
+    """`torch.load(path, weights_only=True)`, or safetensors (`load_safetensors`, as
+    `{"state_dict": tensors}`), with its hashes checked (`verify`); a bad file raises
+    `CheckpointError`. `mmap` maps tensors instead of reading them (a check that does not hold
+    a second copy in memory)."""
+    path = Path(path)
+    if path.suffix == ".safetensors":
+        return {"state_dict": load_safetensors(path, verify=verify)}
+    stat = _readable_file(path)
+    try:
         _check_pickle_crc(path)
         checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except Exception as err:  # zipfile, pickle and safetensors raise several types
@@ -183,12 +200,230 @@ def load_checkpoint_file(path: str | Path, verify: bool = True, mmap: bool = Fal
 
 
 def verified(path: str | Path) -> bool:
-    """Whether `load_checkpoint_file` checked this file, unchanged since, in this process."""
+    """Whether `load_checkpoint_file` (a file) or `verify_manifest` (a sharded folder) checked
+    this checkpoint, unchanged since, in this process."""
     path = Path(path)
+    if path.is_dir():
+        return _folder_key(path) in _verified
     if not path.is_file():
         return False
     stat = path.stat()
     return (str(path.resolve()), stat.st_size, stat.st_mtime_ns) in _verified
+
+
+# ------------------------------------------------------------------------------ safetensors
+
+
+def save_safetensors(
+    tensors: Mapping[str, torch.Tensor], path: str | Path, metadata: Mapping[str, str] | None = None
+) -> Path:
+    """Write `tensors` as a safetensors file, atomically, with the hash of each tensor in the
+    header's metadata (`lmm_hashes`: JSON `{algorithm, entries}`, the digests `add_hashes`
+    gives the same tensor in a .ckpt) beside `metadata` (`format: pt` unless given).
+
+    Tensors must not share memory (safetensors refuses shared tensors: drop tied copies)."""
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
+    entries = {k: _digest(v) for k, v in tensors.items()}
+    header = {"format": "pt", **dict(metadata or {})}
+    header[HASHES] = json.dumps({"algorithm": _ALGORITHM, "entries": entries}, sort_keys=True)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    os.close(fd)
+    try:
+        save_file(tensors, tmp, header)
+        os.replace(tmp, path)  # readers see the old or the new file, never half of one
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    return path
+
+
+def load_safetensors(
+    path: str | Path, select: Callable[[str], bool] | None = None, verify: bool = True
+) -> dict[str, torch.Tensor]:
+    """The tensors of a safetensors file (those whose name `select` accepts), each checked
+    against the hashes `save_safetensors` wrote (`verify`).
+
+    A file without lmm's hashes (from the hub, transformers, another tool) loads unchecked.
+    An empty, truncated or garbled file raises `CheckpointError` naming it; a tensor whose
+    bytes, dtype or shape differ from its hash raises `CheckpointIntegrityError` naming it."""
+    path = Path(path)
+    stat = _readable_file(path)
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            metadata = f.metadata() or {}
+            names = [k for k in f.keys() if select is None or select(k)]
+            tensors = {k: f.get_tensor(k) for k in names}
+    except Exception as err:  # SafetensorError, OSError, ValueError on a garbled header
+        raise _unreadable(path, err, fix="write it again or use an earlier copy") from err
+    if not verify:
+        return tensors
+    if HASHES not in metadata:
+        log.debug("%s has no %s (not written by lmm): loaded without checking", path, HASHES)
+        return tensors
+    try:
+        stored = json.loads(metadata[HASHES])
+        expected: dict = stored["entries"]
+        ok = stored["algorithm"] == _ALGORITHM and isinstance(expected, dict)
+    except (ValueError, KeyError, TypeError):
+        ok = False
+    if not ok:
+        raise CheckpointIntegrityError(
+            f"checkpoint {path}: {HASHES} in the safetensors header is unreadable (expected "
+            f"JSON with algorithm {_ALGORITHM!r}); {_FIX_WRITTEN}"
+        )
+    wanted = [k for k in expected if select is None or select(k)]
+    differ = [k for k in names if k in expected and _digest(tensors[k]) != expected[k]]
+    missing = [k for k in wanted if k not in tensors]
+    unknown = [k for k in names if k not in expected]
+    if differ or missing or unknown:
+        if differ:
+            what = f"tensor {differ[0]!r} differs from the hash written with it"
+        elif missing:
+            what = f"tensor {missing[0]!r} is missing"
+        else:
+            what = f"tensor {unknown[0]!r} was not written with the file"
+        raise CheckpointIntegrityError(
+            f"checkpoint {path}: {what} ({len(differ)} tensors differ, {len(missing)} missing, "
+            f"{len(unknown)} unknown, of {len(expected)}); {_FIX_WRITTEN}"
+        )
+    if select is None:
+        _verified.add((str(path.resolve()), stat.st_size, stat.st_mtime_ns))
+    return tensors
+
+
+# ------------------------------------------------------------------ sharded checkpoint folders
+
+
+def _file_digest(path: Path) -> str:
+    h = hashlib.blake2b(digest_size=16)
+    with path.open("rb") as f:
+        while chunk := f.read(1 << 24):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _folder_files(folder: Path) -> list[Path]:
+    """Every file under `folder` but the manifest (and its temporary file), sorted."""
+    return sorted(
+        p
+        for p in folder.rglob("*")
+        if p.is_file() and p.name != MANIFEST and not p.name.startswith(f".{MANIFEST}.")
+    )
+
+
+def _folder_key(folder: Path) -> tuple:
+    """What `verified` compares for a folder: each file's name, size and mtime."""
+    files = _folder_files(folder)
+    manifest = folder / MANIFEST
+    if manifest.is_file():
+        files.append(manifest)
+    return (
+        str(folder.resolve()),
+        tuple((str(p.relative_to(folder)), p.stat().st_size, p.stat().st_mtime_ns) for p in files),
+    )
+
+
+def write_manifest(folder: str | Path) -> Path:
+    """Write `folder/lmm_hashes.json`: the size and hash of every file in a sharded checkpoint
+    folder, once every rank has written its shards (the caller waits for them)."""
+    folder = Path(folder)
+    files = {
+        str(p.relative_to(folder)): {"size": p.stat().st_size, "hash": _file_digest(p)}
+        for p in _folder_files(folder)
+    }
+    body = json.dumps({"algorithm": _ALGORITHM, "files": files}, indent=1, sort_keys=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{MANIFEST}.", dir=folder)
+    with os.fdopen(fd, "w") as f:
+        f.write(body + "\n")
+    os.replace(tmp, folder / MANIFEST)
+    return folder / MANIFEST
+
+
+def verify_manifest(folder: str | Path) -> None:
+    """Check every file of a sharded checkpoint folder against its `lmm_hashes.json`:
+    `CheckpointError` names the first file that is missing or has another size (truncated),
+    `CheckpointIntegrityError` the first whose bytes differ. A folder without a manifest
+    (written before lmm wrote them, or by another tool) is logged and passes."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise CheckpointError(f"checkpoint {folder} does not exist")
+    manifest = folder / MANIFEST
+    if not manifest.is_file():
+        log.info("sharded checkpoint %s has no %s: its files cannot be verified", folder, MANIFEST)
+        _verified.add(_folder_key(folder))  # said once, not at every check of the same load
+        return
+    try:
+        stored = json.loads(manifest.read_text())
+        files: dict = stored["files"]
+        ok = stored["algorithm"] == _ALGORITHM and isinstance(files, dict)
+    except (ValueError, KeyError, TypeError):
+        ok = False
+    if not ok:
+        raise CheckpointIntegrityError(
+            f"checkpoint {folder}: {MANIFEST} is unreadable (expected JSON with algorithm "
+            f"{_ALGORITHM!r}); {_FIX}"
+        )
+    missing, resized, differ = [], [], []
+    for name, entry in files.items():
+        file = folder / name
+        if not file.is_file():
+            missing.append(name)
+        elif file.stat().st_size != entry["size"]:
+            resized.append(
+                f"{name!r} has {file.stat().st_size} bytes, {entry['size']} were written"
+            )
+        elif _file_digest(file) != entry["hash"]:
+            differ.append(name)
+    counts = (
+        f"({len(missing)} missing, {len(resized)} of another size, {len(differ)} differ, of "
+        f"{len(files)} files in {MANIFEST})"
+    )
+    if missing:
+        raise CheckpointError(
+            f"checkpoint {folder}: file {missing[0]!r} is missing {counts}; a save or a copy was "
+            "incomplete: resume from an earlier checkpoint or copy the whole folder again"
+        )
+    if resized:
+        raise CheckpointError(
+            f"checkpoint {folder}: file {resized[0]} (truncated?) {counts}; a write or a copy "
+            "was interrupted: resume from an earlier checkpoint or copy the folder again"
+        )
+    if differ:
+        raise CheckpointIntegrityError(
+            f"checkpoint {folder}: file {differ[0]!r} differs from the hash written with it "
+            f"{counts}; {_FIX}"
+        )
+    _verified.add(_folder_key(folder))
+
+
+def verify_sharded(folder: str | Path, strategy=None) -> None:
+    """`verify_manifest` of a sharded checkpoint folder, read once: with a multi-process
+    `strategy` global rank 0 reads the files and every rank raises its error. Every rank must
+    call it (it broadcasts); a folder checked before in this process is not read again."""
+    folder = Path(folder)
+    if strategy is None or strategy.world_size == 1:
+        if not verified(folder):
+            verify_manifest(folder)
+        return
+    failure = None
+    if strategy.global_rank == 0 and not verified(folder):
+        try:
+            verify_manifest(folder)
+        except CheckpointError as err:
+            failure = (type(err), str(err))
+        except Exception as err:  # every rank must hear of it, or the others wait forever
+            failure = (CheckpointError, f"checkpoint {folder} cannot be read ({err!r})")
+    failure = strategy.broadcast(failure)
+    if failure is not None:
+        kind, message = failure
+        raise kind(message)
+    _verified.add(_folder_key(folder))
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):

@@ -25,9 +25,9 @@ import torch
 from peft import LoraConfig as PeftLoraConfig
 from peft import inject_adapter_in_model, prepare_model_for_kbit_training
 from peft.tuners.tuners_utils import BaseTunerLayer
-from safetensors.torch import load_file, save_file
 from torch import nn
 
+from lmm.training.checkpoint import load_safetensors, save_safetensors
 from lmm.utils.logging import get_logger
 
 log = get_logger(__name__)
@@ -301,10 +301,8 @@ def save_adapter(module, out_dir: str | Path) -> Path:
     if distributed and torch.distributed.get_rank() != 0:
         return out
     out.mkdir(parents=True, exist_ok=True)
-    for name, state in states:
-        tmp = out / f".{name}.tmp"
-        save_file({k: v.cpu().contiguous() for k, v in state.items()}, tmp)
-        tmp.replace(out / name)
+    for name, state in states:  # with each tensor's hash (load_adapter checks them)
+        save_safetensors(state, out / name)
     tmp = out / f".{CONFIG_FILE}.tmp"
     tmp.write_text(json.dumps(meta, indent=2) + "\n")
     tmp.replace(out / CONFIG_FILE)
@@ -336,9 +334,10 @@ def load_adapter(module, in_dir: str | Path) -> None:
             f"{sorted(extra)[:4]}, only in the adapter {sorted(lacking)[:4]}; use the training "
             "LoRA config (lora.target / lora.exclude)"
         )
-    _copy_into(_adapter_params(_root(module)), load_file(src / ADAPTER_FILE), src / ADAPTER_FILE)
+    adapter = load_safetensors(src / ADAPTER_FILE)  # hashes checked: CheckpointError if altered
+    _copy_into(_adapter_params(_root(module)), adapter, src / ADAPTER_FILE)
     trainables = _trainable_params(_saved_root(module))
-    _copy_into(trainables, load_file(src / TRAINABLES_FILE), src / TRAINABLES_FILE)
+    _copy_into(trainables, load_safetensors(src / TRAINABLES_FILE), src / TRAINABLES_FILE)
 
 
 @torch.no_grad()

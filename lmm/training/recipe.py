@@ -14,7 +14,7 @@ from jsonargparse import ArgumentParser
 
 from lmm.training.checkpoint import HASHES, load_checkpoint_file
 from lmm.training.module import CheckpointMismatchError, LMMModule, check_state_fits
-from lmm.utils.errors import DataFileError
+from lmm.utils.errors import DataFileError, user_error_in
 
 
 def build_module(config: Mapping, where: str = "<recipe>") -> LMMModule:
@@ -24,7 +24,13 @@ def build_module(config: Mapping, where: str = "<recipe>") -> LMMModule:
     parser = ArgumentParser(exit_on_error=False)
     parser.add_subclass_arguments(LMMModule, "model", required=True)
     parsed = parser.parse_object({"model": config["model"]})
-    return parser.instantiate_classes(parsed).model
+    try:
+        return parser.instantiate_classes(parsed).model
+    except ValueError as err:  # a bad init_from file: its named error, not jsonargparse's
+        named = user_error_in(err)
+        if named is None:
+            raise
+        raise named from None
 
 
 def module_from_recipe(recipe: str | Path) -> LMMModule:

@@ -16,6 +16,8 @@ ever holds the full model.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
 import torch
 from lightning.pytorch.strategies import ModelParallelStrategy, StrategyRegistry
@@ -25,6 +27,7 @@ from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
 from lmm.components.flops import layer_list
+from lmm.training.checkpoint import verify_sharded, write_manifest
 from lmm.utils.logging import get_logger
 
 log = get_logger(__name__)
@@ -73,6 +76,10 @@ class FSDP2Strategy(ModelParallelStrategy):
     tensor-parallel "auto" = the devices of a node), so `data_parallel_size: auto,
     tensor_parallel_size: 1` fails on one node of several devices; here "auto" is the world size
     divided by `tensor_parallel_size`.
+
+    A sharded checkpoint folder gets a manifest once every rank has written its shards
+    (`lmm_hashes.json`: size and hash of every file, by rank 0), checked before a resume reads
+    it (`verify_sharded`): a changed, truncated or missing shard is a named `CheckpointError`.
     """
 
     def __init__(self, tensor_parallel_size: int = 1, **kwargs):
@@ -90,6 +97,23 @@ class FSDP2Strategy(ModelParallelStrategy):
                 )
             self._data_parallel_size = world // self._tensor_parallel_size
         super().setup_environment()
+
+    def save_checkpoint(
+        self, checkpoint: dict[str, Any], filepath, storage_options: Any | None = None
+    ) -> None:
+        super().save_checkpoint(checkpoint, filepath, storage_options=storage_options)
+        if self._save_distributed_checkpoint:  # a folder: one shard file per rank
+            # A save over an older folder leaves its manifest until the new one replaces it:
+            # a save cut short fails the check instead of passing unchecked.
+            self.barrier("lmm_hashes")  # every rank's shards are written
+            if self.global_rank == 0:  # its path is the one every rank wrote to (broadcast)
+                write_manifest(Path(filepath))
+
+    def load_checkpoint(self, checkpoint_path, weights_only: bool | None = None) -> dict[str, Any]:
+        path = Path(self.broadcast(checkpoint_path))
+        if path.is_dir():
+            verify_sharded(path, self)  # before any shard reaches the model
+        return super().load_checkpoint(path, weights_only=weights_only)
 
 
 if "fsdp2" not in StrategyRegistry:  # `trainer.strategy: fsdp2` in a recipe or on the CLI

@@ -29,7 +29,22 @@ def is_user_error(err: BaseException) -> bool:
     """An lmm `UserError`, a missing file, or one of those re-raised from a DataLoader worker."""
     if isinstance(err, UserError | FileNotFoundError | IsADirectoryError | PermissionError):
         return True
-    return _worker_error(err) is not None
+    return user_error_in(err) is not None or _worker_error(err) is not None
+
+
+def user_error_in(err: BaseException) -> BaseException | None:
+    """The user error `err` is or was raised from (its `__cause__` / `__context__` chain):
+    jsonargparse reports a constructor's failure (an `init_from` file that is damaged, a
+    tokenizer folder that is missing) as "does not validate against any of the Union
+    subtypes", the named error only as its cause."""
+    seen: set[int] = set()
+    current: BaseException | None = err
+    while current is not None and id(current) not in seen:
+        if isinstance(current, UserError | FileNotFoundError):
+            return current
+        seen.add(id(current))
+        current = current.__cause__ or current.__context__
+    return None
 
 
 # torch re-raises a worker's exception as "Caught <Name> in DataLoader worker process N.\n
@@ -73,6 +88,7 @@ def debug_requested(argv: list[str]) -> bool:
 
 def user_message(err: BaseException) -> str:
     """The one-paragraph message of a user error."""
+    err = user_error_in(err) or err
     message = _worker_error(err) or str(err) or type(err).__name__
     if isinstance(err, FileNotFoundError) and not isinstance(err, UserError) and err.filename:
         message = f"{err.strerror or 'not found'}: {err.filename}"

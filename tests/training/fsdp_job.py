@@ -3,7 +3,8 @@
 Usage: [torchrun ...] python -m tests.training.fsdp_job ASSETS DATA OUT --steps N --batch-size B
 Rank 0 writes `step loss.hex()` lines (the global-batch mean loss) to OUT/losses.txt and the
 full (unsharded) final weights to OUT/final.pt. `--ckpt-every K` saves a checkpoint every K
-steps to OUT/ckpt (a sharded folder under FSDP2); `--resume PATH` continues from one; `--lora` trains LoRA adapters and saves them to OUT/adapter.
+steps to OUT/ckpt (a sharded folder under FSDP2, with its `lmm_hashes.json`); `--resume PATH`
+continues from one (its manifest checked first); `--lora` trains LoRA adapters and saves them to OUT/adapter.
 `--meta-init` builds the model on the meta device on ranks other than 0 (FSDP2 `meta_init`)
 and writes each rank's count of meta parameters after building to OUT/meta_rank<R>.txt.
 """
@@ -19,13 +20,12 @@ import lightning as L
 import torch
 import torch.distributed as dist
 from lightning.pytorch.callbacks import ModelCheckpoint
-from lightning.pytorch.strategies import ModelParallelStrategy
 
 from lmm.components.pretrained import empty_init
 from lmm.data.datamodule import ChatDataModule
 from lmm.data.templates import Llama3
 from lmm.training.lora import LoraConfig, quantization_kwargs, save_adapter
-from lmm.training.strategies import FSDP2Config
+from lmm.training.strategies import FSDP2Config, FSDP2Strategy
 from tests.helpers import tiny_llava
 
 
@@ -106,7 +106,7 @@ def main() -> None:
         kwargs = dict(
             devices=int(os.environ["LOCAL_WORLD_SIZE"]),
             num_nodes=nodes,
-            strategy=ModelParallelStrategy(data_parallel_size=world, tensor_parallel_size=1),
+            strategy=FSDP2Strategy(),  # every rank data-parallel; sharded checkpoints hashed
         )
     callbacks = [Record(a.out / "losses.txt")]
     if a.ckpt_every:

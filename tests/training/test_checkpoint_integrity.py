@@ -1,20 +1,42 @@
 """Checkpoint integrity: a flipped byte, a truncated or an empty file is a named error on every
-load path (`--ckpt_path`, `init_from`, `lmm.load`); a non-finite loss stops training."""
+load path (`--ckpt_path` a file or `last`, `init_from`, `lmm.load`, `lmm convert export --ckpt`,
+an imported folder's weights, a LoRA adapter); a non-finite loss stops training."""
 
 from __future__ import annotations
 
+import json
+import shutil
 import zipfile
 from pathlib import Path
 
 import pytest
 import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
 
 import lmm
 from lmm.cli import main
+from lmm.convert import load_imported
+from lmm.families.llava.convert import export_hf, import_checkpoint
 from lmm.training.callbacks import NonFiniteLoss
-from lmm.training.checkpoint import CheckpointError, CheckpointIntegrityError
+from lmm.training.checkpoint import (
+    CheckpointError,
+    CheckpointIntegrityError,
+    load_checkpoint_file,
+    verify_manifest,
+    write_manifest,
+)
+from lmm.training.lora import (
+    ADAPTER_FILE,
+    TRAINABLES_FILE,
+    LoraConfig,
+    load_adapter,
+    save_adapter,
+)
 from tests.evaluation.test_runner import TINY, _model_args
 from tests.helpers import quiet_trainer, tiny_data, tiny_llava
+
+TEMPLATE = "lmm.data.templates.Llama3"
 
 
 def _fit_args(tiny_assets, synthetic_data, out: Path) -> list[str]:
@@ -126,11 +148,221 @@ def test_checkpoint_bit_flip_detected(run, broken, tiny_assets, kind):
     # the CLI's --ckpt_path, before Lightning's own load
     with pytest.raises(CheckpointError, match=name + EXPECTED[kind]):
         main(["validate", *args, f"--ckpt_path={path}"])
+    # a recipe's init_from through the CLI (jsonargparse would wrap the error)
+    with pytest.raises(CheckpointError, match=name + EXPECTED[kind]):
+        main(["validate", *args, f"--model.init_args.init_from={path}"])
+    # lmm convert export --ckpt (lmm.convert.export → load_weights)
+    recipe = ckpt.parents[1] / "config.yaml"
+    out = path.parent / f"export-{kind}"
+    with pytest.raises(CheckpointError, match=name + EXPECTED[kind]):
+        main(["convert", "export", "--config", str(recipe), "--ckpt", str(path), "--out", str(out)])
+    assert not out.exists()
+
+
+def _resolved_last(run, broken, tmp_path: Path, kind: str) -> tuple[Path, list[str]]:
+    """A copy of the run's folder whose `checkpoints/last.ckpt` is the `kind` copy, and the
+    arguments that make `--ckpt_path last` resolve there (the run's logger version)."""
+    ckpt, args = run
+    root = tmp_path / "run"
+    shutil.copytree(ckpt.parents[1], root / ckpt.parents[1].name)
+    last = root / ckpt.parents[1].name / "checkpoints" / "last.ckpt"
+    shutil.copyfile(broken[kind] if kind != "intact" else ckpt, last)
+    moved = [a.replace(str(ckpt.parents[2]), str(root)) for a in args]
+    version = ckpt.parents[1].name.removeprefix("version_")
+    return last, [*moved, f"--trainer.logger.init_args.version={version}", "--ckpt_path=last"]
+
+
+def test_ckpt_path_last_with_a_flipped_byte(run, broken, tmp_path):
+    """`--ckpt_path last` is left to Lightning (it resolves the ModelCheckpoint's last.ckpt);
+    CheckpointHashes checks the file it loaded: the named error, not a silent load."""
+    last, args = _resolved_last(run, broken, tmp_path, "weight")
+    with pytest.raises(CheckpointIntegrityError, match=rf"{last}.*{EXPECTED['weight']}"):
+        main(["validate", *args])
+
+
+def test_ckpt_path_last_intact_loads(run, broken, tmp_path):
+    last, args = _resolved_last(run, broken, tmp_path, "intact")
+    main(["validate", *args])  # resolved to last.ckpt (above: the same path fails when flipped)
 
 
 def test_resume_from_intact_checkpoint_through_the_cli(run):
     ckpt, args = run
     main(["validate", *args, f"--ckpt_path={ckpt}"])  # no error: the hashes match
+
+
+# --- sharded (FSDP2) checkpoint folders: the manifest (resume: tests/training/test_fsdp.py) ---
+
+SHARDED_EXPECTED = {
+    "flipped": (CheckpointIntegrityError, r"file '__1_0\.distcp' differs from the hash written"),
+    "truncated": (CheckpointError, r"file '__1_0\.distcp' has 512 bytes, 1024 were written"),
+    "missing": (CheckpointError, r"file '__1_0\.distcp' is missing"),
+}
+
+
+def _sharded_folder(folder: Path) -> Path:
+    """A folder laid out as torch.distributed.checkpoint writes one for 2 ranks, its manifest
+    written."""
+    folder.mkdir()
+    torch.manual_seed(0)
+    for name in ("__0_0.distcp", "__1_0.distcp", ".metadata", "meta.pt"):
+        (folder / name).write_bytes(torch.randint(0, 256, (1024,), dtype=torch.uint8).numpy())
+    write_manifest(folder)
+    return folder
+
+
+def test_sharded_manifest_lists_every_file(tmp_path):
+    folder = _sharded_folder(tmp_path / "epoch=0-step=2.ckpt")
+    files = json.loads((folder / "lmm_hashes.json").read_text())["files"]
+    assert sorted(files) == [".metadata", "__0_0.distcp", "__1_0.distcp", "meta.pt"]
+    assert all(entry["size"] == 1024 for entry in files.values())
+    verify_manifest(folder)  # intact
+    (folder / "lmm_hashes.json").unlink()
+    verify_manifest(folder)  # a folder without a manifest (another tool's) is not refused
+
+
+@pytest.mark.parametrize("kind", list(SHARDED_EXPECTED))
+def test_sharded_folder_damaged(run, tmp_path, kind):
+    _, args = run
+    folder = _sharded_folder(tmp_path / "epoch=0-step=2.ckpt")
+    shard = folder / "__1_0.distcp"
+    if kind == "flipped":
+        shard.write_bytes(_flip(shard.read_bytes(), 700))
+    elif kind == "truncated":
+        shard.write_bytes(shard.read_bytes()[:512])
+    else:
+        shard.unlink()
+    error, expected = SHARDED_EXPECTED[kind]
+    with pytest.raises(error, match=rf"checkpoint {folder}: {expected}"):
+        verify_manifest(folder)
+    # the CLI's --ckpt_path checks a folder before Lightning (FSDP2Strategy checks it again)
+    with pytest.raises(error, match=rf"checkpoint {folder}: {expected}"):
+        main(["validate", *args, f"--ckpt_path={folder}"])
+
+
+# --- safetensors lmm writes: imported weights, LoRA adapters ---------------------------------
+
+
+def _flip_tensor(path: Path, name: str) -> None:
+    """Flip one bit in the middle of tensor `name`'s bytes in a safetensors file."""
+    data = path.read_bytes()
+    path.write_bytes(_flip(data, _tensor_offset(data, load_file(path)[name])))
+
+
+def _damage(path: Path, kind: str, tensor: str) -> None:
+    if kind == "flipped":
+        _flip_tensor(path, tensor)
+    elif kind == "truncated":
+        path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    else:
+        path.write_bytes(b"")
+
+
+SAFETENSORS_EXPECTED = {
+    "flipped": "tensor '{tensor}' differs from the hash written with it",
+    "truncated": r"\(\d+ bytes\) cannot be read \(SafetensorError.*truncated",
+    "empty": r"is empty \(0 bytes\)",
+}
+
+
+@pytest.fixture(scope="module")
+def imported(tiny_assets, tmp_path_factory) -> Path:
+    """`lmm convert import --layout mantis` of the tiny LLaVA (exported to transformers first):
+    a folder with `weights.safetensors` (the connector) and `lmm.yaml`."""
+    root = tmp_path_factory.mktemp("imported")
+    torch.manual_seed(0)
+    hf = export_hf(tiny_llava(tiny_assets), root / "hf")
+    import_checkpoint(hf, root / "out", "mantis")
+    return root / "out"
+
+
+def _copy_import(imported: Path, dest: Path) -> Path:
+    """A copy of an import folder whose lmm.yaml names its own files."""
+    shutil.copytree(imported, dest)
+    recipe = dest / "lmm.yaml"
+    recipe.write_text(recipe.read_text().replace(str(imported.resolve()), str(dest.resolve())))
+    return dest
+
+
+def test_imported_weights_carry_hashes(imported):
+    weights = imported / "weights.safetensors"
+    with safe_open(str(weights), framework="pt") as f:
+        header = f.metadata()
+        names = list(f.keys())
+    stored = json.loads(header["lmm_hashes"])
+    assert stored["algorithm"] == "blake2b-128" and header["format"] == "pt"
+    assert sorted(stored["entries"]) == sorted(names) and "model.connector.linear_1.weight" in names
+    # a tensor hashes the same in a .safetensors and in a .ckpt
+    ckpt = weights.parent / "as.ckpt"
+    torch.save({"state_dict": load_file(weights)}, ckpt)
+    from lmm.training.checkpoint import add_hashes
+
+    entries = add_hashes(torch.load(ckpt, weights_only=True))["lmm_hashes"]["entries"]
+    assert {k.removeprefix("state_dict/"): v for k, v in entries.items()} == stored["entries"]
+
+
+@pytest.mark.parametrize("kind", list(SAFETENSORS_EXPECTED))
+def test_imported_weights_damaged(imported, tmp_path, kind):
+    folder = _copy_import(imported, tmp_path / "out")
+    weights = folder / "weights.safetensors"
+    tensor = "model.connector.linear_1.weight"
+    _damage(weights, kind, tensor)
+    expected = rf"checkpoint {weights}.*" + SAFETENSORS_EXPECTED[kind].format(
+        tensor=tensor.replace(".", r"\.")
+    )
+    error = CheckpointIntegrityError if kind == "flipped" else CheckpointError
+    with pytest.raises(error, match=expected):  # lmm.load of the folder
+        lmm.load(folder, template=TEMPLATE)
+    with pytest.raises(error, match=expected):  # its lmm.yaml's init_from
+        load_imported(folder)
+
+
+def test_imported_weights_without_hashes_still_load(imported, tmp_path):
+    """A safetensors file from elsewhere (no lmm_hashes in its header) loads as before."""
+    folder = _copy_import(imported, tmp_path / "out")
+    weights = folder / "weights.safetensors"
+    tensors = load_file(weights)
+    save_file(tensors, weights, {"format": "pt"})  # as transformers or the hub write them
+    module = lmm.load(folder, template=TEMPLATE).module
+    state = module.state_dict()
+    assert all(torch.equal(state[k], v) for k, v in tensors.items())
+    assert load_checkpoint_file(weights)["state_dict"].keys() == tensors.keys()
+
+
+@pytest.fixture(scope="module")
+def adapter(tiny_assets, tmp_path_factory) -> Path:
+    """An adapter folder of the tiny LLaVA (LoRA r 2 on the LLM, the connector trained)."""
+    torch.manual_seed(0)
+    module = tiny_llava(tiny_assets, lora=LoraConfig(r=2, alpha=4))
+    return save_adapter(module, tmp_path_factory.mktemp("adapter") / "adapter")
+
+
+ADAPTER_TENSORS = {
+    ADAPTER_FILE: "llm.model.model.layers.0.self_attn.q_proj.lora_A.weight",
+    TRAINABLES_FILE: "connector.linear_1.weight",
+}
+
+
+@pytest.mark.parametrize("file", list(ADAPTER_TENSORS))
+@pytest.mark.parametrize("kind", list(SAFETENSORS_EXPECTED))
+def test_lora_adapter_damaged(adapter, tiny_assets, tmp_path, file, kind):
+    folder = tmp_path / "adapter"
+    shutil.copytree(adapter, folder)
+    tensor = ADAPTER_TENSORS[file]
+    _damage(folder / file, kind, tensor)
+    fresh = tiny_llava(tiny_assets)
+    expected = rf"checkpoint {folder / file}.*" + SAFETENSORS_EXPECTED[kind].format(
+        tensor=tensor.replace(".", r"\.")
+    )
+    error = CheckpointIntegrityError if kind == "flipped" else CheckpointError
+    with pytest.raises(error, match=expected):
+        load_adapter(fresh, folder)
+
+
+def test_lora_adapter_intact_loads(adapter, tiny_assets):
+    fresh = tiny_llava(tiny_assets)
+    load_adapter(fresh, adapter)  # hashes match
+    saved = load_file(adapter / TRAINABLES_FILE)["connector.linear_1.weight"]
+    assert torch.equal(fresh.model.connector.linear_1.weight, saved)
 
 
 def test_nan_loss_stops_training_naming_the_records(tiny_assets, synthetic_data, tmp_path):

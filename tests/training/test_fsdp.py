@@ -47,7 +47,9 @@ def _single(assets, data, out, steps, batch_size, extra=()):
     assert r.returncode == 0, r.stderr[-4000:]
 
 
-def _torchrun(assets, data, out, steps, batch_size, nnodes: int, nproc: int, extra=()):
+def _torchrun(assets, data, out, steps, batch_size, nnodes: int, nproc: int, extra=(), ok=True):
+    """Run the job under torchrun; its output (every node's log), which must end in success
+    (`ok`) or in failure."""
     port = _free_port()
     procs, logs = [], []
     out.mkdir(parents=True, exist_ok=True)
@@ -69,10 +71,13 @@ def _torchrun(assets, data, out, steps, batch_size, nnodes: int, nproc: int, ext
         procs.append(
             subprocess.Popen(cmd, env=_env(), cwd=ROOT, stdout=logs[-1], stderr=subprocess.STDOUT)
         )
+    output = []
     for p, log in zip(procs, logs, strict=True):
         p.wait(timeout=600)
         log.close()
-        assert p.returncode == 0, Path(log.name).read_text()[-4000:]
+        output.append(Path(log.name).read_text())
+        assert (p.returncode == 0) == ok, output[-1][-4000:]
+    return "\n".join(output)
 
 
 def _losses(out: Path) -> list[float]:
@@ -140,16 +145,27 @@ def test_two_nodes_localhost(tiny_assets, data, tmp_path):
     _compare(tmp_path / "one", tmp_path / "nodes")
 
 
+@pytest.fixture(scope="module")
+def stopped(tiny_assets, data, tmp_path_factory) -> Path:
+    """A 2-rank run stopped after step 3, with its sharded checkpoint `ckpt/epoch=0-step=3.ckpt`."""
+    run = tmp_path_factory.mktemp("stopped")
+    assets = Path(tiny_assets["llm"]).parent
+    _torchrun(assets, data, run, 3, 2, nnodes=1, nproc=2, extra=["--ckpt-every=3"])
+    return run
+
+
 @pytest.mark.slow
-def test_fsdp2_sharded_resume(tiny_assets, data, tmp_path):
+def test_fsdp2_sharded_resume(tiny_assets, data, stopped, tmp_path):
     """2 ranks: stopped after step 3 with a sharded checkpoint, resumed → the same steps 4-6."""
     assets = Path(tiny_assets["llm"]).parent
     _torchrun(assets, data, tmp_path / "full", steps=6, batch_size=2, nnodes=1, nproc=2)
     run = tmp_path / "resumed"
-    _torchrun(assets, data, run, 3, 2, nnodes=1, nproc=2, extra=["--ckpt-every=3"])
+    shutil.copytree(stopped, run)
     ckpt = run / "ckpt" / "epoch=0-step=3.ckpt"
     assert ckpt.is_dir(), "FSDP2 should write a sharded checkpoint folder"
     assert len(list(ckpt.glob("*.distcp"))) == 2, "one shard file per rank"
+    manifest = json.loads((ckpt / "lmm_hashes.json").read_text())["files"]
+    assert sorted(manifest) == sorted(p.name for p in ckpt.iterdir() if p.name != "lmm_hashes.json")
     _torchrun(assets, data, run, 6, 2, nnodes=1, nproc=2, extra=[f"--resume={ckpt}"])
     full, resumed = _losses(tmp_path / "full"), _losses(run)
     assert [x.hex() for x in resumed] == [x.hex() for x in full]  # bit-identical, steps 1-6
@@ -157,6 +173,32 @@ def test_fsdp2_sharded_resume(tiny_assets, data, tmp_path):
     b = torch.load(run / "final.pt", weights_only=True)
     for k in a:
         assert torch.equal(a[k], b[k]), k
+
+
+@pytest.mark.slow
+def test_fsdp2_resume_refuses_a_damaged_shard(tiny_assets, data, stopped, tmp_path):
+    """2 ranks: a sharded checkpoint with a flipped byte in rank 1's shard, or without rank 0's
+    shard, stops the resume on both ranks with the folder's manifest error naming the file."""
+    assets = Path(tiny_assets["llm"]).parent
+    ckpt = stopped / "ckpt" / "epoch=0-step=3.ckpt"
+    flipped, missing = tmp_path / "flipped.ckpt", tmp_path / "missing.ckpt"
+    shutil.copytree(ckpt, flipped)
+    shard = flipped / "__1_0.distcp"
+    raw = bytearray(shard.read_bytes())
+    raw[len(raw) // 2] ^= 0x01
+    shard.write_bytes(bytes(raw))
+    shutil.copytree(ckpt, missing)
+    (missing / "__0_0.distcp").unlink()
+    for folder, expected in (
+        (flipped, "CheckpointIntegrityError: checkpoint {}: file '__1_0.distcp' differs"),
+        (missing, "CheckpointError: checkpoint {}: file '__0_0.distcp' is missing"),
+    ):
+        out = tmp_path / f"resume-{folder.stem}"
+        log = _torchrun(
+            assets, data, out, 6, 2, nnodes=1, nproc=2, extra=[f"--resume={folder}"], ok=False
+        )
+        assert log.count(expected.format(folder)) >= 2, log[-4000:]  # both ranks stop
+        assert not (out / "losses.txt").exists()  # no step was taken
 
 
 @pytest.mark.slow

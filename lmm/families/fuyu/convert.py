@@ -16,7 +16,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
-from safetensors.torch import save_file
 from transformers import (
     AutoConfig,
     AutoModelForCausalLM,
@@ -30,6 +29,7 @@ from transformers.models.fuyu.image_processing_pil_fuyu import FuyuImageProcesso
 from lmm.data.tokenization import checkpoint_tokenizer
 from lmm.families.fuyu.model import IMAGE_TOKEN, NEWLINE_TOKEN
 from lmm.families.registry import component, import_recipe
+from lmm.training.checkpoint import save_safetensors
 from lmm.utils.logging import get_logger
 
 log = get_logger(__name__)
@@ -74,7 +74,7 @@ def import_checkpoint(
     patch_embedding = {
         k: v.contiguous() for k, v in hf.model.vision_embed_tokens.state_dict().items()
     }
-    save_file(patch_embedding, out / "patch_embedding.safetensors")
+    save_safetensors(patch_embedding, out / "patch_embedding.safetensors")
     tok.save_pretrained(out / "tokenizer")
     recipe = out / "lmm.yaml"
     mantis = all(t in vocab for t in MANTIS_PREFIX + MANTIS_SUFFIX)

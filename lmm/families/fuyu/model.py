@@ -20,7 +20,6 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image
-from safetensors.torch import load_file
 from torch import Tensor, nn
 from torch.distributed.device_mesh import DeviceMesh
 
@@ -31,6 +30,7 @@ from lmm.data.batch import Batch
 from lmm.data.media import normalize
 from lmm.data.processor import MediaMode, MediaSpec
 from lmm.families.model import FamilyModel, joins_collectives, with_unused
+from lmm.training.checkpoint import load_safetensors
 from lmm.training.strategies import FSDP2Config, apply_fsdp2
 
 IMAGE_TOKEN = "|SPEAKER|"  # Fuyu's placeholder of a patch (its config's image_token_id)
@@ -173,7 +173,7 @@ class FuyuModel(FamilyModel):
 
     def load_patch_embedding(self, path: str | Path) -> None:
         """Load `weight` and `bias` from a safetensors file into the patch embedding, strictly."""
-        state = load_file(str(path))
+        state = load_safetensors(path)  # hashes checked when lmm wrote it
         expected = {k: tuple(v.shape) for k, v in self.vision.state_dict().items()}
         got = {k: tuple(v.shape) for k, v in state.items()}
         if got != expected:

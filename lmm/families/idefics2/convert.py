@@ -16,7 +16,6 @@ from pathlib import Path
 
 import torch
 from huggingface_hub import save_torch_state_dict
-from safetensors.torch import save_file
 from torch import Tensor, nn
 from transformers import (
     AutoModelForCausalLM,
@@ -36,6 +35,7 @@ from lmm.families.idefics2.model import (
     _read_json,
 )
 from lmm.families.registry import component, import_recipe
+from lmm.training.checkpoint import save_safetensors
 from lmm.utils.logging import get_logger
 
 log = get_logger(__name__)
@@ -82,11 +82,7 @@ def import_checkpoint(
     config.save_pretrained(vision_dir)
     tensors = {VISION_PREFIX + k: v for k, v in vision.items()}
     tensors |= {CONNECTOR_PREFIX + k: v for k, v in connector.items()}
-    save_file(
-        {k: v.contiguous() for k, v in tensors.items()},
-        vision_dir / "model.safetensors",
-        metadata={"format": "pt"},
-    )
+    save_safetensors(tensors, vision_dir / "model.safetensors")  # checked by checkpoint_tensors
     (vision_dir / "preprocessor_config.json").write_text(json.dumps(pre, indent=2) + "\n")
     llm_dir.mkdir(parents=True, exist_ok=True)
     text_config.save_pretrained(llm_dir)

@@ -14,7 +14,6 @@ from pathlib import Path
 from typing import Literal, get_args
 
 import torch
-from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 from transformers import (
     AutoModelForCausalLM,
@@ -28,6 +27,7 @@ from lmm.families.llava import layouts
 from lmm.families.llava.export import export_hf as export_hf  # the family's exporter
 from lmm.families.llava.layouts import Source
 from lmm.families.registry import component, import_recipe
+from lmm.training.checkpoint import load_safetensors, save_safetensors
 from lmm.utils.logging import get_logger
 
 log = get_logger(__name__)
@@ -62,7 +62,7 @@ def _load_files(files: Sequence[Path]) -> dict[str, Tensor]:
     state: dict[str, Tensor] = {}
     for file in files:
         if file.suffix == ".safetensors":
-            state.update(load_file(file))
+            state.update(load_safetensors(file))  # a bad file: CheckpointError naming it
         else:
             state.update(_torch_load(file))
     return state
@@ -113,7 +113,7 @@ def import_checkpoint(
     layouts.check_keys(conn, source.connector, f"{src} connector")
     weights = {f"model.connector.{k}": v for k, v in source.connector.items()}
     weights.update({f"model.anyres.{k}": v for k, v in source.extra.items()})
-    save_file({k: v.contiguous() for k, v in weights.items()}, out / "weights.safetensors")
+    save_safetensors(weights, out / "weights.safetensors")  # with hashes, checked by init_from
     tok = checkpoint_tokenizer(tokenizer or src)
     image_id = tok.convert_tokens_to_ids(IMAGE_MARKER)
     if source.image_token_index is not None and image_id != source.image_token_index:

@@ -14,7 +14,6 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from safetensors.torch import save_file
 from torch import Tensor
 from transformers import (
     AutoConfig,
@@ -39,6 +38,7 @@ from lmm.families.qformer.lavis import (
     vision_to_hf,
 )
 from lmm.families.registry import component, import_recipe
+from lmm.training.checkpoint import save_safetensors
 from lmm.utils.logging import get_logger
 
 log = get_logger(__name__)
@@ -135,13 +135,13 @@ def import_checkpoint(
     tensors = {f"vision_model.{k}": v for k, v in vision.items()}
     tensors |= {f"qformer.{k}": v.float() for k, v in qformer.items()}
     tensors["query_tokens"] = queries.float()
-    save_file({k: v.contiguous() for k, v in tensors.items()}, blip2_dir / "model.safetensors")
+    save_safetensors(tensors, blip2_dir / "model.safetensors")  # checked by checkpoint_tensors
     (blip2_dir / "preprocessor_config.json").write_text(
         json.dumps(
             {"image_mean": list(CLIP_MEAN), "image_std": list(CLIP_STD), "size": vcfg.image_size}
         )
     )
-    save_file(cheetah, out / "cheetah.safetensors")
+    save_safetensors(cheetah, out / "cheetah.safetensors")  # checked by init_from
 
     vdtype = dtype or str(vision["embeddings.patch_embedding.weight"].dtype).removeprefix("torch.")
     ldtype = dtype or _config_dtype(text_config)

@@ -15,13 +15,13 @@ import json
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
 from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
 
 from lmm.data.tokenization import checkpoint_tokenizer
 from lmm.families.qwen2_5_vl.media import VISION_END, VISION_START
 from lmm.families.qwen2_5_vl.model import IMAGE_PAD, Qwen25VLModel
 from lmm.families.registry import component, import_recipe
+from lmm.training.checkpoint import save_safetensors
 from lmm.utils.logging import get_logger
 
 log = get_logger(__name__)
@@ -46,7 +46,7 @@ def import_checkpoint(
     write_processor_configs(model, out)
     tok.save_pretrained(out / "tokenizer")
     state = {f"model.{k}": v for k, v in _unshared(model.state_dict()).items()}
-    save_file({k: v.contiguous() for k, v in state.items()}, out / WEIGHTS, {"format": "pt"})
+    save_safetensors(state, out / WEIGHTS)  # with hashes, checked by init_from
     recipe = out / "lmm.yaml"
     recipe.write_text(_recipe(where, out, _dtype_name(where)))
     log.info("imported %s (transformers Qwen2.5-VL) into %s", where, out)
