@@ -174,6 +174,22 @@ def _readable_file(path: Path) -> os.stat_result:
     return stat
 
 
+def _stored_hashes(text: str, key: str, what: str) -> dict:
+    """The `key` mapping of a JSON hash record (`{"algorithm": ..., key: {...}}`), or a
+    `CheckpointIntegrityError` saying `what` is unreadable."""
+    try:
+        stored = json.loads(text)
+        entries = stored[key]
+        if stored["algorithm"] == _ALGORITHM and isinstance(entries, dict):
+            return entries
+    except (ValueError, KeyError, TypeError):
+        pass
+    raise CheckpointIntegrityError(
+        f"{what} is unreadable (expected JSON with algorithm {_ALGORITHM!r}); the file was "
+        "damaged after it was written: copy it again or use an earlier checkpoint"
+    )
+
+
 def load_checkpoint_file(path: str | Path, verify: bool = True, mmap: bool = False) -> dict:
     """`torch.load(path, weights_only=True)`, or safetensors (`load_safetensors`, as
     `{"state_dict": tensors}`), with its hashes checked (`verify`); a bad file raises
@@ -266,17 +282,9 @@ def load_safetensors(
     if HASHES not in metadata:
         log.debug("%s has no %s (not written by lmm): loaded without checking", path, HASHES)
         return tensors
-    try:
-        stored = json.loads(metadata[HASHES])
-        expected: dict = stored["entries"]
-        ok = stored["algorithm"] == _ALGORITHM and isinstance(expected, dict)
-    except (ValueError, KeyError, TypeError):
-        ok = False
-    if not ok:
-        raise CheckpointIntegrityError(
-            f"checkpoint {path}: {HASHES} in the safetensors header is unreadable (expected "
-            f"JSON with algorithm {_ALGORITHM!r}); {_FIX_WRITTEN}"
-        )
+    expected = _stored_hashes(
+        metadata[HASHES], "entries", f"checkpoint {path}: {HASHES} in the safetensors header"
+    )
     wanted = [k for k in expected if select is None or select(k)]
     differ = [k for k in names if k in expected and _digest(tensors[k]) != expected[k]]
     missing = [k for k in wanted if k not in tensors]
@@ -358,17 +366,7 @@ def verify_manifest(folder: str | Path) -> None:
         log.info("sharded checkpoint %s has no %s: its files cannot be verified", folder, MANIFEST)
         _verified.add(_folder_key(folder))  # said once, not at every check of the same load
         return
-    try:
-        stored = json.loads(manifest.read_text())
-        files: dict = stored["files"]
-        ok = stored["algorithm"] == _ALGORITHM and isinstance(files, dict)
-    except (ValueError, KeyError, TypeError):
-        ok = False
-    if not ok:
-        raise CheckpointIntegrityError(
-            f"checkpoint {folder}: {MANIFEST} is unreadable (expected JSON with algorithm "
-            f"{_ALGORITHM!r}); {_FIX}"
-        )
+    files = _stored_hashes(manifest.read_text(), "files", f"checkpoint {folder}: {MANIFEST}")
     missing, resized, differ = [], [], []
     for name, entry in files.items():
         file = folder / name
