@@ -12,6 +12,7 @@ import lightning as L
 from lightning.pytorch.cli import LightningCLI
 
 from lmm.components.pretrained import empty_init
+from lmm.families.hf import import_transformers
 from lmm.training.module import LMMModule
 from lmm.utils.logging import get_logger
 
@@ -37,6 +38,9 @@ class LMMCLI(LightningCLI):
         """Build the recipe's objects; with `model.init_args.fsdp.meta_init`, the model's
         parameters on the meta device on every rank but 0 (`empty_init`)."""
         config = self.config.get(self.subcommand) if self.subcommand else self.config
+        source = config and config.get("model.init_args.init_from_transformers")
+        if source:  # imported with real tensors, before any meta-device build (one rank imports)
+            import_transformers(source)
         with empty_init(bool(config and config.get("model.init_args.fsdp.meta_init"))):
             super().instantiate_classes()
 

@@ -50,6 +50,7 @@ from lmm.convert import main as convert_main
 from lmm.data.templates import build_template
 from lmm.families.llava import LlavaModel
 from lmm.families.llava.export import export_onevision
+from lmm.families.qwen2_5_vl import Qwen25VLModel
 from lmm.families.registry import ExportError
 from lmm.generation.decode import cut_at_stop
 from lmm.tiny import build_vision
@@ -61,6 +62,7 @@ from tests.builders import (
     build_tiny_idefics2,
     build_tiny_llava_hf,
     build_tiny_onevision_hf,
+    build_tiny_qwen2_5_vl,
     fuyu_hf_inputs,
 )
 from tests.helpers import cpu_fit_args
@@ -489,3 +491,17 @@ def test_recipe_init_from_transformers_trains(built, synthetic_data, tmp_path):
         LMMModule(model=module.model, init_from_transformers=str(folder))
     with pytest.raises(ValueError, match="LMMModule needs model.init_args.model"):
         LMMModule(tokenizer=str(folder))
+
+
+def test_load_qwen2_5_vl_folder(tiny_assets, tmp_path):
+    """The fifth class read directly: a Qwen2.5-VL folder (no chat template) loads as the
+    qwen2_5_vl family with its importer's template, and answers."""
+    folder = build_tiny_qwen2_5_vl(tmp_path / "hf", tiny_assets["tokenizer"])
+    model = lmm.load(folder)
+    assert isinstance(model.module.model, Qwen25VLModel)
+    assert type(model.template).__name__ == "ChatML"
+    image = tmp_path / "image.png"
+    Image.fromarray(np.full((56, 56, 3), 200, dtype=np.uint8)).save(image)
+    assert isinstance(
+        model.generate([{"role": "user", "content": QUESTION}], [image], max_new_tokens=2), str
+    )

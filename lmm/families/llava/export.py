@@ -49,6 +49,13 @@ def export_llava(module: LMMModule, out: str | Path) -> Path:
     model = module.model
     vision, connector, llm = model.vision, model.connector, model.llm.model
     _check_exportable(module, "LlavaForConditionalGeneration")
+    if model.multi_image_aspect not in (None, model.image_aspect):
+        log.warning(
+            "LlavaProcessor has one image transform: images of multi-image prompts get "
+            "image_aspect %r in transformers, not the model's multi_image_aspect %r",
+            model.image_aspect,
+            model.multi_image_aspect,
+        )
     text_config = copy.deepcopy(llm.config)
     text_config.vocab_size = llm.get_input_embeddings().num_embeddings
     tied = bool(getattr(text_config, "tie_word_embeddings", False))
