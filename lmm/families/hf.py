@@ -22,6 +22,7 @@ from pathlib import Path
 
 import torch
 import yaml
+from jsonargparse import ArgumentParser
 from torch import Tensor, nn
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 from transformers.models.auto.modeling_auto import (
@@ -31,6 +32,7 @@ from transformers.models.auto.modeling_auto import (
 from transformers.utils import cached_file
 
 from lmm.data.templates import match_chat_template
+from lmm.families.model import FamilyModel
 from lmm.families.registry import ExportError, Family, Layout, transformers_classes
 from lmm.utils.logging import get_logger
 
@@ -107,11 +109,6 @@ def transformers_class(folder: Path) -> tuple[str, Family, Layout]:
         f"{', '.join(known)}. Fix: give a folder of one of them, or import another published "
         "layout with `lmm convert import --layout ...` (`lmm convert --help` lists them)"
     )
-
-
-def is_transformers_folder(path: Path) -> bool:
-    """A transformers model folder (config.json), not an lmm import (lmm.yaml)."""
-    return (path / "config.json").is_file() and not (path / "lmm.yaml").is_file()
 
 
 # --- processor settings and chat template -----------------------------------------------------
@@ -252,10 +249,6 @@ def import_transformers(source: str | Path) -> Path:
 def build_from_transformers(source: str | Path):
     """(family model, tokenizer folder, weights for `init_from` or None) of a transformers
     folder or hub id: the `model:` of its cached import (`import_transformers`)."""
-    from jsonargparse import ArgumentParser
-
-    from lmm.families.model import FamilyModel
-
     recipe = import_transformers(source)
     args = yaml.safe_load(recipe.read_text())["model"]["init_args"]
     parser = ArgumentParser(exit_on_error=False)
