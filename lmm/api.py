@@ -27,6 +27,7 @@ from lmm.data.processor import Processor
 from lmm.data.sample import IMAGE_MARKER, Media, Part, Sample, Turn, VideoRef
 from lmm.data.templates import ChatTemplate, build_template
 from lmm.evaluation.runner import Task
+from lmm.families.hf import import_transformers
 from lmm.generation.decode import cut_at_stop
 from lmm.training.module import LMMModule
 from lmm.training.recipe import build_module, load_weights
@@ -268,12 +269,17 @@ def load(
     overrides: Mapping[str, Any] | None = None,
     device: str | torch.device = "cpu",
 ) -> LMM:
-    """Load a model: a lmm `.ckpt` (+ its recipe), a recipe alone, or a `lmm convert` folder.
+    """Load a model: a lmm `.ckpt` (+ its recipe), a recipe alone, a `lmm convert` folder, or a
+    transformers folder or hub id.
 
     Args:
         checkpoint_or_recipe: a Lightning checkpoint of `lmm fit` (`.ckpt` or `.safetensors`), a
-            recipe YAML (weights from the paths it names), or a folder written by
-            `lmm convert import` (with `lmm.yaml`).
+            recipe YAML (weights from the paths it names), a folder written by
+            `lmm convert import` (with `lmm.yaml`), or a transformers folder or hub id of
+            LlavaForConditionalGeneration, LlavaOnevisionForConditionalGeneration,
+            Idefics2ForConditionalGeneration, FuyuForCausalLM or
+            Qwen2_5_VLForConditionalGeneration (imported once into a cache; the chat template
+            is the lmm template whose prompt equals the folder's, see docs/convert.md).
         recipe: the recipe the checkpoint was trained with (default: the `config.yaml` that
             `lmm fit` saved in the run folder above the checkpoint).
         template: the chat template (class, class path or instance; default: the recipe's
@@ -284,12 +290,13 @@ def load(
     """
     path = Path(checkpoint_or_recipe)
     checkpoint: Path | None = None
-    if path.is_dir():  # an import: its lmm.yaml builds the model with every imported weight
-        if not (path / "lmm.yaml").is_file():
-            raise ValueError(
-                f"{path} is a folder without lmm.yaml; loading a transformers folder is not "
-                "supported yet: import it with `lmm convert import` first"
-            )
+    lmm_file = path.suffix in (".ckpt", ".safetensors", ".yaml", ".yml")
+    if (not path.exists() and not lmm_file) or (
+        path.is_dir() and not (path / "lmm.yaml").is_file()
+    ):
+        # a transformers folder or hub id: its cached import (errors name what it is)
+        path = import_transformers(checkpoint_or_recipe)
+    elif path.is_dir():  # an import: its lmm.yaml builds the model with every imported weight
         path = path / "lmm.yaml"
     if not path.is_file():
         raise FileNotFoundError(f"no checkpoint or recipe at {path}")

@@ -159,7 +159,11 @@ def _save_history(readline, path: Path) -> None:
 def main(argv: list[str] | None = None, stdin: TextIO | None = None, stdout: TextIO | None = None):
     """`lmm chat MODEL`: chat with a checkpoint (+ recipe), a recipe or a `lmm convert` folder."""
     parser = argparse.ArgumentParser(prog="lmm chat", description=__doc__.split("\n")[0])
-    parser.add_argument("model", help="a .ckpt of `lmm fit`, a recipe YAML or an imported folder")
+    parser.add_argument(
+        "model",
+        help="a .ckpt of `lmm fit`, a recipe YAML, an imported folder, or a transformers folder "
+        "or hub id (Llava, LLaVA-OneVision, Idefics2, Fuyu, Qwen2.5-VL)",
+    )
     parser.add_argument("--recipe", help="the checkpoint's recipe (default: its run's config.yaml)")
     parser.add_argument("--template", help="chat template class path (default: the recipe's)")
     parser.add_argument("--system", help="system prompt")

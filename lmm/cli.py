@@ -17,6 +17,7 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from transformers.utils import logging as hf_logging
 
 from lmm.components.pretrained import empty_init
+from lmm.families.hf import import_transformers
 from lmm.training.module import LMMModule
 from lmm.utils import errors
 from lmm.utils.logging import get_logger
@@ -77,6 +78,9 @@ class LMMCLI(LightningCLI):
         """Build the recipe's objects; with `model.init_args.fsdp.meta_init`, the model's
         parameters on the meta device on every rank but 0 (`empty_init`)."""
         config = self.config.get(self.subcommand) if self.subcommand else self.config
+        source = config and config.get("model.init_args.init_from_transformers")
+        if source:  # imported with real tensors, before any meta-device build (one rank imports)
+            import_transformers(source)
         with empty_init(bool(config and config.get("model.init_args.fsdp.meta_init"))):
             try:
                 super().instantiate_classes()

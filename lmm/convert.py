@@ -1,18 +1,22 @@
 """`lmm convert`: published checkpoints in, transformers folders out.
 
-Each family declares its import layouts and export target once (`lmm.families.registry`); its
+Each family declares its import layouts and export targets once (`lmm.families.registry`); its
 `convert` module does the work. An import writes lmm's layout and a recipe, `lmm.yaml`, that
-builds the model with every imported weight: `lmm.load(out)` and `--config out/lmm.yaml` read it.
+builds the model with every imported weight and names the data template that matches the
+source's chat template: `lmm.load(out)` and `--config out/lmm.yaml` read it. Transformers
+folders of the classes `lmm.load` takes directly need no import (`lmm.families.hf`).
 """
 
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
 import yaml
 
-from lmm.families.registry import Family, family_of_model, layouts
+from lmm.families.hf import add_template, resolve, transformers_class
+from lmm.families.registry import ExportError, Family, family_of_model, layouts
 
 
 def import_checkpoint(layout: str, src: str | Path, out: str | Path, **options) -> Path:
@@ -24,14 +28,21 @@ def import_checkpoint(layout: str, src: str | Path, out: str | Path, **options) 
     known = layouts()
     if layout not in known:
         raise ValueError(f"unknown layout {layout!r}; known: {', '.join(known)}")
-    return known[layout].import_checkpoint(layout, src, out, **options)
+    family = known[layout]
+    recipe = family.import_checkpoint(layout, src, out, **options)
+    add_template(recipe, src, next(lay for lay in family.layouts if lay.name == layout))
+    return recipe
 
 
 def family_of(recipe: str | Path) -> Family:
-    """The family of a recipe's model (`model.init_args.model.class_path`)."""
+    """The family of a recipe's model (`model.init_args.model.class_path`, or the class of its
+    `init_from_transformers` folder)."""
     config = yaml.safe_load(Path(recipe).read_text()) or {}
     module = config.get("model") or {}
-    model = (module.get("init_args") or {}).get("model") or {}
+    args = module.get("init_args") or {}
+    if args.get("init_from_transformers"):
+        return transformers_class(resolve(args["init_from_transformers"]))[1]
+    model = args.get("model") or {}
     class_path = str(model.get("class_path", "") if isinstance(model, dict) else "")
     try:
         return family_of_model(class_path)
@@ -56,7 +67,7 @@ def export(recipe: str | Path, out: str | Path, ckpt: str | Path | None = None) 
     from lmm.training.recipe import build_module, load_weights
 
     family = family_of(recipe)
-    if family.exports_to is None:
+    if not family.exports_to:
         family.export(None, out)  # names the families that export
     module = build_module(yaml.safe_load(Path(recipe).read_text()), str(recipe))
     if ckpt is not None:
@@ -96,6 +107,10 @@ def main(argv: list[str] | None = None) -> Path:
     exp.add_argument("--out", required=True, type=Path)
     args = parser.parse_args(argv)
     if args.command == "export":
-        return export(args.config, args.out, args.ckpt)
+        try:
+            return export(args.config, args.out, args.ckpt)
+        except ExportError as err:  # a setting transformers cannot express: the user's to change
+            sys.stderr.write(f"lmm convert export: {err}\n")
+            raise SystemExit(2) from None
     given = {k: getattr(args, k) for k in options}
     return import_checkpoint(args.layout, args.src, args.out, **given)

@@ -1,4 +1,4 @@
-"""Hermetic test setup: offline, a private HF cache, 2 threads; tiny assets built once per session."""
+"""Hermetic test setup: offline, private HF and lmm caches, 2 threads; tiny assets built once per session."""
 
 from __future__ import annotations
 
@@ -24,6 +24,7 @@ def _hf_home(tmp_path_factory):
     home = tmp_path_factory.mktemp("hf_home")
     os.environ["HF_HOME"] = str(home)
     os.environ["HF_DATASETS_CACHE"] = str(home / "datasets")
+    os.environ["LMM_CACHE"] = str(home / "lmm")  # imports of transformers folders
     yield
 
 

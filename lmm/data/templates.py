@@ -18,13 +18,14 @@ from lmm.data.chat_template import (
     render_text,
     trainable_text,
 )
-from lmm.data.sample import Media, Turn
+from lmm.data.sample import IMAGE_MARKER, Media, Turn
 
 __all__ = [
     "ChatML",
     "ChatTemplate",
     "CheetahLlama2",
     "CheetahVicuna",
+    "Fuyu",
     "Gemma",
     "Idefics2",
     "Llama2",
@@ -39,6 +40,7 @@ __all__ = [
     "Segment",
     "VicunaV1",
     "build_template",
+    "match_chat_template",
     "render_text",
     "trainable_text",
 ]
@@ -376,6 +378,19 @@ class Raw(ChatTemplate):
     system_format = ""
 
 
+class Fuyu(Raw):
+    """Fuyu-8B's prompt, as transformers' `FuyuProcessor` writes it; trainable: `{a}|ENDOFTEXT|`.
+
+    The question as written, then `<0x04>` (Fuyu's beginning-of-answer token), then the answer.
+    Images come first, each as its patch rows and `<s>` (`FuyuModel` with Fuyu-8B's image text):
+    write `<image>` before the question. Fuyu-8B is no chat model: later rounds repeat the form.
+    """
+
+    special_tokens = ("<0x04>", "|ENDOFTEXT|")
+    user_suffix = "<0x04>"
+    assistant_end = "|ENDOFTEXT|"
+
+
 MFUYU_SYSTEM = (
     "You are a helpful language and vision assistant. You are able to understand the visual "
     "content that the user provides, and assist the user with a variety of tasks using natural "
@@ -437,3 +452,74 @@ def build_template(template: ChatTemplate | str | Mapping | type) -> ChatTemplat
     parser.add_subclass_arguments(ChatTemplate, "template", required=True)
     parsed = parser.parse_object({"template": template})
     return parser.instantiate_classes(parsed).template
+
+
+# --- recognising a transformers chat template ---------------------------------------------
+
+# lmm templates a transformers chat template is compared with (`match_chat_template`), in order
+KNOWN_FORMATS: tuple[str | dict, ...] = (
+    "lmm.data.templates.Llama3",
+    "lmm.data.templates.Qwen25",
+    "lmm.data.templates.ChatML",
+    {"class_path": "lmm.data.templates.ChatML", "init_args": {"system": ""}},
+    {"class_path": "lmm.data.templates.VicunaV1", "init_args": {"system": ""}},
+    "lmm.data.templates.VicunaV1",
+    "lmm.data.templates.Idefics2",
+    "lmm.data.templates.Gemma",
+    "lmm.data.templates.Llama2",
+    "lmm.data.templates.Phi",
+)
+_PROBE = " What is in the picture?"  # a leading space: no template or processor adds one
+
+
+def match_chat_template(
+    chat_template: str,
+    bos_token: str | None = None,
+    adds_bos: bool = False,
+    eos_token: str | None = None,
+) -> dict | None:
+    """The lmm template (`{class_path, init_args}`) whose generation prompt equals a transformers
+    chat template's (Jinja, as `apply_chat_template` renders it), or None.
+
+    The probe is one user turn, an image then a question, in both content forms transformers
+    templates take (a list of parts, a string with `<image>`); each of `KNOWN_FORMATS` renders
+    it with its image followed by `\\n` or not. The bos is left out of the comparison: the
+    template's `bos` is `bos_token` when the chat template writes it or the tokenizer adds it
+    when encoding (`adds_bos`), else none, so the ids equal the transformers processor's.
+    """
+    from transformers.utils.chat_template_utils import render_jinja_template
+
+    rendered: set[str] = set()
+    bos = bos_token or ""
+    written_bos = False
+    contents: list = [[{"type": "image"}, {"type": "text", "text": _PROBE}]]
+    contents += [f"{IMAGE_MARKER}\n{_PROBE}", f"{IMAGE_MARKER}{_PROBE}"]
+    for content in contents:
+        messages = [{"role": "user", "content": content}]
+        try:
+            (text,), _ = render_jinja_template(
+                [messages],
+                chat_template=chat_template,
+                add_generation_prompt=True,
+                bos_token=bos,
+                eos_token=eos_token or "",
+            )
+        except Exception:  # noqa: BLE001 - a template that refuses the probe matches nothing
+            continue
+        if "{'type'" in text:  # a text-only template printed the parts list
+            continue
+        if bos and text.startswith(bos):
+            text, written_bos = text[len(bos) :], True
+        rendered.add(text)
+    for spec in KNOWN_FORMATS:
+        spec = {"class_path": spec} if isinstance(spec, str) else spec
+        args = dict(spec.get("init_args", {}))
+        template = build_template(
+            {"class_path": spec["class_path"], "init_args": args | {"bos": ""}}
+        )
+        for parts in ([Media(0), "\n", _PROBE], [Media(0), _PROBE]):
+            prompt = render_text(template.render([Turn("user", parts)], add_generation_prompt=True))
+            if prompt in rendered:
+                args["bos"] = bos if (written_bos or adds_bos) else ""
+                return {"class_path": spec["class_path"], "init_args": args}
+    return None

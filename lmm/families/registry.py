@@ -4,7 +4,11 @@
 A family `lmm/families/<name>/` declares in its `__init__.py`:
 
     FAMILY = Family(name, model="lmm.families.<name>.<Model>", layouts=(Layout(...), ...),
-                    exports_to="<transformers class>" or None)
+                    exports_to=("<transformers class>", ...))
+
+A layout that reads transformers folders as `save_pretrained` writes them names their classes
+(`Layout.transformers`): `lmm.load` and `init_from_transformers` take such folders directly
+(`lmm.families.hf`).
 
 and its `convert.py` holds `import_checkpoint(src, out, **options)` (plus `layout=` when it reads
 several layouts), writing lmm's layout and a recipe (`lmm.yaml`) that builds the model with
@@ -24,6 +28,11 @@ import yaml
 FAMILIES = ("llava", "qformer", "idefics2", "fuyu", "qwen2_5_vl")  # every family package, by name
 
 
+class ExportError(ValueError):
+    """An lmm setting the target transformers class cannot express (`lmm convert export` exits 2
+    with this one-line message)."""
+
+
 @dataclass(frozen=True, eq=False)
 class Layout:
     """A published checkpoint layout a family imports (`lmm convert import --layout NAME`)."""
@@ -32,6 +41,12 @@ class Layout:
     source: str  # what it is, for the CLI's help
     template: str  # the data template its models were trained with (a hint in lmm.yaml)
     options: dict[str, str] = field(default_factory=lambda: {"tokenizer": TOKENIZER})
+    # transformers classes (config.json `architectures`) whose folders this layout reads as
+    # they are: `lmm.load(folder)` and `init_from_transformers` take them with no convert step
+    transformers: tuple[str, ...] = ()
+    # the chat template of an import whose source has no chat template lmm recognises
+    # (class path, or {class_path, init_args}); None: the importer's own, else none
+    default_template: str | dict | None = None
 
 
 TOKENIZER = "tokenizer folder (default: the source's)"
@@ -44,7 +59,7 @@ class Family:
     name: str
     model: str  # dotted path of its FamilyModel class
     layouts: tuple[Layout, ...] = ()
-    exports_to: str | None = None  # the transformers class `lmm convert export` writes
+    exports_to: tuple[str, ...] = ()  # the transformers classes `lmm convert export` writes
 
     def convert(self) -> ModuleType:
         return importlib.import_module(f"lmm.families.{self.name}.convert")
@@ -62,11 +77,12 @@ class Family:
         return self.convert().import_checkpoint(src, out, **options)
 
     def export(self, module, out: str | Path) -> Path:
-        if self.exports_to is None:
-            exporting = " and ".join(f.name for f in families() if f.exports_to)
-            raise ValueError(
+        if not self.exports_to:
+            names = [f.name for f in families() if f.exports_to]
+            exporting = ", ".join(names[:-1]) + f" and {names[-1]}"
+            raise ExportError(
                 f"export to transformers exists for the {exporting} families, not {self.name}; "
-                "save its weights with the Lightning checkpoint instead"
+                "keep its weights in the Lightning checkpoint"
             )
         return self.convert().export_hf(module.eval(), out)
 
@@ -85,6 +101,11 @@ def families() -> list[Family]:
 def layouts() -> dict[str, Family]:
     """Every import layout and the family that reads it."""
     return {lay.name: f for f in families() for lay in f.layouts}
+
+
+def transformers_classes() -> dict[str, tuple[Family, Layout]]:
+    """Every transformers class whose folders lmm reads directly, with its family and layout."""
+    return {cls: (f, lay) for f in families() for lay in f.layouts for cls in lay.transformers}
 
 
 def family_of_model(class_path: str) -> Family:

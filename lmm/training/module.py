@@ -87,8 +87,8 @@ class LMMModule(L.LightningModule):
 
     def __init__(
         self,
-        model: FamilyModel,
-        tokenizer: str,
+        model: FamilyModel | None = None,
+        tokenizer: str | None = None,
         objective: Objective | None = None,
         image_token: str | None = None,
         optimizer: OptimizerCallable = torch.optim.AdamW,
@@ -101,12 +101,15 @@ class LMMModule(L.LightningModule):
         init_from: str | None = None,
         init_include: list[str] | None = None,
         lora: LoraConfig | None = None,
+        init_from_transformers: str | None = None,
     ):
         """
         Args:
-            model: the family model (e.g. `lmm.families.llava.LlavaModel`).
+            model: the family model (e.g. `lmm.families.llava.LlavaModel`); unset with
+                `init_from_transformers`.
             tokenizer: folder or hub id of the tokenizer; the image token, the family's special
-                tokens and a pad token are added if missing (the LLM's embeddings grow).
+                tokens and a pad token are added if missing (the LLM's embeddings grow); unset
+                with `init_from_transformers`.
             objective: what to train for: `LanguageModel` (default, next-token loss, generated
                 answers) or `Scores` (a score head, VideoScore).
             image_token: the placeholder token that media features replace (default: the
@@ -123,8 +126,30 @@ class LMMModule(L.LightningModule):
             init_include: regexes of the weight names taken from `init_from` (default: all),
                 e.g. `["model\\.connector\\..*"]` for stage 2 to take the stage-1 connector.
             lora: LoRA / DoRA / QLoRA adapters on the LLM (docs/lora.md); None trains weights.
+            init_from_transformers: a transformers folder or hub id (LlavaForConditionalGeneration,
+                LlavaOnevisionForConditionalGeneration, Idefics2ForConditionalGeneration,
+                FuyuForCausalLM, Qwen2_5_VLForConditionalGeneration): the model, its weights,
+                tokenizer and image settings come from it (imported once into a cache,
+                docs/convert.md); `init_from` then loads on top of it.
         """
         super().__init__()
+        transformers_weights = None
+        if init_from_transformers is not None:
+            if model is not None or tokenizer is not None:
+                raise ValueError(
+                    f"init_from_transformers ({init_from_transformers}) builds the model and the "
+                    "tokenizer from that folder; the recipe also sets model.init_args."
+                    f"{'model' if model is not None else 'tokenizer'}. Fix: remove it (or "
+                    "init_from_transformers)"
+                )
+            from lmm.families.hf import build_from_transformers
+
+            model, tokenizer, transformers_weights = build_from_transformers(init_from_transformers)
+        elif model is None or tokenizer is None:
+            raise ValueError(
+                f"LMMModule needs model.init_args.{'model' if model is None else 'tokenizer'}. "
+                "Fix: set model and tokenizer, or init_from_transformers (a transformers folder)"
+            )
         self.model = model
         self.image_token = image_token or model.default_image_token
         self.tokenizer = load_tokenizer(tokenizer, self.image_token)
@@ -144,6 +169,8 @@ class LMMModule(L.LightningModule):
         self.lora = lora
         self.predictions: list[dict] = []
         self._sharded = False
+        if transformers_weights and reads_weights():  # what is not in transformers folders
+            init_from_checkpoint(self, transformers_weights, [".*"])
         if init_from and reads_weights():  # (meta: rank 0's values come after sharding)
             init_from_checkpoint(self, init_from, list(init_include or [".*"]))
         self.apply_freeze()

@@ -20,10 +20,13 @@ from lmm.data.templates import (
     Qwen25,
     Segment,
     VicunaV1,
+    build_template,
+    match_chat_template,
     render_text,
     trainable_text,
 )
 from lmm.data.tokenization import SegmentTokenizer
+from tests.builders import IDEFICS2_CHAT_TEMPLATE, LLAVA_CHAT_TEMPLATE, ONEVISION_CHAT_TEMPLATE
 from tests.data.real_tokenizers import (
     add_special_tokens,
     build_llama3_tokenizer,
@@ -391,3 +394,46 @@ def test_media_in_system_turn_is_an_error() -> None:
     turns = [Turn("system", [Media(0)]), *TWO_ROUNDS]
     with pytest.raises(ValueError, match="system turn holds media"):
         ChatML().render(turns)
+
+
+# transformers chat templates as published (Llama-3-8B-Instruct, Qwen2.5-Instruct), besides the
+# llava-hf / idefics2 ones of tests/builders.py
+LLAMA3_JINJA = (
+    "{% set loop_messages = messages %}{% for message in loop_messages %}"
+    "{% set content = '<|start_header_id|>' + message['role'] + '<|end_header_id|>\\n\\n'"
+    "+ message['content'] | trim + '<|eot_id|>' %}{% if loop.index0 == 0 %}"
+    "{% set content = bos_token + content %}{% endif %}{{ content }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\\n\\n' }}"
+    "{% endif %}"
+)
+QWEN25_JINJA = (
+    "{%- for message in messages %}{%- if loop.first and message.role != 'system' %}"
+    "{{- '<|im_start|>system\\nYou are Qwen, created by Alibaba Cloud. You are a helpful "
+    "assistant.<|im_end|>\\n' }}{%- endif %}{{- '<|im_start|>' + message.role + '\\n' + "
+    "message.content + '<|im_end|>' + '\\n' }}{%- endfor %}{%- if add_generation_prompt %}"
+    "{{- '<|im_start|>assistant\\n' }}{%- endif %}"
+)
+
+
+@pytest.mark.parametrize(
+    ("jinja", "bos", "adds_bos", "expected"),
+    [
+        (LLAVA_CHAT_TEMPLATE, "<s>", True, ("VicunaV1", {"system": "", "bos": "<s>"})),
+        (LLAVA_CHAT_TEMPLATE, "<s>", False, ("VicunaV1", {"system": "", "bos": ""})),
+        (ONEVISION_CHAT_TEMPLATE, None, False, ("ChatML", {"system": "", "bos": ""})),
+        (IDEFICS2_CHAT_TEMPLATE, "<s>", True, ("Idefics2", {"bos": "<s>"})),
+        (LLAMA3_JINJA, "<|begin_of_text|>", False, ("Llama3", {"bos": "<|begin_of_text|>"})),
+        (QWEN25_JINJA, None, False, ("Qwen25", {"bos": ""})),
+        ("{% for m in messages %}<<{{ m['role'] }}>>{% endfor %}", "<s>", True, None),
+    ],
+    ids=["llava15", "llava15-no-bos", "onevision", "idefics2", "llama3", "qwen25", "unknown"],
+)
+def test_match_chat_template(jinja, bos, adds_bos, expected):
+    """A transformers chat template is recognised as the lmm template with its generation prompt."""
+    found = match_chat_template(jinja, bos, adds_bos, "</s>")
+    if expected is None:
+        assert found is None
+        return
+    name, args = expected
+    assert found == {"class_path": f"lmm.data.templates.{name}", "init_args": args}
+    assert build_template(found).bos == args["bos"]  # a template lmm builds

@@ -13,7 +13,7 @@ import torch
 import yaml
 from PIL import Image
 from safetensors.torch import load_file
-from transformers import AutoTokenizer, FuyuConfig, FuyuForCausalLM, FuyuProcessor
+from transformers import AutoTokenizer, FuyuForCausalLM, FuyuProcessor
 from transformers.models.fuyu.image_processing_pil_fuyu import FuyuImageProcessorPil
 
 from lmm.convert import load_imported
@@ -24,10 +24,17 @@ from lmm.data.templates import MantisFuyu, render_text, trainable_text
 from lmm.families.fuyu import FuyuImageTransform, FuyuMediaSpec
 from lmm.families.fuyu.convert import export_hf, import_checkpoint
 from lmm.families.fuyu.model import IMAGE_TOKEN, NEWLINE_TOKEN
+from tests.builders import (
+    FUYU_CANVAS,
+    FUYU_PATCH,
+    build_fuyu_tokenizer,
+    build_tiny_fuyu,
+    fuyu_hf_inputs,
+    fuyu_image_processor,
+)
 from tests.helpers import cpu_fit_args
 
-CANVAS = (24, 32)  # (height, width) images are fitted into and padded to
-PATCH = 4
+CANVAS, PATCH = FUYU_CANVAS, FUYU_PATCH  # (height, width) images are fitted into; patch side
 # (height, width): shrunk to 19x32 (5 rows of 8, the last row half padding), kept as is
 # (4 rows of 6, partial patches), shrunk to 24x12 (a tall image)
 SIZES = [(30, 50), (13, 21), (40, 20)]
@@ -37,53 +44,14 @@ RECIPES = Path(__file__).resolve().parents[2] / "recipes"
 @pytest.fixture(scope="module")
 def fuyu_tokenizer(tiny_assets, tmp_path_factory) -> Path:
     """The tiny tokenizer with Fuyu's `|SPEAKER|` and `|NEWLINE|` (Mantis's tokens left out)."""
-    tok = AutoTokenizer.from_pretrained(tiny_assets["tokenizer"])
-    tok.add_special_tokens(
-        {"extra_special_tokens": [IMAGE_TOKEN, NEWLINE_TOKEN]}, replace_extra_special_tokens=False
-    )
-    out = tmp_path_factory.mktemp("fuyu_tokenizer")
-    tok.save_pretrained(out)
-    return out
-
-
-def image_processor() -> FuyuImageProcessorPil:
-    return FuyuImageProcessorPil(
-        size={"height": CANVAS[0], "width": CANVAS[1]},
-        patch_size={"height": PATCH, "width": PATCH},
-    )
-
-
-def write_fuyu(out: Path, tokenizer: Path, seed: int = 0) -> FuyuForCausalLM:
-    """A tiny transformers Fuyu (2-layer Persimmon, width 32, 4-px patches) saved as published."""
-    tok = AutoTokenizer.from_pretrained(tokenizer)
-    text = dict(
-        model_type="persimmon",
-        vocab_size=len(tok),
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        max_position_embeddings=512,
-        bos_token_id=tok.bos_token_id,
-        eos_token_id=tok.eos_token_id,
-        pad_token_id=tok.pad_token_id,
-    )
-    config = FuyuConfig(
-        text_config=text, patch_size=PATCH, image_token_id=tok.convert_tokens_to_ids(IMAGE_TOKEN)
-    )
-    torch.manual_seed(seed)
-    hf = FuyuForCausalLM(config).eval()
-    hf.save_pretrained(out)
-    tok.save_pretrained(out)
-    image_processor().save_pretrained(out)
-    return hf
+    return build_fuyu_tokenizer(tiny_assets["tokenizer"], tmp_path_factory.mktemp("fuyu_tok"))
 
 
 @pytest.fixture(scope="module")
 def fuyu(fuyu_tokenizer, tmp_path_factory):
     """(transformers model, its lmm import folder, the LMMModule built from that folder)."""
     root = tmp_path_factory.mktemp("fuyu")
-    hf = write_fuyu(root / "hf", fuyu_tokenizer)
+    hf = build_tiny_fuyu(root / "hf", fuyu_tokenizer)
     import_checkpoint(root / "hf", root / "lmm")
     return hf, root / "lmm", load_imported(root / "lmm").eval()
 
@@ -98,24 +66,6 @@ def images(tmp_path_factory) -> list[Path]:
         Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(path)
         paths.append(path)
     return paths
-
-
-def hf_image_inputs(paths: list[Path]) -> tuple[torch.Tensor, list[torch.Tensor]]:
-    """transformers' padded canvases `[N, 3, H, W]` and each image's patches, as FuyuProcessor
-    builds them (`_process_images`: crop to the patches covering the unpadded image, patchify).
-
-    FuyuProcessor itself needs torchvision here (its PIL path hands torch tensors to a numpy
-    patchify), so its steps are taken one by one with the PIL image processor.
-    """
-    ip = image_processor()
-    out = ip([Image.open(p).convert("RGB") for p in paths])
-    canvases, patches = [], []
-    for i, (canvas,) in enumerate(out["images"]):
-        new_h = min(CANVAS[0], math.ceil(out["image_unpadded_heights"][i][0] / PATCH) * PATCH)
-        new_w = min(CANVAS[1], math.ceil(out["image_unpadded_widths"][i][0] / PATCH) * PATCH)
-        canvases.append(torch.from_numpy(canvas))
-        patches.append(torch.from_numpy(ip.patchify_image(canvas[:, :new_h, :new_w])))
-    return torch.stack(canvases), patches
 
 
 def _samples(images: list[Path]) -> list[Sample]:
@@ -148,7 +98,7 @@ def test_fuyu_against_hf(fuyu, images):
         list(s) for s in SIZES
     ]
 
-    canvases, patches = hf_image_inputs(images)
+    canvases, patches = fuyu_hf_inputs(images)
     assert torch.equal(batch.pixel_values, canvases)  # lmm's pixels are the image processor's
     slots = (batch.input_ids == hf.config.image_token_id).sum(1).tolist()
     assert slots == [40, 24 + 18] == [len(patches[0]), len(patches[1]) + len(patches[2])]
@@ -179,7 +129,7 @@ def test_fuyu_against_hf(fuyu, images):
 @pytest.mark.parametrize("size", [(30, 50), (13, 21), (40, 20), (24, 32), (5, 7), (100, 33)])
 def test_image_text_and_pixels_match_fuyu_processor(size, fuyu_tokenizer):
     tok = AutoTokenizer.from_pretrained(fuyu_tokenizer)
-    ip = image_processor()
+    ip = fuyu_image_processor()
     fuyu_processor = FuyuProcessor(image_processor=ip, tokenizer=tok)
     spec = FuyuMediaSpec(FuyuImageTransform(*CANVAS), PATCH)  # Fuyu's: patches, then <s>
     h, w = size
@@ -237,7 +187,7 @@ def test_fuyu_generates_as_hf(fuyu, images):
             for row, token in zip(step.rows, step.tokens, strict=True):
                 if token is not None:
                     ours[row].append(token)
-        _, patches = hf_image_inputs(images)
+        _, patches = fuyu_hf_inputs(images)
         per_sample = [patches[0], torch.cat(patches[1:])]
         for prompt, pixels, answer in zip(prompts, per_sample, ours, strict=True):
             ids = prompt.input_ids[None]
@@ -252,7 +202,7 @@ def test_fuyu_generates_as_hf(fuyu, images):
 
 
 def test_import_fuyu(fuyu_tokenizer, images, tiny_assets, tmp_path):
-    hf = write_fuyu(tmp_path / "hf", fuyu_tokenizer, seed=1)
+    hf = build_tiny_fuyu(tmp_path / "hf", fuyu_tokenizer, seed=1)
     keys = load_file(tmp_path / "hf" / "model.safetensors").keys()
     assert {k.split(".")[0] for k in keys} == {"language_model", "vision_embed_tokens"}
 
@@ -270,7 +220,7 @@ def test_import_fuyu(fuyu_tokenizer, images, tiny_assets, tmp_path):
     processor = Processor(module.tokenizer, MantisFuyu(), module.media_spec(), 512, IMAGE_TOKEN)
     sample = _samples(images)[0]
     batch = PadCollator(module.tokenizer.pad_token_id)([processor(sample)])
-    _, patches = hf_image_inputs(images[:1])
+    _, patches = fuyu_hf_inputs(images[:1])
     with torch.no_grad():
         ours = module(batch)
         theirs = hf(input_ids=batch.input_ids, pixel_values=patches[0][None]).logits
@@ -306,7 +256,7 @@ def test_export_fuyu_roundtrip(fuyu, images, tmp_path):
     assert FuyuImageProcessorPil.from_pretrained(out).size["width"] == CANVAS[1]
     processor = Processor(module.tokenizer, MantisFuyu(), module.media_spec(), 512, IMAGE_TOKEN)
     batch = PadCollator(module.tokenizer.pad_token_id)([processor(s) for s in _samples(images)])
-    _, patches = hf_image_inputs(images)
+    _, patches = fuyu_hf_inputs(images)
     with torch.no_grad():
         ours = module(batch)
         theirs = hf(
@@ -344,7 +294,7 @@ def test_video_frames_are_patched_frame_by_frame(fuyu, images):
     for i, frame in enumerate(frames):
         paths.append(Path(images[0]).with_name(f"frame{i}.png"))
         frame.save(paths[-1])
-    _, expected = hf_image_inputs(paths)
+    _, expected = fuyu_hf_inputs(paths)
     assert per_row == [80] and torch.equal(patches, torch.cat(expected))
     with torch.no_grad():
         assert module(batch).shape == (1, len(tokens), len(module.tokenizer))

@@ -38,21 +38,12 @@ from lmm.families.idefics2.convert import import_checkpoint
 from lmm.families.idefics2.model import view_sizes
 from lmm.training.lora import trainable_counts
 from lmm.training.module import LMMModule
-from tests.builders import build_tiny_idefics2
+from tests.builders import IDEFICS2_CHAT_TEMPLATE, build_tiny_idefics2
 from tests.data.real_tokenizers import add_special_tokens, build_mistral_tokenizer
 from tests.helpers import cpu_fit_args
 
 RECIPES = Path(__file__).resolve().parents[2] / "recipes"
 SHORTEST, LONGEST, LATENTS = 16, 32, 4  # the tiny checkpoint's image sizes and perceiver
-# The chat template of HuggingFaceM4/idefics2-8b's processor (transformers' SmolVLM template
-# without its `<|im_start|>`).
-HF_CHAT_TEMPLATE = (
-    "{% for message in messages %}{{message['role'].capitalize()}}"
-    "{% if message['content'][0]['type'] == 'image' %}{{':'}}{% else %}{{': '}}{% endif %}"
-    "{% for line in message['content'] %}{% if line['type'] == 'text' %}{{line['text']}}"
-    "{% elif line['type'] == 'image' %}{{ '<image>' }}{% endif %}{% endfor %}"
-    "<end_of_utterance>\n{% endfor %}{% if add_generation_prompt %}{{ 'Assistant:' }}{% endif %}"
-)
 SIZES = {"square": (32, 32), "wide": (24, 40), "tall": (40, 20), "small": (9, 17), "odd": (50, 33)}
 
 
@@ -255,7 +246,7 @@ def _messages(turns: list[Turn]) -> list[dict]:
 
 
 def _hf_ids(hf_processor, turns: list[Turn], sample: Sample, prompt: bool) -> list[int]:
-    text = "<s>" + jinja2.Template(HF_CHAT_TEMPLATE).render(
+    text = "<s>" + jinja2.Template(IDEFICS2_CHAT_TEMPLATE).render(
         messages=_messages(turns), add_generation_prompt=prompt
     )
     imgs = [Image.open(p).convert("RGB") for p in sample.images]

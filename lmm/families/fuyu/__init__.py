@@ -6,8 +6,15 @@ from lmm.families.registry import Family, Layout
 FAMILY = Family(
     "fuyu",
     model="lmm.families.fuyu.FuyuModel",
-    layouts=(Layout("fuyu", "transformers Fuyu (Mantis-Fuyu)", "lmm.data.templates.MantisFuyu"),),
-    exports_to="FuyuForCausalLM",
+    layouts=(
+        Layout(
+            "fuyu",
+            "transformers Fuyu (Mantis-Fuyu)",
+            "lmm.data.templates.MantisFuyu",
+            transformers=("FuyuForCausalLM",),
+        ),
+    ),
+    exports_to=("FuyuForCausalLM",),
 )
 
 __all__ = ["FAMILY", "FuyuImageTransform", "FuyuMediaSpec", "FuyuModel"]

@@ -11,7 +11,6 @@ the whole model from those files. Export writes a folder `FuyuForCausalLM.from_p
 from __future__ import annotations
 
 import copy
-import json
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -28,7 +27,8 @@ from transformers.models.fuyu.image_processing_pil_fuyu import FuyuImageProcesso
 
 from lmm.data.tokenization import checkpoint_tokenizer
 from lmm.families.fuyu.model import IMAGE_TOKEN, NEWLINE_TOKEN
-from lmm.families.registry import component, import_recipe
+from lmm.families.hf import processor_configs
+from lmm.families.registry import ExportError, component, import_recipe
 from lmm.training.checkpoint import save_safetensors
 from lmm.utils.logging import get_logger
 
@@ -105,8 +105,9 @@ def export_hf(module: LMMModule, out: str | Path) -> Path:
     from lmm.training.lora import has_lora
 
     if has_lora(module):
-        raise ValueError(
-            "the module has LoRA adapters; merge them first (lmm.training.lora.merge_lora)"
+        raise ExportError(
+            "cannot export to FuyuForCausalLM: LoRA adapters; merge them first "
+            "(lmm.training.lora.merge_lora)"
         )
     out = Path(out)
     model = module.model
@@ -157,21 +158,20 @@ def _tokenizer(path: str | Path) -> PreTrainedTokenizerBase:
 
 def _image_geometry(src: Path, config: FuyuConfig) -> tuple[tuple[int, int], int]:
     """((height, width) of the canvas, patch size): the preprocessor config's, rounded up as Mantis."""
-    file = src / "preprocessor_config.json"
+    pre, _ = processor_configs(src)
     patch = int(config.patch_size)
     canvas = DEFAULT_CANVAS
-    if file.is_file():
-        pre = json.loads(file.read_text())
+    if pre:
         size, patch_size = pre.get("size") or {}, pre.get("patch_size") or {}
         if patch_size and (patch_size.get("height"), patch_size.get("width")) != (patch, patch):
             raise ValueError(
-                f"{file}: patch_size {patch_size} but config.json has patch_size {patch}; "
-                "lmm's Fuyu uses square patches of the model's size"
+                f"{src}: the image processor's patch_size {patch_size} but config.json has "
+                f"patch_size {patch}; lmm's Fuyu uses square patches of the model's size"
             )
         if size:
             canvas = (int(size["height"]), int(size["width"]))
     else:
-        log.info("%s: no preprocessor_config.json; canvas %dx%d", src, *canvas)
+        log.info("%s: no image processor config; canvas %dx%d", src, *canvas)
     rounded = tuple(-(-side // patch) * patch for side in canvas)
     if rounded != canvas:
         log.info(
@@ -210,4 +210,5 @@ def _recipe(
         "Every weight loads from the files named here.",
         *text,
     ]
-    return import_recipe(header, model, str((out / "tokenizer").resolve()))
+    template = "lmm.data.templates.MantisFuyu" if mantis else "lmm.data.templates.Fuyu"
+    return import_recipe(header, model, str((out / "tokenizer").resolve()), template)

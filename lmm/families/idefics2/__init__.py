@@ -16,8 +16,11 @@ FAMILY = Family(
             "idefics2",
             "transformers Idefics2 (Mantis-Idefics2)",
             "lmm.data.templates.MantisIdefics2",
+            transformers=("Idefics2ForConditionalGeneration",),
+            default_template="lmm.data.templates.Idefics2",
         ),
     ),
+    exports_to=("Idefics2ForConditionalGeneration",),
 )
 
 __all__ = ["FAMILY", "Idefics2MediaSpec", "Idefics2Model", "Idefics2Vision", "PerceiverConnector"]

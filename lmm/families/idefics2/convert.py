@@ -1,11 +1,12 @@
-"""Idefics2 checkpoints: import a transformers Idefics2 folder (Mantis-8B-Idefics2, idefics2-8b) into lmm.
+"""Idefics2 checkpoints: import a transformers Idefics2 folder (Mantis-8B-Idefics2, idefics2-8b) into
+lmm, export an lmm Idefics2 model back to one.
 
 The vision tower and the connector load from transformers' own layout (`Idefics2Vision` and
 `PerceiverConnector` read `model.vision_model.*` / `model.connector.*` of an Idefics2
 checkpoint), so import copies them unchanged; the LLM becomes a plain causal LM folder
 (`model.text_model.*` → `model.*`, `lm_head.*`) that `CausalLM` (and QLoRA's quantized loading)
-can read. `build_tiny_checkpoint` writes a tiny random Idefics2 in the published layout, for
-tests and the CPU recipe.
+can read. `export_hf` writes an `Idefics2ForConditionalGeneration` folder with its processor
+files.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from torch import Tensor, nn
 from transformers import (
     AutoModelForCausalLM,
     Idefics2Config,
+    Idefics2ForConditionalGeneration,
 )
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 from transformers.models.idefics2 import modeling_idefics2 as hf
@@ -27,14 +29,14 @@ from transformers.models.idefics2 import modeling_idefics2 as hf
 from lmm.components.qformer import checkpoint_tensors
 from lmm.data.sample import IMAGE_MARKER
 from lmm.data.tokenization import checkpoint_tokenizer
+from lmm.families.hf import export_vocab, load_parts, processor_configs
 from lmm.families.idefics2.model import (
     FAKE_IMAGE_TOKEN,
     IDEFICS2_MEAN,
     IDEFICS2_STD,
     _idefics2_config,
-    _read_json,
 )
-from lmm.families.registry import component, import_recipe
+from lmm.families.registry import ExportError, component, import_recipe
 from lmm.training.checkpoint import save_safetensors
 from lmm.utils.logging import get_logger
 
@@ -145,14 +147,13 @@ def _tokenizer(name: str | Path, config: Idefics2Config):
 
 def _preprocessor(where: str, config: Idefics2Config) -> dict:
     """The checkpoint's image preprocessing (transformers' defaults where it has none), checked."""
-    pre = _read_json(where, "preprocessor_config.json") or {}
+    pre, processor = processor_configs(where)
     size = pre.get("size") or {"shortest_edge": 378, "longest_edge": 980}
     if "shortest_edge" not in size or "longest_edge" not in size or not pre.get("do_resize", True):
         raise ValueError(
             f"{where}: preprocessor size {size} (do_resize {pre.get('do_resize', True)}); lmm "
             "resizes Idefics2 images by shortest_edge / longest_edge only"
         )
-    processor = _read_json(where, "processor_config.json") or {}
     seq_len = processor.get("image_seq_len", config.perceiver_config.resampler_n_latents)
     if seq_len != config.perceiver_config.resampler_n_latents:
         raise ValueError(
@@ -197,3 +198,82 @@ def _recipe(src: str, out: Path, pre: dict, vision_dtype: str, llm_dtype: str) -
         f"Data template that matches the source: {TEMPLATE}.",
     ]
     return import_recipe(header, model, str((out / "tokenizer").resolve()))
+
+
+# --- export ---------------------------------------------------------------------------------------
+
+
+def export_hf(module, out: str | Path) -> Path:
+    """Write `module` (an `Idefics2Model`) as a transformers `Idefics2ForConditionalGeneration`
+    folder: the model, its tokenizer, `preprocessor_config.json` (the model's view sizes,
+    splitting, mean and std) and `processor_config.json` (`image_seq_len`).
+
+    transformers' `Idefics2Processor` writes `<fake_token_around_image>` and needs
+    `<end_of_utterance>`; a tokenizer without the latter gets it (`export_vocab`).
+    """
+    from transformers.models.idefics2.image_processing_pil_idefics2 import (
+        Idefics2ImageProcessorPil,  # the PIL one: no torchvision needed to write it
+    )
+
+    from lmm.training.lora import has_lora
+
+    target = "Idefics2ForConditionalGeneration"
+    model = module.model
+    vision, connector, llm = model.vision, model.connector, model.llm.model
+    if has_lora(module):
+        raise ExportError(
+            f"cannot export to {target}: LoRA adapters; merge them first "
+            "(lmm.training.lora.merge_lora)"
+        )
+    if model.fake_image_token != FAKE_IMAGE_TOKEN:
+        raise ExportError(
+            f"cannot export to {target}: fake_image_token {model.fake_image_token!r}; its "
+            f"processor writes {FAKE_IMAGE_TOKEN!r} around every view"
+        )
+    config = copy.deepcopy(connector.config)
+    built = config.text_config
+    text_config = copy.deepcopy(llm.config)
+    for size in ("hidden_size", "intermediate_size"):  # the modality projection's widths
+        if getattr(text_config, size) != getattr(built, size):
+            raise ExportError(
+                f"cannot export to {target}: the LLM's {size} {getattr(text_config, size)} but "
+                f"the connector was built for {getattr(built, size)}; transformers sizes both "
+                "from one text_config"
+            )
+    eos = module.tokenizer.eos_token or module.tokenizer.pad_token
+    tok, rows, vocab = export_vocab(module.tokenizer, llm, {END_OF_UTTERANCE: eos})
+    text_config.vocab_size = vocab
+    tied = bool(getattr(text_config, "tie_word_embeddings", False))
+    config.text_config = text_config
+    config.vision_config = copy.deepcopy(vision.model.config)
+    config.image_token_id = module.image_token_id
+    config.tie_word_embeddings = tied
+    config.architectures = [target]
+    with torch.device("meta"):
+        hf = Idefics2ForConditionalGeneration(config)
+    base = getattr(llm, llm.base_model_prefix)
+    embed = next(f"{n}.weight" for n, m in base.named_modules() if m is base.get_input_embeddings())
+    load_parts(
+        hf,
+        {
+            "model.vision_model": vision.model,
+            "model.connector": connector.model,
+            "model.text_model": {**base.state_dict(), embed: rows["embed"]},
+            "lm_head": {"weight": rows["head"]},
+        },
+    )
+    if tied:
+        hf.tie_weights()
+    out = Path(out)
+    hf.save_pretrained(out)
+    tok.save_pretrained(out)
+    Idefics2ImageProcessorPil(
+        do_image_splitting=model.do_image_splitting,
+        size={"shortest_edge": model.shortest_edge, "longest_edge": model.longest_edge},
+        image_mean=list(vision.image_mean),
+        image_std=list(vision.image_std),
+    ).save_pretrained(out)
+    processor = {"processor_class": "Idefics2Processor", "image_seq_len": connector.num_latents}
+    (out / "processor_config.json").write_text(json.dumps(processor, indent=2) + "\n")
+    log.info("exported the Idefics2 model to %s (transformers %s)", out, target)
+    return out

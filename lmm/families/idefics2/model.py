@@ -16,9 +16,7 @@ LLM tokens, written between `<fake_token_around_image>` tokens (`Idefics2MediaSp
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -27,7 +25,6 @@ from torch import Tensor, nn
 from transformers import AutoConfig
 from transformers.initialization import no_init_weights
 from transformers.models.idefics2 import modeling_idefics2 as hf
-from transformers.utils import cached_file
 
 from lmm.components.attention import resolve_attention
 from lmm.components.language import CausalLM, _dtype
@@ -38,6 +35,7 @@ from lmm.components.vision import VisionEncoder
 from lmm.data.batch import Batch
 from lmm.data.media import ImageTransform
 from lmm.data.processor import MediaMode, MediaSpec
+from lmm.families.hf import processor_configs
 from lmm.families.model import FamilyModel, joins_collectives, with_unused
 
 IDEFICS2 = "idefics2"  # model_type of a whole transformers Idefics2 checkpoint
@@ -79,12 +77,6 @@ def view_sizes(
         resized_size(bottom - top, right - left, shortest, longest)
         for top, left, bottom, right in split_boxes(height, width, split)
     ]
-
-
-def _read_json(path: str, name: str) -> dict | None:
-    """A JSON file of a folder or hub id, or None if it has none."""
-    file = cached_file(path, name, _raise_exceptions_for_missing_entries=False)
-    return json.loads(Path(file).read_text()) if file else None
 
 
 def _attention(attn_implementation: str) -> str:
@@ -151,7 +143,7 @@ class Idefics2Vision(VisionEncoder):
         self.out_dim = vcfg.hidden_size
         self.image_size = vcfg.image_size  # the position grid, reached by any view size
         self.patch_size = vcfg.patch_size
-        pre = _read_json(path, "preprocessor_config.json") or {}
+        pre, _ = processor_configs(path)
         self.image_mean = tuple(pre.get("image_mean", IDEFICS2_MEAN))
         self.image_std = tuple(pre.get("image_std", IDEFICS2_STD))
 
@@ -190,6 +182,7 @@ class PerceiverConnector(nn.Module):
         super().__init__()
         config = _idefics2_config(path)
         config.perceiver_config._attn_implementation = _attention(attn_implementation)
+        self.config = config  # the checkpoint's Idefics2 config (export writes it back)
         with no_init_weights():
             self.model = hf.Idefics2Connector(config)
         _load_tensors(self.model, path, "model.connector.")

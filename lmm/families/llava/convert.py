@@ -1,4 +1,5 @@
-"""LLaVA checkpoint conversion: import Mantis / LLaVA-NeXT (`llava_qwen`) / Mipha, export to transformers.
+"""LLaVA checkpoint conversion: import transformers Llava (Mantis) and OneVision folders, LLaVA-NeXT
+(`llava_qwen`) and Mipha; export to transformers (Llava, or OneVision with anyres).
 
 Import writes lmm's layout (`vision/`, `llm/`, `tokenizer/` folders, `weights.safetensors`
 with the connector and OneVision's newline, `lmm.yaml`); export writes a folder `transformers.LlavaForConditionalGeneration` and
@@ -23,6 +24,7 @@ from lmm.components.connectors import LinearConnector, MLPConnector
 from lmm.components.vision import CLIP_MEAN, CLIP_STD, SIGLIP_MEAN, SIGLIP_STD
 from lmm.data.sample import IMAGE_MARKER
 from lmm.data.tokenization import checkpoint_tokenizer
+from lmm.families.hf import processor_configs
 from lmm.families.llava import layouts
 from lmm.families.llava.export import export_hf as export_hf  # the family's exporter
 from lmm.families.llava.layouts import Source
@@ -32,7 +34,7 @@ from lmm.utils.logging import get_logger
 
 log = get_logger(__name__)
 
-Layout = Literal["mantis", "llava_qwen", "mipha"]
+Layout = Literal["mantis", "onevision", "llava_qwen", "mipha"]
 LAYOUTS: tuple[str, ...] = get_args(Layout)
 
 
@@ -102,6 +104,7 @@ def import_checkpoint(
     state = {k: v for k, v in load_state_dict(src).items() if not k.endswith(_RECOMPUTED)}
     readers: dict[str, Callable[..., Source]] = {
         "mantis": layouts.read_mantis,
+        "onevision": layouts.read_onevision,
         "llava_qwen": layouts.read_llava_qwen,
         "mipha": layouts.read_mipha,
     }
@@ -148,10 +151,8 @@ def _write_vision(source: Source, src: Path, out: Path) -> Path:
     config = config_cls(**{k: v for k, v in fields.items() if k in known and k != "model_type"})
     _load_and_save(model_cls, config, source.vision, out, where)
     mean, std = (CLIP_MEAN, CLIP_STD) if kind == "clip" else (SIGLIP_MEAN, SIGLIP_STD)
-    preprocessor = src / "preprocessor_config.json"
-    if preprocessor.is_file():
-        pre = layouts.read_json(preprocessor)
-        mean, std = pre.get("image_mean", mean), pre.get("image_std", std)
+    pre, _ = processor_configs(src)
+    mean, std = pre.get("image_mean", mean), pre.get("image_std", std)
     # HFVisionTower reads the normalization from here
     (out / "preprocessor_config.json").write_text(
         json.dumps({"image_mean": list(mean), "image_std": list(std), "size": config.image_size})

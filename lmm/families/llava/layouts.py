@@ -1,5 +1,6 @@
-"""Reading the published LLaVA layouts (Mantis, LLaVA-NeXT / OneVision as MAmmoTH-VL, Mipha):
-checkpoint files, key layouts, tower and LLM configs → a `Source` that `convert` writes."""
+"""Reading the published LLaVA layouts (Mantis / transformers Llava, transformers OneVision,
+LLaVA-NeXT / OneVision as MAmmoTH-VL, Mipha): checkpoint files, key layouts, tower and LLM
+configs → a `Source` that `convert` writes."""
 
 from __future__ import annotations
 
@@ -22,11 +23,12 @@ from transformers import (
     SiglipVisionModel,
 )
 
+from lmm.families.hf import processor_configs
 from lmm.utils.logging import get_logger
 
 log = get_logger(__name__)
 
-Layout = Literal["mantis", "llava_qwen", "mipha"]
+Layout = Literal["mantis", "onevision", "llava_qwen", "mipha"]
 LAYOUTS: tuple[str, ...] = get_args(Layout)
 
 VISION_CLASSES = {
@@ -163,6 +165,18 @@ SPLIT_RULES: dict[str, list[tuple[str, str, str]]] = {
         ("language_model.lm_head.", "llm", "lm_head."),
         ("lm_head.", "llm", "lm_head."),
     ],
+    "onevision": [
+        ("model.vision_tower.", "vision", ""),  # transformers ≥ 4.52 writes these
+        ("model.multi_modal_projector.", "connector", ""),
+        ("model.image_newline", "extra", "image_newline"),
+        ("model.language_model.", "llm", "model."),
+        ("vision_tower.", "vision", ""),  # the llava-hf layout (save_pretrained's, too)
+        ("multi_modal_projector.", "connector", ""),
+        ("image_newline", "extra", "image_newline"),
+        ("language_model.model.", "llm", "model."),
+        ("language_model.lm_head.", "llm", "lm_head."),
+        ("lm_head.", "llm", "lm_head."),
+    ],
     "llava_qwen": [
         ("model.vision_tower.vision_tower.", "vision", ""),
         ("model.mm_projector.", "connector", ""),
@@ -228,7 +242,54 @@ def read_mantis(src: Path, config: dict, state: dict, vision_config) -> Source:
     where = str(src)
     if config.get("model_type") != "llava":
         raise ValueError(f"{where}: model_type {config.get('model_type')!r}, expected 'llava'")
-    parts = _split(state, SPLIT_RULES["mantis"], where)
+    source = _read_hf_llava(src, config, state, "mantis")
+    pre, _ = processor_configs(src)
+    # no image processor: CLIP's (LLaVA-1.5) resize and centre crop
+    crop = pre.get("do_center_crop", not pre)
+    source.image_aspect = "pad" if pre.get("do_pad") else "crop" if crop else "resize"
+    return source
+
+
+def read_onevision(src: Path, config: dict, state: dict, vision_config) -> Source:
+    """A transformers `LlavaOnevisionForConditionalGeneration` folder: Llava's parts plus the
+    newline, anyres from `image_grid_pinpoints` and `vision_aspect_ratio` (anyres_max_N);
+    videos pooled by 2 with one newline after each, as transformers does."""
+    where = str(src)
+    if config.get("model_type") != "llava_onevision":
+        raise ValueError(
+            f"{where}: model_type {config.get('model_type')!r}, expected 'llava_onevision'"
+        )
+    source = _read_hf_llava(src, config, state, "onevision")
+    if "image_newline" not in source.extra:
+        raise ValueError(f"{where}: the weights have no image_newline; not a OneVision checkpoint")
+    aspect = str(config.get("vision_aspect_ratio", "anyres_max_9"))
+    match = re.fullmatch(r"anyres_max_(\d+)", aspect)
+    if match is None:
+        raise ValueError(
+            f"{where}: vision_aspect_ratio {aspect!r}; transformers' OneVision reads "
+            "anyres_max_<N> only"
+        )
+    pinpoints = config.get("image_grid_pinpoints")
+    if not pinpoints:
+        raise ValueError(f"{where}: config.json has no image_grid_pinpoints")
+    source.model_args = {
+        "anyres": {
+            "class_path": "lmm.components.anyres.Anyres",
+            "init_args": {
+                "grid_pinpoints": [list(p) for p in pinpoints],
+                "max_tiles": int(match.group(1)),
+                "video_stride": 2,  # transformers' apply_pooling
+                "video_newline": "one_token",
+            },
+        }
+    }
+    return source
+
+
+def _read_hf_llava(src: Path, config: dict, state: dict, layout: str) -> Source:
+    """The parts of a transformers Llava or OneVision checkpoint (either key layout)."""
+    where = str(src)
+    parts = _split(state, SPLIT_RULES[layout], where)
     act = config.get("projector_hidden_act", "gelu")
     if act != "gelu":
         raise ValueError(f"{where}: projector_hidden_act {act!r}; MLPConnector uses gelu")
@@ -247,8 +308,6 @@ def read_mantis(src: Path, config: dict, state: dict, vision_config) -> Source:
     tcfg = dict(config["text_config"])
     text = _text_config(tcfg.pop("model_type", "llama"), tcfg)
     depth = len([k for k in parts["connector"] if k.endswith(".weight")])
-    preprocessor = src / "preprocessor_config.json"
-    crop = not preprocessor.is_file() or read_json(preprocessor).get("do_center_crop", True)
     return Source(
         vision=vision,
         connector=parts["connector"],
@@ -259,8 +318,9 @@ def read_mantis(src: Path, config: dict, state: dict, vision_config) -> Source:
         select=config.get("vision_feature_select_strategy", "default"),
         depth=depth,
         text_config=text,
-        image_aspect="crop" if crop else "resize",
+        image_aspect="resize",
         image_token_index=config.get("image_token_index", config.get("image_token_id")),
+        extra=parts.get("extra", {}),
     )
 
 

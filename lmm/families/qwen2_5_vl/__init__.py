@@ -12,9 +12,10 @@ FAMILY = Family(
             "qwen2_5_vl",
             "transformers Qwen2.5-VL (Qwen2_5_VLForConditionalGeneration, both key layouts)",
             "lmm.data.templates.ChatML (Qwen2.5-VL's system prompt)",
+            transformers=("Qwen2_5_VLForConditionalGeneration",),
         ),
     ),
-    exports_to="Qwen2_5_VLForConditionalGeneration",
+    exports_to=("Qwen2_5_VLForConditionalGeneration",),
 )
 
 __all__ = ["FAMILY", "Qwen25VLMediaSpec", "Qwen25VLModel"]
