@@ -23,6 +23,11 @@ class LMMCLI(LightningCLI):
     """LightningCLI in subclass mode: the recipe names the family module and the data module."""
 
     def __init__(self, args: list[str] | None = None, run: bool = True, **kwargs):
+        # Checkpoint files are written atomically and read through `load_checkpoint_file`
+        # (named errors for a truncated or empty `last.ckpt` too); a recipe's own
+        # `trainer.plugins` replaces this.
+        defaults = {"plugins": {"class_path": "lmm.training.checkpoint.AtomicCheckpointIO"}}
+        kwargs["trainer_defaults"] = {**defaults, **kwargs.get("trainer_defaults", {})}
         super().__init__(
             LMMModule,
             L.LightningDataModule,
