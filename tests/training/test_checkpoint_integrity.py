@@ -5,6 +5,7 @@ an imported folder's weights, a LoRA adapter); a non-finite loss stops training.
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import zipfile
 from pathlib import Path
@@ -18,6 +19,7 @@ from safetensors.torch import load_file, save_file
 
 import lmm
 from lmm.cli import main
+from lmm.convert import import_checkpoint as import_layout
 from lmm.convert import load_imported
 from lmm.families.llava.convert import export_hf, import_checkpoint
 from lmm.training.callbacks import NonFiniteLoss
@@ -35,6 +37,7 @@ from lmm.training.lora import (
     load_adapter,
     save_adapter,
 )
+from tests.builders import build_tiny_idefics2
 from tests.evaluation.test_runner import TINY, _model_args
 from tests.helpers import quiet_trainer, tiny_data, tiny_llava
 
@@ -370,6 +373,19 @@ def test_imported_weights_without_hashes_still_load(imported, tmp_path):
     state = module.state_dict()
     assert all(torch.equal(state[k], v) for k, v in tensors.items())
     assert load_checkpoint_file(weights)["state_dict"].keys() == tensors.keys()
+
+
+def test_imported_vision_tensors_damaged(tiny_assets, tmp_path):
+    """Idefics2's import writes `vision/model.safetensors`, read by `checkpoint_tensors` a
+    prefix at a time: each tensor read is checked against its hash."""
+    hf = build_tiny_idefics2(tmp_path / "hf", tiny_assets["tokenizer"])
+    import_layout("idefics2", hf, tmp_path / "out")
+    weights = tmp_path / "out" / "vision" / "model.safetensors"
+    tensor = "model.vision_model.embeddings.patch_embedding.weight"
+    _flip_tensor(weights, tensor)
+    expected = rf"checkpoint {weights}: tensor '{re.escape(tensor)}' differs"
+    with pytest.raises(CheckpointIntegrityError, match=expected):
+        lmm.load(tmp_path / "out", template="lmm.data.templates.Idefics2")
 
 
 @pytest.fixture(scope="module")
