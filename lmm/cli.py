@@ -55,6 +55,11 @@ class LMMCLI(LightningCLI):
         # out), which LightningCLI warns about when sys.argv has arguments too
         warnings.filterwarnings("ignore", message="LightningCLI's args parameter is intended")
         hf_logging.disable_progress_bar()  # "Loading weights" bars of every from_pretrained
+        # Checkpoint files are written atomically and read through `load_checkpoint_file`
+        # (named errors for a truncated or empty `last.ckpt` too); a recipe's own
+        # `trainer.plugins` replaces this.
+        defaults = {"plugins": {"class_path": "lmm.training.checkpoint.AtomicCheckpointIO"}}
+        kwargs["trainer_defaults"] = {**defaults, **kwargs.get("trainer_defaults", {})}
         super().__init__(
             LMMModule,
             L.LightningDataModule,

@@ -425,9 +425,13 @@ def verify_sharded(folder: str | Path, strategy=None) -> None:
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
-    """Lightning checkpoint IO that writes atomically and loads weights-only with clear errors."""
+    """Lightning checkpoint IO that writes atomically and loads weights-only with clear errors
+    (`load_checkpoint_file`); the `lmm` CLI's default. A URL (`s3://`, `https://`) is left to
+    Lightning's `TorchCheckpointIO` (fsspec), its hashes checked by `CheckpointHashes`."""
 
     def save_checkpoint(self, checkpoint: dict, path, storage_options=None) -> None:
+        if "://" in str(path):
+            return super().save_checkpoint(checkpoint, path, storage_options)
         path = Path(path)
         get_filesystem(path).makedirs(str(path.parent), exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
@@ -442,7 +446,10 @@ class AtomicCheckpointIO(TorchCheckpointIO):
                 os.remove(tmp)
 
     def load_checkpoint(self, path, map_location=None, weights_only=None) -> dict:
-        return load_checkpoint_file(path)
+        if "://" in str(path):
+            return super().load_checkpoint(path, map_location, weights_only)
+        # `--ckpt_path` was checked by the CLI a moment ago: read it, do not hash it again
+        return load_checkpoint_file(path, verify=not verified(path))
 
 
 def init_from_checkpoint(

@@ -5,17 +5,21 @@ an imported folder's weights, a LoRA adapter); a non-finite loss stops training.
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import zipfile
 from pathlib import Path
 
+import lightning as L
 import pytest
 import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 import lmm
 from lmm.cli import main
+from lmm.convert import import_checkpoint as import_layout
 from lmm.convert import load_imported
 from lmm.families.llava.convert import export_hf, import_checkpoint
 from lmm.training.callbacks import NonFiniteLoss
@@ -33,6 +37,7 @@ from lmm.training.lora import (
     load_adapter,
     save_adapter,
 )
+from tests.builders import build_tiny_idefics2
 from tests.evaluation.test_runner import TINY, _model_args
 from tests.helpers import quiet_trainer, tiny_data, tiny_llava
 
@@ -180,9 +185,51 @@ def test_ckpt_path_last_with_a_flipped_byte(run, broken, tmp_path):
         main(["validate", *args])
 
 
+@pytest.mark.parametrize("kind", ["truncated", "empty"])
+def test_ckpt_path_last_truncated_or_empty(run, broken, tmp_path, kind):
+    """The CLI's trainer reads checkpoints through `AtomicCheckpointIO` (`load_checkpoint_file`):
+    a cut or empty last.ckpt is lmm's named error too, not torch's."""
+    last, args = _resolved_last(run, broken, tmp_path, kind)
+    with pytest.raises(CheckpointError, match=rf"checkpoint {last}.*{EXPECTED[kind]}"):
+        main(["validate", *args])
+
+
 def test_ckpt_path_last_intact_loads(run, broken, tmp_path):
     last, args = _resolved_last(run, broken, tmp_path, "intact")
     main(["validate", *args])  # resolved to last.ckpt (above: the same path fails when flipped)
+
+
+def test_ckpt_path_last_checked_by_the_callback(tiny_assets, synthetic_data, tmp_path):
+    """A Trainer of lmm's module with Lightning's own checkpoint IO (Python, no CLI): `last`
+    resolves to the ModelCheckpoint's last.ckpt, Lightning loads it, and CheckpointHashes
+    raises the named error for the flipped weight (not swallowed, before any step)."""
+    dirpath = tmp_path / "ckpt"
+
+    def fit(ckpt_path: str | None) -> None:
+        torch.manual_seed(0)
+        module = tiny_llava(tiny_assets)
+        trainer = L.Trainer(
+            accelerator="cpu",
+            max_steps=2,
+            logger=False,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+            limit_val_batches=0,
+            callbacks=[ModelCheckpoint(dirpath, save_last=True)],
+            default_root_dir=tmp_path,
+        )
+        dm = tiny_data(synthetic_data, module, batch_size=2)
+        trainer.fit(module, datamodule=dm, ckpt_path=ckpt_path)
+
+    fit(None)
+    last = dirpath / "last.ckpt"
+    data = last.read_bytes()
+    weight = torch.load(last, weights_only=True)["state_dict"]["model.connector.linear_1.weight"]
+    last.write_bytes(_flip(data, _tensor_offset(data, weight)))
+    with pytest.raises(
+        CheckpointIntegrityError, match=rf"checkpoint {last}: entry {EXPECTED['weight']}"
+    ):
+        fit("last")
 
 
 def test_resume_from_intact_checkpoint_through_the_cli(run):
@@ -326,6 +373,19 @@ def test_imported_weights_without_hashes_still_load(imported, tmp_path):
     state = module.state_dict()
     assert all(torch.equal(state[k], v) for k, v in tensors.items())
     assert load_checkpoint_file(weights)["state_dict"].keys() == tensors.keys()
+
+
+def test_imported_vision_tensors_damaged(tiny_assets, tmp_path):
+    """Idefics2's import writes `vision/model.safetensors`, read by `checkpoint_tensors` a
+    prefix at a time: each tensor read is checked against its hash."""
+    hf = build_tiny_idefics2(tmp_path / "hf", tiny_assets["tokenizer"])
+    import_layout("idefics2", hf, tmp_path / "out")
+    weights = tmp_path / "out" / "vision" / "model.safetensors"
+    tensor = "model.vision_model.embeddings.patch_embedding.weight"
+    _flip_tensor(weights, tensor)
+    expected = rf"checkpoint {weights}: tensor '{re.escape(tensor)}' differs"
+    with pytest.raises(CheckpointIntegrityError, match=expected):
+        lmm.load(tmp_path / "out", template="lmm.data.templates.Idefics2")
 
 
 @pytest.fixture(scope="module")
