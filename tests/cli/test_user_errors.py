@@ -135,3 +135,26 @@ def test_help_lists_every_command():
     assert run.returncode == 0
     for command in ("fit", "validate", "test", "predict", "chat", "report", "data", "convert"):
         assert f"\n  {command} " in run.stdout, run.stdout
+
+
+@pytest.mark.slow
+def test_quickstart_is_quiet(tiny_assets, synthetic_data, tmp_path):
+    """A 3-step `lmm fit` of the quickstart recipe prints no warning (ours or a library's)."""
+    data = [
+        f"--data.init_args.{split}={synthetic_data / f'{split}.json'}"
+        for split in ("train", "val", "test")
+    ]
+    run = _lmm(
+        "fit",
+        f"--config={TINY}",
+        *tiny_llava_args(tiny_assets),
+        *data,
+        f"--trainer.default_root_dir={tmp_path}",
+        f"--trainer.logger.init_args.save_dir={tmp_path}",
+        "--trainer.max_steps=3",
+        cwd=tmp_path,
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+    output = run.stdout + run.stderr
+    noisy = [line for line in output.splitlines() if "warn" in line.lower()]
+    assert not noisy, "\n".join(noisy)
