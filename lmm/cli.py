@@ -40,6 +40,19 @@ class LMMCLI(LightningCLI):
         with empty_init(bool(config and config.get("model.init_args.fsdp.meta_init"))):
             super().instantiate_classes()
 
+    def instantiate_trainer(self, **kwargs) -> L.Trainer:
+        """Lightning's trainer, writing single-file checkpoints atomically (`AtomicCheckpointIO`:
+        a process killed mid-save leaves the previous file) unless the recipe names its own
+        checkpoint IO in `trainer.plugins`."""
+        from lightning.pytorch.plugins.io import TorchCheckpointIO
+
+        from lmm.training.checkpoint import AtomicCheckpointIO
+
+        trainer = super().instantiate_trainer(**kwargs)
+        if type(trainer.strategy.checkpoint_io) is TorchCheckpointIO:
+            trainer.strategy.checkpoint_io = AtomicCheckpointIO()
+        return trainer
+
     def _parse_ckpt_path(self) -> None:
         """Check `--ckpt_path` (readable, hashes intact: `load_checkpoint_file`) before
         Lightning reads it (here, for hyperparameters, and again to restore), so a bad file
@@ -91,7 +104,8 @@ def demo(argv: list[str]) -> dict:
     """`lmm demo`: synthetic data + tiny model → train on the CPU → held-out accuracy.
 
     Writes `OUT/metrics.json` (with `test/accuracy`), `OUT/predictions.jsonl` and
-    `OUT/loss.png`. Unknown arguments are passed to `lmm fit` as overrides.
+    `OUT/loss.png`, beside the run's folder (`OUT/version_N`: `checkpoints/last.ckpt`,
+    `results.json`, `predictions/test.jsonl`). Unknown arguments are passed to `lmm fit`.
     """
     parser = argparse.ArgumentParser(prog="lmm demo", description=demo.__doc__)
     parser.add_argument("--recipe", default="recipes/tiny/llava_synthetic.yaml")
@@ -119,7 +133,9 @@ def demo(argv: list[str]) -> dict:
     ]
     cli = LMMCLI(args=args)
     train_time = time.perf_counter() - start
-    results = cli.trainer.test(cli.model, datamodule=cli.datamodule, verbose=False)[0]
+    # from last.ckpt (the weights just trained): results.json then names the run it came from
+    trainer = cli.trainer
+    results = trainer.test(cli.model, datamodule=cli.datamodule, ckpt_path="last", verbose=False)[0]
     metrics = {k: round(float(v), 4) for k, v in sorted(results.items())}
     metrics["train/steps"] = cli.trainer.global_step
     metrics["train_time_s"] = round(train_time, 1)
@@ -220,7 +236,7 @@ def chat(argv: list[str]) -> int:
 
 
 def report(argv: list[str]) -> str:
-    """`lmm report RESULTS...`: markdown table and radar chart of `lmm test` results."""
+    """`lmm report RUNS...`: markdown table and chart of `lmm test` results."""
     from lmm.evaluation.report import main as report_main
 
     text = report_main(argv)
@@ -241,11 +257,20 @@ TOOLS = {
 
 
 def main(argv: list[str] | None = None) -> None:
+    import signal
+
+    from lightning.pytorch.utilities.exceptions import SIGTERMException
+
     argv = sys.argv[1:] if argv is None else list(argv)
-    if argv and argv[0] in TOOLS:
-        TOOLS[argv[0]](argv[1:])
-        return
-    LMMCLI(args=argv)
+    try:
+        if argv and argv[0] in TOOLS:
+            TOOLS[argv[0]](argv[1:])
+            return
+        LMMCLI(args=argv)
+    except SIGTERMException:
+        # Lightning stops a run on SIGTERM with a bare SystemExit (status 0); a scheduler or a
+        # `lmm fit && lmm test` chain must see that it was stopped (128 + SIGTERM)
+        sys.exit(128 + signal.SIGTERM)
 
 
 if __name__ == "__main__":
