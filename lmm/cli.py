@@ -137,7 +137,7 @@ def demo(argv: list[str]) -> dict:
     trainer = cli.trainer
     results = trainer.test(cli.model, datamodule=cli.datamodule, ckpt_path="last", verbose=False)[0]
     metrics = {k: round(float(v), 4) for k, v in sorted(results.items())}
-    metrics["train/steps"] = cli.trainer.global_step
+    metrics["train/steps"] = trainer.global_step
     metrics["train_time_s"] = round(train_time, 1)
     metrics["wall_time_s"] = round(time.perf_counter() - start, 1)
     out.mkdir(parents=True, exist_ok=True)
@@ -145,7 +145,7 @@ def demo(argv: list[str]) -> dict:
     with (out / "predictions.jsonl").open("w") as f:
         for row in cli.model.predictions:
             f.write(json.dumps(row) + "\n")
-    _plot_loss(Path(cli.trainer.logger.log_dir) / "metrics.csv", out / "loss.png")
+    _plot_loss(Path(trainer.logger.log_dir) / "metrics.csv", out / "loss.png")
     log.info(
         "held-out accuracy %.3f; metrics in %s", metrics["test/accuracy"], out / "metrics.json"
     )
