@@ -158,7 +158,8 @@ def demo(argv: list[str]) -> dict:
     """`lmm demo`: synthetic data + tiny model → train on the CPU → held-out accuracy.
 
     Writes `OUT/metrics.json` (with `test/accuracy`), `OUT/predictions.jsonl` and
-    `OUT/loss.png`. Unknown arguments are passed to `lmm fit` as overrides.
+    `OUT/loss.png`, beside the run's folder (`OUT/version_N`: `checkpoints/last.ckpt`,
+    `results.json`, `predictions/test.jsonl`). Unknown arguments are passed to `lmm fit`.
     """
     parser = argparse.ArgumentParser(prog="lmm demo", description=demo.__doc__)
     parser.add_argument("--recipe", default="recipes/tiny/llava_synthetic.yaml")
@@ -186,9 +187,11 @@ def demo(argv: list[str]) -> dict:
     ]
     cli = LMMCLI(args=args)
     train_time = time.perf_counter() - start
-    results = cli.trainer.test(cli.model, datamodule=cli.datamodule, verbose=False)[0]
+    # from last.ckpt (the weights just trained): results.json then names the run it came from
+    trainer = cli.trainer
+    results = trainer.test(cli.model, datamodule=cli.datamodule, ckpt_path="last", verbose=False)[0]
     metrics = {k: round(float(v), 4) for k, v in sorted(results.items())}
-    metrics["train/steps"] = cli.trainer.global_step
+    metrics["train/steps"] = trainer.global_step
     metrics["train_time_s"] = round(train_time, 1)
     metrics["wall_time_s"] = round(time.perf_counter() - start, 1)
     out.mkdir(parents=True, exist_ok=True)
@@ -196,7 +199,7 @@ def demo(argv: list[str]) -> dict:
     with (out / "predictions.jsonl").open("w") as f:
         for row in cli.model.predictions:
             f.write(json.dumps(row) + "\n")
-    _plot_loss(Path(cli.trainer.logger.log_dir) / "metrics.csv", out / "loss.png")
+    _plot_loss(Path(trainer.logger.log_dir) / "metrics.csv", out / "loss.png")
     log.info(
         "held-out accuracy %.3f; metrics in %s", metrics["test/accuracy"], out / "metrics.json"
     )
@@ -287,7 +290,7 @@ def chat(argv: list[str]) -> int:
 
 
 def report(argv: list[str]) -> str:
-    """`lmm report RESULTS...`: markdown table and radar chart of `lmm test` results."""
+    """`lmm report RUNS...`: markdown table and chart of `lmm test` results."""
     from lmm.evaluation.report import main as report_main
 
     text = report_main(argv)
@@ -358,7 +361,11 @@ def _first_line(tool) -> str:
 def main(argv: list[str] | None = None) -> None:
     """The `lmm` command. Run as the command (no `argv`), a user error (`lmm.utils.errors`)
     exits with code 2 and its message, no traceback, unless --debug or LMM_DEBUG=1; called
-    with `argv` from Python, it raises."""
+    with `argv` from Python, it raises. A run stopped by SIGTERM exits with 143."""
+    import signal
+
+    from lightning.pytorch.utilities.exceptions import SIGTERMException
+
     command = argv is None
     argv = sys.argv[1:] if argv is None else list(argv)
     debug = errors.debug_requested(argv) or not command
@@ -370,6 +377,10 @@ def main(argv: list[str] | None = None) -> None:
             TOOLS[argv[0]](argv[1:])
             return
         LMMCLI(args=argv)
+    except SIGTERMException:
+        # Lightning stops a run on SIGTERM with a bare SystemExit (status 0); a scheduler or a
+        # `lmm fit && lmm test` chain must see that it was stopped (128 + SIGTERM)
+        sys.exit(128 + signal.SIGTERM)
     except Exception as err:
         if debug or not errors.is_user_error(err):
             raise

@@ -27,6 +27,7 @@ class Features:
     # [L], 0 = a token no later token attends to (a seed's attention-mask quirk); None: all 1
     attention_mask: Tensor | None = None
     stop_strings: tuple[str, ...] = ()  # a prompt's: where its template's answers end
+    prompt: str | None = None  # a prompt's templated text, media as `<image>` (records, files)
 
     @property
     def num_views(self) -> int:
@@ -61,6 +62,7 @@ class Batch:
     task: str | None = None
     max_new_tokens: int | None = None
     stop_strings: tuple[str, ...] = ()
+    prompts: list[str | None] = field(default_factory=list)  # their templated text (records)
 
     @classmethod
     def empty(cls) -> Batch:

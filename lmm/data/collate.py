@@ -59,6 +59,7 @@ class PadCollator:
             views_per_sample=[f.num_views for f in features],
             ids=[f.id for f in features],
             references=[f.reference for f in features],
+            prompts=[f.prompt for f in features],
             meta=[f.meta for f in features],
             targets=torch.stack(targets) if targets else None,
             **media_fields(list(features)),

@@ -102,7 +102,7 @@ class ChatDataModule(L.LightningDataModule):
             train: training data: a json/jsonl file, or a mixture YAML (docs/mixtures.md).
             val: validation data file.
             test: test data file (generation, scored against the last assistant turn).
-            predict: prediction data file (generation).
+            predict: prediction data file (generation; default: the test file).
             root: folder media paths are relative to (default: each data file's folder).
             batch_size: training batch size per device.
             eval_batch_size: batch size for val/test/predict (default: batch_size).
@@ -175,6 +175,8 @@ class ChatDataModule(L.LightningDataModule):
             "test": ("test",),
             "predict": ("predict",),
         }
+        if stage == "predict":
+            splits["predict"] = (self.predict_split(),)
         for split in splits.get(stage, tuple(self.files)) if stage else tuple(self.files):
             if self.files[split] and split not in self.samples and split != "train":
                 self.samples[split] = self.load(split)
@@ -366,8 +368,23 @@ class ChatDataModule(L.LightningDataModule):
             features.labels = torch.cat([features.labels, torch.full_like(extra, -100)])
         return features
 
+    def predict_split(self) -> str:
+        """The split `lmm predict` answers: `predict`, else the recipe's `test` file."""
+        if self.files["predict"]:
+            return "predict"
+        if self.files["test"]:
+            return "test"
+        raise ValueError(
+            "lmm predict: no data to answer: the recipe has neither data.init_args.predict nor "
+            "data.init_args.test. Fix: add --data.init_args.predict=FILE (a json/jsonl chat file)"
+        )
+
     def predict_dataloader(self) -> DataLoader:
-        return self._loader("predict", train=False)
+        """Prompts of the `predict` file, or of the `test` file when there is none."""
+        split = self.predict_split()
+        if split != "predict":
+            log.info("predict: no data.predict given; answering data.test (%s)", self.files[split])
+        return self._loader(split, train=False)
 
 
 def _check_task_names(tasks: dict[str, list[PromptTask]]) -> None:

@@ -10,6 +10,7 @@ from torch import Tensor
 from transformers import PreTrainedTokenizerBase
 
 from lmm.data.batch import Features
+from lmm.data.chat_template import render_text
 from lmm.data.media import ImageTransform, load_image
 from lmm.data.policy import DEFAULT, Preprocessing
 from lmm.data.sample import IMAGE_MARKER, BadRecordError, Sample, Turn, VideoRef
@@ -311,7 +312,7 @@ class Processor:
         return segments, ids, labels, media
 
     def _encode(self, sample: Sample, turns: list[Turn], add_generation_prompt: bool) -> Features:
-        _, ids, labels, media = self._sequence(sample, turns, add_generation_prompt)
+        segments, ids, labels, media = self._sequence(sample, turns, add_generation_prompt)
         pixels: list[Tensor] = []
         markers: list[list[int]] = []
         sizes: list[tuple[int, int]] = []
@@ -349,6 +350,7 @@ class Processor:
             media_modes=modes,
             views_per_media=views,
             attention_mask=attention,
+            prompt=render_text(segments) if add_generation_prompt else None,
         )
 
     def _single_id(self, token: str, option: str) -> int:

@@ -1,8 +1,10 @@
-"""`lmm report`: the `results.json` of `lmm test` runs as a markdown table and a radar chart.
+"""`lmm report`: the `results.json` of `lmm test` runs as a markdown table and a chart.
 
 One row per model, one column per task (its headline metric: POPE F1, MMBench circular, MME
-perception, ...), then every metric of every task. The radar chart puts each task on an axis
-scaled to its best value (100, or 2000 for MME perception), one polygon per model.
+perception, a test file's accuracy, ...), then every metric of every task. With three tasks
+or more the chart is a radar: each task on an axis scaled to its best value (100, or 2000 for
+MME perception), one polygon per model; with one or two (a radar of two axes is a line) it is
+a bar chart on the same scale, one bar per model and task.
 """
 
 from __future__ import annotations
@@ -119,12 +121,8 @@ def radar(runs: Sequence[Run], png: str | Path, title: str = "lmm evaluation") -
     angles = [2 * math.pi * k / len(tasks) for k in range(len(tasks))]
     fig, ax = plt.subplots(figsize=(6, 6), subplot_kw={"projection": "polar"})
     for r in runs:
-        values = []  # NaN where the model has no score: a gap, not a zero
-        for t in tasks:
-            entry = r.tasks.get(t, {})
-            score, scale = entry.get("score"), entry.get("scale") or 100.0
-            ok = isinstance(score, (int, float)) and not math.isnan(score)
-            values.append(max(0.0, 100.0 * score / scale) if ok else math.nan)
+        # NaN where the model has no score: a gap, not a zero
+        values = [_percent(r.tasks.get(t, {})) for t in tasks]
         closed_a, closed_v = [*angles, angles[0]], [*values, values[0]]
         ax.plot(closed_a, closed_v, marker="o", label=r.model)
         if not any(math.isnan(v) for v in values):
@@ -143,11 +141,66 @@ def radar(runs: Sequence[Run], png: str | Path, title: str = "lmm evaluation") -
     return png
 
 
+def _percent(entry: dict) -> float:
+    """A task's headline as a percentage of its best value; NaN where there is no score."""
+    score, scale = entry.get("score"), entry.get("scale") or 100.0
+    ok = isinstance(score, (int, float)) and not math.isnan(score)
+    return max(0.0, 100.0 * score / scale) if ok else math.nan
+
+
+def bars(runs: Sequence[Run], png: str | Path, title: str = "lmm evaluation") -> Path:
+    """Save a bar chart: per task a group of bars (headline / scale × 100), one per model."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    tasks = sorted({t for r in runs for t in r.tasks})
+    if not tasks:
+        raise ValueError("no task results to plot")
+    width = 0.8 / len(runs)
+    fig, ax = plt.subplots(figsize=(max(4.0, 1.5 + 1.2 * len(tasks) * len(runs)), 4))
+    for i, r in enumerate(runs):
+        values = [_percent(r.tasks.get(t, {})) for t in tasks]  # NaN: no bar
+        xs = [k + (i - (len(runs) - 1) / 2) * width for k in range(len(tasks))]
+        drawn = ax.bar(xs, values, width, label=r.model)
+        ax.bar_label(drawn, fmt="%.1f", fontsize=8)
+    scales = {t: _scale(runs, t) for t in tasks}
+    ax.set_xticks(range(len(tasks)))
+    ax.set_xticklabels([_label(runs, t, scales[t]) for t in tasks])
+    ax.set_ylim(0, 105)
+    ax.set_ylabel("% of the best score")
+    ax.set_title(title)
+    ax.legend(loc="upper right", fontsize=8)
+    fig.tight_layout()
+    png = Path(png)
+    png.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(png, dpi=100)
+    plt.close(fig)
+    return png
+
+
+def _label(runs: Sequence[Run], task: str, scale: float) -> str:
+    label = f"{task} ({_headline(runs, task)})"
+    return label if scale == 100 else f"{label}\n(/{scale:g})"
+
+
+def chart(runs: Sequence[Run], out: str | Path) -> Path:
+    """`radar.png` in `out` for three tasks or more, else `bars.png`."""
+    tasks = {t for r in runs for t in r.tasks}
+    if len(tasks) >= 3:
+        return radar(runs, Path(out) / "radar.png")
+    return bars(runs, Path(out) / "bars.png")
+
+
 def main(argv: list[str] | None = None) -> str:
-    """`lmm report RESULTS...`: write report.md and radar.png; returns the markdown."""
+    """`lmm report RUNS...`: write report.md and a chart (radar.png or bars.png); returns the
+    markdown."""
     parser = argparse.ArgumentParser(prog="lmm report", description=__doc__.split("\n")[0])
-    parser.add_argument("results", nargs="+", help="results.json files or folders holding them")
-    parser.add_argument("--out", default="runs/report", help="folder for report.md and radar.png")
+    parser.add_argument(
+        "results", nargs="+", help="results.json files, or run folders holding them (searched)"
+    )
+    parser.add_argument("--out", default="runs/report", help="folder for report.md and the chart")
     parser.add_argument("--names", nargs="+", help="a model name per results file, in order")
     a = parser.parse_args(argv)
     runs = load_runs(a.results, a.names)
@@ -155,6 +208,6 @@ def main(argv: list[str] | None = None) -> str:
     out.mkdir(parents=True, exist_ok=True)
     text = markdown(runs)
     (out / "report.md").write_text(text, encoding="utf-8")
-    radar(runs, out / "radar.png")
-    log.info("report of %d models in %s (report.md, radar.png)", len(runs), out)
+    png = chart(runs, out)
+    log.info("report of %d models in %s (report.md, %s)", len(runs), out, png.name)
     return text

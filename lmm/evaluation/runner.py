@@ -322,10 +322,13 @@ def write_results(
     results: Mapping[str, Mapping[str, float]],
     predictions: Mapping[str, list[dict]],
     out_dir: str | Path | None = None,
+    extra: Mapping[str, Mapping[str, Any]] | None = None,
 ) -> Path | None:
     """Write `predictions/<task>.jsonl` and `results.json` to `out_dir` (default: the log folder).
 
-    Called on every rank (predictions are gathered); rank 0 writes. Returns the results file.
+    `extra` adds entries that are no `Task` (the test file's: `benchmark`, `file`, `headline`,
+    `scale`, `metrics`), each with its rows in `predictions` under the same name. Called on
+    every rank (predictions are gathered); rank 0 writes. Returns the results file.
     """
     gathered = {name: gather_rows(rows) for name, rows in predictions.items()}
     if trainer.global_rank != 0:
@@ -341,9 +344,7 @@ def write_results(
     for name, metrics in results.items():
         task = by_name.get(name)
         rows = gathered.get(name, [])
-        with (out / "predictions" / f"{name}.jsonl").open("w", encoding="utf-8") as f:
-            for row in rows:
-                f.write(json.dumps(row, ensure_ascii=False) + "\n")
+        _write_rows(out / "predictions" / f"{name}.jsonl", rows)
         headline = task.headline if task else "accuracy"
         summary["tasks"][name] = {
             "benchmark": task.benchmark if task else name,
@@ -354,7 +355,26 @@ def write_results(
             "scale": task.scale if task else 100.0,
             "metrics": {k: _jsonable(v) for k, v in metrics.items()},
         }
+    for name, entry in (extra or {}).items():
+        rows = gathered.get(name, [])
+        _write_rows(out / "predictions" / f"{name}.jsonl", rows)
+        metrics = entry.get("metrics") or {}
+        summary["tasks"][name] = {
+            "benchmark": entry.get("benchmark", name),
+            "file": entry.get("file"),
+            "samples": len(rows),
+            "headline": entry.get("headline", "accuracy"),
+            "score": _jsonable(metrics.get(entry.get("headline", "accuracy"))),
+            "scale": entry.get("scale", 100.0),
+            "metrics": {k: _jsonable(v) for k, v in metrics.items()},
+        }
     path = out / "results.json"
     path.write_text(json.dumps(summary, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-    log.info("results of %d tasks in %s", len(results), path)
+    log.info("results of %d tasks in %s", len(summary["tasks"]), path)
     return path
+
+
+def _write_rows(path: Path, rows: Sequence[dict]) -> None:
+    with path.open("w", encoding="utf-8") as f:
+        for row in rows:
+            f.write(json.dumps(row, ensure_ascii=False) + "\n")

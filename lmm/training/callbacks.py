@@ -1,15 +1,20 @@
 """Callbacks every `LMMModule` brings along (`configure_callbacks`): the data connected to the
-model, RNG state, skipped records, a stop on a non-finite loss, checkpoint hashes."""
+model, RNG state, skipped records, a stop on a non-finite loss, checkpoint hashes, and a
+`last.ckpt` at the end of every fit (and on SIGTERM / Ctrl-C)."""
 
 from __future__ import annotations
 
 import random
+import signal
+import threading
 import time
 from pathlib import Path
 
 import lightning as L
 import numpy as np
 import torch
+from lightning.pytorch.callbacks import Checkpoint, ModelCheckpoint
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from lmm.data.batch import Batch
 from lmm.data.stream import NoUsableRecordsError
@@ -251,3 +256,142 @@ class StepProgress(L.Callback):
 
     def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx: int) -> None:
         self._describe(trainer)
+
+
+class LastCheckpoint(Checkpoint):
+    """Writes `last.ckpt` when a fit ends, whatever the checkpoint schedule, and when SIGTERM
+    or Ctrl-C stops it.
+
+    Lightning's `ModelCheckpoint` saves after validation or every n steps, and `save_last`
+    copies only those saves: a 30-step run validated every 500 steps leaves no checkpoint, a
+    2500-step run saved every 1000 leaves step 2000. This callback writes `last.ckpt` to the
+    first `ModelCheckpoint`'s folder (`<log dir>/checkpoints/`) after the last step, unless a
+    `ModelCheckpoint` wrote it at that step. It is a `Checkpoint`, so Lightning runs it after
+    the `ModelCheckpoint`s.
+
+    SIGTERM (a scheduler's pre-emption, `kill`) and the first Ctrl-C end training after the
+    current step, where `ModelCheckpoint(every_n_train_steps=...)` saves (an exact resume
+    point), and `last.ckpt` is written there; a second Ctrl-C stops at once without saving (the
+    step may be half done). The process then exits as Lightning's do (Ctrl-C: 1, SIGTERM:
+    `lmm` exits 143). With several ranks the stop is agreed, so every rank saves the same step.
+    Nothing is written without a `ModelCheckpoint` (`trainer.enable_checkpointing: false`) or
+    when no step was trained; the write goes through the strategy's checkpoint IO (atomic:
+    `AtomicCheckpointIO`, the `lmm` command's default).
+    """
+
+    def __init__(self):
+        self._start_step = 0  # the global step training (re)started from
+        self._saved_step = -1  # the global step of the last checkpoint written by anyone
+        self._written_step = -1  # the global step of the last `last.ckpt` written here
+        self._stop: str | None = None  # "Ctrl-C" once pressed
+        self._at_step_end = False  # the stop was raised here, after a whole step
+        self._previous_sigint = None
+
+    @staticmethod
+    def model_checkpoint(trainer) -> ModelCheckpoint | None:
+        """The trainer's first `ModelCheckpoint` (its folder holds `last.ckpt`), if any."""
+        found = [c for c in trainer.checkpoint_callbacks if isinstance(c, ModelCheckpoint)]
+        return found[0] if found else None
+
+    def path(self, trainer) -> Path | None:
+        """Where `last.ckpt` goes: the `ModelCheckpoint`'s last file (it may be versioned,
+        `last-v1.ckpt`), else `last.ckpt` in its folder; None without a `ModelCheckpoint`."""
+        checkpoint = self.model_checkpoint(trainer)
+        if checkpoint is None or checkpoint.dirpath is None:
+            return None
+        if checkpoint.last_model_path:
+            return Path(checkpoint.last_model_path)
+        step = {"epoch": trainer.current_epoch, "step": trainer.global_step}
+        return Path(checkpoint.format_checkpoint_name(step, checkpoint.CHECKPOINT_NAME_LAST))
+
+    # --- Ctrl-C: stop after the step ---------------------------------------------------------
+    def on_train_start(self, trainer, module) -> None:
+        self._start_step = trainer.global_step
+        self._stop, self._at_step_end = None, False
+        # Only where Python delivers signals, and only over Python's own handler (a debugger's
+        # or a notebook's stays theirs).
+        main = threading.current_thread() is threading.main_thread()
+        if main and signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+            self._previous_sigint = signal.signal(signal.SIGINT, self._on_sigint)
+
+    def _on_sigint(self, signum, frame) -> None:
+        if self._stop is not None:
+            raise KeyboardInterrupt  # the second Ctrl-C: now
+        self._stop = "Ctrl-C"
+        log.warning(
+            "Ctrl-C: training stops after this step and saves last.ckpt "
+            "(Ctrl-C again stops at once, without saving)"
+        )
+
+    def _restore_sigint(self) -> None:
+        if self._previous_sigint is not None and signal.getsignal(signal.SIGINT) == self._on_sigint:
+            signal.signal(signal.SIGINT, self._previous_sigint)
+        self._previous_sigint = None
+
+    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx: int) -> None:
+        sigterm = trainer.received_sigterm
+        stop = self._stop is not None or sigterm
+        if trainer.world_size > 1:  # every rank stops at the same step, or none does
+            stop = trainer.strategy.reduce_boolean_decision(stop, all=False)
+        if not stop:
+            return
+        self._at_step_end = True
+        if sigterm:
+            raise SIGTERMException()
+        raise KeyboardInterrupt
+
+    # --- the saves ---------------------------------------------------------------------------
+    def on_save_checkpoint(self, trainer, module, checkpoint: dict) -> None:
+        self._saved_step = trainer.global_step
+
+    def _written_now(self, trainer) -> bool:
+        """Whether `last.ckpt` already holds this step (written here, or by a `ModelCheckpoint`
+        with `save_last`, which writes it with each of its saves)."""
+        step = trainer.global_step
+        if self._written_step == step:
+            return True
+        checkpoint = self.model_checkpoint(trainer)
+        return (
+            self._saved_step == step
+            and checkpoint is not None
+            and bool(checkpoint.save_last)
+            and bool(checkpoint.last_model_path)
+        )
+
+    def _save(self, trainer) -> Path | None:
+        path = self.path(trainer)
+        if path is None or trainer.global_step <= self._start_step or self._written_now(trainer):
+            return None
+        trainer.save_checkpoint(path, weights_only=False)  # a full, resumable checkpoint
+        self._written_step = trainer.global_step
+        return path
+
+    def on_train_end(self, trainer, module) -> None:
+        self._restore_sigint()
+        path = self._save(trainer)
+        if path is not None:
+            log.info("saved %s (step %d)", path, trainer.global_step)
+
+    def on_exception(self, trainer, module, exception: BaseException) -> None:
+        self._restore_sigint()
+        sigterm = isinstance(exception, SIGTERMException)
+        if not (sigterm or isinstance(exception, KeyboardInterrupt)):
+            return  # an error: the weights may be what caused it
+        what = "SIGTERM" if sigterm else "Ctrl-C"
+        if not (sigterm or self._at_step_end):
+            log.warning(
+                "%s stopped training in the middle of step %d: last.ckpt not written (the "
+                "step was half done); the newest checkpoint is the last one saved before",
+                what,
+                trainer.global_step + 1,
+            )
+            return
+        path = self._save(trainer)
+        if path is not None:
+            log.warning(
+                "%s: training stopped after step %d, saved %s; resume with --ckpt_path %s",
+                what,
+                trainer.global_step,
+                path,
+                path,
+            )

@@ -22,6 +22,7 @@ from lmm.generation.generator import Generator
 from lmm.training.callbacks import (
     CheckpointHashes,
     ConnectData,
+    LastCheckpoint,
     NonFiniteLoss,
     RngState,
     SkippedRecords,
@@ -81,8 +82,9 @@ class LMMModule(L.LightningModule):
 
     The family model owns the architecture (its parts, media spec, FSDP2 plan, FLOPs, prefill);
     the objective owns the loss and what eval steps give (`LanguageModel`, or `Scores` for a
-    score head). Benchmark scoring and result files (`lmm.evaluation.callbacks.Scoring`), RNG
-    state and skipped-record counts are callbacks this module brings along.
+    score head). Benchmark scoring and result files (`lmm.evaluation.callbacks.Scoring`),
+    prediction files (`PredictionWriter`), RNG state, skipped-record counts and the `last.ckpt`
+    of every fit (`LastCheckpoint`) are callbacks this module brings along.
     """
 
     def __init__(
@@ -210,7 +212,8 @@ class LMMModule(L.LightningModule):
                 p.requires_grad_(False)
 
     def configure_callbacks(self) -> list[L.Callback]:
-        from lmm.evaluation.callbacks import Scoring  # evaluation builds on training
+        # evaluation builds on training
+        from lmm.evaluation.callbacks import PredictionWriter, Scoring
 
         return [
             ConnectData(),
@@ -219,7 +222,9 @@ class LMMModule(L.LightningModule):
             NonFiniteLoss.unless_configured(self._trainer),
             Scoring(),
             StepProgress(),
+            PredictionWriter.unless_configured(self._trainer),
             CheckpointHashes(),
+            LastCheckpoint(),  # a Checkpoint: Lightning runs it after the ModelCheckpoints
         ]
 
     # --- checkpoints ----------------------------------------------------------------------

@@ -83,17 +83,19 @@ class LanguageModel(Objective):
         return loss
 
     def test_step(self, module: LMMModule, batch: Batch) -> list[dict]:
-        answers = module.generate(batch, max_new_tokens=batch.max_new_tokens)
-        return [
-            {"id": sid, "task": meta.get("task"), "prediction": answer, "reference": ref or ""}
-            for sid, meta, answer, ref in zip(
-                batch.ids, batch.meta, answers, batch.references, strict=True
-            )
-        ]
+        """One record per row: id, the record's `task`, prompt, answer and reference ("" if
+        the record has none)."""
+        rows = self.predict_step(module, batch)
+        for row, meta in zip(rows, batch.meta, strict=True):
+            row["task"] = meta.get("task")
+            row["reference"] = row.get("reference") or ""
+        return rows
 
     def predict_step(self, module: LMMModule, batch: Batch) -> list[dict]:
+        """One record per row: id, prompt (templated, media as `<image>`), the generated
+        answer, and the record's reference answer and `task` where it has them."""
         answers = module.generate(batch, max_new_tokens=batch.max_new_tokens)
-        return [{"id": i, "prediction": a} for i, a in zip(batch.ids, answers, strict=True)]
+        return [_record(batch, b, prediction=answer) for b, answer in enumerate(answers)]
 
 
 class Scores(Objective):
@@ -195,11 +197,9 @@ class Scores(Objective):
         """One prediction record per row: its scores by label (and its targets, if any)."""
         labels = self.config.labels
         out = []
-        for b, sid in enumerate(batch.ids):
-            row: dict = {
-                "id": sid,
-                "scores": dict(zip(labels, predictions[b].tolist(), strict=True)),
-            }
+        for b in range(len(batch.ids)):
+            row = _record(batch, b, scores=dict(zip(labels, predictions[b].tolist(), strict=True)))
+            row.pop("reference", None)  # a scored record's answer is its targets
             if self.config.problem == "single_label":
                 row["prediction"] = labels[int(predictions[b].argmax())]
             if batch.targets is not None:
@@ -221,3 +221,17 @@ class Scores(Objective):
         module.log_dict(
             {f"{split}/score/{k}": v for k, v in results.items()}, add_dataloader_idx=False
         )
+
+
+def _record(batch: Batch, b: int, **outputs) -> dict:
+    """Row `b` of a prompt batch as a prediction record: id, prompt, `outputs`, and the
+    record's reference and `task` where it has them."""
+    row: dict = {"id": batch.ids[b]}
+    if b < len(batch.prompts) and batch.prompts[b] is not None:
+        row["prompt"] = batch.prompts[b]
+    row.update(outputs)
+    if b < len(batch.references) and batch.references[b] is not None:
+        row["reference"] = batch.references[b]
+    if b < len(batch.meta) and batch.meta[b].get("task") is not None:
+        row["task"] = batch.meta[b]["task"]
+    return row

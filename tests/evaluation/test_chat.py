@@ -41,7 +41,7 @@ def trained_run(tiny_assets, synthetic_data, tmp_path_factory) -> Path:
             "--model.init_args.optimizer.init_args.lr=1e-6",
         ]
     )
-    [ckpt] = list(out.rglob("*.ckpt"))
+    [ckpt] = list(out.rglob("last.ckpt"))  # beside the step-2 checkpoint of the validation
     return ckpt
 
 

@@ -1,4 +1,5 @@
-"""`lmm report`: results.json files → markdown table and radar chart across benchmarks and models."""
+"""`lmm report`: results.json files → markdown table and chart (radar from three tasks, else
+bars) across benchmarks and models."""
 
 from __future__ import annotations
 
@@ -83,6 +84,22 @@ def test_report_command(two_models, tmp_path, capsys):
     written = (tmp_path / "report/report.md").read_text()
     assert printed == written and "| llava-b |" in written
     assert (tmp_path / "report/radar.png").stat().st_size > 5000
+    assert not (tmp_path / "report/bars.png").exists()
+
+
+@pytest.mark.parametrize("n_tasks", [1, 2])
+def test_bar_chart_below_three_tasks(tmp_path, n_tasks):
+    """A radar of one or two axes says nothing: below three tasks the chart is bars."""
+    tasks = {"pope": (85.0, 100, {"f1": 85.0}), "mme": (1500.0, 2000, {"perception": 1500.0})}
+    tasks = dict(list(tasks.items())[:n_tasks])
+    _results(tmp_path / "runs/a", "llava-a", tasks)
+    _results(tmp_path / "runs/b", "llava-b", {"pope": (80.0, 100, {"f1": 80.0})})
+    main(["report", str(tmp_path / "runs"), "--out", str(tmp_path / "report")])
+    png = (tmp_path / "report/bars.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 5000
+    assert not (tmp_path / "report/radar.png").exists()
+    table = (tmp_path / "report/report.md").read_text()
+    assert "| llava-b | " in table and table.count("\n## ") == n_tasks
 
 
 def test_report_errors_name_the_file(tmp_path):

@@ -312,6 +312,37 @@ def test_task_rows_follow_the_official_rules(tmp_path):
     assert red["parsed"] == "red" and red["score"] == pytest.approx(0.6) and red["correct"] is False
 
 
+def test_chat_benchmark_scores_a_chat_file_per_task(tmp_path):
+    """`benchmark: chat` (recipes/eval/synthetic.yaml): a chat file's last assistant turn is the
+    answer, out of the prompt; exact match after normalisation, overall and per record task."""
+    (tmp_path / "a.png").touch()
+    records = [
+        {"id": f"r{i}", "task": task, "image": "a.png", "conversations": [
+            {"from": "human", "value": "<image>\nWhat is it?"}, {"from": "gpt", "value": answer},
+        ]}
+        for i, (task, answer) in enumerate(
+            [("colour", "red"), ("colour", "blue"), ("shape", "circle"), ("shape", "star")]
+        )
+    ]  # fmt: skip
+    (tmp_path / "test.json").write_text(json.dumps(records))
+    task = Task("chat", str(tmp_path / "test.json"), name="synthetic")
+    samples = task.samples()
+    assert [s.meta["answer"] for s in samples] == ["red", "blue", "circle", "star"]
+    assert all(s.turns[-1].role == "user" for s in samples)  # the answer is not in the prompt
+    rows = task.update(["Red.", "green", " circle", "square"], _fake_batch(samples))
+    assert [r["correct"] for r in rows] == [True, False, True, False]
+    assert "What is it?" in rows[0]["prompt"] and "red" not in rows[0]["prompt"]
+    assert task.compute() == {
+        "accuracy": pytest.approx(50.0),
+        "colour": pytest.approx(50.0),
+        "shape": pytest.approx(50.0),
+    }
+    records[0]["conversations"].pop()
+    (tmp_path / "test.json").write_text(json.dumps(records))
+    with pytest.raises(ValueError, match="'r0'.*not an assistant answer"):
+        Task("chat", str(tmp_path / "test.json")).samples()
+
+
 def test_task_errors_name_the_problem(tmp_path):
     with pytest.raises(ValueError, match="unknown benchmark 'popee'"):
         Task("popee", "x.jsonl")

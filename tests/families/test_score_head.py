@@ -373,9 +373,22 @@ def test_score_recipe_trains_two_steps(tiny_assets, score_data, tmp_path):
             "--model.init_args.model.init_args.connector.init_args.merge=1",
             f"--data.init_args.train={score_data / 'train.json'}",
             f"--data.init_args.val={score_data / 'val.json'}",
+            f"--data.init_args.test={score_data / 'val.json'}",
             "--data.init_args.batch_size=4",
         ]
     )
     assert cli.trainer.global_step == 2
     logged = cli.trainer.logged_metrics
     assert "val/score/spearman/brightness" in logged and "val/score/mse/count" in logged
+    # lmm test of a score head: results.json holds its metrics, the predictions its scores
+    [tested] = cli.trainer.test(cli.model, datamodule=cli.datamodule, verbose=False)
+    run = Path(cli.trainer.log_dir)
+    entry = json.loads((run / "results.json").read_text())["tasks"]["test"]
+    assert entry["headline"] == "score/spearman" and entry["scale"] == 1.0
+    assert entry["score"] == pytest.approx(float(tested["test/score/spearman"]))
+    assert entry["metrics"]["score/mse/count"] == pytest.approx(
+        float(tested["test/score/mse/count"])
+    )
+    rows = [json.loads(line) for line in (run / "predictions/test.jsonl").read_text().splitlines()]
+    assert len(rows) == entry["samples"] > 0
+    assert all(set(r["scores"]) == {"brightness", "count"} and "targets" in r for r in rows)
