@@ -53,7 +53,7 @@ def setup(tiny_assets, synthetic_data, tmp_path_factory):
             "--trainer.limit_val_batches=1",
         ]
     )
-    [ckpt] = list(out.rglob("*.ckpt"))
+    [ckpt] = list(out.rglob("last.ckpt"))
     return ckpt, args, out
 
 
