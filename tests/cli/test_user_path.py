@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -296,8 +297,11 @@ def _lmm(*args: str, cwd: Path) -> subprocess.CompletedProcess:
 
 
 def _ok(result: subprocess.CompletedProcess) -> str:
+    """The output of a command that succeeded without printing a warning."""
     out = result.stdout + result.stderr
     assert result.returncode == 0, out[-3000:]
+    warned = [line for line in out.splitlines() if re.search(r"\.py:\d+: |warn", line, re.I)]
+    assert not warned, "\n".join(warned)
     return out
 
 
