@@ -69,3 +69,7 @@ def quiet_third_party() -> None:
     warnings.filterwarnings(  # the summary's size estimate under bf16; the counts are right
         "ignore", message="Precision bf16-mixed is not supported by the model summary"
     )
+    # Every command logs to a new `version_N` folder, so the checkpoint a test, predict or
+    # resume reads always lies in another run's folder; ModelCheckpoint then keeps its own
+    # best/last bookkeeping for the new folder, as it should, and says so on every load.
+    warnings.filterwarnings("ignore", message="The dirpath has changed from")

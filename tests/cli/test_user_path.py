@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -296,18 +297,21 @@ def _lmm(*args: str, cwd: Path) -> subprocess.CompletedProcess:
 
 
 def _ok(result: subprocess.CompletedProcess) -> str:
+    """The output of a command that succeeded without printing a warning."""
     out = result.stdout + result.stderr
     assert result.returncode == 0, out[-3000:]
+    warned = [line for line in out.splitlines() if re.search(r"\.py:\d+: |warn", line, re.I)]
+    assert not warned, "\n".join(warned)
     return out
 
 
 @pytest.mark.slow
 def test_short_fit_leaves_last_ckpt(tiny_assets, synthetic_data, tmp_path):
-    """`lmm fit ... --trainer.max_steps=3` leaves last.ckpt, and validate, test, predict,
-    `lmm.load(...).generate` and `lmm convert export` all run from it (subprocesses)."""
-    # merge 1: a connector transformers' Llava can express, so that export writes a folder
-    model = ["--model.init_args.model.init_args.connector.init_args.merge=1"]
-    args = [*_args(tiny_assets, synthetic_data, tmp_path), *model]
+    """`lmm fit ... --trainer.max_steps=3` of the quickstart leaves last.ckpt, and validate,
+    test, predict, `lmm.load(...).generate` and `lmm convert export` all run from it
+    (subprocesses); export writes a transformers folder or exits 2 with one line naming what
+    transformers cannot express (the quickstart's 2x2 token merge)."""
+    args = _args(tiny_assets, synthetic_data, tmp_path)
     _ok(_lmm("fit", *args, "--trainer.max_steps=3", cwd=tmp_path))
     ckpt = tmp_path / "version_0/checkpoints/last.ckpt"
     assert _ckpts(tmp_path) == [ckpt] and _step(ckpt) == 3
@@ -330,8 +334,12 @@ def test_short_fit_leaves_last_ckpt(tiny_assets, synthetic_data, tmp_path):
     assert isinstance(json.loads(loaded.stdout.strip().splitlines()[-1]), str)
     config = tmp_path / "version_0/config.yaml"
     hf = tmp_path / "hf"
-    export = ["convert", "export", f"--config={config}", f"--ckpt={ckpt}", f"--out={hf}"]
-    _ok(_lmm(*export, cwd=tmp_path))
-    assert json.loads((hf / "config.json").read_text())["architectures"] == [
-        "LlavaForConditionalGeneration"
-    ]
+    export = _lmm(
+        "convert", "export", f"--config={config}", f"--ckpt={ckpt}", f"--out={hf}", cwd=tmp_path
+    )
+    if export.returncode == 0:
+        assert (hf / "config.json").is_file()
+    else:
+        assert export.returncode == 2 and "Traceback" not in export.stderr, export.stderr[-3000:]
+        [line] = [x for x in export.stderr.splitlines() if x.startswith("lmm convert export:")]
+        assert "merge 2" in line

@@ -503,10 +503,10 @@ def test_lmm_tasks_lists_every_benchmark(capsys):
     main(["tasks"])
     out = capsys.readouterr().out
     lines = {line.split()[0]: line for line in out.splitlines()[1:-1]}
-    assert set(lines) == set(BENCHMARKS) and len(BENCHMARKS) == 15
+    assert set(lines) == set(BENCHMARKS) and len(BENCHMARKS) == 16  # 15 published, and chat
     assert "POPEMetrics (f1)" in lines["pope"] and "hf:lmms-lab/POPE (split test)" in lines["pope"]
     assert "hf:lmms-lab/GQA (subset testdev_balanced_instructions" in lines["gqa"]
-    assert "local files only" in lines["demon"]
+    assert "local files only" in lines["demon"] and "local files only" in lines["chat"]
     # docs/evaluation.md says where each benchmark's data comes from, hub ids included
     docs = (REPO / "docs" / "evaluation.md").read_text()
     for name, spec in BENCHMARKS.items():

@@ -78,4 +78,5 @@ BENCHMARK = Benchmark(
     lambda p, m, metric: float(is_correct(p, m)),
     "accuracy",
     metric_args=_tasks,
+    local="any chat file (Mantis or LLaVA json/jsonl), e.g. lmm synth's data/synthetic/test.json",
 )
