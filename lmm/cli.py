@@ -255,8 +255,9 @@ def _plot_loss(csv_file: Path, png: Path) -> None:
 def data(argv: list[str]) -> dict:
     """`lmm data check DATA`: validate a data file or mixture; report lengths and padding."""
     from lmm.data.check import main as data_main
+    from lmm.training.recipe import model_processor
 
-    return data_main(argv)
+    return data_main(argv, model_processor=model_processor)
 
 
 def convert(argv: list[str]) -> Path:

@@ -145,42 +145,6 @@ def recipe_data(recipe: str | Path | dict) -> dict:
     }
 
 
-def model_processor(
-    config: dict,
-    template: ChatTemplate,
-    max_length: int,
-    preprocessing: Preprocessing | None = None,
-    where: str = "<recipe>",
-) -> Processor | None:
-    """The processor fit would connect (`ConnectData`): the recipe's model's own tokenizer, media
-    spec and image token, built on the meta device (no weights read). None, with a logged note,
-    when the model cannot be built (a full-size recipe whose model is not on this machine)."""
-    from lmm.components.pretrained import empty_init
-    from lmm.training.recipe import build_module
-
-    try:
-        with empty_init(every_rank=True):
-            module = build_module(config, where)
-        media = module.media_spec()
-    except Exception as err:  # a missing folder, no network, a quantized model, ...
-        cause: BaseException = err
-        while cause.__cause__ is not None:  # jsonargparse wraps the error that says why
-            cause = cause.__cause__
-        text = str(cause).strip()
-        log.warning(
-            "%s: its model cannot be built here (%s: %s), so tokens are counted with the stub "
-            "media spec (--image-tokens per image) and --tokenizer, not the model's own. Fix: "
-            "point the recipe at the model's files (--model.init_args.tokenizer=DIR, ...)",
-            where,
-            type(cause).__name__,
-            text.splitlines()[0] if text else "no message",
-        )
-        return None
-    return Processor(
-        module.tokenizer, template, media, max_length, module.image_token, preprocessing
-    )
-
-
 def padded_share(lengths: Sequence[int], batch_size: int) -> float | None:
     """Real tokens / batch tokens when consecutive samples are padded to their batch's longest."""
     cost = sum(
@@ -532,9 +496,12 @@ def _percent(share: float | None) -> str:
     return "n/a" if share is None else f"{100 * share:.1f}%"
 
 
-def main(argv: list[str] | None = None) -> dict:
+def main(argv: list[str] | None = None, model_processor=None) -> dict:
     """`lmm data check [DATA] [options] [--model.KEY=VALUE ...]`; returns the report (exit 1
-    with --strict and bad records)."""
+    with --strict and bad records). `model_processor(config, template, max_length,
+    preprocessing, where)` builds a recipe's model processor (the `lmm` command passes
+    `lmm.training.recipe.model_processor`; data sits below training, so it is handed in);
+    without it a recipe's tokens are counted with the stub media spec."""
     parser = argparse.ArgumentParser(prog="lmm data", description="Data tools.")
     commands = parser.add_subparsers(dest="command", required=True)
     p = commands.add_parser(
@@ -597,7 +564,11 @@ def main(argv: list[str] | None = None) -> dict:
     processor = None
     if a.recipe:
         template = template if isinstance(template, ChatTemplate) else load_template(template)
-        processor = model_processor(config, template, max_length, preprocessing, a.recipe)
+        processor = (
+            model_processor(config, template, max_length, preprocessing, a.recipe)
+            if model_processor is not None
+            else None
+        )
         if processor is not None and a.tokenizer:
             log.warning("--tokenizer %s is not used: the recipe's model gives its own", a.tokenizer)
     passed = ("image_tokens", "image_size", "split", "epoch", "bins", "show")

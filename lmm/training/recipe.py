@@ -12,9 +12,15 @@ from pathlib import Path
 import yaml
 from jsonargparse import ArgumentParser
 
+from lmm.data.policy import Preprocessing
+from lmm.data.processor import Processor
+from lmm.data.templates import ChatTemplate
 from lmm.training.checkpoint import HASHES, load_checkpoint_file
 from lmm.training.module import CheckpointMismatchError, LMMModule, check_state_fits
 from lmm.utils.errors import DataFileError, user_error_in
+from lmm.utils.logging import get_logger
+
+log = get_logger(__name__)
 
 
 def build_module(config: Mapping, where: str = "<recipe>") -> LMMModule:
@@ -111,3 +117,38 @@ def check_inputs(config, command: str) -> None:
             "(e.g. --data.init_args.train=PATH); `lmm synth` writes the synthetic data, and "
             "docs/evaluation.md says where each benchmark's files come from"
         )
+
+
+def model_processor(
+    config: dict,
+    template: ChatTemplate,
+    max_length: int,
+    preprocessing: Preprocessing | None = None,
+    where: str = "<recipe>",
+) -> Processor | None:
+    """The processor fit would connect (`ConnectData`): the recipe's model's own tokenizer, media
+    spec and image token, built on the meta device (no weights read). None, with a logged note,
+    when the model cannot be built (a full-size recipe whose model is not on this machine)."""
+    from lmm.components.pretrained import empty_init
+
+    try:
+        with empty_init(every_rank=True):
+            module = build_module(config, where)
+        media = module.media_spec()
+    except Exception as err:  # a missing folder, no network, a quantized model, ...
+        cause: BaseException = err
+        while cause.__cause__ is not None:  # jsonargparse wraps the error that says why
+            cause = cause.__cause__
+        text = str(cause).strip()
+        log.warning(
+            "%s: its model cannot be built here (%s: %s), so tokens are counted with the stub "
+            "media spec (--image-tokens per image) and --tokenizer, not the model's own. Fix: "
+            "point the recipe at the model's files (--model.init_args.tokenizer=DIR, ...)",
+            where,
+            type(cause).__name__,
+            text.splitlines()[0] if text else "no message",
+        )
+        return None
+    return Processor(
+        module.tokenizer, template, media, max_length, module.image_token, preprocessing
+    )

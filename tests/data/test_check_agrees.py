@@ -15,6 +15,7 @@ import pytest
 import yaml
 from PIL import Image
 
+from lmm.cli import data
 from lmm.data.check import check, main
 from lmm.data.datamodule import ChatDataModule
 from lmm.data.mixture import Mixture
@@ -310,7 +311,7 @@ def test_cli_recipe_counts_tokens_with_the_model_processor(
 
     recipe = Path(__file__).parents[2] / "recipes/tiny/llava_synthetic.yaml"
     train = synthetic_data / "train.json"
-    report = main(["check", str(train), "--recipe", str(recipe), *_recipe_args(tiny_assets)])
+    report = data(["check", str(train), "--recipe", str(recipe), *_recipe_args(tiny_assets)])
     out = capsys.readouterr().out
     assert "tokens counted with the media spec LlavaMediaSpec" in out
 
@@ -335,7 +336,7 @@ def test_cli_recipe_counts_tokens_with_the_model_processor(
     # without the overrides the recipe's assets/tiny is not here: the stub, and a note
     monkeypatch.chdir(tmp_path)
     args = ["--tokenizer", str(tiny_assets["tokenizer"]), "--image-tokens", "20"]
-    stub = main(["check", str(train), "--recipe", str(recipe), *args])
+    stub = data(["check", str(train), "--recipe", str(recipe), *args])
     assert "its model cannot be built here" in caplog.text and "Fix:" in caplog.text
     assert "a stub media spec (20 tokens per image)" in stub["tokens_counted_by"]
     images = report["images"]["histogram"]

@@ -178,7 +178,7 @@ def test_sentencepiece_matches_the_slow_tokenizer(tmp_path):
 def test_data_check_with_a_recipe_refuses_what_the_seed_refuses(tmp_path, capsys):
     """`lmm data check --recipe`: the recipe's template and preprocessing decide; MAmmoTH-VL's
     stage 1 (LLaVA-NeXT's preprocess_plain) takes 8 of the 14 records, as the seed's code does."""
-    from lmm.data.check import main
+    from lmm.cli import data as main
 
     tokenizer = tokenizer_folder("qwen25", tmp_path)
     recipe = "recipes/mammoth_vl/stage1.yaml"
