@@ -329,13 +329,22 @@ def load(
 
 
 def find_recipe(checkpoint: Path) -> Path:
-    """The `config.yaml` `lmm fit` saved in the run folder above `checkpoint`."""
+    """The `config.yaml` `lmm fit` saved in the run folder above `checkpoint`; for a seed
+    recipe's `runs/<name>/last.ckpt` (its ModelCheckpoint's dirpath), the newest
+    `runs/<name>/version_N/config.yaml` (the run that wrote it last)."""
     looked = []
     for parent in list(checkpoint.resolve().parents)[:3]:
         candidate = parent / "config.yaml"
         looked.append(str(candidate))
         if candidate.is_file():
             return candidate
+    versions = sorted(
+        checkpoint.resolve().parent.glob("version_*/config.yaml"), key=lambda p: p.stat().st_mtime
+    )
+    looked.append(str(checkpoint.resolve().parent / "version_*" / "config.yaml"))
+    if versions:
+        log.info("recipe of %s: %s (the newest run in its folder)", checkpoint, versions[-1])
+        return versions[-1]
     raise FileNotFoundError(
         f"no recipe for checkpoint {checkpoint}: looked for {looked}; pass recipe= "
         "(the --config the checkpoint was trained with)"

@@ -50,3 +50,24 @@ def test_seed_recipe_trains_two_steps(
     assert cli.trainer.global_step == 2
     [monitor] = [c for c in cli.trainer.callbacks if isinstance(c, ThroughputMonitor)]
     assert monitor.peak_flops > 0 and monitor._acc["flops"] > 0
+
+
+def test_each_stage_reads_the_checkpoint_its_previous_stage_writes():
+    """A stage's `init_from: runs/X/last.ckpt` is where a recipe's ModelCheckpoint writes."""
+    import yaml
+
+    recipes = sorted((Path(__file__).parents[2] / "recipes").glob("*/*.yaml"))
+    written, read = set(), {}
+    for recipe in recipes:
+        config = yaml.safe_load(recipe.read_text())
+        for callback in (config.get("trainer") or {}).get("callbacks") or []:
+            if callback["class_path"].endswith("ModelCheckpoint"):
+                dirpath = (callback.get("init_args") or {}).get("dirpath")
+                if dirpath:
+                    written.add(f"{dirpath}/last.ckpt")
+        init_from = (config.get("model") or {}).get("init_args", {}).get("init_from")
+        if isinstance(init_from, str) and init_from.startswith("runs/"):
+            read[recipe.name] = init_from
+    assert read, "no stage reads a previous stage's checkpoint"
+    unmatched = {name: path for name, path in read.items() if path not in written}
+    assert not unmatched, unmatched

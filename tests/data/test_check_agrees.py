@@ -16,7 +16,7 @@ import yaml
 from PIL import Image
 
 from lmm.cli import data
-from lmm.data.check import check, main
+from lmm.data.check import check
 from lmm.data.datamodule import ChatDataModule
 from lmm.data.mixture import Mixture
 from lmm.data.policy import Preprocessing

@@ -60,6 +60,20 @@ def test_load_finds_the_recipe_and_the_weights(trained_run, model):
         lmm.load(shutil.copy(trained_run, trained_run.parents[3] / "lone.ckpt"))
 
 
+def test_load_finds_the_recipe_of_a_seed_recipe_checkpoint(trained_run, tmp_path):
+    """A seed recipe writes `runs/<name>/last.ckpt` (its ModelCheckpoint's dirpath) beside its
+    runs' `version_N/config.yaml`: lmm.load takes the newest run's recipe."""
+    from lmm.api import find_recipe
+
+    run = tmp_path / "mantis_stage1_siglip"
+    (run / "version_0").mkdir(parents=True)
+    config = trained_run.parents[1] / "config.yaml"
+    shutil.copy(config, run / "version_0" / "config.yaml")
+    ckpt = Path(shutil.copy(trained_run, run / "last.ckpt"))
+    assert find_recipe(ckpt) == (run / "version_0" / "config.yaml").resolve()
+    lmm.load(ckpt)
+
+
 def test_load_a_recipe_alone(tiny_assets, synthetic_data):
     overrides = {
         "model.init_args.tokenizer": str(tiny_assets["tokenizer"]),
