@@ -133,6 +133,13 @@ def radar(runs: Sequence[Run], png: str | Path, title: str = "lmm evaluation") -
     ax.set_ylim(0, 100)
     ax.set_title(title)
     ax.legend(loc="upper right", bbox_to_anchor=(1.3, 1.1))
+    return _save(fig, png)
+
+
+def _save(fig, png: str | Path) -> Path:
+    """Write a chart (its folder made) and close it."""
+    import matplotlib.pyplot as plt
+
     fig.tight_layout()
     png = Path(png)
     png.parent.mkdir(parents=True, exist_ok=True)
@@ -172,12 +179,7 @@ def bars(runs: Sequence[Run], png: str | Path, title: str = "lmm evaluation") ->
     ax.set_ylabel("% of the best score")
     ax.set_title(title)
     ax.legend(loc="upper right", fontsize=8)
-    fig.tight_layout()
-    png = Path(png)
-    png.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(png, dpi=100)
-    plt.close(fig)
-    return png
+    return _save(fig, png)
 
 
 def _label(runs: Sequence[Run], task: str, scale: float) -> str:
