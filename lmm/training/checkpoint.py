@@ -452,6 +452,42 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         return load_checkpoint_file(path, verify=not verified(path))
 
 
+def sharded_weights(
+    folder: str | Path, include: Sequence[str] = (".*",), exclude: Sequence[str] = ()
+) -> dict[str, torch.Tensor]:
+    """The model weights of a sharded (FSDP2, torch.distributed.checkpoint) checkpoint folder
+    whose names match `include` and no `exclude`, as whole tensors, in one process: what a
+    later stage's `init_from` takes from a sharded stage. The folder's manifest is checked
+    first; optimizer states are not read."""
+    from torch.distributed.checkpoint import FileSystemReader
+    from torch.distributed.checkpoint import load as dcp_load
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+    folder = Path(folder)
+    verify_sharded(folder)
+    reader = FileSystemReader(str(folder))
+    try:
+        metadata = reader.read_metadata()
+    except Exception as err:  # no .metadata: not a torch.distributed.checkpoint folder
+        raise CheckpointError(
+            f"checkpoint {folder} is a folder but not a sharded checkpoint (its .metadata cannot "
+            f"be read: {type(err).__name__}: {err}); give a .ckpt file or an FSDP2 checkpoint folder"
+        ) from err
+    prefix = "state_dict."
+    wanted = {}
+    for key, item in metadata.state_dict_metadata.items():
+        name = key[len(prefix) :]
+        if not key.startswith(prefix) or not isinstance(item, TensorStorageMetadata):
+            continue
+        if any(re.fullmatch(p, name) for p in include) and not any(
+            re.fullmatch(p, name) for p in exclude
+        ):
+            wanted[name] = torch.empty(item.size, dtype=item.properties.dtype)
+    if wanted:
+        dcp_load({"state_dict": wanted}, storage_reader=reader, no_dist=True)
+    return wanted
+
+
 def init_from_checkpoint(
     module: nn.Module,
     path: str | Path,
@@ -462,11 +498,16 @@ def init_from_checkpoint(
 
     For stage-wise training, e.g. stage 2 takes the stage-1 connector: `include:
     ["model\\.connector\\..*"]`. Every selected key must exist in `module` with the same
-    shape, or the error lists the ones that do not. Returns the loaded names.
+    shape, or the error lists the ones that do not. `path` may be a sharded (FSDP2) checkpoint
+    folder: its manifest is checked and only the selected weights are read. Returns the loaded
+    names.
     """
-    checkpoint = load_checkpoint_file(path)
-    checkpoint.pop(HASHES, None)
-    state = checkpoint.get("state_dict", checkpoint)
+    if Path(path).is_dir():
+        state = sharded_weights(path, include, exclude)
+    else:
+        checkpoint = load_checkpoint_file(path)
+        checkpoint.pop(HASHES, None)
+        state = checkpoint.get("state_dict", checkpoint)
     keep = [
         k
         for k in state

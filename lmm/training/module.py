@@ -124,7 +124,8 @@ class LMMModule(L.LightningModule):
             max_new_tokens: generation length for test/predict (a benchmark may set its own).
             stop_strings: strings that end generation (default: the data template's, plus eos).
             fsdp: how FSDP2 shards the model under `ModelParallelStrategy`.
-            init_from: a checkpoint of an earlier stage (.ckpt or .safetensors) to start from.
+            init_from: a checkpoint of an earlier stage to start from (.ckpt, .safetensors or
+                a sharded FSDP2 checkpoint folder).
             init_include: regexes of the weight names taken from `init_from` (default: all),
                 e.g. `["model\\.connector\\..*"]` for stage 2 to take the stage-1 connector.
             lora: LoRA / DoRA / QLoRA adapters on the LLM (docs/lora.md); None trains weights.

@@ -225,3 +225,23 @@ def test_fsdp2_lora_adapter(tiny_assets, data, tmp_path, kind):
             torch.testing.assert_close(b[k], a[k], rtol=1e-5, atol=1e-5, msg=k)
     trained = load_file(tmp_path / "one" / "adapter" / "adapter_model.safetensors")
     assert any(k.endswith("lora_B.weight") and v.abs().sum() > 0 for k, v in trained.items())
+
+
+@pytest.mark.slow
+def test_init_from_a_sharded_checkpoint(tiny_assets, stopped):
+    """A later stage's `init_from` takes a sharded (FSDP2) stage's folder in one process: its
+    weights, whole, equal the 2-rank run's own full weights at that step."""
+    from lmm.training.checkpoint import init_from_checkpoint, sharded_weights
+    from tests.helpers import tiny_llava
+
+    ckpt = stopped / "ckpt" / "epoch=0-step=3.ckpt"
+    final = torch.load(stopped / "final.pt", weights_only=True)  # after step 3, unsharded
+    weights = sharded_weights(ckpt)
+    assert weights.keys() == final.keys()
+    for k in final:
+        assert torch.equal(weights[k], final[k]), k
+    module = tiny_llava(tiny_assets)
+    taken = init_from_checkpoint(module, ckpt, [r"model\.connector\..*"])
+    assert taken and all(k.startswith("model.connector.") for k in taken)
+    own = module.state_dict()
+    assert all(torch.equal(own[k], final[k]) for k in taken)
