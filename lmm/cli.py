@@ -290,6 +290,13 @@ def chat(argv: list[str]) -> int:
     return chat_main(argv)
 
 
+def serve(argv: list[str]) -> None:
+    """`lmm serve MODEL`: an OpenAI-compatible server; concurrent requests batched, same answers."""
+    from lmm.serve import main as serve_main
+
+    serve_main(argv)
+
+
 def report(argv: list[str]) -> str:
     """`lmm report RUNS...`: markdown table and chart of `lmm test` results."""
     from lmm.evaluation.report import main as report_main
@@ -326,6 +333,7 @@ def tasks(argv: list[str]) -> str:
 TOOLS = {
     "tasks": tasks,
     "chat": chat,
+    "serve": serve,
     "report": report,
     "bench": bench,
     "synth": synth,

@@ -10,7 +10,7 @@ from torch import nn
 from transformers import PreTrainedTokenizerBase
 
 from lmm.data.batch import Batch
-from lmm.generation.decode import Step, cut_at_stop, kernels, stream_tokens
+from lmm.generation.decode import Step, StopFn, cut_at_stop, kernels, stream_tokens
 
 
 class Generator:
@@ -47,23 +47,34 @@ class Generator:
         *,
         temperature: float = 0.0,
         top_p: float = 1.0,
-        seed: int | None = None,
+        seed: int | Sequence[int] | None = None,
+        stop: StopFn | None = None,
         use_cache: bool = True,
         batch_invariant: bool = True,
     ) -> Iterator[Step]:
         """Decoding steps for a left-padded prompt batch (`lmm.generation.decode.stream_tokens`).
 
         With `seed`, row `i` samples from a generator seeded by (seed, sample id): the same
-        answer at any batch size and in any order.
+        answer at any batch size and in any order; a list gives each row its own seed (a
+        server's requests). `stop(row, answer_tokens)` ends a row early besides the stop
+        strings (a request's own `max_tokens` or stop strings).
         """
         with kernels(batch_invariant):
             prefill = self.model.prefill(batch, self.image_token_id)
         stops = self.stops(batch)
         seeds = None
         if seed is not None:
-            seeds = [zlib.crc32(f"{seed}:{sid}".encode()) for sid in batch.ids]
+            row_seeds = [seed] * len(batch) if isinstance(seed, int) else list(seed)
+            seeds = [
+                zlib.crc32(f"{s}:{sid}".encode())
+                for s, sid in zip(row_seeds, batch.ids, strict=True)
+            ]
 
         def hit_stop_string(row: int, tokens: list[int]) -> bool:
+            if stop is not None and stop(row, tokens):
+                return True
+            if not stops:
+                return False
             tail = self.tokenizer.decode(tokens[-16:], skip_special_tokens=False)
             return any(s and s in tail for s in stops)
 
@@ -72,7 +83,7 @@ class Generator:
             prefill,
             max_new_tokens=max_new_tokens or batch.max_new_tokens or self.max_new_tokens,
             stop_token_ids=self.stop_token_ids(stops),
-            stop=hit_stop_string if stops else None,
+            stop=hit_stop_string if stops or stop is not None else None,
             temperature=temperature,
             top_p=top_p,
             seeds=seeds,
