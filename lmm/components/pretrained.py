@@ -5,6 +5,10 @@ config with every parameter on the meta device and reads no weight, and `reads_w
 False so that components skip their own checkpoint reads; after sharding, these ranks receive
 rank 0's weights (`lmm.training.strategies.broadcast_weights`). Buffers are real: the
 non-persistent ones (rotary frequencies, position ids) are computed as usual.
+
+A meta build needs only a config: when a hub id's files are neither a folder nor in the hub
+cache (offline), `load_config` falls back to the published architecture lmm ships for it
+(`lmm.published`), so a seed recipe builds at full size with nothing downloaded.
 """
 
 from __future__ import annotations
@@ -12,8 +16,14 @@ from __future__ import annotations
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 
-from transformers import AutoConfig, PreTrainedModel
+from transformers import AutoConfig, PretrainedConfig, PreTrainedModel
+
+from lmm import published
+from lmm.utils.logging import get_logger
+
+log = get_logger(__name__)
 
 _state = {"meta": False}  # inside empty_init, off rank 0
 
@@ -73,7 +83,23 @@ def from_pretrained(cls: type, path: str, **kwargs) -> PreTrainedModel:
     keep = {k: kwargs[k] for k in ("attn_implementation", "dtype") if k in kwargs}
     remote = kwargs.get("trust_remote_code", False)
     if isinstance(cls, type) and issubclass(cls, PreTrainedModel):  # its config class reads
-        config = cls.config_class.from_pretrained(path, trust_remote_code=remote)
+        config = load_config(path, cls.config_class, trust_remote_code=remote)
         return cls._from_config(config, **keep)
-    config = AutoConfig.from_pretrained(path, trust_remote_code=remote)
+    config = load_config(path, trust_remote_code=remote)
     return cls.from_config(config, trust_remote_code=remote, **keep)
+
+
+def load_config(
+    path: str, config_class: type[PretrainedConfig] = AutoConfig, trust_remote_code: bool = False
+) -> PretrainedConfig:
+    """`config_class.from_pretrained(path)`; in a meta build (`empty_init`), when `path` has no
+    files here (not a folder, not in the hub cache, no network) and lmm ships its published
+    architecture, that config instead (`lmm.published.config`). Reading weights, a missing
+    checkpoint stays an error: the fallback gives sizes, never values."""
+    try:
+        return config_class.from_pretrained(path, trust_remote_code=trust_remote_code)
+    except OSError:
+        if reads_weights() or Path(path).exists() or published.facts(path) is None:
+            raise
+    log.info("%s: no files here; building its published architecture (lmm/published)", path)
+    return published.config(path, None if config_class is AutoConfig else config_class)

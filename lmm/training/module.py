@@ -155,7 +155,9 @@ class LMMModule(L.LightningModule):
             )
         self.model = model
         self.image_token = image_token or model.default_image_token
-        self.tokenizer = load_tokenizer(tokenizer, self.image_token)
+        self.tokenizer = load_tokenizer(
+            tokenizer, self.image_token, published_stub=not reads_weights()
+        )
         add_special_tokens(self.tokenizer, model.special_tokens())
         self.image_token_id = self.tokenizer.convert_tokens_to_ids(self.image_token)
         model.llm.resize_vocab(len(self.tokenizer))
