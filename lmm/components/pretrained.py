@@ -84,9 +84,20 @@ def from_pretrained(cls: type, path: str, **kwargs) -> PreTrainedModel:
     remote = kwargs.get("trust_remote_code", False)
     if isinstance(cls, type) and issubclass(cls, PreTrainedModel):  # its config class reads
         config = load_config(path, cls.config_class, trust_remote_code=remote)
-        return cls._from_config(config, **keep)
+        return tie_as_loaded(cls._from_config(config, **keep))
     config = load_config(path, trust_remote_code=remote)
-    return cls.from_config(config, trust_remote_code=remote, **keep)
+    return tie_as_loaded(cls.from_config(config, trust_remote_code=remote, **keep))
+
+
+def tie_as_loaded(model: PreTrainedModel) -> PreTrainedModel:
+    """Share the input embeddings with the output head when the config ties them, as
+    `from_pretrained` does: inside accelerate's `init_empty_weights` transformers' own tying
+    re-registers a new meta parameter, and the head would count (and shard) twice."""
+    config = model.config.get_text_config()
+    inp, out = model.get_input_embeddings(), model.get_output_embeddings()
+    if getattr(config, "tie_word_embeddings", False) and inp is not None and out is not None:
+        out._parameters["weight"] = inp.weight  # not register_parameter: accelerate copies it
+    return model
 
 
 def load_config(
