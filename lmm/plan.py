@@ -27,7 +27,7 @@ def meta_module(config: Mapping, where: str = "<recipe>") -> LMMModule:
     lora = config["model"]["init_args"].get("lora")
     if lora:
         lora["quantize"] = None  # (its check that the LLM is quantized too)
-    with empty_init(every_rank=True):
+    with empty_init(every_rank=True, published=True):
         return build_module(config, where)
 
 

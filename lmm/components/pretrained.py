@@ -6,8 +6,8 @@ False so that components skip their own checkpoint reads; after sharding, these 
 rank 0's weights (`lmm.training.strategies.broadcast_weights`). Buffers are real: the
 non-persistent ones (rotary frequencies, position ids) are computed as usual.
 
-A meta build needs only a config: when a hub id's files are neither a folder nor in the hub
-cache (offline), `load_config` falls back to the published architecture lmm ships for it
+A sizes-only build (`empty_init(published=True)`, `lmm plan`) needs only a config: when a hub
+id's files are neither a folder nor in the hub cache (offline), `load_config` falls back to the published architecture lmm ships for it
 (`lmm.published`), so a seed recipe builds at full size with nothing downloaded.
 """
 
@@ -25,7 +25,7 @@ from lmm.utils.logging import get_logger
 
 log = get_logger(__name__)
 
-_state = {"meta": False}  # inside empty_init, off rank 0
+_state = {"meta": False, "published": False}  # inside empty_init, off rank 0
 
 
 class MetaInitError(ValueError):
@@ -43,24 +43,36 @@ def launched_rank_zero() -> bool:
 
 
 @contextmanager
-def empty_init(enabled: bool = True, every_rank: bool = False) -> Iterator[None]:
+def empty_init(
+    enabled: bool = True, every_rank: bool = False, published: bool = False
+) -> Iterator[None]:
     """Build modules with their parameters on the meta device, reading no weights, on every
     rank but rank 0 (`launched_rank_zero`); a no-op on rank 0 or when not `enabled`.
 
     `every_rank` builds on the meta device on rank 0 too: for a tool that needs a model's
     tokenizer and media spec but none of its weights (`lmm data check --recipe`).
+
+    `published` (sizes only, `lmm plan`): a hub id with no files here builds from the
+    published architecture lmm ships (`load_config`), its tokenizer as a stub of the published
+    length (`lmm.data.tokenization.load_tokenizer`), which counts rows and cannot tokenize;
+    so it is never on where text is tokenized (training, `lmm data check`).
     """
     if not enabled or (launched_rank_zero() and not every_rank) or _state["meta"]:
         yield
         return
     from accelerate import init_empty_weights  # peft's dependency
 
-    _state["meta"] = True
+    _state["meta"], _state["published"] = True, published
     try:
         with init_empty_weights(include_buffers=False):
             yield
     finally:
-        _state["meta"] = False
+        _state["meta"] = _state["published"] = False
+
+
+def builds_published() -> bool:
+    """Inside `empty_init(published=True)`: hub ids with no files here build from lmm's facts."""
+    return _state["published"]
 
 
 def reads_weights() -> bool:
@@ -103,14 +115,15 @@ def tie_as_loaded(model: PreTrainedModel) -> PreTrainedModel:
 def load_config(
     path: str, config_class: type[PretrainedConfig] = AutoConfig, trust_remote_code: bool = False
 ) -> PretrainedConfig:
-    """`config_class.from_pretrained(path)`; in a meta build (`empty_init`), when `path` has no
+    """`config_class.from_pretrained(path)`; in a sizes-only build (`empty_init(published=True)`),
+    when `path` has no
     files here (not a folder, not in the hub cache, no network) and lmm ships its published
     architecture, that config instead (`lmm.published.config`). Reading weights, a missing
     checkpoint stays an error: the fallback gives sizes, never values."""
     try:
         return config_class.from_pretrained(path, trust_remote_code=trust_remote_code)
     except OSError:
-        if reads_weights() or Path(path).exists() or published.facts(path) is None:
+        if not builds_published() or Path(path).exists() or published.facts(path) is None:
             raise
     log.info("%s: no files here; building its published architecture (lmm/published)", path)
     return published.config(path, None if config_class is AutoConfig else config_class)

@@ -2,7 +2,7 @@
 the hub models the seed recipes name, shipped as small JSON files beside this module.
 
 They let a recipe build at full size on the meta device with no files on disk and no network
-(`lmm.components.pretrained.empty_init`, `lmm plan`): when a hub id's own files are neither a
+(`lmm.components.pretrained.empty_init(published=True)`, `lmm plan`): when a hub id's own files are neither a
 local folder nor in the hub cache, `config` and `stub_tokenizer` stand in. The real loader is
 unchanged when a checkpoint is present, and nothing here is used when weights are read.
 

@@ -139,14 +139,16 @@ def test_plan_fallback_only_without_files(tmp_path, monkeypatch):
     from lmm.components.pretrained import empty_init, load_config
 
     hub_id = "google/gemma-2b"
-    with empty_init(every_rank=True):
+    with empty_init(every_rank=True, published=True):
         assert load_config(hub_id).num_hidden_layers == 18  # shipped
+    with pytest.raises(OSError), empty_init(every_rank=True):
+        load_config(hub_id)  # a meta build that tokenizes (lmm data check): no fallback
     with pytest.raises(OSError):
-        load_config(hub_id)  # not a meta build: no fallback
+        load_config(hub_id)  # reading weights: no fallback
     shipped = published.config(hub_id)
     shipped.num_hidden_layers = 2
     shipped.save_pretrained(tmp_path / hub_id)
     monkeypatch.chdir(tmp_path)  # a folder named as the hub id: from_pretrained reads it
-    with empty_init(every_rank=True):
+    with empty_init(every_rank=True, published=True):
         assert load_config(hub_id).num_hidden_layers == 2
     assert isinstance(load_config(hub_id), type(AutoConfig.for_model("gemma")))
