@@ -7,7 +7,12 @@ from torch import Tensor, nn
 from transformers import AutoModelForCausalLM, BitsAndBytesConfig, PreTrainedModel
 
 from lmm.components.attention import resolve_attention
-from lmm.components.pretrained import MetaInitError, from_pretrained, reads_weights
+from lmm.components.pretrained import (
+    MetaInitError,
+    from_pretrained,
+    reads_weights,
+    tie_as_loaded,
+)
 from lmm.utils.logging import get_logger
 
 log = get_logger(__name__)
@@ -108,6 +113,7 @@ class CausalLM(nn.Module):
             # new rows start at the old rows' mean (transformers); on the meta device there is
             # nothing to average: rank 0's rows arrive after sharding
             self.model.resize_token_embeddings(size, mean_resizing=reads_weights())
+            tie_as_loaded(self.model)
 
     def forward(self, **kwargs):
         return self.model(**kwargs)

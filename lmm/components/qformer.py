@@ -12,13 +12,13 @@ import json
 
 import torch
 from torch import Tensor, nn
-from transformers import AutoConfig, Blip2QFormerModel, Blip2VisionModel, PreTrainedModel
+from transformers import Blip2QFormerModel, Blip2VisionModel, PreTrainedModel
 from transformers.initialization import no_init_weights
 from transformers.utils import cached_file
 
 from lmm.components.attention import resolve_attention
 from lmm.components.language import _dtype
-from lmm.components.pretrained import from_pretrained, reads_weights
+from lmm.components.pretrained import from_pretrained, load_config, reads_weights
 from lmm.components.vision import VisionEncoder, normalization
 from lmm.training.checkpoint import load_safetensors
 from lmm.utils.logging import get_logger
@@ -70,7 +70,7 @@ def _load_part(
     dtype: torch.dtype,
 ) -> PreTrainedModel:
     """A BLIP-2 sub-model: from a whole BLIP-2 checkpoint (by key prefix) or from its own folder."""
-    config = AutoConfig.from_pretrained(path)
+    config = load_config(path)
     if config.model_type != BLIP2:
         return from_pretrained(
             model_cls, path, attn_implementation=attn_implementation, dtype=dtype
@@ -181,7 +181,7 @@ class QFormer(nn.Module):
             _attention(attn_implementation),
             torch_dtype,
         )
-        config = AutoConfig.from_pretrained(path)
+        config = load_config(path)
         if not reads_weights():  # on the meta device: rank 0's values come later
             queries = torch.empty(
                 1, num_queries, self.model.config.hidden_size, dtype=torch_dtype, device="meta"

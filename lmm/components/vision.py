@@ -7,11 +7,11 @@ from pathlib import Path
 from typing import Literal
 
 from torch import Tensor, nn
-from transformers import AutoConfig, CLIPVisionModel, SiglipVisionModel
+from transformers import CLIPVisionModel, SiglipVisionModel
 
 from lmm.components.attention import resolve_attention
 from lmm.components.language import _dtype
-from lmm.components.pretrained import from_pretrained
+from lmm.components.pretrained import from_pretrained, load_config
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -57,7 +57,7 @@ class HFVisionTower(VisionEncoder):
         super().__init__()
         if select not in ("default", "full"):
             raise ValueError(f"select must be 'default' or 'full', got {select!r}")
-        config = AutoConfig.from_pretrained(path)
+        config = load_config(path)
         kind = config.model_type.removesuffix("_vision_model")
         classes = {"clip": CLIPVisionModel, "siglip": SiglipVisionModel}
         if kind not in classes:

@@ -18,9 +18,24 @@ log = get_logger(__name__)
 IGNORE_INDEX = -100
 
 
-def load_tokenizer(path: str, image_token: str = IMAGE_MARKER) -> PreTrainedTokenizerBase:
-    """Load a tokenizer and make sure it has the image token and a pad token (as special tokens)."""
-    tokenizer = AutoTokenizer.from_pretrained(path)
+def load_tokenizer(
+    path: str, image_token: str = IMAGE_MARKER, published_stub: bool = False
+) -> PreTrainedTokenizerBase:
+    """Load a tokenizer and make sure it has the image token and a pad token (as special tokens).
+
+    `published_stub` (a meta build: sizes only): a hub id with no files here whose published
+    tokenizer length lmm ships gets a stub of that length (`lmm.published.stub_tokenizer`),
+    so the embeddings grow as with the real one; it cannot tokenize text."""
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path)
+    except OSError:
+        from lmm import published
+
+        found = published.facts(path)
+        if not published_stub or Path(path).exists() or not (found and "tokenizer" in found):
+            raise
+        log.info("%s: no files here; a stub tokenizer of its published length", path)
+        tokenizer = published.stub_tokenizer(path)
     added = []
     if image_token not in tokenizer.get_vocab():
         added.append(image_token)

@@ -12,7 +12,7 @@ from lightning.pytorch.cli import OptimizerCallable
 from lightning.pytorch.strategies import ModelParallelStrategy
 from torch import Tensor, nn
 
-from lmm.components.pretrained import reads_weights
+from lmm.components.pretrained import builds_published, reads_weights
 from lmm.data.batch import Batch
 from lmm.data.processor import MediaSpec
 from lmm.data.tokenization import add_special_tokens, load_tokenizer
@@ -155,7 +155,9 @@ class LMMModule(L.LightningModule):
             )
         self.model = model
         self.image_token = image_token or model.default_image_token
-        self.tokenizer = load_tokenizer(tokenizer, self.image_token)
+        self.tokenizer = load_tokenizer(
+            tokenizer, self.image_token, published_stub=builds_published()
+        )
         add_special_tokens(self.tokenizer, model.special_tokens())
         self.image_token_id = self.tokenizer.convert_tokens_to_ids(self.image_token)
         model.llm.resize_vocab(len(self.tokenizer))

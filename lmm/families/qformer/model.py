@@ -96,7 +96,7 @@ class VPGC(nn.Module):
         """
         super().__init__()
         queries = query_tokens.detach().clone().float()
-        if not queries.any():
+        if not queries.is_meta and not queries.any():  # (meta: sizes only, no values)
             queries.normal_(0.0, init_std)
         self.query_tokens = nn.Parameter(queries)  # [1, Q, D_q]
         self.qformer_proj = nn.Linear(llm_dim, qformer_dim)  # instruction → query offset

@@ -37,7 +37,7 @@ from lmm.components.attention import resolve_attention
 from lmm.components.flops import attention_flops, llm_step_flops, matmul_flops, trains
 from lmm.components.language import CausalLM
 from lmm.components.merge import scatter_items
-from lmm.components.pretrained import from_pretrained
+from lmm.components.pretrained import from_pretrained, load_config
 from lmm.data.batch import Batch
 from lmm.families.model import FamilyModel
 from lmm.families.qwen2_5_vl.media import (
@@ -257,7 +257,7 @@ class Qwen25VLModel(FamilyModel):
         if weights:
             hf = from_pretrained(Qwen2_5_VLForConditionalGeneration, path, **kwargs)
         else:
-            config = Qwen2_5_VLConfig.from_pretrained(path)
+            config = load_config(path, Qwen2_5_VLConfig)
             hf = Qwen2_5_VLForConditionalGeneration._from_config(config, **kwargs)
         self.path = path
         self.config: Qwen2_5_VLConfig = hf.config
