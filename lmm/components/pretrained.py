@@ -20,7 +20,7 @@ from pathlib import Path
 
 from transformers import AutoConfig, PretrainedConfig, PreTrainedModel
 
-from lmm import published
+import lmm.published as published
 from lmm.utils.logging import get_logger
 
 log = get_logger(__name__)

@@ -29,7 +29,7 @@ def load_tokenizer(
     try:
         tokenizer = AutoTokenizer.from_pretrained(path)
     except OSError:
-        from lmm import published
+        import lmm.published as published
 
         found = published.facts(path)
         if not published_stub or Path(path).exists() or not (found and "tokenizer" in found):
