@@ -120,3 +120,38 @@ def test_web_demo_in_browser(web, model, tmp_path):  # noqa: F811
     finally:
         driver.quit()
     assert text.strip() == expected.strip()
+
+
+def test_web_turns_take_images_and_a_video(model, synthetic_data, tmp_path):  # noqa: F811
+    """The demo's turns (no browser): two images, then a video, kinds read from content; the
+    streamed reply grows to `generate`'s answer; a seeded sampled reply repeats."""
+    pytest.importorskip("av")
+    from lmm.web import WebChat, shown_turn, user_turn
+    from tests.data.test_video import write_video
+
+    images = sorted((synthetic_data / "images").glob("*.png"))[:2]
+    clip = write_video(tmp_path / "clip.mp4", n=12).rename(tmp_path / "clip.bin")  # no suffix
+    chat = WebChat(model)
+    first = user_turn("  Same shape?  ", [str(p) for p in images])
+    assert [p["type"] for p in first["content"]] == ["image", "image", "text"]
+    assert first["content"][-1]["text"] == "Same shape?"
+    assert [m["content"] for m in shown_turn(first)][1:] == [
+        {"path": str(images[1])},
+        "Same shape?",
+    ]
+    growing = list(chat.reply([first], 8, 0.0, 1.0, 0))
+    assert all(b.startswith(a) for a, b in zip(growing, growing[1:], strict=False))
+    assert growing[-1] == model.generate([first], max_new_tokens=8)
+
+    second = user_turn("And this?", [str(clip)])
+    assert [p["type"] for p in second["content"]] == ["video", "text"]
+    messages = [first, {"role": "assistant", "content": growing[-1]}, second]
+    *_, greedy = chat.reply(messages, 6, 0.0, 1.0, 0)
+    assert greedy == model.generate(messages, max_new_tokens=6)
+    *_, sampled = chat.reply(messages, 6, 1.5, 0.9, 7)
+    *_, again = chat.reply(messages, 6, 1.5, 0.9, 7)
+    assert (
+        sampled
+        == again
+        == model.generate(messages, max_new_tokens=6, temperature=1.5, top_p=0.9, seed=7)
+    )
