@@ -297,6 +297,13 @@ def serve(argv: list[str]) -> None:
     serve_main(argv)
 
 
+def plan(argv: list[str]) -> dict:
+    """`lmm plan --config RECIPE`: a recipe at full size: parameters, memory per GPU, micro-batch."""
+    from lmm.plan import main as plan_main
+
+    return plan_main(argv)
+
+
 def report(argv: list[str]) -> str:
     """`lmm report RUNS...`: markdown table and chart of `lmm test` results."""
     from lmm.evaluation.report import main as report_main
@@ -335,6 +342,7 @@ TOOLS = {
     "chat": chat,
     "serve": serve,
     "report": report,
+    "plan": plan,
     "bench": bench,
     "synth": synth,
     "tiny": tiny,
