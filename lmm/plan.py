@@ -15,6 +15,7 @@ from lmm.components.flops import layer_list
 from lmm.components.pretrained import empty_init
 from lmm.training.module import LMMModule
 from lmm.training.recipe import build_module
+from lmm.utils.errors import UserError
 
 KEYS = ("parameters", "trainable", "frozen", "adapters")
 
@@ -83,7 +84,7 @@ NF4_BYTES = {False: 0.5 + 4 / 64, True: 0.5 + 1 / 64 + 4 / (64 * 256)}
 GATED = ("llama", "mistral", "qwen2", "qwen2_5_vl_text", "gemma", "gemma2", "qwen3")
 
 
-class PlanError(ValueError):
+class PlanError(UserError, ValueError):
     """A `lmm plan` argument that cannot be read."""
 
 
