@@ -153,9 +153,10 @@ def memory_per_gpu(
       parameter's dtype), sharded like them.
     - `activations`: per LLM layer `tokens·h·c` bytes, c = `activation_constant(config)`,
       for `rows` rows of `tokens`; with checkpointing each layer keeps only its bf16 input
-      (`2·tokens·h`) and one layer's full activations exist while it is recomputed. Plus the
-      logits: bf16 and their fp32 copy for the loss (`6·tokens·V`; an upper bound: the head
-      runs only at labeled positions). A frozen vision tower keeps none (no graph).
+      (`2·tokens·h`) and one layer's full activations exist while it is recomputed. A frozen
+      vision tower keeps none (no graph); a trained connector's are negligible here.
+    - `logits`: bf16 and their fp32 copy for the loss, `6·tokens·V` (an upper bound: the
+      head runs only at labeled positions, which the recipe alone does not tell).
     """
     llm = module.model.parts().get("llm")
     config = _text_config(llm)
@@ -178,13 +179,13 @@ def memory_per_gpu(
     row_tokens = rows * tokens
     full = row_tokens * h * activation_constant(config)
     act = (n * 2 * row_tokens * h + full) if checkpointing else n * full
-    act += 6 * row_tokens * vocab
     out = {
         "parameters": params / shards,
         "gathered": 2 * layer_bytes if sharded else 0.0,
         "gradients": grads / shards,
         "optimizer": 2 * grads / shards,
         "activations": act,
+        "logits": 6.0 * row_tokens * vocab,
     }
     return {**out, "total": sum(out.values())}
 
@@ -235,8 +236,8 @@ def plan(config: Mapping, gpus: str = "8xH100-80G", where: str = "<recipe>") -> 
     for key, ckpt in (("checkpointing", True), ("no_checkpointing", False)):
         memory[key] = memory_per_gpu(module, count, sharded, rows, tokens, ckpt, quantized)
         one = memory_per_gpu(module, count, sharded, 1, tokens, ckpt, quantized)
-        static = one["total"] - one["activations"]
-        largest[key] = max(0, int((usable - static) // one["activations"]))
+        row = one["activations"] + one["logits"]
+        largest[key] = max(0, int((usable - (one["total"] - row)) // row))
     result = {
         "recipe": where,
         "gpus": {
@@ -291,9 +292,11 @@ def render(result: Mapping) -> str:
         f"{'':<18}{'checkpointing':>16}{'no checkpointing':>18}",
     ]
     memory = result["memory_per_gpu"]
-    for key in ("parameters", "gathered", "gradients", "optimizer", "activations", "total"):
+    for key in ("parameters", "gathered", "gradients", "optimizer", "activations", "logits"):
         on, off = memory["checkpointing"][key], memory["no_checkpointing"][key]
         lines.append(f"{key:<18}{on / GIB:>16.2f}{off / GIB:>18.2f}")
+    on, off = memory["checkpointing"]["total"], memory["no_checkpointing"]["total"]
+    lines.append(f"{'total':<18}{on / GIB:>16.2f}{off / GIB:>18.2f}")
     largest = result["largest_micro_batch"]
     lines.append(
         f"{'largest micro-batch':<18}{largest['checkpointing']:>16}"

@@ -51,7 +51,7 @@ def test_plan_command_json(capsys, module):
         assert all(v > 0 for v in row.values()), row
         assert row["total"] == pytest.approx(sum(v for k, v in row.items() if k != "total"))
     assert on["activations"] < off["activations"] and on["total"] < off["total"]
-    for key in ("parameters", "gradients", "optimizer"):
+    for key in ("parameters", "gradients", "optimizer", "logits"):
         assert on[key] == off[key]
     usable = result["gpus"]["usable"]
     tokens = result["micro_batch"]["tokens_per_row"]
