@@ -9,6 +9,7 @@ from collections.abc import Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 
+import torch
 from torch import nn
 
 from lmm.components.flops import layer_list
@@ -82,6 +83,25 @@ USABLE = 0.9
 NF4_BYTES = {False: 0.5 + 4 / 64, True: 0.5 + 1 / 64 + 4 / (64 * 256)}
 # Gated MLP (SwiGLU / GeGLU: gate, up, act, product) against a plain one (fc1, act).
 GATED = ("llama", "mistral", "qwen2", "qwen2_5_vl_text", "gemma", "gemma2", "qwen3")
+
+
+# One model FLOPs utilisation for every estimate (assumed, not fitted per run): dense bf16
+# training of 7-8B models with FSDP / ZeRO-3 typically reaches 35-45% of the A100's peak.
+MFU = 0.4
+
+
+def row_flops(module: LMMModule, tokens: int) -> float:
+    """Training FLOPs (forward + backward) of one row of `tokens` text tokens, counted as the
+    throughput monitor counts them (`FamilyModel.step_flops`): the row as one causal
+    sequence (packed rows of several samples attend less) and no image views (the vision
+    tower's FLOPs need the data's image counts: `lmm data check`)."""
+    from types import SimpleNamespace
+
+    mask = torch.ones(1, tokens, dtype=torch.bool)
+    batch = SimpleNamespace(
+        num_tokens=tokens, seq_lens=[[tokens]], attention_mask=mask, pixel_values=None
+    )
+    return float(module.model.step_flops(batch, None))
 
 
 class PlanError(UserError, ValueError):
@@ -238,6 +258,9 @@ def plan(config: Mapping, gpus: str = "8xH100-80G", where: str = "<recipe>") -> 
         one = memory_per_gpu(module, count, sharded, 1, tokens, ckpt, quantized)
         row = one["activations"] + one["logits"]
         largest[key] = max(0, int((usable - (one["total"] - row)) // row))
+    accumulate = int(_get(config, "trainer", "accumulate_grad_batches", default=1))
+    flops = row_flops(module, tokens)
+    step = rows * accumulate * flops / (gpu.peak_flops * MFU)
     result = {
         "recipe": where,
         "gpus": {
@@ -256,6 +279,13 @@ def plan(config: Mapping, gpus: str = "8xH100-80G", where: str = "<recipe>") -> 
         },  # fmt: skip
         "memory_per_gpu": memory,
         "largest_micro_batch": largest,
+        "time": {
+            "flops_per_row": flops,
+            "mfu": MFU,
+            "accumulate_grad_batches": accumulate,
+            "rows_per_step": rows * accumulate * count,
+            "seconds_per_step": step,
+        },  # fmt: skip
     }
     if quantized:
         base = counts["llm"]["parameters"] - counts["llm"]["adapters"]
@@ -302,6 +332,13 @@ def render(result: Mapping) -> str:
         f"{'largest micro-batch':<18}{largest['checkpointing']:>16}"
         f"{largest['no_checkpointing']:>18}   rows that fit in the usable memory"
     )
+    t = result["time"]
+    lines += [
+        "",
+        f"time: {t['flops_per_row'] / 1e12:.1f} TFLOPs per row (text tokens only), "
+        f"{t['seconds_per_step']:.1f} s per optimizer step of {t['rows_per_step']} rows "
+        f"at MFU {t['mfu']:.0%}",
+    ]
     return "\n".join(lines) + "\n"
 
 

@@ -63,6 +63,13 @@ def test_plan_command_json(capsys, module):
 
         assert (rows == 0 or total(rows) <= usable) and total(rows + 1) > usable, key
     assert result["largest_micro_batch"]["checkpointing"] >= 1  # Mantis's run fits 16xA100-40G
+    # time: every trained LLM weight costs 6 FLOPs per token (forward, both backward matmuls)
+    time = result["time"]
+    llm = parameter_counts(module)["llm"]["trainable"]
+    assert 6 * llm * tokens < time["flops_per_row"] < 1.5 * 6 * llm * tokens
+    assert time["rows_per_step"] == 2 * 8 * 16
+    steps = 2 * 8 * time["flops_per_row"] / (312e12 * time["mfu"])
+    assert time["seconds_per_step"] == pytest.approx(steps)
 
 
 def test_plan_memory_monotone(module):
