@@ -172,7 +172,8 @@ def memory_per_gpu(
     - `optimizer`: AdamW's two moments per trainable parameter (`exp_avg`, `exp_avg_sq`, the
       parameter's dtype), sharded like them.
     - `activations`: per LLM layer `tokens·h·c` bytes, c = `activation_constant(config)`,
-      for `rows` rows of `tokens`; with checkpointing each layer keeps only its bf16 input
+      for `rows` rows of `tokens` (an upper bound for a frozen LLM, whose matmuls keep no
+      inputs for weight gradients); with checkpointing each layer keeps only its bf16 input
       (`2·tokens·h`) and one layer's full activations exist while it is recomputed. A frozen
       vision tower keeps none (no graph); a trained connector's are negligible here.
     - `logits`: bf16 and their fp32 copy for the loss, `6·tokens·V` (an upper bound: the
