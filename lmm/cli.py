@@ -304,6 +304,13 @@ def web(argv: list[str]) -> None:
     web_main(argv)
 
 
+def plan(argv: list[str]) -> dict:
+    """`lmm plan --config RECIPE`: a recipe at full size: parameters, memory per GPU, micro-batch."""
+    from lmm.plan import main as plan_main
+
+    return plan_main(argv)
+
+
 def report(argv: list[str]) -> str:
     """`lmm report RUNS...`: markdown table and chart of `lmm test` results."""
     from lmm.evaluation.report import main as report_main
@@ -343,6 +350,7 @@ TOOLS = {
     "serve": serve,
     "web": web,
     "report": report,
+    "plan": plan,
     "bench": bench,
     "synth": synth,
     "tiny": tiny,
