@@ -184,7 +184,9 @@ class LMM:
         seed: int | None = None,
     ) -> Iterator[str]:
         """The reply to one conversation, piece by piece as it is generated (pieces join to it)."""
-        batch = self.batch([self.sample(messages, images)])
+        sample = self.sample(messages, images)
+        sample.id = "0"  # as `generate` numbers a lone conversation: a seeded reply is the same
+        batch = self.batch([sample])
         stops = self.module.generator.stops(batch)
         tokens: list[int] = []
         shown = 0

@@ -297,6 +297,20 @@ def serve(argv: list[str]) -> None:
     serve_main(argv)
 
 
+def web(argv: list[str]) -> None:
+    """`lmm web MODEL`: a Gradio chat demo in the browser; images or a video per turn, streamed."""
+    from lmm.web import main as web_main
+
+    web_main(argv)
+
+
+def plan(argv: list[str]) -> dict:
+    """`lmm plan --config RECIPE`: a recipe at full size: parameters, memory per GPU, micro-batch."""
+    from lmm.plan import main as plan_main
+
+    return plan_main(argv)
+
+
 def report(argv: list[str]) -> str:
     """`lmm report RUNS...`: markdown table and chart of `lmm test` results."""
     from lmm.evaluation.report import main as report_main
@@ -334,7 +348,9 @@ TOOLS = {
     "tasks": tasks,
     "chat": chat,
     "serve": serve,
+    "web": web,
     "report": report,
+    "plan": plan,
     "bench": bench,
     "synth": synth,
     "tiny": tiny,

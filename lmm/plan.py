@@ -6,10 +6,17 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass
 
+import torch
+from torch import nn
+
+from lmm.components.flops import layer_list
 from lmm.components.pretrained import empty_init
 from lmm.training.module import LMMModule
 from lmm.training.recipe import build_module
+from lmm.utils.errors import UserError
 
 KEYS = ("parameters", "trainable", "frozen", "adapters")
 
@@ -44,3 +51,317 @@ def parameter_counts(module: LMMModule) -> dict[str, dict[str, int]]:
         row["adapters"] += param.numel() * (".lora_" in name)
     total = {k: sum(row[k] for row in parts.values()) for k in KEYS}
     return {**parts, "total": total}
+
+
+# --- memory per GPU -------------------------------------------------------------------------
+
+GIB = 2**30
+
+
+@dataclass(frozen=True)
+class GPU:
+    """One accelerator type: its memory and its dense bf16 tensor-core peak."""
+
+    memory: float  # bytes
+    peak_flops: float  # dense bf16 FLOP/s (no sparsity)
+    source: str
+
+
+# NVIDIA datasheets (dense bf16, no structured sparsity; SXM parts)
+GPUS = {
+    "A100-40G": GPU(40 * GIB, 312e12, "NVIDIA A100 datasheet: BF16 312 TFLOPS"),
+    "A100-80G": GPU(80 * GIB, 312e12, "NVIDIA A100 datasheet: BF16 312 TFLOPS"),
+    "H100-80G": GPU(80 * GIB, 989e12, "NVIDIA H100 SXM datasheet: BF16 1979 TFLOPS sparse"),
+    "H200-141G": GPU(141e9, 989e12, "NVIDIA H200 SXM datasheet: BF16 1979 TFLOPS sparse"),
+    "L40S-48G": GPU(48e9, 362e12, "NVIDIA L40S datasheet: BF16 362 TFLOPS (733 sparse)"),
+}
+# What a process can allocate for tensors: the CUDA context, NCCL buffers and the caching
+# allocator's fragmentation take the rest (an assumption, not a measurement).
+USABLE = 0.9
+# bitsandbytes NF4: 4 bits per weight plus one fp32 absmax per block of 64 (double
+# quantization shrinks the absmax to 8 bits + a second-level fp32 per 256 blocks).
+NF4_BYTES = {False: 0.5 + 4 / 64, True: 0.5 + 1 / 64 + 4 / (64 * 256)}
+# Gated MLP (SwiGLU / GeGLU: gate, up, act, product) against a plain one (fc1, act).
+GATED = ("llama", "mistral", "qwen2", "qwen2_5_vl_text", "gemma", "gemma2", "qwen3")
+
+
+# One model FLOPs utilisation for every estimate (assumed, not fitted per run): dense bf16
+# training of 7-8B models with FSDP / ZeRO-3 typically reaches 35-45% of the A100's peak.
+MFU = 0.4
+
+
+def row_flops(module: LMMModule, tokens: int) -> float:
+    """Training FLOPs (forward + backward) of one row of `tokens` text tokens, counted as the
+    throughput monitor counts them (`FamilyModel.step_flops`): the row as one causal
+    sequence (packed rows of several samples attend less) and no image views (the vision
+    tower's FLOPs need the data's image counts: `lmm data check`)."""
+    from types import SimpleNamespace
+
+    mask = torch.ones(1, tokens, dtype=torch.bool)
+    batch = SimpleNamespace(
+        num_tokens=tokens, seq_lens=[[tokens]], attention_mask=mask, pixel_values=None
+    )
+    return float(module.model.step_flops(batch, None))
+
+
+class PlanError(UserError, ValueError):
+    """A `lmm plan` argument that cannot be read."""
+
+
+def parse_gpus(spec: str) -> tuple[int, str]:
+    """`16xA100-40G` -> (16, "A100-40G")."""
+    count, _, name = spec.partition("x")
+    if not count.isdigit() or int(count) < 1 or name not in GPUS:
+        raise PlanError(
+            f"--gpus {spec!r}: expected COUNTxTYPE with TYPE one of {', '.join(GPUS)}. "
+            "Fix: e.g. --gpus 16xA100-40G"
+        )
+    return int(count), name
+
+
+def activation_constant(config) -> float:
+    """Bytes per token per hidden unit that one decoder (or encoder) layer keeps for its
+    backward pass in bf16, without activation checkpointing, with a fused (flash / SDPA)
+    attention that stores O(tokens) statistics, not the L×L scores.
+
+    Korthikanti et al. 2022 ("Reducing Activation Recomputation in Large Transformer Models",
+    eq. 1) count `s·b·h·(34 + 5·a·s/h)` bytes per GPT layer: 11·sbh attention + 19·sbh MLP
+    (4h wide, GELU, dropout masks) + 4·sbh layer norms; fused attention drops the `5as/h`
+    term. The same count for the layers here, in elements per token (× 2 bytes, bf16), with
+    h = hidden, kv = key/value width (grouped-query), I = MLP width, no dropout:
+        attention: norm input h, q/k/v input h, rotated q h, k kv, v kv, output h,
+                   output projection input h                       = 5h + 2kv
+        MLP, gated (Llama, Qwen2, Gemma: gate, up, act(gate), product): 2h + 4I
+        MLP, plain (Phi, CLIP, SigLIP: fc1 output, act):              2h + 2I
+    e.g. Llama-3-8B (kv = h/4, I = 3.5h): 2·(7 + 0.5 + 14) = 43 bytes per token per h."""
+    h = config.hidden_size
+    heads = config.num_attention_heads
+    kv = h * (getattr(config, "num_key_value_heads", None) or heads) / heads
+    width = config.intermediate_size
+    gated = config.model_type in GATED
+    elements = 5 * h + 2 * kv + 2 * h + (4 if gated else 2) * width
+    return 2 * elements / h
+
+
+def _text_config(module):
+    config = module.model.config
+    return getattr(config, "text_config", None) or config
+
+
+def _part_params(part) -> list:
+    return list(part.parameters()) if part is not None else []
+
+
+def memory_per_gpu(
+    module: LMMModule,
+    gpus: int,
+    sharded: bool,
+    rows: int,
+    tokens: int,
+    checkpointing: bool,
+    quantized: dict | None = None,
+) -> dict[str, float]:
+    """Bytes per GPU of a training step (the peak, in the backward pass of the first layer).
+
+    - `parameters`: every parameter in its own dtype, ÷ `gpus` under FSDP2 (sharded), whole
+      under DDP; a quantized LLM's decoder-layer Linear weights at NF4 bytes (`NF4_BYTES`).
+    - `gathered` (FSDP2): the unsharded bf16 parameters of two decoder layers (the one
+      running and the one prefetched).
+    - `gradients`: the trainable parameters' gradients, in the parameter's dtype (FSDP2
+      reduces in fp32 and stores the shard in the parameter's dtype), sharded like them.
+    - `optimizer`: AdamW's two moments per trainable parameter (`exp_avg`, `exp_avg_sq`, the
+      parameter's dtype), sharded like them.
+    - `activations`: per LLM layer `tokens·h·c` bytes, c = `activation_constant(config)`,
+      for `rows` rows of `tokens` (an upper bound for a frozen LLM, whose matmuls keep no
+      inputs for weight gradients); with checkpointing each layer keeps only its bf16 input
+      (`2·tokens·h`) and one layer's full activations exist while it is recomputed. A frozen
+      vision tower keeps none (no graph); a trained connector's are negligible here.
+    - `logits`: bf16 and their fp32 copy for the loss, `6·tokens·V` (an upper bound: the
+      head runs only at labeled positions, which the recipe alone does not tell).
+    """
+    llm = module.model.parts().get("llm")
+    config = _text_config(llm)
+    layers = layer_list(llm)
+    shards = gpus if sharded else 1
+    quant_ids: set[int] = set()
+    if quantized is not None:
+        for layer in layers:
+            for name, m in layer.named_modules():
+                if isinstance(m, nn.Linear) and ".lora_" not in f".{name}":
+                    quant_ids.add(id(m.weight))
+    nf4 = NF4_BYTES[bool(quantized and quantized.get("bnb_4bit_use_double_quant"))]
+    params = grads = 0.0
+    for p in module.parameters():
+        size = p.numel() * (nf4 if id(p) in quant_ids else p.element_size())
+        params += size
+        grads += p.numel() * p.element_size() if p.requires_grad else 0
+    layer_bytes = sum(p.numel() * 2 for p in layers[0].parameters())
+    h, vocab, n = config.hidden_size, config.vocab_size, len(layers)
+    row_tokens = rows * tokens
+    full = row_tokens * h * activation_constant(config)
+    act = (n * 2 * row_tokens * h + full) if checkpointing else n * full
+    out = {
+        "parameters": params / shards,
+        "gathered": 2 * layer_bytes if sharded else 0.0,
+        "gradients": grads / shards,
+        "optimizer": 2 * grads / shards,
+        "activations": act,
+        "logits": 6.0 * row_tokens * vocab,
+    }
+    return {**out, "total": sum(out.values())}
+
+
+# --- the command ----------------------------------------------------------------------------
+
+
+def _get(config: Mapping, *keys, default=None):
+    for key in keys:
+        if not isinstance(config, Mapping) or key not in config:
+            return default
+        config = config[key]
+    return default if config is None else config
+
+
+@contextmanager
+def _offline():
+    """huggingface_hub's offline mode for the duration (it reads the variable at import)."""
+    from huggingface_hub import constants
+
+    before = constants.HF_HUB_OFFLINE
+    constants.HF_HUB_OFFLINE = True
+    try:
+        yield
+    finally:
+        constants.HF_HUB_OFFLINE = before
+
+
+def plan(config: Mapping, gpus: str = "8xH100-80G", where: str = "<recipe>") -> dict:
+    """What the recipe `config` costs at full size on `gpus`: parameters per part, memory per
+    GPU with and without activation checkpointing, and the largest micro-batch that fits."""
+    count, name = parse_gpus(gpus)
+    gpu = GPUS[name]
+    llm_args = _get(config, "model", "init_args", "model", "init_args", "llm", "init_args")
+    quantized = _get(llm_args, "quantization")
+    with _offline():  # sizes only: the shipped facts, no hub request (nor its retries)
+        module = meta_module(config, where)
+    counts = parameter_counts(module)
+    strategy = _get(config, "trainer", "strategy", default="auto")
+    strategy = strategy.get("class_path", "") if isinstance(strategy, Mapping) else str(strategy)
+    sharded = "fsdp" in strategy.lower()
+    data = _get(config, "data", "init_args", default={})
+    tokens = int(data.get("pack_tokens") or data.get("max_length") or 2048)
+    rows = int(data.get("batch_size") or 1)
+    recipe_ckpt = bool(_get(config, "model", "init_args", "fsdp", "activation_checkpointing"))
+    usable = USABLE * gpu.memory
+    memory, largest = {}, {}
+    for key, ckpt in (("checkpointing", True), ("no_checkpointing", False)):
+        memory[key] = memory_per_gpu(module, count, sharded, rows, tokens, ckpt, quantized)
+        one = memory_per_gpu(module, count, sharded, 1, tokens, ckpt, quantized)
+        row = one["activations"] + one["logits"]
+        largest[key] = max(0, int((usable - (one["total"] - row)) // row))
+    accumulate = int(_get(config, "trainer", "accumulate_grad_batches", default=1))
+    flops = row_flops(module, tokens)
+    step = rows * accumulate * flops / (gpu.peak_flops * MFU)
+    result = {
+        "recipe": where,
+        "gpus": {
+            "count": count,
+            "type": name,
+            "memory": gpu.memory,
+            "usable": usable,
+            "peak_flops": gpu.peak_flops,
+        },  # fmt: skip
+        "strategy": "fsdp2 (sharded)" if sharded else f"{strategy or 'auto'} (replicated)",
+        "parameters": counts,
+        "micro_batch": {
+            "rows": rows,
+            "tokens_per_row": tokens,
+            "activation_checkpointing": recipe_ckpt,
+        },  # fmt: skip
+        "memory_per_gpu": memory,
+        "largest_micro_batch": largest,
+        "time": {
+            "flops_per_row": flops,
+            "mfu": MFU,
+            "accumulate_grad_batches": accumulate,
+            "rows_per_step": rows * accumulate * count,
+            "seconds_per_step": step,
+        },  # fmt: skip
+    }
+    if quantized:
+        base = counts["llm"]["parameters"] - counts["llm"]["adapters"]
+        nf4 = memory_per_gpu(module, 1, False, 0, 0, False, quantized)["parameters"]
+        full = memory_per_gpu(module, 1, False, 0, 0, False, None)["parameters"]
+        result["quantized_base"] = {"llm_parameters": base, "bytes": nf4, "bf16_bytes": full}
+    return result
+
+
+def render(result: Mapping) -> str:
+    """`lmm plan`'s table."""
+    gpus = result["gpus"]
+    lines = [
+        f"{result['recipe']} on {gpus['count']}x{gpus['type']} "
+        f"({gpus['memory'] / GIB:.0f} GiB, {gpus['usable'] / GIB:.1f} usable; "
+        f"bf16 peak {gpus['peak_flops'] / 1e12:.0f} TFLOP/s), {result['strategy']}",
+        "",
+        f"{'part':<12}{'parameters':>14}{'trainable':>14}{'frozen':>14}{'LoRA':>12}",
+    ]
+    for part, row in result["parameters"].items():
+        lines.append(f"{part:<12}" + "".join(f"{row[k]:>14,}" for k in KEYS[:3]))
+        lines[-1] += f"{row['adapters']:>12,}"
+    if "quantized_base" in result:
+        q = result["quantized_base"]
+        lines.append(
+            f"weights with the LLM's layers in NF4: {q['bytes'] / GIB:.2f} GiB "
+            f"(unquantized: {q['bf16_bytes'] / GIB:.2f} GiB)"
+        )
+    mb = result["micro_batch"]
+    lines += [
+        "",
+        f"memory per GPU, GiB (micro-batch {mb['rows']} x {mb['tokens_per_row']} tokens; "
+        f"recipe: checkpointing {'on' if mb['activation_checkpointing'] else 'off'})",
+        f"{'':<18}{'checkpointing':>16}{'no checkpointing':>18}",
+    ]
+    memory = result["memory_per_gpu"]
+    for key in ("parameters", "gathered", "gradients", "optimizer", "activations", "logits"):
+        on, off = memory["checkpointing"][key], memory["no_checkpointing"][key]
+        lines.append(f"{key:<18}{on / GIB:>16.2f}{off / GIB:>18.2f}")
+    on, off = memory["checkpointing"]["total"], memory["no_checkpointing"]["total"]
+    lines.append(f"{'total':<18}{on / GIB:>16.2f}{off / GIB:>18.2f}")
+    largest = result["largest_micro_batch"]
+    lines.append(
+        f"{'largest micro-batch':<18}{largest['checkpointing']:>16}"
+        f"{largest['no_checkpointing']:>18}   rows that fit in the usable memory"
+    )
+    t = result["time"]
+    lines += [
+        "",
+        f"time: {t['flops_per_row'] / 1e12:.1f} TFLOPs per row (text tokens only), "
+        f"{t['seconds_per_step']:.1f} s per optimizer step of {t['rows_per_step']} rows "
+        f"at MFU {t['mfu']:.0%}",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str]) -> dict:
+    """`lmm plan --config RECIPE [--gpus 16xA100-40G] [--json]`."""
+    import argparse
+    import json
+    import sys
+    from pathlib import Path
+
+    import yaml
+
+    parser = argparse.ArgumentParser(
+        prog="lmm plan", description="A recipe at full size: parameters and memory per GPU."
+    )
+    parser.add_argument("--config", required=True, help="a recipe YAML")
+    parser.add_argument("--gpus", default="8xH100-80G", help=f"COUNTxTYPE; TYPE: {', '.join(GPUS)}")
+    parser.add_argument("--json", action="store_true", help="one JSON object")
+    a = parser.parse_args(argv)
+    path = Path(a.config)
+    if not path.is_file():
+        raise PlanError(f"--config {path}: no such file. Fix: give a recipe YAML (recipes/...)")
+    result = plan(yaml.safe_load(path.read_text()), a.gpus, str(path))
+    sys.stdout.write(json.dumps(result) + "\n" if a.json else render(result))
+    return result

@@ -23,6 +23,7 @@ import os
 import pickle
 import re
 import tempfile
+import warnings
 import zipfile
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
@@ -484,7 +485,9 @@ def sharded_weights(
         ):
             wanted[name] = torch.empty(item.size, dtype=item.properties.dtype)
     if wanted:
-        dcp_load({"state_dict": wanted}, storage_reader=reader, no_dist=True)
+        with warnings.catch_warnings():  # one process on purpose; torch says it assumes so
+            warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+            dcp_load({"state_dict": wanted}, storage_reader=reader, no_dist=True)
     return wanted
 
 
