@@ -361,3 +361,23 @@ def _set_dotted(config: dict, key: str, value: Any) -> None:
         if not isinstance(node, dict):
             raise ValueError(f"override {key!r}: {part!r} is not a section of the recipe")
     node[parts[-1]] = value
+
+
+def add_model_arguments(parser) -> None:
+    """The model a front-end loads (`lmm chat`, `lmm serve`, `lmm web`): MODEL, --recipe,
+    --template, --device, as `load` takes them (`load_from_arguments`)."""
+    parser.add_argument(
+        "model",
+        help="a .ckpt of `lmm fit`, a recipe YAML, an imported folder, or a transformers folder "
+        "or hub id (Llava, LLaVA-OneVision, Idefics2, Fuyu, Qwen2.5-VL)",
+    )
+    parser.add_argument("--recipe", help="the checkpoint's recipe (default: its run's config.yaml)")
+    parser.add_argument("--template", help="chat template class path (default: the recipe's)")
+    parser.add_argument("--device", default="cpu")
+
+
+def load_from_arguments(args, overrides: Mapping[str, Any] | None = None) -> LMM:
+    """`load` with the arguments `add_model_arguments` added."""
+    return load(
+        args.model, args.recipe, template=args.template, overrides=overrides, device=args.device
+    )

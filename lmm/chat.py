@@ -15,7 +15,7 @@ import sys
 from pathlib import Path
 from typing import TextIO
 
-from lmm.api import LMM, load
+from lmm.api import LMM, add_model_arguments, load_from_arguments
 from lmm.data.media import VIDEO_SUFFIXES, media_kind
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
@@ -159,19 +159,12 @@ def _save_history(readline, path: Path) -> None:
 def main(argv: list[str] | None = None, stdin: TextIO | None = None, stdout: TextIO | None = None):
     """`lmm chat MODEL`: chat with a checkpoint (+ recipe), a recipe or a `lmm convert` folder."""
     parser = argparse.ArgumentParser(prog="lmm chat", description=__doc__.split("\n")[0])
-    parser.add_argument(
-        "model",
-        help="a .ckpt of `lmm fit`, a recipe YAML, an imported folder, or a transformers folder "
-        "or hub id (Llava, LLaVA-OneVision, Idefics2, Fuyu, Qwen2.5-VL)",
-    )
-    parser.add_argument("--recipe", help="the checkpoint's recipe (default: its run's config.yaml)")
-    parser.add_argument("--template", help="chat template class path (default: the recipe's)")
+    add_model_arguments(parser)
     parser.add_argument("--system", help="system prompt")
     parser.add_argument("--max-new-tokens", type=int, default=256)
     parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     parser.add_argument("--top-p", type=float, default=1.0)
     parser.add_argument("--seed", type=int, default=None, help="seed of the sampling")
-    parser.add_argument("--device", default="cpu")
     parser.add_argument(
         "--set",
         action="append",
@@ -181,7 +174,7 @@ def main(argv: list[str] | None = None, stdin: TextIO | None = None, stdout: Tex
     )
     a = parser.parse_args(argv)
     overrides = dict(item.split("=", 1) for item in a.set)
-    model = load(a.model, a.recipe, template=a.template, overrides=overrides, device=a.device)
+    model = load_from_arguments(a, overrides)
     sampling = {k: getattr(a, k) for k in ("max_new_tokens", "temperature", "top_p", "seed")}
     session = ChatSession(model, a.system, **sampling)
     return run(session, stdin or sys.stdin, stdout or sys.stdout)

@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from lmm.api import LMM, _safe_prefix
+from lmm.api import LMM, _safe_prefix, add_model_arguments, load_from_arguments
 from lmm.data.batch import Features
 from lmm.data.media import ImageError, ImageTooLargeError, load_image
 from lmm.generation.decode import cut_at_stop
@@ -555,18 +555,13 @@ async def _sse(
 def main(argv: list[str]) -> None:
     """`lmm serve MODEL`: the OpenAI-compatible server (see docs/serving.md)."""
     parser = argparse.ArgumentParser(prog="lmm serve", description=__doc__)
-    parser.add_argument(
-        "model", help="a checkpoint, recipe, `lmm convert` folder or transformers folder"
-    )
-    parser.add_argument("--recipe", help="the checkpoint's recipe (default: found beside it)")
-    parser.add_argument("--template", help="chat template class path (default: the recipe's)")
+    add_model_arguments(parser)
     parser.add_argument("--name", help="the model id clients send (default: the MODEL path)")
     parser.add_argument("--host", default="127.0.0.1", help="address to bind (default: local only)")
     parser.add_argument("--port", type=int, default=8000)
     parser.add_argument("--api-key", help="require `Authorization: Bearer KEY` on /v1/*")
     parser.add_argument("--max-batch", type=int, default=16, help="requests decoded together")
     parser.add_argument("--batch-wait-ms", type=float, default=5.0, help="gather window of a batch")
-    parser.add_argument("--device", default="cpu")
     defaults = Limits()
     parser.add_argument("--max-body-mb", type=float, default=defaults.max_body_bytes / 2**20)
     parser.add_argument("--max-images", type=int, default=defaults.max_images)
@@ -584,7 +579,6 @@ def main(argv: list[str]) -> None:
         raise UserError(
             "lmm serve needs fastapi and uvicorn; Fix: pip install 'lmm[serve]'"
         ) from err
-    from lmm.api import load
 
     if args.allow_local_files is not None and not args.allow_local_files.is_dir():
         raise UserError(f"--allow-local-files {args.allow_local_files}: not a folder")
@@ -596,7 +590,7 @@ def main(argv: list[str]) -> None:
         max_tokens=args.max_tokens,
         allow_local_files=args.allow_local_files,
     )
-    model = load(args.model, args.recipe, template=args.template, device=args.device)
+    model = load_from_arguments(args)
     name = args.name or args.model
     app = create_app(model, name, limits, args.api_key, args.max_batch, args.batch_wait_ms / 1000)
     if args.host not in ("127.0.0.1", "localhost", "::1") and args.api_key is None:

@@ -15,7 +15,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from lmm.api import LMM
+from lmm.api import LMM, add_model_arguments, load_from_arguments
 from lmm.data.media import media_kind
 from lmm.utils.errors import UserError, is_user_error, user_message
 from lmm.utils.logging import get_logger
@@ -146,24 +146,18 @@ def build_app(model: LMM, title: str = "lmm"):
 def main(argv: list[str]) -> None:
     """`lmm web MODEL`: the Gradio chat demo (see docs/serving.md)."""
     parser = argparse.ArgumentParser(prog="lmm web", description=__doc__)
-    parser.add_argument(
-        "model", help="a checkpoint, recipe, `lmm convert` folder or transformers folder"
-    )
-    parser.add_argument("--recipe", help="the checkpoint's recipe (default: found beside it)")
-    parser.add_argument("--template", help="chat template class path (default: the recipe's)")
+    add_model_arguments(parser)
     parser.add_argument("--title", help="the page's title (default: the MODEL path)")
     parser.add_argument("--host", default="127.0.0.1", help="address to bind (default: local only)")
     parser.add_argument("--port", type=int, default=7860)
-    parser.add_argument("--device", default="cpu")
     args = parser.parse_args(argv)
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # no telemetry calls out
     try:
         import gradio  # noqa: F401
     except ImportError as err:
         raise UserError("lmm web needs gradio; Fix: pip install 'lmm[web]'") from err
-    from lmm.api import load
 
-    model = load(args.model, args.recipe, template=args.template, device=args.device)
+    model = load_from_arguments(args)
     app = build_app(model, args.title or Path(args.model).name)
     if args.host not in ("127.0.0.1", "localhost", "::1"):
         log.warning("serving the demo on %s: anyone who reaches it can use the model", args.host)
