@@ -8,6 +8,7 @@ import copy
 from collections.abc import Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -60,20 +61,31 @@ GIB = 2**30
 
 @dataclass(frozen=True)
 class GPU:
-    """One accelerator type: its memory and its dense bf16 tensor-core peak."""
+    """One accelerator type: its memory, its dense bf16 tensor-core peak, and the bandwidth
+    one GPU sends at (each direction) to the GPUs of its node and to other nodes."""
 
     memory: float  # bytes
     peak_flops: float  # dense bf16 FLOP/s (no sparsity)
     source: str
+    node_link: float = 0.0  # bytes/s per GPU inside a node (NVLink; PCIe without it)
+    network: float = 25e9  # bytes/s per GPU between nodes: one 200 Gb/s NIC per GPU (assumed)
+    per_node: int = 8
 
 
-# NVIDIA datasheets (dense bf16, no structured sparsity; SXM parts)
+# NVIDIA datasheets (dense bf16, no structured sparsity; SXM parts). NVLink: A100 600 GB/s and
+# H100/H200 900 GB/s in both directions together (half each way); L40S has none (PCIe Gen4
+# x16, 32 GB/s each way). Between nodes: 200 Gb/s HDR InfiniBand per A100/L40S, 400 Gb/s NDR
+# per H100/H200 — the common DGX/HGX layout, an assumption about the cluster.
 GPUS = {
-    "A100-40G": GPU(40 * GIB, 312e12, "NVIDIA A100 datasheet: BF16 312 TFLOPS"),
-    "A100-80G": GPU(80 * GIB, 312e12, "NVIDIA A100 datasheet: BF16 312 TFLOPS"),
-    "H100-80G": GPU(80 * GIB, 989e12, "NVIDIA H100 SXM datasheet: BF16 1979 TFLOPS sparse"),
-    "H200-141G": GPU(141e9, 989e12, "NVIDIA H200 SXM datasheet: BF16 1979 TFLOPS sparse"),
-    "L40S-48G": GPU(48e9, 362e12, "NVIDIA L40S datasheet: BF16 362 TFLOPS (733 sparse)"),
+    "A100-40G": GPU(40 * GIB, 312e12, "NVIDIA A100 datasheet: BF16 312 TFLOPS", 300e9),
+    "A100-80G": GPU(80 * GIB, 312e12, "NVIDIA A100 datasheet: BF16 312 TFLOPS", 300e9),
+    "H100-80G": GPU(
+        80 * GIB, 989e12, "NVIDIA H100 SXM datasheet: BF16 1979 TFLOPS sparse", 450e9, 50e9
+    ),
+    "H200-141G": GPU(
+        141e9, 989e12, "NVIDIA H200 SXM datasheet: BF16 1979 TFLOPS sparse", 450e9, 50e9
+    ),
+    "L40S-48G": GPU(48e9, 362e12, "NVIDIA L40S datasheet: BF16 362 TFLOPS (733 sparse)", 32e9),
 }
 # What a process can allocate for tensors: the CUDA context, NCCL buffers and the caching
 # allocator's fragmentation take the rest (an assumption, not a measurement).
@@ -85,9 +97,12 @@ NF4_BYTES = {False: 0.5 + 4 / 64, True: 0.5 + 1 / 64 + 4 / (64 * 256)}
 GATED = ("llama", "mistral", "qwen2", "qwen2_5_vl_text", "gemma", "gemma2", "qwen3")
 
 
-# One model FLOPs utilisation for every estimate (assumed, not fitted per run): dense bf16
-# training of 7-8B models with FSDP / ZeRO-3 typically reaches 35-45% of the A100's peak.
-MFU = 0.4
+# One model FLOPs utilisation for every estimate, of the compute alone (communication that
+# does not hide behind it is added apart, `epoch_time`). Assumed, not fitted per run: 0.3, what
+# 2023-24 multimodal fine-tuning code (HF Trainer + DeepSpeed ZeRO, flash-attn, activation
+# checkpointing, unpacked batches) reaches on A100s — below the 0.4-0.5 of tuned LLM
+# pre-training, since data loading, image preprocessing and padding are not hidden.
+MFU = 0.3
 
 
 def row_flops(module: LMMModule, tokens: int) -> float:
@@ -106,6 +121,130 @@ def row_flops(module: LMMModule, tokens: int) -> float:
 
 class PlanError(UserError, ValueError):
     """A `lmm plan` argument that cannot be read."""
+
+
+@dataclass(frozen=True)
+class DataStats:
+    """One epoch of training data, as FLOPs need it (`lmm data check` counts it from a data
+    file; a statistics file states it for data that is not on this machine)."""
+
+    samples: int  # samples trained per epoch (after the mixture's balancing)
+    tokens: float  # mean LLM tokens per sample: text + media feature slots
+    feature_slots: float  # mean media feature slots per sample (tokens the vision side hands on)
+    mean_square: float | None = None  # mean of tokens² per sample (attention); None: tokens²
+    source: str = ""
+
+    @property
+    def square(self) -> float:
+        return self.mean_square if self.mean_square is not None else self.tokens**2
+
+
+STATS_KEYS = {"samples", "tokens", "feature_slots", "mean_square", "source"}
+# Statistics of the seeds' published datasets (lmm/published/data/*.yaml, sources inside):
+# `--data llava_v1_5_mix665k` plans a recipe on data that is not on this machine.
+SHIPPED = Path(__file__).parent / "published" / "data"
+
+
+def shipped_stats() -> list[str]:
+    """The names of the statistics files lmm ships."""
+    return sorted(f.stem for f in SHIPPED.glob("*.yaml"))
+
+
+def read_stats(path: str, config: Mapping, where: str) -> DataStats:
+    """`--data`: a statistics file (YAML/JSON with `samples`, `tokens`, `feature_slots`), or a
+    data file / mixture YAML counted as `lmm data check` counts it with the recipe's own
+    processor (tokens of the model's tokenizer, feature slots of its media spec)."""
+    import yaml
+
+    file = Path(path)
+    if not file.exists() and (SHIPPED / f"{path}.yaml").is_file():
+        file = SHIPPED / f"{path}.yaml"
+    elif not file.exists() and "{" not in path:
+        raise PlanError(
+            f"--data {path}: no such file. Fix: give a data file, a mixture YAML, a statistics "
+            f"file (samples, tokens, feature_slots) or one lmm ships: {', '.join(shipped_stats())}"
+        )
+    if file.suffix in (".yaml", ".yml", ".json") and file.is_file():
+        loaded = yaml.safe_load(file.read_text())
+        if isinstance(loaded, Mapping) and "samples" in loaded:
+            unknown = set(loaded) - STATS_KEYS
+            missing = {"samples", "tokens", "feature_slots"} - set(loaded)
+            if unknown or missing:
+                raise PlanError(
+                    f"--data {path}: a statistics file "
+                    + (f"with unknown keys {sorted(unknown)}" if unknown else "")
+                    + (f"{' and ' if unknown else ''}without {sorted(missing)}" if missing else "")
+                    + f". Fix: keys are {sorted(STATS_KEYS)}"
+                )
+            return DataStats(**{"source": str(path), **loaded})
+    if file.parent == SHIPPED:
+        raise PlanError(f"{file}: not a statistics file (no `samples`)")
+    return count_stats(path, config, where)
+
+
+def count_stats(path: str, config: Mapping, where: str) -> DataStats:
+    """A data file or mixture counted with `lmm.data.check.check` (headers only: lengths need no
+    decoding) and the processor `lmm fit` would build for the recipe."""
+    import io
+
+    from lmm.data.check import check, load_template, recipe_data
+    from lmm.data.templates import ChatTemplate
+    from lmm.training.recipe import model_processor
+
+    recipe = recipe_data(dict(config))
+    template = recipe.get("template") or "lmm.data.templates.Llama3"
+    template = template if isinstance(template, ChatTemplate) else load_template(template)
+    max_length = recipe.get("max_length") or 2048
+    processor = model_processor(
+        dict(config), template, max_length, recipe.get("preprocessing"), where
+    )
+    if processor is None:
+        raise PlanError(
+            f"--data {path}: its tokens cannot be counted: the recipe's tokenizer is not on this "
+            "machine. Fix: point the recipe at it (--model.init_args.tokenizer=DIR) or give a "
+            "statistics file (samples, tokens, feature_slots: `lmm data check` prints them)"
+        )
+    keys = ("max_frames", "fps", "labels", "seed", "root")
+    report = check(
+        path,
+        processor=processor,
+        fast=True,
+        out=io.StringIO(),
+        **{k: recipe[k] for k in keys if recipe.get(k) is not None},
+    )
+    tokens = report["tokens"]
+    if tokens is None:
+        raise PlanError(f"--data {path}: no usable record to count. Fix: `lmm data check {path}`")
+    samples = sum(report["images"]["histogram"].values())
+    return DataStats(
+        samples, tokens["mean"], tokens["feature_slots_mean"], tokens["mean_square"], str(path)
+    )
+
+
+def sample_flops(module: LMMModule, stats: DataStats) -> float:
+    """Training FLOPs (forward + backward) of the mean sample, counted as the throughput
+    monitor counts a batch (`FamilyModel.step_flops`) with the vocabulary projection at every
+    position: the LLM on `tokens`, attention on `mean_square`, and the vision tower and
+    connector on `feature_slots / h` views, h the feature slots one view hands on (anyres
+    tiles and video frames are views alike; pooled video frames hand on fewer, so this
+    undercounts them)."""
+    from types import SimpleNamespace
+
+    _, handed = module.model.vision_tokens()
+    views = stats.feature_slots / handed if handed else 0.0
+
+    def flops(n_views: int) -> float:
+        pixels = SimpleNamespace(shape=(n_views,)) if n_views else None
+        batch = SimpleNamespace(
+            num_tokens=stats.tokens,
+            seq_lens=[[stats.square**0.5]],
+            attention_mask=None,
+            pixel_values=pixels,
+        )
+        return float(module.model.step_flops(batch, None))
+
+    base = flops(0)
+    return base + views * (flops(1) - base) if views else base
 
 
 def parse_gpus(spec: str) -> tuple[int, str]:
@@ -211,6 +350,70 @@ def memory_per_gpu(
     return {**out, "total": sum(out.values())}
 
 
+# --- time -------------------------------------------------------------------------------------
+
+
+def communication_bytes(module: LMMModule, gpus: int, sharded: bool) -> tuple[float, float]:
+    """(bytes one GPU sends per micro-batch, per optimizer step) for data parallelism.
+
+    FSDP2 / ZeRO-3 (`sharded`): every micro-batch all-gathers the bf16 parameters twice (forward,
+    and backward: they are resharded after the forward) and reduce-scatters the trainable
+    parameters' gradients in fp32 (`mp_policy`'s reduce dtype). DDP: one all-reduce of the fp32
+    gradients per optimizer step (the micro-batches before it accumulate locally). A ring
+    collective sends (g-1)/g of the buffer per GPU, twice for an all-reduce."""
+    if gpus == 1:
+        return 0.0, 0.0
+    ring = (gpus - 1) / gpus
+    params = sum(p.numel() for p in module.parameters())
+    trained = sum(p.numel() for p in module.parameters() if p.requires_grad)
+    if sharded:
+        return ring * (2 * 2 * params + 4 * trained), 0.0
+    return 0.0, 2 * ring * 4 * trained
+
+
+def epoch_time(
+    module: LMMModule,
+    gpu: GPU,
+    gpus: int,
+    sharded: bool,
+    stats: DataStats,
+    rows: int,
+    pack_tokens: int | None,
+    accumulate: int,
+    mfu: float = MFU,
+) -> dict[str, float]:
+    """Seconds per epoch of `stats` on `gpus` GPUs.
+
+    A micro-batch is `rows` samples, or with packing `rows x pack_tokens` tokens of mean-length
+    samples. Its compute takes its model FLOPs (`sample_flops`) at `mfu` of the peak; its
+    communication (`communication_bytes`) runs at the GPU's NVLink bandwidth inside one node
+    and at its network bandwidth across nodes, overlapped with the compute (FSDP prefetches
+    the next layer's parameters), so a micro-batch takes the longer of the two."""
+    flops = sample_flops(module, stats)
+    per_micro = rows * max(1.0, pack_tokens / stats.tokens) if pack_tokens else float(rows)
+    micro_steps = stats.samples / (gpus * per_micro)
+    bandwidth = gpu.node_link if gpus <= gpu.per_node else gpu.network
+    per_micro_bytes, per_step_bytes = communication_bytes(module, gpus, sharded)
+    compute = per_micro * flops / (gpu.peak_flops * mfu)
+    comm = per_micro_bytes / bandwidth
+    step_comm = per_step_bytes / bandwidth
+    seconds = micro_steps * max(compute, comm) + micro_steps / accumulate * step_comm
+    return {
+        "samples": stats.samples,
+        "tokens_per_sample": stats.tokens,
+        "feature_slots_per_sample": stats.feature_slots,
+        "flops_per_sample": flops,
+        "samples_per_micro_batch": per_micro,
+        "micro_batches_per_gpu": micro_steps,
+        "compute_s_per_micro_batch": compute,
+        "communication_s_per_micro_batch": comm,
+        "communication_s_per_step": step_comm,
+        "bandwidth": bandwidth,
+        "mfu": mfu,
+        "seconds": seconds,
+    }
+
+
 # --- the command ----------------------------------------------------------------------------
 
 
@@ -235,9 +438,15 @@ def _offline():
         constants.HF_HUB_OFFLINE = before
 
 
-def plan(config: Mapping, gpus: str = "8xH100-80G", where: str = "<recipe>") -> dict:
+def plan(
+    config: Mapping,
+    gpus: str = "8xH100-80G",
+    where: str = "<recipe>",
+    data: str | DataStats | None = None,
+) -> dict:
     """What the recipe `config` costs at full size on `gpus`: parameters per part, memory per
-    GPU with and without activation checkpointing, and the largest micro-batch that fits."""
+    GPU with and without activation checkpointing, the largest micro-batch that fits, and with
+    `data` (a path for `read_stats`, or `DataStats`) the time of its epochs."""
     count, name = parse_gpus(gpus)
     gpu = GPUS[name]
     llm_args = _get(config, "model", "init_args", "model", "init_args", "llm", "init_args")
@@ -248,9 +457,9 @@ def plan(config: Mapping, gpus: str = "8xH100-80G", where: str = "<recipe>") -> 
     strategy = _get(config, "trainer", "strategy", default="auto")
     strategy = strategy.get("class_path", "") if isinstance(strategy, Mapping) else str(strategy)
     sharded = "fsdp" in strategy.lower()
-    data = _get(config, "data", "init_args", default={})
-    tokens = int(data.get("pack_tokens") or data.get("max_length") or 2048)
-    rows = int(data.get("batch_size") or 1)
+    data_args = _get(config, "data", "init_args", default={})
+    tokens = int(data_args.get("pack_tokens") or data_args.get("max_length") or 2048)
+    rows = int(data_args.get("batch_size") or 1)
     recipe_ckpt = bool(_get(config, "model", "init_args", "fsdp", "activation_checkpointing"))
     usable = USABLE * gpu.memory
     memory, largest = {}, {}
@@ -288,6 +497,13 @@ def plan(config: Mapping, gpus: str = "8xH100-80G", where: str = "<recipe>") -> 
             "seconds_per_step": step,
         },  # fmt: skip
     }
+    if data is not None:
+        stats = data if isinstance(data, DataStats) else read_stats(data, config, where)
+        pack = data_args.get("pack_tokens")
+        epoch = epoch_time(module, gpu, count, sharded, stats, rows, pack, accumulate)
+        epochs = int(_get(config, "trainer", "max_epochs", default=1))
+        result["data"] = {**epoch, "source": stats.source, "epochs": epochs,
+                          "hours": epochs * epoch["seconds"] / 3600}  # fmt: skip
     if quantized:
         base = counts["llm"]["parameters"] - counts["llm"]["adapters"]
         nf4 = memory_per_gpu(module, 1, False, 0, 0, False, quantized)["parameters"]
@@ -340,6 +556,20 @@ def render(result: Mapping) -> str:
         f"{t['seconds_per_step']:.1f} s per optimizer step of {t['rows_per_step']} rows "
         f"at MFU {t['mfu']:.0%}",
     ]
+    if "data" in result:
+        d = result["data"]
+        lines += [
+            f"data: {d['source']}: {d['samples']:,} samples per epoch, "
+            f"{d['tokens_per_sample']:.0f} tokens per sample ({d['feature_slots_per_sample']:.0f} "
+            f"media feature slots), {d['flops_per_sample'] / 1e12:.1f} TFLOPs per sample "
+            "(vision tower and connector included)",
+            f"  per micro-batch of {d['samples_per_micro_batch']:.1f} samples: compute "
+            f"{d['compute_s_per_micro_batch']:.2f} s at MFU {d['mfu']:.0%}, communication "
+            f"{d['communication_s_per_micro_batch']:.2f} s at {d['bandwidth'] / 1e9:.0f} GB/s "
+            "per GPU (overlapped: the longer counts)",
+            f"  {d['seconds'] / 3600:.1f} hours per epoch, {d['hours']:.1f} hours for "
+            f"{d['epochs']} epoch{'s' if d['epochs'] != 1 else ''}",
+        ]
     return "\n".join(lines) + "\n"
 
 
@@ -357,11 +587,16 @@ def main(argv: list[str]) -> dict:
     )
     parser.add_argument("--config", required=True, help="a recipe YAML")
     parser.add_argument("--gpus", default="8xH100-80G", help=f"COUNTxTYPE; TYPE: {', '.join(GPUS)}")
+    parser.add_argument(
+        "--data",
+        help="a data file or mixture YAML (counted as `lmm data check` counts it), or a "
+        "statistics file (samples, tokens, feature_slots): adds the time per epoch",
+    )
     parser.add_argument("--json", action="store_true", help="one JSON object")
     a = parser.parse_args(argv)
     path = Path(a.config)
     if not path.is_file():
         raise PlanError(f"--config {path}: no such file. Fix: give a recipe YAML (recipes/...)")
-    result = plan(yaml.safe_load(path.read_text()), a.gpus, str(path))
+    result = plan(yaml.safe_load(path.read_text()), a.gpus, str(path), a.data)
     sys.stdout.write(json.dumps(result) + "\n" if a.json else render(result))
     return result

@@ -273,6 +273,7 @@ def check(
     outcomes: dict[tuple[int, int], tuple[str, object]] = {}
     lengths: list[int] = []
     images: list[int] = []
+    slots: list[int] = []
     epoch_count: Counter[int] = Counter()
     order = mixture.order(epoch)
     for s, i in tqdm(order, desc="checking", unit="rec", disable=None):
@@ -289,10 +290,11 @@ def check(
             outcomes[key] = _outcome(item, processor, fast, reader)
         kind, value = outcomes[key]
         if kind == "ok":
-            n_tokens, n_images = value
+            n_tokens, n_images, n_slots = value
             images.append(n_images)
             if n_tokens is not None:
                 lengths.append(n_tokens)
+                slots.append(n_slots)
 
     stats = {
         "data": str(data),
@@ -318,6 +320,10 @@ def check(
             "min": min(lengths),
             "mean": round(sum(lengths) / len(lengths), 1),
             "max": max(lengths),
+            # for FLOPs (`lmm plan --data`): attention grows with the square of a sample's
+            # length; media feature slots are the vision side's share of the tokens
+            "mean_square": round(sum(n * n for n in lengths) / len(lengths), 1),
+            "feature_slots_mean": round(sum(slots) / len(slots), 2),
             "histogram": histogram(lengths, bins),
         }
         packable = [n for n in lengths if n <= pack_tokens]
@@ -357,16 +363,18 @@ def _counted_by(processor: Processor | None) -> str | None:
 def _outcome(
     item: Sample | BadRecordError, processor: Processor | None, fast: bool, reader: VideoReader
 ) -> tuple[str, object]:
-    """("ok", (tokens or None, images)), ("bad", error) or ("skipped", error): fit's steps in
+    """("ok", (tokens or None, images, feature slots or None)), ("bad", error) or ("skipped",
+    error): fit's steps in
     fit's order (reader, `Processor.length` when planning, `Processor.__call__` when loading)."""
     if isinstance(item, SkippedRecord):
         return "skipped", item
     if isinstance(item, BadRecordError):
         return "bad", item
-    n_tokens = None
+    n_tokens = n_slots = None
     try:
         if processor is not None:
             n_tokens = processor.length(item)
+            n_slots = processor.feature_slots(item)
             if not fast:
                 processor(item)
         elif not fast:
@@ -374,7 +382,7 @@ def _outcome(
                 load_media(item, index, reader)
     except BadRecordError as err:
         return "bad", err
-    return "ok", (n_tokens, len(item.images))
+    return "ok", (n_tokens, len(item.images), n_slots)
 
 
 def _source_rows(mixture: Mixture, outcomes: dict, epoch_count: Counter) -> list[dict]:
@@ -464,7 +472,9 @@ def render(stats: dict, show: int = 50) -> str:
     if tokens is not None:
         lines += [
             "",
-            f"tokens per sample (min {tokens['min']}, mean {tokens['mean']}, max {tokens['max']}):",
+            f"tokens per sample (min {tokens['min']}, mean {tokens['mean']}, max {tokens['max']}; "
+            f"media feature slots {tokens['feature_slots_mean']}, mean square "
+            f"{tokens['mean_square']:.0f}):",
         ]
         top = max(b["count"] for b in tokens["histogram"])
         for b in tokens["histogram"]:

@@ -136,6 +136,22 @@ class Processor:
             out_ids = self._cut_expanded(sample, out_ids, out_ids)[0]
         return len(out_ids)
 
+    def feature_slots(self, sample: Sample) -> int:
+        """How many of the sample's tokens are media features (the image token, one per
+        feature the vision side hands the LLM), known from file headers as `length` is; rounds
+        that truncation drops still count (an upper bound for long samples)."""
+        return sum(
+            self.media.marker_tokens(*self._marker_args(sample, index)).count(None)
+            for index in range(len(sample.images))
+        )
+
+    def _marker_args(self, sample: Sample, index: int) -> tuple:
+        """`MediaSpec.marker_tokens`'s (size, mode, frames) for media `index`, from its header."""
+        mode = self._mode(sample, index)
+        frames = self._num_frames(sample, index)
+        size = self._header_size(sample, index) if self.media.size_dependent else None
+        return size or (self.media.transform.size, self.media.transform.size), mode, frames
+
     def _train_turns(self, sample: Sample) -> list[Turn]:
         """The turns a training sample renders: those that fit (`drop_rounds`), else all."""
         if self.policy.truncation == "drop_rounds":
@@ -184,11 +200,7 @@ class Processor:
 
     def _header_expansion(self, sample: Sample, index: int) -> list[int]:
         """The token ids media `index` becomes, known from its file header alone."""
-        mode = self._mode(sample, index)
-        frames = self._num_frames(sample, index)
-        size = self._header_size(sample, index) if self.media.size_dependent else None
-        size = size or (self.media.transform.size, self.media.transform.size)
-        return self._marker_ids(sample, self.media.marker_tokens(size, mode, frames))
+        return self._marker_ids(sample, self.media.marker_tokens(*self._marker_args(sample, index)))
 
     def _refuse_long(self, sample: Sample, n: int) -> None:
         """`truncation: refuse`: a sample longer than `max_length` is a bad record."""
