@@ -7,7 +7,7 @@ from __future__ import annotations
 import copy
 from collections.abc import Mapping
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -126,20 +126,39 @@ class PlanError(UserError, ValueError):
 @dataclass(frozen=True)
 class DataStats:
     """One epoch of training data, as FLOPs need it (`lmm data check` counts it from a data
-    file; a statistics file states it for data that is not on this machine)."""
+    file; a statistics file states it for data that is not on this machine). Either `tokens`
+    and `feature_slots` (counted for one model), or `text_tokens` and `images` (views per
+    sample: any model, `for_model` gives its feature slots)."""
 
     samples: int  # samples trained per epoch (after the mixture's balancing)
-    tokens: float  # mean LLM tokens per sample: text + media feature slots
-    feature_slots: float  # mean media feature slots per sample (tokens the vision side hands on)
+    tokens: float | None = None  # mean LLM tokens per sample: text + media feature slots
+    feature_slots: float | None = None  # mean media feature slots (tokens the vision side hands)
     mean_square: float | None = None  # mean of tokens² per sample (attention); None: tokens²
+    text_tokens: float | None = None  # mean text tokens per sample
+    images: float | None = None  # mean image views per sample (a video: its frames)
     source: str = ""
 
     @property
     def square(self) -> float:
         return self.mean_square if self.mean_square is not None else self.tokens**2
 
+    def for_model(self, module: LMMModule) -> DataStats:
+        """Counted for `module`: `images` x the feature slots one of its views hands on."""
+        if self.tokens is not None:
+            return self
+        slots = self.images * module.model.vision_tokens()[1]
+        return replace(self, tokens=self.text_tokens + slots, feature_slots=slots)
 
-STATS_KEYS = {"samples", "tokens", "feature_slots", "mean_square", "source"}
+
+STATS_KEYS = {
+    "samples",
+    "tokens",
+    "feature_slots",
+    "mean_square",
+    "text_tokens",
+    "images",
+    "source",
+}
 # Statistics of the seeds' published datasets (lmm/published/data/*.yaml, sources inside):
 # `--data llava_v1_5_mix665k` plans a recipe on data that is not on this machine.
 SHIPPED = Path(__file__).parent / "published" / "data"
@@ -168,13 +187,19 @@ def read_stats(path: str, config: Mapping, where: str) -> DataStats:
         loaded = yaml.safe_load(file.read_text())
         if isinstance(loaded, Mapping) and "samples" in loaded:
             unknown = set(loaded) - STATS_KEYS
-            missing = {"samples", "tokens", "feature_slots"} - set(loaded)
+            given = set(loaded)
+            missing = min(
+                ({"samples", "tokens", "feature_slots"} - given),
+                ({"samples", "text_tokens", "images"} - given),
+                key=len,
+            )
             if unknown or missing:
                 raise PlanError(
                     f"--data {path}: a statistics file "
                     + (f"with unknown keys {sorted(unknown)}" if unknown else "")
                     + (f"{' and ' if unknown else ''}without {sorted(missing)}" if missing else "")
-                    + f". Fix: keys are {sorted(STATS_KEYS)}"
+                    + ". Fix: give samples with tokens and feature_slots, or with text_tokens and "
+                    f"images (keys: {', '.join(sorted(STATS_KEYS))})"
                 )
             return DataStats(**{"source": str(path), **loaded})
     if file.parent == SHIPPED:
@@ -217,7 +242,11 @@ def count_stats(path: str, config: Mapping, where: str) -> DataStats:
         raise PlanError(f"--data {path}: no usable record to count. Fix: `lmm data check {path}`")
     samples = sum(report["images"]["histogram"].values())
     return DataStats(
-        samples, tokens["mean"], tokens["feature_slots_mean"], tokens["mean_square"], str(path)
+        samples,
+        tokens=tokens["mean"],
+        feature_slots=tokens["feature_slots_mean"],
+        mean_square=tokens["mean_square"],
+        source=str(path),
     )
 
 
@@ -499,6 +528,7 @@ def plan(
     }
     if data is not None:
         stats = data if isinstance(data, DataStats) else read_stats(data, config, where)
+        stats = stats.for_model(module)
         pack = data_args.get("pack_tokens")
         epoch = epoch_time(module, gpu, count, sharded, stats, rows, pack, accumulate)
         epochs = int(_get(config, "trainer", "max_epochs", default=1))
