@@ -38,6 +38,7 @@ IMPORTS = {
     "checkpoints/vicuna-7b-v0": ("lmsys/vicuna-7b-delta-v0", None),
 }
 
+
 def _file(hub_id: str) -> Path:
     return HERE / (hub_id.replace("/", "__") + ".json")
 

@@ -86,7 +86,8 @@ def import_checkpoint(
 
 
 def write_layout_configs(
-    config: FuyuConfig, tokenizer: PreTrainedTokenizerBase, out: str | Path) -> None:
+    config: FuyuConfig, tokenizer: PreTrainedTokenizerBase, out: str | Path
+) -> None:
     """The folders `import_checkpoint` writes, without weights: `out/llm/` (the Persimmon
     config `persimmon_from_fuyu` saves) and `out/tokenizer/`; for a sizes-only build (`lmm
     plan`, `lmm.published.IMPORTS`)."""
