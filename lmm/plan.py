@@ -5,6 +5,7 @@ counted per part."""
 from __future__ import annotations
 
 import copy
+import tempfile
 from collections.abc import Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
@@ -12,12 +13,18 @@ from pathlib import Path
 
 import torch
 from torch import nn
+from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
+import lmm.published as published
 from lmm.components.flops import layer_list
 from lmm.components.pretrained import empty_init
+from lmm.families.registry import family
 from lmm.training.module import LMMModule
 from lmm.training.recipe import build_module
 from lmm.utils.errors import UserError
+from lmm.utils.logging import get_logger
+
+log = get_logger(__name__)
 
 KEYS = ("parameters", "trainable", "frozen", "adapters")
 
@@ -35,8 +42,41 @@ def meta_module(config: Mapping, where: str = "<recipe>") -> LMMModule:
     lora = config["model"]["init_args"].get("lora")
     if lora:
         lora["quantize"] = None  # (its check that the LLM is quantized too)
-    with empty_init(every_rank=True, published=True):
-        return build_module(config, where)
+    with tempfile.TemporaryDirectory(prefix="lmm-plan-") as tmp:
+        config["model"] = _stand_in_imports(config["model"], Path(tmp))
+        with empty_init(every_rank=True, published=True):
+            return build_module(config, where)
+
+
+def _stand_in_imports(node, tmp: Path):
+    """`node` (a recipe section) with each import folder it names that is not here
+    (`lmm.published.IMPORTS`, e.g. `checkpoints/fuyu-8b/llm`) pointed at a stand-in under
+    `tmp`: the configs and a stub tokenizer of the hub model it is imported from, written in
+    the layout that family's import writes (no weights)."""
+    if isinstance(node, dict):
+        return {k: _stand_in_imports(v, tmp) for k, v in node.items()}
+    if isinstance(node, list):
+        return [_stand_in_imports(v, tmp) for v in node]
+    if not isinstance(node, str):
+        return node
+    for folder, (hub_id, family_name) in published.IMPORTS.items():
+        if (node == folder or node.startswith(folder + "/")) and not Path(folder).exists():
+            out = tmp / hub_id.replace("/", "__")
+            if not out.exists():
+                _write_stand_in(hub_id, family_name, out)
+                log.info("%s: not here; its import of %s stands in (sizes only)", folder, hub_id)
+            return str(out) + node.removeprefix(folder)
+    return node
+
+
+def _write_stand_in(hub_id: str, family_name: str | None, out: Path) -> None:
+    config, tokenizer = published.config(hub_id), published.stub_tokenizer(hub_id)
+    if family_name is None:  # a plain transformers folder
+        config.architectures = [MODEL_FOR_CAUSAL_LM_MAPPING_NAMES[config.model_type]]
+        config.save_pretrained(out)
+        tokenizer.save_pretrained(out)
+    else:
+        family(family_name).convert().write_layout_configs(config, tokenizer, out)
 
 
 def parameter_counts(module: LMMModule) -> dict[str, dict[str, int]]:

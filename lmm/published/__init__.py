@@ -25,6 +25,20 @@ from transformers import AutoConfig, PretrainedConfig, PreTrainedTokenizerFast
 HERE = Path(__file__).parent
 
 
+# The folders the seed recipes read that an import writes (`lmm convert import`, a family's
+# convert module; the recipes' header comments name the hub checkpoint each comes from), and
+# the family whose `convert.write_layout_configs` writes that layout (None: a plain
+# `save_pretrained` folder of config and tokenizer). A sizes-only build stands them in from
+# the hub model's facts when the folder is not here (`lmm.plan.meta_module`).
+IMPORTS = {
+    "checkpoints/fuyu-8b": ("adept/fuyu-8b", "fuyu"),  # recipes/mantis/fuyu.yaml
+    "checkpoints/idefics2-8b": ("HuggingFaceM4/idefics2-8b", "idefics2"),  # mantis/idefics2_qlora
+    "checkpoints/mantis-8b-idefics2": ("TIGER-Lab/Mantis-8B-Idefics2", "idefics2"),  # videoscore
+    # Vicuna-7B v0 = LLaMA-7B + lmsys/vicuna-7b-delta-v0 (MiniGPT-4's recipe; cheetah/vicuna)
+    "checkpoints/vicuna-7b-v0": ("lmsys/vicuna-7b-delta-v0", None),
+}
+
+
 def _file(hub_id: str) -> Path:
     return HERE / (hub_id.replace("/", "__") + ".json")
 

@@ -23,6 +23,7 @@ from transformers import (
     PreTrainedModel,
     PreTrainedTokenizerBase,
 )
+from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 from transformers.models.fuyu.image_processing_pil_fuyu import FuyuImageProcessorPil
 
 from lmm.data.tokenization import checkpoint_tokenizer
@@ -82,6 +83,19 @@ def import_checkpoint(
     recipe.write_text(_recipe(src, out, dtype, canvas, patch, mantis))
     log.info("imported Fuyu %s into %s (canvas %dx%d, patch %d)", src, out, *canvas, patch)
     return recipe
+
+
+def write_layout_configs(
+    config: FuyuConfig, tokenizer: PreTrainedTokenizerBase, out: str | Path
+) -> None:
+    """The folders `import_checkpoint` writes, without weights: `out/llm/` (the Persimmon
+    config `persimmon_from_fuyu` saves) and `out/tokenizer/`; for a sizes-only build (`lmm
+    plan`, `lmm.published.IMPORTS`)."""
+    out = Path(out)
+    text_config = copy.deepcopy(config.text_config)
+    text_config.architectures = [MODEL_FOR_CAUSAL_LM_MAPPING_NAMES[text_config.model_type]]
+    text_config.save_pretrained(out / "llm")
+    tokenizer.save_pretrained(out / "tokenizer")
 
 
 def persimmon_from_fuyu(hf: FuyuForCausalLM) -> PreTrainedModel:

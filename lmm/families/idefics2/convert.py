@@ -22,6 +22,7 @@ from transformers import (
     AutoModelForCausalLM,
     Idefics2Config,
     Idefics2ForConditionalGeneration,
+    PreTrainedTokenizerBase,
 )
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 from transformers.models.idefics2 import modeling_idefics2 as hf
@@ -94,6 +95,18 @@ def import_checkpoint(
     recipe.write_text(_recipe(where, out, pre, _dtype_name(vision), _dtype_name(text)))
     log.info("imported %s (transformers Idefics2) into %s", where, out)
     return recipe
+
+
+def write_layout_configs(
+    config: Idefics2Config, tokenizer: PreTrainedTokenizerBase, out: str | Path
+) -> None:
+    """The folders `import_checkpoint` writes, without weights: `out/vision/` (the checkpoint's
+    config), `out/llm/` (its text config as a causal LM) and `out/tokenizer/`; for a sizes-only
+    build (`lmm plan`, `lmm.published.IMPORTS`)."""
+    out = Path(out)
+    config.save_pretrained(out / "vision")
+    _text_config(config, tied=config.text_config.tie_word_embeddings).save_pretrained(out / "llm")
+    tokenizer.save_pretrained(out / "tokenizer")
 
 
 def _check_fits(build, config, state: dict[str, Tensor], where: str) -> None:
