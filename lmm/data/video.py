@@ -218,6 +218,8 @@ class VideoReader:
                 "an image (the record's `image` field) or fix the file"
             )
         stream = container.streams.video[0]
+        # frame and slice threads (FFmpeg picks what the codec supports); 0 = one per core
+        stream.codec_context.thread_type = "AUTO"
         stream.codec_context.thread_count = self.num_threads
         return container
 
@@ -244,55 +246,30 @@ class VideoReader:
         try:
             with self._pyav_open(path) as container:
                 stream = container.streams.video[0]
-                # One demux pass (no decoding) maps frame index -> pts and finds the keyframes:
-                # frame i is the i-th smallest pts, as decord numbers them.
-                packets = [(p.pts, p.is_keyframe) for p in container.demux(stream) if p.size > 0]
-                if all(pts is not None for pts, _ in packets):
-                    pts_of = sorted(pts for pts, _ in packets)
-                    keyframes = sorted(pts for pts, key in packets if key)
-                    idx = _check_indices(indices, len(pts_of), path, stream.frames)
-                    wanted = sorted(set(idx))
-                    frames = self._pyav_seek_decode(container, path, pts_of, keyframes, wanted)
-                    return np.stack([frames[i] for i in idx])
+                # One demux pass (no decoding) lists the packets in decode order with their
+                # pts, keyframe flag and whether another frame may reference them; frame i is
+                # the i-th smallest pts, as decord numbers them.
+                nal_length = _avcc_nal_length(stream.codec_context)
+                packets = [
+                    _Packet(p.pts, p.is_keyframe, _h264_disposable(p, nal_length))
+                    for p in container.demux(stream)
+                    if p.size > 0
+                ]
+                if all(p.pts is not None for p in packets) and len(
+                    {p.pts for p in packets}
+                ) == len(packets):
+                    idx = _check_indices(indices, len(packets), path, stream.frames)
+                    try:
+                        frames = _decode_runs(container, path, packets, sorted(set(idx)))
+                    except _SeekMissed:
+                        log.debug("%s: a seek did not land on its keyframe; decoding it all", path)
+                    else:
+                        return np.stack([frames[i] for i in idx])
             # No timestamps to seek by (e.g. raw .h264): decode from the start, counting frames.
             with self._pyav_open(path) as container:
                 return self._pyav_read_sequential(container, path, indices)
         except av.FFmpegError as e:
             raise VideoError(f"{path}: decoding failed ({_first_line(e)})") from e
-
-    @staticmethod
-    def _pyav_seek_decode(
-        container: Any, path: Path, pts_of: list[int], keyframes: list[int], wanted: list[int]
-    ) -> dict[int, np.ndarray]:
-        """Decode the `wanted` (sorted) frames, seeking to the keyframe before each."""
-        stream = container.streams.video[0]
-        out: dict[int, np.ndarray] = {}
-        frames = None
-        last_pts: int | None = None
-        for i in wanted:
-            target = pts_of[i]
-            k = bisect.bisect_right(keyframes, target) - 1
-            key = keyframes[k] if k >= 0 else pts_of[0]
-            # Seek only when a keyframe lies past what is decoded: within a GOP decoding on is
-            # cheaper than seeking back to the same keyframe.
-            if frames is None or last_pts is None or key > last_pts:
-                container.seek(key, stream=stream, backward=True, any_frame=False)
-                frames = container.decode(stream)
-            for frame in frames:
-                if frame.pts is None:
-                    continue
-                last_pts = frame.pts
-                if frame.pts == target:
-                    out[i] = frame.to_ndarray(format="rgb24")
-                    break
-                if frame.pts > target:
-                    raise VideoError(f"{path}: frame {i} (pts {target}) could not be decoded")
-            else:
-                raise VideoError(
-                    f"{path}: decoding stopped before frame {i} of {len(pts_of)}; "
-                    "the file looks truncated"
-                )
-        return out
 
     @staticmethod
     def _pyav_read_sequential(container: Any, path: Path, indices: Sequence[int]) -> np.ndarray:
@@ -303,9 +280,10 @@ class VideoReader:
         wanted = set(idx)
         out: dict[int, np.ndarray] = {}
         count = 0
+        to_rgb = _RGB()
         for frame in container.decode(container.streams.video[0]):
             if count in wanted:
-                out[count] = frame.to_ndarray(format="rgb24")
+                out[count] = to_rgb(frame)
                 if len(out) == len(wanted):
                     break
             count += 1
@@ -315,6 +293,125 @@ class VideoReader:
                 "the file looks truncated"
             )
         return np.stack([out[i] for i in idx])
+
+
+@dataclass(frozen=True)
+class _Packet:
+    """One compressed frame as the demuxer gives it, in decode order."""
+
+    pts: int
+    keyframe: bool
+    disposable: bool  # no other frame references it: skippable unless it is itself asked for
+
+
+class _RGB:
+    """Frames to `[H, W, 3]` uint8 RGB, the pixels of `frame.to_ndarray(format="rgb24")`.
+
+    One swscale context serves every frame of a read: `to_ndarray` builds a new context per
+    frame, with a thread pool of its own, which costs ~3 ms a frame, more than decoding one.
+    """
+
+    def __init__(self) -> None:
+        from av.video.reformatter import VideoReformatter
+
+        self._reformatter = VideoReformatter()
+
+    def __call__(self, frame: Any) -> np.ndarray:
+        return self._reformatter.reformat(frame, format="rgb24", threads=1).to_ndarray()
+
+
+class _SeekMissed(Exception):
+    """A seek landed after the keyframe it aimed at; the caller decodes from the start."""
+
+
+def _avcc_nal_length(codec_context: Any) -> int | None:
+    """Bytes of each NAL unit's length prefix for H.264 in MP4/MKV (avcC), else None."""
+    extradata = codec_context.extradata
+    if codec_context.name != "h264" or not extradata or extradata[0] != 1 or len(extradata) < 5:
+        return None  # not H.264, or Annex B start codes: no packet is skipped
+    return (extradata[4] & 3) + 1
+
+
+def _h264_disposable(packet: Any, nal_length: int | None) -> bool:
+    """True when the packet's picture has nal_ref_idc 0: no later picture is decoded from it."""
+    if nal_length is None:
+        return False
+    data = memoryview(packet)
+    pos = 0
+    while pos + nal_length < len(data):
+        size = int.from_bytes(data[pos : pos + nal_length], "big")
+        header = data[pos + nal_length]
+        if header & 0x1F in (1, 5):  # the first coded slice: non-IDR or IDR
+            return header & 0x60 == 0
+        pos += nal_length + size
+    return False  # no slice found: keep the packet
+
+
+def _decode_runs(
+    container: Any, path: Path, packets: list[_Packet], wanted: list[int]
+) -> dict[int, np.ndarray]:
+    """Decode the `wanted` (sorted, unique) frames, each needed GOP once and in frame order.
+
+    A run starts at the keyframe before a wanted frame and ends at the last wanted frame
+    decoded from it; runs whose keyframe lies inside the previous run are merged, so nothing
+    is decoded twice. Inside a run, disposable frames that are not wanted are not decoded.
+    Pixels equal a full decode's: every frame a wanted frame refers to is decoded.
+    """
+    stream = container.streams.video[0]
+    order = sorted(range(len(packets)), key=lambda p: packets[p].pts)  # frame i -> decode pos
+    keys = [p for p, packet in enumerate(packets) if packet.keyframe]
+    runs: dict[int, int] = {}  # start decode position -> last decode position
+    for i in wanted:
+        pos = order[i]
+        k = bisect.bisect_right(keys, pos) - 1
+        # a leading frame (shown before its keyframe, open GOP) needs the previous GOP
+        while k >= 0 and packets[keys[k]].pts > packets[pos].pts:
+            k -= 1
+        start = keys[k] if k >= 0 else 0
+        runs[start] = max(runs.get(start, pos), pos)
+    merged: list[list[int]] = []
+    for start, end in sorted(runs.items()):
+        if merged and start <= merged[-1][1]:
+            merged[-1][1] = max(merged[-1][1], end)
+        else:
+            merged.append([start, end])
+
+    position_of = {packet.pts: p for p, packet in enumerate(packets)}
+    index_of = {packets[order[i]].pts: i for i in wanted}
+    out: dict[int, np.ndarray] = {}
+
+    to_rgb = _RGB()
+
+    def keep(frames: Any) -> None:
+        for frame in frames:
+            i = index_of.get(frame.pts)
+            if i is not None and i not in out:
+                out[i] = to_rgb(frame)
+
+    for start, end in merged:
+        container.seek(packets[start].pts, stream=stream, backward=True, any_frame=False)
+        started = False
+        for packet in container.demux(stream):
+            pos = position_of.get(packet.pts) if packet.size > 0 else None
+            if pos is None or pos < start:
+                continue  # the seek landed before our keyframe: demux on to it
+            if not started and pos != start:
+                raise _SeekMissed
+            started = True
+            if pos > end:
+                break
+            if packet.pts not in index_of and packets[pos].disposable:
+                continue
+            keep(stream.codec_context.decode(packet))
+        keep(stream.codec_context.decode(None))  # drain the frames the decoder still holds
+        stream.codec_context.flush_buffers()
+    missing = [i for i in wanted if i not in out]
+    if missing:
+        raise VideoError(
+            f"{path}: frame {missing[0]} of {len(packets)} could not be decoded; "
+            "the file looks truncated or damaged"
+        )
+    return out
 
 
 def _refuse_images(path: Path) -> None:
