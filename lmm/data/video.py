@@ -118,15 +118,17 @@ def _check_indices(indices: Sequence[int], num_frames: int, path: Path, header: 
 
 
 class VideoReader:
-    """Decode only the sampled frames: decord (seeks) when importable, else PyAV; PyAV also when decord fails on a file."""
+    """Decode only the sampled frames: PyAV, each needed GOP once; decord when PyAV fails on a file."""
 
     def __init__(self, backend: Backend = "auto", num_threads: int = 1):
         """Choose the decoder.
 
         Args:
-            backend: `auto` tries decord then PyAV per file; `decord` or `pyav` use only that one.
-            num_threads: decoder threads per call; 1 suits DataLoader workers, which already
-                decode different videos in parallel.
+            backend: `auto` tries PyAV then decord (when importable) per file; `pyav` or
+                `decord` use only that one. PyAV decodes each needed GOP once in frame order
+                (see `_decode_runs`), 3-4x faster than decord's per-frame seeks at GOP 60.
+            num_threads: decoder threads per call, 0 for one per core; 1 suits DataLoader
+                workers, which already decode different videos in parallel.
         """
         if backend not in BACKENDS:
             raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
@@ -155,25 +157,32 @@ class VideoReader:
         return self._run("read", Path(path), indices)
 
     def _run(self, op: str, path: Path, *args: Any) -> Any:
-        """Call the decord implementation of `op`, falling back to PyAV under `auto`."""
+        """Call the PyAV implementation of `op`, falling back to decord under `auto`."""
         if not path.is_file():
             raise FileNotFoundError(f"video file not found: {path}")
         _refuse_images(path)
-        if self._decord is not None:
+        if self.backend == "decord":
+            return self._run_decord(op, path, *args)
+        try:
+            return getattr(self, f"_pyav_{op}")(path, *args)
+        except VideoError as e:
+            if self._decord is None:
+                raise
+            log.debug("PyAV failed on %s (%s); trying decord", path, e)
             try:
-                return getattr(self, f"_decord_{op}")(path, *args)
-            except VideoError as e:
-                if self.backend == "decord":
-                    raise
-                log.debug("decord failed on %s (%s); trying PyAV", path, e)
-            except (ValueError, TypeError):
-                raise  # bad arguments, not a bad file: PyAV would refuse them too
-            except Exception as e:
-                # decord raises its own DECORDError or RuntimeError for anything it cannot decode
-                if self.backend == "decord":
-                    raise VideoError(f"{path}: decord cannot read it: {_first_line(e)}") from e
-                log.debug("decord failed on %s (%s); trying PyAV", path, _first_line(e))
-        return getattr(self, f"_pyav_{op}")(path, *args)
+                return self._run_decord(op, path, *args)
+            except VideoError:
+                raise e from None  # PyAV's message says more (truncated, no stream, ...)
+
+    def _run_decord(self, op: str, path: Path, *args: Any) -> Any:
+        """Call the decord implementation of `op`; its own errors become VideoError."""
+        try:
+            return getattr(self, f"_decord_{op}")(path, *args)
+        except (VideoError, ValueError, TypeError):
+            raise  # a bad file we named, or bad arguments
+        except Exception as e:
+            # decord raises its own DECORDError or RuntimeError for anything it cannot decode
+            raise VideoError(f"{path}: decord cannot read it: {_first_line(e)}") from e
 
     # decord ----------------------------------------------------------------------------------
 

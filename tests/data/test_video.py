@@ -150,17 +150,26 @@ def test_pyav_counts_frames_when_the_header_has_none(tmp_path):
     assert [frame_index(f) for f in reader.read(path, [11, 2, 7])] == [11, 2, 7]
 
 
-def test_auto_falls_back_to_pyav_when_decord_fails(video, monkeypatch):
+def test_auto_falls_back_to_decord_when_pyav_fails(video, monkeypatch):
     pytest.importorskip("decord")
 
     def broken(self, path, *args):
-        raise RuntimeError("decord: cannot decode")
+        raise VideoError(f"{path}: PyAV cannot decode")
 
-    monkeypatch.setattr(VideoReader, "_decord_read", broken)
+    monkeypatch.setattr(VideoReader, "_pyav_read", broken)
     frames = VideoReader("auto").read(video, [5, 40])
     assert [frame_index(f) for f in frames] == [5, 40]
+    with pytest.raises(VideoError, match="PyAV cannot decode"):
+        VideoReader("pyav").read(video, [5])
+
+    def decord_broken(self, path, *args):
+        raise RuntimeError("decord: cannot decode")
+
+    monkeypatch.setattr(VideoReader, "_decord_read", decord_broken)
     with pytest.raises(VideoError, match="decord cannot read it: decord: cannot decode"):
         VideoReader("decord").read(video, [5])
+    with pytest.raises(VideoError, match="PyAV cannot decode"):  # both fail: PyAV's message
+        VideoReader("auto").read(video, [5])
 
 
 def test_reader_rejects_indices_past_the_end(video):
