@@ -120,15 +120,16 @@ def _check_indices(indices: Sequence[int], num_frames: int, path: Path, header: 
 class VideoReader:
     """Decode only the sampled frames: PyAV, each needed GOP once; decord when PyAV fails on a file."""
 
-    def __init__(self, backend: Backend = "auto", num_threads: int = 1):
+    def __init__(self, backend: Backend = "auto", num_threads: int | None = None):
         """Choose the decoder.
 
         Args:
             backend: `auto` tries PyAV then decord (when importable) per file; `pyav` or
                 `decord` use only that one. PyAV decodes each needed GOP once in frame order
                 (see `_decode_runs`), 3-4x faster than decord's per-frame seeks at GOP 60.
-            num_threads: decoder threads per call, 0 for one per core; 1 suits DataLoader
-                workers, which already decode different videos in parallel.
+            num_threads: decoder threads per call, 0 for FFmpeg's choice (one per core).
+                None: 1 inside a DataLoader worker (the workers already decode different
+                videos in parallel), else 0.
         """
         if backend not in BACKENDS:
             raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
@@ -155,6 +156,14 @@ class VideoReader:
     def read(self, path: str | Path, indices: Sequence[int]) -> np.ndarray:
         """The frames at `indices`, in the order asked (repeats allowed): `[k, H, W, 3]` uint8 RGB."""
         return self._run("read", Path(path), indices)
+
+    def _threads(self) -> int:
+        """Decoder threads for this call (see `num_threads`)."""
+        if self.num_threads is not None:
+            return self.num_threads
+        import torch.utils.data
+
+        return 1 if torch.utils.data.get_worker_info() is not None else 0
 
     def _run(self, op: str, path: Path, *args: Any) -> Any:
         """Call the PyAV implementation of `op`, falling back to decord under `auto`."""
@@ -188,7 +197,7 @@ class VideoReader:
 
     def _decord_open(self, path: Path) -> Any:
         return self._decord.VideoReader(
-            str(path), ctx=self._decord.cpu(0), num_threads=self.num_threads
+            str(path), ctx=self._decord.cpu(0), num_threads=self._threads()
         )
 
     @staticmethod
@@ -229,7 +238,7 @@ class VideoReader:
         stream = container.streams.video[0]
         # frame and slice threads (FFmpeg picks what the codec supports); 0 = one per core
         stream.codec_context.thread_type = "AUTO"
-        stream.codec_context.thread_count = self.num_threads
+        stream.codec_context.thread_count = self._threads()
         return container
 
     def _pyav_info(self, path: Path) -> VideoInfo:
@@ -264,9 +273,9 @@ class VideoReader:
                     for p in container.demux(stream)
                     if p.size > 0
                 ]
-                if all(p.pts is not None for p in packets) and len(
-                    {p.pts for p in packets}
-                ) == len(packets):
+                if all(p.pts is not None for p in packets) and len({p.pts for p in packets}) == len(
+                    packets
+                ):
                     idx = _check_indices(indices, len(packets), path, stream.frames)
                     try:
                         frames = _decode_runs(container, path, packets, sorted(set(idx)))
@@ -356,17 +365,13 @@ def _h264_disposable(packet: Any, nal_length: int | None) -> bool:
     return False  # no slice found: keep the packet
 
 
-def _decode_runs(
-    container: Any, path: Path, packets: list[_Packet], wanted: list[int]
-) -> dict[int, np.ndarray]:
-    """Decode the `wanted` (sorted, unique) frames, each needed GOP once and in frame order.
+def _plan_runs(packets: list[_Packet], wanted: list[int]) -> list[tuple[int, int]]:
+    """Decode-order spans `(start, end)` that together decode the `wanted` frames (sorted).
 
-    A run starts at the keyframe before a wanted frame and ends at the last wanted frame
-    decoded from it; runs whose keyframe lies inside the previous run are merged, so nothing
-    is decoded twice. Inside a run, disposable frames that are not wanted are not decoded.
-    Pixels equal a full decode's: every frame a wanted frame refers to is decoded.
+    A span starts at the keyframe before a wanted frame and ends at the last wanted frame
+    decoded from it; a keyframe that lies inside the previous span joins it, so spans are
+    disjoint and in file order and no packet is decoded twice.
     """
-    stream = container.streams.video[0]
     order = sorted(range(len(packets)), key=lambda p: packets[p].pts)  # frame i -> decode pos
     keys = [p for p, packet in enumerate(packets) if packet.keyframe]
     runs: dict[int, int] = {}  # start decode position -> last decode position
@@ -378,13 +383,27 @@ def _decode_runs(
             k -= 1
         start = keys[k] if k >= 0 else 0
         runs[start] = max(runs.get(start, pos), pos)
-    merged: list[list[int]] = []
+    merged: list[tuple[int, int]] = []
     for start, end in sorted(runs.items()):
-        if merged and start <= merged[-1][1]:
-            merged[-1][1] = max(merged[-1][1], end)
+        if merged and start <= merged[-1][1] + 1:  # inside or right after: decode on
+            merged[-1] = (merged[-1][0], max(merged[-1][1], end))
         else:
-            merged.append([start, end])
+            merged.append((start, end))
+    return merged
 
+
+def _decode_runs(
+    container: Any, path: Path, packets: list[_Packet], wanted: list[int]
+) -> dict[int, np.ndarray]:
+    """Decode the `wanted` (sorted, unique) frames, each needed GOP once and in frame order.
+
+    The spans of `_plan_runs` are decoded after one seek each; inside a span, disposable
+    frames that are not wanted are not decoded. Pixels equal a full decode's: every frame a
+    wanted frame refers to is decoded.
+    """
+    stream = container.streams.video[0]
+    merged = _plan_runs(packets, wanted)
+    order = sorted(range(len(packets)), key=lambda p: packets[p].pts)
     position_of = {packet.pts: p for p, packet in enumerate(packets)}
     index_of = {packets[order[i]].pts: i for i in wanted}
     out: dict[int, np.ndarray] = {}
