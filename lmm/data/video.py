@@ -120,16 +120,17 @@ def _check_indices(indices: Sequence[int], num_frames: int, path: Path, header: 
 class VideoReader:
     """Decode only the sampled frames: PyAV, each needed GOP once; decord when PyAV fails on a file."""
 
-    def __init__(self, backend: Backend = "auto", num_threads: int | None = None):
+    def __init__(self, backend: Backend = "auto", num_threads: int = 1):
         """Choose the decoder.
 
         Args:
             backend: `auto` tries PyAV then decord (when importable) per file; `pyav` or
                 `decord` use only that one. PyAV decodes each needed GOP once in frame order
                 (see `_decode_runs`), 3-4x faster than decord's per-frame seeks at GOP 60.
-            num_threads: decoder threads per call, 0 for FFmpeg's choice (one per core).
-                None: 1 inside a DataLoader worker (the workers already decode different
-                videos in parallel), else 0.
+            num_threads: decoder threads per call (frame and slice threads), 0 for FFmpeg's
+                choice (one per core). 1 suits DataLoader workers, which already decode
+                different videos in parallel; on a busy 2-core machine more threads were
+                slower (docs/benchmarks.md, video).
         """
         if backend not in BACKENDS:
             raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
@@ -156,14 +157,6 @@ class VideoReader:
     def read(self, path: str | Path, indices: Sequence[int]) -> np.ndarray:
         """The frames at `indices`, in the order asked (repeats allowed): `[k, H, W, 3]` uint8 RGB."""
         return self._run("read", Path(path), indices)
-
-    def _threads(self) -> int:
-        """Decoder threads for this call (see `num_threads`)."""
-        if self.num_threads is not None:
-            return self.num_threads
-        import torch.utils.data
-
-        return 1 if torch.utils.data.get_worker_info() is not None else 0
 
     def _run(self, op: str, path: Path, *args: Any) -> Any:
         """Call the PyAV implementation of `op`, falling back to decord under `auto`."""
@@ -197,7 +190,7 @@ class VideoReader:
 
     def _decord_open(self, path: Path) -> Any:
         return self._decord.VideoReader(
-            str(path), ctx=self._decord.cpu(0), num_threads=self._threads()
+            str(path), ctx=self._decord.cpu(0), num_threads=self.num_threads
         )
 
     @staticmethod
@@ -238,7 +231,7 @@ class VideoReader:
         stream = container.streams.video[0]
         # frame and slice threads (FFmpeg picks what the codec supports); 0 = one per core
         stream.codec_context.thread_type = "AUTO"
-        stream.codec_context.thread_count = self._threads()
+        stream.codec_context.thread_count = self.num_threads
         return container
 
     def _pyav_info(self, path: Path) -> VideoInfo:
