@@ -1,9 +1,13 @@
-"""Video frame sampling speed: decord seeking vs decoding every frame vs PyAV seeking.
+"""Video frame sampling speed: lmm's sampling path vs decoding every frame vs decord seeking.
 
 Writes a synthetic H.264 mp4 (a red ramp and a moving bar, as in CPU.md section 7) to a temp
 dir, samples `--sample` uniform frames from it, and reports frames returned per second of wall
-time (median of `--repeats`). Every method opens the file afresh each repeat, as a DataLoader
-worker does, and uses one decoder thread. The last line printed is one JSON object.
+time (median of `--repeats`, the methods interleaved so that a busy moment hits them alike).
+Every method opens the file afresh each repeat, as a DataLoader worker does, and uses one
+decoder thread but `seek_threaded` (FFmpeg's frame threads, one per core). `seek_fps` is
+lmm's own path, `VideoReader()` as `load_video` uses it; `identical` says its pixels equal
+the full decode's. The `*_cpu_ms` keys are process CPU time, which a busy machine inflates
+less than wall time. The last line printed is one JSON object.
 
     python benchmarks/video.py [--frames 300] [--size 224] [--sample 8] [--gop 250] [--texture]
 """
@@ -20,6 +24,7 @@ from pathlib import Path
 
 import av
 import numpy as np
+from av.video.reformatter import VideoReformatter
 
 from lmm.data.video import VideoReader, sample_indices
 
@@ -51,28 +56,45 @@ def write_video(
             container.mux(packet)
 
 
-def full_decode(path: Path, indices: list[int]) -> np.ndarray:
-    """The baseline: decode every frame in order with PyAV and keep the sampled ones."""
+def full_decode(path: Path, indices: list[int], fast_rgb: bool = False) -> np.ndarray:
+    """The baseline: decode every frame in order with PyAV and keep the sampled ones.
+
+    fast_rgb: convert with one reused swscale context (what lmm does) instead of
+    `to_ndarray`'s context per frame, so that only the decoding strategy differs.
+    """
     wanted = set(indices)
     out: dict[int, np.ndarray] = {}
+    reformatter = VideoReformatter()
     with av.open(str(path)) as container:
         stream = container.streams.video[0]
         stream.codec_context.thread_count = 1
         for i, frame in enumerate(container.decode(stream)):
             if i in wanted:
-                out[i] = frame.to_ndarray(format="rgb24")
+                if fast_rgb:
+                    out[i] = reformatter.reformat(frame, format="rgb24", threads=1).to_ndarray()
+                else:
+                    out[i] = frame.to_ndarray(format="rgb24")
     return np.stack([out[i] for i in indices])
 
 
-def timed(fn: Callable[[], np.ndarray], repeats: int) -> tuple[float, np.ndarray]:
-    """Median wall seconds of `fn()` over `repeats` runs (after one warm-up), and its output."""
-    out = fn()
-    times = []
+def timed(
+    methods: dict[str, Callable[[], np.ndarray]], repeats: int
+) -> dict[str, tuple[float, float, np.ndarray]]:
+    """Median wall and CPU seconds of each method over `repeats` interleaved runs (after one
+    warm-up each), and its output."""
+    outputs = {name: fn() for name, fn in methods.items()}
+    wall: dict[str, list[float]] = {name: [] for name in methods}
+    cpu: dict[str, list[float]] = {name: [] for name in methods}
     for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times), out
+        for name, fn in methods.items():
+            start, start_cpu = time.perf_counter(), time.process_time()
+            fn()
+            wall[name].append(time.perf_counter() - start)
+            cpu[name].append(time.process_time() - start_cpu)
+    return {
+        name: (statistics.median(wall[name]), statistics.median(cpu[name]), outputs[name])
+        for name in methods
+    }
 
 
 def main() -> None:
@@ -97,36 +119,58 @@ def main() -> None:
         pyav = VideoReader("pyav")
         info = pyav.info(path)
         indices = sample_indices(info.num_frames, info.avg_fps, max_frames=args.sample)
+        lmm_reader = VideoReader()  # what load_video uses by default
+        threaded = VideoReader(num_threads=0)  # FFmpeg picks the threads
         decord = VideoReader("decord")
-        results = {
-            "decord_seek": timed(lambda: decord.read(path, indices), args.repeats),
-            "full_decode": timed(lambda: full_decode(path, indices), args.repeats),
-            "pyav": timed(lambda: pyav.read(path, indices), args.repeats),
-        }
+        results = timed(
+            {
+                "seek": lambda: lmm_reader.read(path, indices),
+                "seek_threaded": lambda: threaded.read(path, indices),
+                "full_decode": lambda: full_decode(path, indices),
+                "full_decode_fast_rgb": lambda: full_decode(path, indices, fast_rgb=True),
+                "decord_seek": lambda: decord.read(path, indices),
+                "pyav": lambda: pyav.read(path, indices),
+            },
+            args.repeats,
+        )
 
-    reference = results["full_decode"][1].astype(int)
-    diff = {k: int(np.abs(out.astype(int) - reference).max()) for k, (_, out) in results.items()}
+    reference = results["full_decode"][2].astype(int)
+    diff = {k: int(np.abs(out.astype(int) - reference).max()) for k, (_, _, out) in results.items()}
+    identical = bool(np.array_equal(results["seek"][2], results["full_decode"][2]))
     k = len(indices)
-    fps = {name: k / seconds for name, (seconds, _) in results.items()}
+    fps = {name: k / seconds for name, (seconds, _, _) in results.items()}
+    cpu_ms = {name: round(1e3 * cpu, 1) for name, (_, cpu, _) in results.items()}
 
     print(
         f"video: {info.num_frames} frames {info.width}x{info.height} @ {info.avg_fps:g} fps, "
         f"gop={args.gop or 'libx264 default'}, texture={args.texture}, encoded in {encode_s:.2f}s"
     )
-    print(f"sampled {k} uniform frames {indices}; median of {args.repeats}, 1 decoder thread\n")
-    print(f"{'method':<34}{'ms/video':>10}{'frames/s':>10}{'max|diff|':>11}")
+    print(f"sampled {k} uniform frames {indices}; median of {args.repeats}\n")
+    print(f"{'method':<44}{'ms/video':>10}{'frames/s':>10}{'max|diff|':>11}")
     labels = {
+        "seek": "lmm VideoReader() (load_video's default)",
+        "seek_threaded": "lmm VideoReader(num_threads=0)",
+        "full_decode": "PyAV decode all, keep sampled (to_ndarray)",
+        "full_decode_fast_rgb": "PyAV decode all, one swscale context",
         "decord_seek": "decord seek (VideoReader decord)",
-        "full_decode": "PyAV decode all, keep sampled",
-        "pyav": "PyAV seek (VideoReader pyav)",
+        "pyav": "VideoReader pyav",
     }
-    for name, (seconds, _) in results.items():
-        print(f"{labels[name]:<34}{seconds * 1e3:>10.1f}{fps[name]:>10.1f}{diff[name]:>11}")
+    for name, (seconds, _, _) in results.items():
+        print(f"{labels[name]:<44}{seconds * 1e3:>10.1f}{fps[name]:>10.1f}{diff[name]:>11}")
     print(
         json.dumps(
             {
-                "decord_seek_fps": round(fps["decord_seek"], 1),
+                "seek_fps": round(fps["seek"], 1),
+                "seek_threaded_fps": round(fps["seek_threaded"], 1),
                 "full_decode_fps": round(fps["full_decode"], 1),
+                "full_decode_fast_rgb_fps": round(fps["full_decode_fast_rgb"], 1),
+                "seek_vs_full_decode": round(fps["seek"] / fps["full_decode"], 2),
+                "seek_vs_full_decode_fast_rgb": round(fps["seek"] / fps["full_decode_fast_rgb"], 2),
+                "identical": identical,
+                "seek_cpu_ms": cpu_ms["seek"],
+                "full_decode_cpu_ms": cpu_ms["full_decode"],
+                "full_decode_fast_rgb_cpu_ms": cpu_ms["full_decode_fast_rgb"],
+                "decord_seek_fps": round(fps["decord_seek"], 1),
                 "pyav_fps": round(fps["pyav"], 1),
                 "frames_sampled": k,
                 "video_frames": info.num_frames,

@@ -118,15 +118,20 @@ def _check_indices(indices: Sequence[int], num_frames: int, path: Path, header: 
 
 
 class VideoReader:
-    """Decode only the sampled frames: decord (seeks) when importable, else PyAV; PyAV also when decord fails on a file."""
+    """Decode only the sampled frames: PyAV, each needed GOP once; decord when PyAV fails on a file."""
 
     def __init__(self, backend: Backend = "auto", num_threads: int = 1):
         """Choose the decoder.
 
         Args:
-            backend: `auto` tries decord then PyAV per file; `decord` or `pyav` use only that one.
-            num_threads: decoder threads per call; 1 suits DataLoader workers, which already
-                decode different videos in parallel.
+            backend: `auto` tries PyAV then decord (when importable) per file; `pyav` or
+                `decord` use only that one. PyAV decodes each needed GOP once in frame order
+                (see `_decode_runs`): 1.5x decord's per-frame seeks at GOP 60 and 6x on
+                libx264's default GOP (docs/benchmarks.md, video), identical pixels.
+            num_threads: decoder threads per call (frame and slice threads), 0 for FFmpeg's
+                choice (one per core). 1 suits DataLoader workers, which already decode
+                different videos in parallel; on a busy 2-core machine more threads were
+                slower (docs/benchmarks.md, video).
         """
         if backend not in BACKENDS:
             raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
@@ -155,25 +160,32 @@ class VideoReader:
         return self._run("read", Path(path), indices)
 
     def _run(self, op: str, path: Path, *args: Any) -> Any:
-        """Call the decord implementation of `op`, falling back to PyAV under `auto`."""
+        """Call the PyAV implementation of `op`, falling back to decord under `auto`."""
         if not path.is_file():
             raise FileNotFoundError(f"video file not found: {path}")
         _refuse_images(path)
-        if self._decord is not None:
+        if self.backend == "decord":
+            return self._run_decord(op, path, *args)
+        try:
+            return getattr(self, f"_pyav_{op}")(path, *args)
+        except VideoError as e:
+            if self._decord is None:
+                raise
+            log.debug("PyAV failed on %s (%s); trying decord", path, e)
             try:
-                return getattr(self, f"_decord_{op}")(path, *args)
-            except VideoError as e:
-                if self.backend == "decord":
-                    raise
-                log.debug("decord failed on %s (%s); trying PyAV", path, e)
-            except (ValueError, TypeError):
-                raise  # bad arguments, not a bad file: PyAV would refuse them too
-            except Exception as e:
-                # decord raises its own DECORDError or RuntimeError for anything it cannot decode
-                if self.backend == "decord":
-                    raise VideoError(f"{path}: decord cannot read it: {_first_line(e)}") from e
-                log.debug("decord failed on %s (%s); trying PyAV", path, _first_line(e))
-        return getattr(self, f"_pyav_{op}")(path, *args)
+                return self._run_decord(op, path, *args)
+            except VideoError:
+                raise e from None  # PyAV's message says more (truncated, no stream, ...)
+
+    def _run_decord(self, op: str, path: Path, *args: Any) -> Any:
+        """Call the decord implementation of `op`; its own errors become VideoError."""
+        try:
+            return getattr(self, f"_decord_{op}")(path, *args)
+        except (VideoError, ValueError, TypeError):
+            raise  # a bad file we named, or bad arguments
+        except Exception as e:
+            # decord raises its own DECORDError or RuntimeError for anything it cannot decode
+            raise VideoError(f"{path}: decord cannot read it: {_first_line(e)}") from e
 
     # decord ----------------------------------------------------------------------------------
 
@@ -218,6 +230,8 @@ class VideoReader:
                 "an image (the record's `image` field) or fix the file"
             )
         stream = container.streams.video[0]
+        # frame and slice threads (FFmpeg picks what the codec supports); 0 = one per core
+        stream.codec_context.thread_type = "AUTO"
         stream.codec_context.thread_count = self.num_threads
         return container
 
@@ -244,55 +258,30 @@ class VideoReader:
         try:
             with self._pyav_open(path) as container:
                 stream = container.streams.video[0]
-                # One demux pass (no decoding) maps frame index -> pts and finds the keyframes:
-                # frame i is the i-th smallest pts, as decord numbers them.
-                packets = [(p.pts, p.is_keyframe) for p in container.demux(stream) if p.size > 0]
-                if all(pts is not None for pts, _ in packets):
-                    pts_of = sorted(pts for pts, _ in packets)
-                    keyframes = sorted(pts for pts, key in packets if key)
-                    idx = _check_indices(indices, len(pts_of), path, stream.frames)
-                    wanted = sorted(set(idx))
-                    frames = self._pyav_seek_decode(container, path, pts_of, keyframes, wanted)
-                    return np.stack([frames[i] for i in idx])
+                # One demux pass (no decoding) lists the packets in decode order with their
+                # pts, keyframe flag and whether another frame may reference them; frame i is
+                # the i-th smallest pts, as decord numbers them.
+                nal_length = _avcc_nal_length(stream.codec_context)
+                packets = [
+                    _Packet(p.pts, p.is_keyframe, _h264_disposable(p, nal_length))
+                    for p in container.demux(stream)
+                    if p.size > 0
+                ]
+                if all(p.pts is not None for p in packets) and len({p.pts for p in packets}) == len(
+                    packets
+                ):
+                    idx = _check_indices(indices, len(packets), path, stream.frames)
+                    try:
+                        frames = _decode_runs(container, path, packets, sorted(set(idx)))
+                    except _SeekMissed:
+                        log.debug("%s: a seek did not land on its keyframe; decoding it all", path)
+                    else:
+                        return np.stack([frames[i] for i in idx])
             # No timestamps to seek by (e.g. raw .h264): decode from the start, counting frames.
             with self._pyav_open(path) as container:
                 return self._pyav_read_sequential(container, path, indices)
         except av.FFmpegError as e:
             raise VideoError(f"{path}: decoding failed ({_first_line(e)})") from e
-
-    @staticmethod
-    def _pyav_seek_decode(
-        container: Any, path: Path, pts_of: list[int], keyframes: list[int], wanted: list[int]
-    ) -> dict[int, np.ndarray]:
-        """Decode the `wanted` (sorted) frames, seeking to the keyframe before each."""
-        stream = container.streams.video[0]
-        out: dict[int, np.ndarray] = {}
-        frames = None
-        last_pts: int | None = None
-        for i in wanted:
-            target = pts_of[i]
-            k = bisect.bisect_right(keyframes, target) - 1
-            key = keyframes[k] if k >= 0 else pts_of[0]
-            # Seek only when a keyframe lies past what is decoded: within a GOP decoding on is
-            # cheaper than seeking back to the same keyframe.
-            if frames is None or last_pts is None or key > last_pts:
-                container.seek(key, stream=stream, backward=True, any_frame=False)
-                frames = container.decode(stream)
-            for frame in frames:
-                if frame.pts is None:
-                    continue
-                last_pts = frame.pts
-                if frame.pts == target:
-                    out[i] = frame.to_ndarray(format="rgb24")
-                    break
-                if frame.pts > target:
-                    raise VideoError(f"{path}: frame {i} (pts {target}) could not be decoded")
-            else:
-                raise VideoError(
-                    f"{path}: decoding stopped before frame {i} of {len(pts_of)}; "
-                    "the file looks truncated"
-                )
-        return out
 
     @staticmethod
     def _pyav_read_sequential(container: Any, path: Path, indices: Sequence[int]) -> np.ndarray:
@@ -303,9 +292,10 @@ class VideoReader:
         wanted = set(idx)
         out: dict[int, np.ndarray] = {}
         count = 0
+        to_rgb = _RGB()
         for frame in container.decode(container.streams.video[0]):
             if count in wanted:
-                out[count] = frame.to_ndarray(format="rgb24")
+                out[count] = to_rgb(frame)
                 if len(out) == len(wanted):
                     break
             count += 1
@@ -315,6 +305,136 @@ class VideoReader:
                 "the file looks truncated"
             )
         return np.stack([out[i] for i in idx])
+
+
+@dataclass(frozen=True)
+class _Packet:
+    """One compressed frame as the demuxer gives it, in decode order."""
+
+    pts: int
+    keyframe: bool
+    disposable: bool  # no other frame references it: skippable unless it is itself asked for
+
+
+class _RGB:
+    """Frames to `[H, W, 3]` uint8 RGB, the pixels of `frame.to_ndarray(format="rgb24")`.
+
+    One swscale context serves every frame of a read: `to_ndarray` builds a new context per
+    frame, with a thread pool of its own, which costs ~3 ms a frame, more than decoding one.
+    """
+
+    def __init__(self) -> None:
+        from av.video.reformatter import VideoReformatter
+
+        self._reformatter = VideoReformatter()
+
+    def __call__(self, frame: Any) -> np.ndarray:
+        return self._reformatter.reformat(frame, format="rgb24", threads=1).to_ndarray()
+
+
+class _SeekMissed(Exception):
+    """A seek landed after the keyframe it aimed at; the caller decodes from the start."""
+
+
+def _avcc_nal_length(codec_context: Any) -> int | None:
+    """Bytes of each NAL unit's length prefix for H.264 in MP4/MKV (avcC), else None."""
+    extradata = codec_context.extradata
+    if codec_context.name != "h264" or not extradata or extradata[0] != 1 or len(extradata) < 5:
+        return None  # not H.264, or Annex B start codes: no packet is skipped
+    return (extradata[4] & 3) + 1
+
+
+def _h264_disposable(packet: Any, nal_length: int | None) -> bool:
+    """True when the packet's picture has nal_ref_idc 0: no later picture is decoded from it."""
+    if nal_length is None:
+        return False
+    data = memoryview(packet)
+    pos = 0
+    while pos + nal_length < len(data):
+        size = int.from_bytes(data[pos : pos + nal_length], "big")
+        header = data[pos + nal_length]
+        if header & 0x1F in (1, 5):  # the first coded slice: non-IDR or IDR
+            return header & 0x60 == 0
+        pos += nal_length + size
+    return False  # no slice found: keep the packet
+
+
+def _plan_runs(packets: list[_Packet], wanted: list[int]) -> list[tuple[int, int]]:
+    """Decode-order spans `(start, end)` that together decode the `wanted` frames (sorted).
+
+    A span starts at the keyframe before a wanted frame and ends at the last wanted frame
+    decoded from it; a keyframe inside the previous span or right after it joins that span
+    (decoding on costs nothing extra), so spans are disjoint and in file order and no packet
+    is decoded twice.
+    """
+    order = sorted(range(len(packets)), key=lambda p: packets[p].pts)  # frame i -> decode pos
+    keys = [p for p, packet in enumerate(packets) if packet.keyframe]
+    runs: dict[int, int] = {}  # start decode position -> last decode position
+    for i in wanted:
+        pos = order[i]
+        k = bisect.bisect_right(keys, pos) - 1
+        # a leading frame (shown before its keyframe, open GOP) needs the previous GOP
+        while k >= 0 and packets[keys[k]].pts > packets[pos].pts:
+            k -= 1
+        start = keys[k] if k >= 0 else 0
+        runs[start] = max(runs.get(start, pos), pos)
+    merged: list[tuple[int, int]] = []
+    for start, end in sorted(runs.items()):
+        if merged and start <= merged[-1][1] + 1:  # inside or right after: decode on
+            merged[-1] = (merged[-1][0], max(merged[-1][1], end))
+        else:
+            merged.append((start, end))
+    return merged
+
+
+def _decode_runs(
+    container: Any, path: Path, packets: list[_Packet], wanted: list[int]
+) -> dict[int, np.ndarray]:
+    """Decode the `wanted` (sorted, unique) frames, each needed GOP once and in frame order.
+
+    The spans of `_plan_runs` are decoded after one seek each; inside a span, disposable
+    frames that are not wanted are not decoded. Pixels equal a full decode's: every frame a
+    wanted frame refers to is decoded.
+    """
+    stream = container.streams.video[0]
+    merged = _plan_runs(packets, wanted)
+    order = sorted(range(len(packets)), key=lambda p: packets[p].pts)
+    position_of = {packet.pts: p for p, packet in enumerate(packets)}
+    index_of = {packets[order[i]].pts: i for i in wanted}
+    out: dict[int, np.ndarray] = {}
+
+    to_rgb = _RGB()
+
+    def keep(frames: Any) -> None:
+        for frame in frames:
+            i = index_of.get(frame.pts)
+            if i is not None and i not in out:
+                out[i] = to_rgb(frame)
+
+    for start, end in merged:
+        container.seek(packets[start].pts, stream=stream, backward=True, any_frame=False)
+        started = False
+        for packet in container.demux(stream):
+            pos = position_of.get(packet.pts) if packet.size > 0 else None
+            if pos is None or pos < start:
+                continue  # the seek landed before our keyframe: demux on to it
+            if not started and pos != start:
+                raise _SeekMissed
+            started = True
+            if pos > end:
+                break
+            if packet.pts not in index_of and packets[pos].disposable:
+                continue
+            keep(stream.codec_context.decode(packet))
+        keep(stream.codec_context.decode(None))  # drain the frames the decoder still holds
+        stream.codec_context.flush_buffers()
+    missing = [i for i in wanted if i not in out]
+    if missing:
+        raise VideoError(
+            f"{path}: frame {missing[0]} of {len(packets)} could not be decoded; "
+            "the file looks truncated or damaged"
+        )
+    return out
 
 
 def _refuse_images(path: Path) -> None:

@@ -9,6 +9,7 @@ import pytest
 
 av = pytest.importorskip("av")
 
+from lmm.data import video as video_module  # noqa: E402
 from lmm.data.sample import BadRecordError  # noqa: E402
 from lmm.data.video import (  # noqa: E402
     VideoError,
@@ -150,17 +151,26 @@ def test_pyav_counts_frames_when_the_header_has_none(tmp_path):
     assert [frame_index(f) for f in reader.read(path, [11, 2, 7])] == [11, 2, 7]
 
 
-def test_auto_falls_back_to_pyav_when_decord_fails(video, monkeypatch):
+def test_auto_falls_back_to_decord_when_pyav_fails(video, monkeypatch):
     pytest.importorskip("decord")
 
     def broken(self, path, *args):
-        raise RuntimeError("decord: cannot decode")
+        raise VideoError(f"{path}: PyAV cannot decode")
 
-    monkeypatch.setattr(VideoReader, "_decord_read", broken)
+    monkeypatch.setattr(VideoReader, "_pyav_read", broken)
     frames = VideoReader("auto").read(video, [5, 40])
     assert [frame_index(f) for f in frames] == [5, 40]
+    with pytest.raises(VideoError, match="PyAV cannot decode"):
+        VideoReader("pyav").read(video, [5])
+
+    def decord_broken(self, path, *args):
+        raise RuntimeError("decord: cannot decode")
+
+    monkeypatch.setattr(VideoReader, "_decord_read", decord_broken)
     with pytest.raises(VideoError, match="decord cannot read it: decord: cannot decode"):
         VideoReader("decord").read(video, [5])
+    with pytest.raises(VideoError, match="PyAV cannot decode"):  # both fail: PyAV's message
+        VideoReader("auto").read(video, [5])
 
 
 def test_reader_rejects_indices_past_the_end(video):
@@ -219,3 +229,99 @@ def test_load_video_too_few_frames(tmp_path):
     assert "has 3 frames but min_frames=8" in str(err) and "Fix:" in str(err)
     err = _bad(write_video(tmp_path / "long.mp4"), min_frames=4, strategy="fps", fps=0.5)
     assert "samples 1, but min_frames=4" in str(err)
+
+
+# sampling decodes each needed GOP once, with a full decode's pixels ---------------------------
+
+
+def write_textured(path: Path, n: int, gop: int, bframes: int, open_gop: bool = False) -> Path:
+    """A panning noise texture with a moving bar: P and B frames that really reference others."""
+    rng = np.random.default_rng(0)
+    pattern = rng.integers(0, 200, (SIZE, 3 * SIZE, 3), dtype=np.uint8)
+    params = f"bframes={bframes}:keyint={gop}:min-keyint={gop}:scenecut=0"
+    if open_gop:
+        params += ":open-gop=1"
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream("libx264", rate=30, options={"x264-params": params})
+        stream.width = stream.height = SIZE
+        stream.pix_fmt = "yuv420p"
+        for i in range(n):
+            img = pattern[:, i % (2 * SIZE) : i % (2 * SIZE) + SIZE].copy()
+            img[:, (3 * i) % (SIZE - 6) :][:, :6] = (40, 200, 255)
+            for packet in stream.encode(av.VideoFrame.from_ndarray(img, format="rgb24")):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+    return path
+
+
+def full_decode(path: Path) -> np.ndarray:
+    """Every frame, decoded in order from the start: what sampling must reproduce."""
+    with av.open(str(path)) as container:
+        return np.stack([f.to_ndarray(format="rgb24") for f in container.decode(video=0)])
+
+
+@pytest.mark.parametrize(
+    ("gop", "bframes", "open_gop"),
+    [(1, 0, False), (7, 0, False), (12, 3, False), (30, 2, False), (250, 3, False), (12, 3, True)],
+)
+def test_sampled_frames_equal_a_full_decode(tmp_path, gop, bframes, open_gop):
+    n = 61
+    path = write_textured(tmp_path / "clip.mp4", n, gop, bframes, open_gop)
+    every = full_decode(path)
+    assert len(every) == n
+    if bframes:  # the clip does exercise reordering and skippable frames
+        with av.open(str(path)) as container:
+            pts = [p.pts for p in container.demux(video=0) if p.size]
+        assert pts != sorted(pts)
+    boundaries = [g for g in range(gop, n, gop)] + [g - 1 for g in range(gop, n, gop)]
+    requests = [
+        [n - 1, 0, 30, 30, 5, n - 1],  # unsorted, repeated, the last frame
+        sorted(set(boundaries))[:8] or [0],  # keyframes and the frames just before them
+        [int(i) for i in np.linspace(0, n - 1, 8).round()],  # load_video's uniform sampling
+        list(range(n)),  # every frame
+        [n - 2, 1],
+    ]
+    reader = VideoReader("pyav", num_threads=1)
+    threaded = VideoReader("pyav", num_threads=2)
+    for indices in requests:
+        expected = every[indices]
+        assert np.array_equal(reader.read(path, indices), expected), indices
+        assert np.array_equal(threaded.read(path, indices), expected), indices
+    # the default reader (auto) is this path too
+    assert np.array_equal(VideoReader().read(path, requests[0]), every[requests[0]])
+
+
+def _packets(path: Path) -> list:
+    with av.open(str(path)) as container:
+        stream = container.streams.video[0]
+        length = video_module._avcc_nal_length(stream.codec_context)
+        return [
+            video_module._Packet(p.pts, p.is_keyframe, video_module._h264_disposable(p, length))
+            for p in container.demux(stream)
+            if p.size > 0
+        ]
+
+
+def test_each_needed_gop_is_decoded_once_in_file_order(tmp_path):
+    path = write_textured(tmp_path / "clip.mp4", 90, gop=30, bframes=3)
+    packets = _packets(path)
+    keys = [p for p, packet in enumerate(packets) if packet.keyframe]
+    assert len(keys) == 3
+    # two frames in GOP 0, none in GOP 1, three in GOP 2: two spans, one seek each
+    wanted = [3, 20, 61, 75, 89]
+    runs = video_module._plan_runs(packets, wanted)
+    assert [start for start, _ in runs] == [keys[0], keys[2]]
+    order = sorted(range(len(packets)), key=lambda p: packets[p].pts)
+    assert runs[0][1] == order[20] and runs[1][1] == max(order[i] for i in (61, 75, 89))
+    # non-reference B-frames are found, and only those
+    assert 0 < sum(p.disposable for p in packets) < len(packets) - len(keys)
+    assert not any(packets[k].disposable for k in keys)
+
+
+def test_spans_that_meet_merge_instead_of_seeking_back(tmp_path):
+    path = write_textured(tmp_path / "clip.mp4", 40, gop=10, bframes=0)
+    packets = _packets(path)  # no B-frames: decode position == frame index
+    assert [p.pts for p in packets] == sorted(p.pts for p in packets)
+    assert video_module._plan_runs(packets, [2, 9, 10, 35]) == [(0, 10), (30, 35)]
+    assert not any(p.disposable for p in packets)  # every P frame is a reference
