@@ -4,12 +4,16 @@ from __future__ import annotations
 
 import bisect
 import math
+import os
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from functools import cache
 from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
+import torch
 from PIL import Image
 
 from lmm.data import media
@@ -120,7 +124,7 @@ def _check_indices(indices: Sequence[int], num_frames: int, path: Path, header: 
 class VideoReader:
     """Decode only the sampled frames: PyAV, each needed GOP once; decord when PyAV fails on a file."""
 
-    def __init__(self, backend: Backend = "auto", num_threads: int = 1):
+    def __init__(self, backend: Backend = "auto", num_threads: int | None = None):
         """Choose the decoder.
 
         Args:
@@ -128,10 +132,12 @@ class VideoReader:
                 `decord` use only that one. PyAV decodes each needed GOP once in frame order
                 (see `_decode_runs`): 1.5x decord's per-frame seeks at GOP 60 and 6x on
                 libx264's default GOP (docs/benchmarks.md, video), identical pixels.
-            num_threads: decoder threads per call (frame and slice threads), 0 for FFmpeg's
-                choice (one per core). 1 suits DataLoader workers, which already decode
-                different videos in parallel; on a busy 2-core machine more threads were
-                slower (docs/benchmarks.md, video).
+            num_threads: threads per read. PyAV shares the GOP spans a read needs among them
+                (each span starts at a keyframe: they decode independently, each thread from
+                its own opening of the file); decord and PyAV's decode-from-the-start path
+                use FFmpeg's frame threads. None: 1 inside a DataLoader worker (the workers
+                already decode different videos in parallel), else one per core (up to 4);
+                0: one per core.
         """
         if backend not in BACKENDS:
             raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
@@ -150,6 +156,14 @@ class VideoReader:
                     ) from e
             else:
                 self._decord = decord
+
+    def threads(self) -> int:
+        """The threads a read uses now (`num_threads`, resolved)."""
+        if self.num_threads is None:
+            if torch.utils.data.get_worker_info() is not None:
+                return 1
+            return min(os.cpu_count() or 1, 4)
+        return self.num_threads or os.cpu_count() or 1
 
     def info(self, path: str | Path) -> VideoInfo:
         """Frame count, average fps and size of the first video stream."""
@@ -191,7 +205,7 @@ class VideoReader:
 
     def _decord_open(self, path: Path) -> Any:
         return self._decord.VideoReader(
-            str(path), ctx=self._decord.cpu(0), num_threads=self.num_threads
+            str(path), ctx=self._decord.cpu(0), num_threads=self.threads()
         )
 
     @staticmethod
@@ -212,7 +226,7 @@ class VideoReader:
 
     # PyAV ------------------------------------------------------------------------------------
 
-    def _pyav_open(self, path: Path) -> Any:
+    def _pyav_open(self, path: Path, threads: int = 1) -> Any:
         import av
 
         try:
@@ -230,9 +244,9 @@ class VideoReader:
                 "an image (the record's `image` field) or fix the file"
             )
         stream = container.streams.video[0]
-        # frame and slice threads (FFmpeg picks what the codec supports); 0 = one per core
+        # frame and slice threads (FFmpeg picks what the codec supports)
         stream.codec_context.thread_type = "AUTO"
-        stream.codec_context.thread_count = self.num_threads
+        stream.codec_context.thread_count = threads
         return container
 
     def _pyav_info(self, path: Path) -> VideoInfo:
@@ -272,16 +286,43 @@ class VideoReader:
                 ):
                     idx = _check_indices(indices, len(packets), path, stream.frames)
                     try:
-                        frames = _decode_runs(container, path, packets, sorted(set(idx)))
+                        frames = self._pyav_spans(container, path, packets, sorted(set(idx)))
                     except _SeekMissed:
                         log.debug("%s: a seek did not land on its keyframe; decoding it all", path)
                     else:
                         return np.stack([frames[i] for i in idx])
             # No timestamps to seek by (e.g. raw .h264): decode from the start, counting frames.
-            with self._pyav_open(path) as container:
+            with self._pyav_open(path, threads=self.threads()) as container:
                 return self._pyav_read_sequential(container, path, indices)
         except av.FFmpegError as e:
             raise VideoError(f"{path}: decoding failed ({_first_line(e)})") from e
+
+    def _pyav_spans(
+        self, container: Any, path: Path, packets: list[_Packet], wanted: list[int]
+    ) -> dict[int, np.ndarray]:
+        """The `wanted` frames by `_decode_runs`; with several threads, the spans (independent:
+        each starts at a keyframe) are shared among them, each thread decoding its own spans in
+        file order from its own opening of the file, as one would."""
+        threads = self.threads()
+        spans = _plan_runs(packets, wanted)
+        if threads == 1 or len(spans) == 1:
+            return _decode_runs(container, path, packets, wanted)
+        order = sorted(range(len(packets)), key=lambda q: packets[q].pts)
+        groups: list[list[int]] = [[] for _ in range(min(threads, len(spans)))]
+        load = [0] * len(groups)
+        for start, end in sorted(spans, key=lambda r: r[0] - r[1]):  # longest first
+            g = load.index(min(load))
+            load[g] += end - start + 1
+            groups[g] += [i for i in wanted if start <= order[i] <= end]
+
+        def run(group: list[int]) -> dict[int, np.ndarray]:
+            with self._pyav_open(path, threads=1) as own:
+                return _decode_runs(own, path, packets, sorted(group))
+
+        out: dict[int, np.ndarray] = {}
+        for part in _pool(len(groups)).map(run, groups):
+            out.update(part)
+        return out
 
     @staticmethod
     def _pyav_read_sequential(container: Any, path: Path, indices: Sequence[int]) -> np.ndarray:
@@ -435,6 +476,12 @@ def _decode_runs(
             "the file looks truncated or damaged"
         )
     return out
+
+
+@cache
+def _pool(threads: int) -> ThreadPoolExecutor:
+    """A shared pool of `threads` decoding threads (PyAV releases the GIL while it decodes)."""
+    return ThreadPoolExecutor(threads, thread_name_prefix="lmm-video")
 
 
 def _refuse_images(path: Path) -> None:

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 av = pytest.importorskip("av")
 
@@ -325,3 +327,27 @@ def test_spans_that_meet_merge_instead_of_seeking_back(tmp_path):
     assert [p.pts for p in packets] == sorted(p.pts for p in packets)
     assert video_module._plan_runs(packets, [2, 9, 10, 35]) == [(0, 10), (30, 35)]
     assert not any(p.disposable for p in packets)  # every P frame is a reference
+
+
+class _FramesOf(torch.utils.data.Dataset):
+    def __init__(self, reader: VideoReader, path: Path):
+        self.reader, self.path = reader, path
+
+    def __len__(self) -> int:
+        return 1
+
+    def __getitem__(self, i: int):
+        return self.reader.threads(), torch.from_numpy(self.reader.read(self.path, [3, 40, 2]))
+
+
+def test_threads_one_in_a_worker_one_per_core_outside(video):
+    """`num_threads=None`: a DataLoader worker decodes with one thread (workers already run in
+    parallel), the main process shares the spans among a thread per core; same pixels."""
+    reader = VideoReader("pyav")
+    assert reader.threads() == min(os.cpu_count() or 1, 4)
+    assert VideoReader(num_threads=0).threads() == (os.cpu_count() or 1)
+    ((threads, frames),) = torch.utils.data.DataLoader(
+        _FramesOf(reader, video), batch_size=None, num_workers=1
+    )
+    assert threads == 1
+    assert np.array_equal(frames.numpy(), reader.read(video, [3, 40, 2]))
