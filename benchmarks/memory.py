@@ -52,6 +52,7 @@ def child(config: dict) -> dict:
     """Build the model, take the stream's first batch, train `steps` steps; report memory."""
     from lmm.data.datamodule import ChatDataModule
     from lmm.data.templates import Llama3
+    from lmm.training.strategies import apply_activation_checkpointing
 
     tt = _throughput_module()
     torch.set_num_threads(config["threads"])
@@ -59,10 +60,7 @@ def child(config: dict) -> dict:
     assets = {k: root / "assets" / k for k in ("tokenizer", "vision", "llm")}
     module = tt.build_module(assets, 1e-4, config["seed"])
     if config["checkpointing"]:
-        # what apply_fsdp2 does for FSDP2Config(activation_checkpointing=True)
-        module.model.llm.model.gradient_checkpointing_enable(
-            gradient_checkpointing_kwargs={"use_reentrant": False}
-        )
+        apply_activation_checkpointing(module.model.llm.model)  # as FSDP2Config's
     data = ChatDataModule(
         template=Llama3(),
         train=str(root / "mix.json"),
