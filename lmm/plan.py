@@ -263,9 +263,9 @@ def memory_per_gpu(
       `runtime.scores_up_to`, `heads·n²` bf16 probabilities per sample of n tokens up to that
       length (`samples`: the lengths of the packed samples, default one per row). With
       checkpointing a layer keeps its input (`tokens·h·param_bytes`) and one layer's full
-      activations exist while it is recomputed. A trained vision tower keeps its layers' (or
-      with checkpointing their inputs') for `image_tokens`; a frozen one none (no graph);
-      the final norm's too.
+      activations exist while it is recomputed. A trained vision tower keeps its layers' for
+      `image_tokens` (checkpointing recomputes the LLM's layers only); a frozen one none (no
+      graph); the final norm's too.
     - `logits`: at the last layer's backward, bf16 and their fp32 copy for the loss,
       `6·labeled·V` (`labeled`: trained positions, where lmm computes logits; default every
       token, an upper bound: the recipe alone does not tell).
@@ -299,9 +299,8 @@ def memory_per_gpu(
         copies -= matmul_params(vision)[0]
         vconfig = getattr(getattr(vision, "model", None), "config", None)
         if trains(vision) and image_tokens and vconfig is not None:
-            for layer in layer_list(vision):
-                vfull = full_layer(vconfig, layer, image_tokens, [])
-                other += image_tokens * vconfig.hidden_size * pb if checkpointing else vfull
+            # not checkpointed (`apply_activation_checkpointing` recomputes the LLM's layers)
+            other += sum(full_layer(vconfig, x, image_tokens, []) for x in layer_list(vision))
     other += 2 * copies if runtime.weight_copies else 0
     trained = [p for p in layers[0].parameters() if p.requires_grad]
     share = sum(p.numel() * p.element_size() for p in trained) / shards

@@ -139,7 +139,7 @@ def mp_policy(config: FSDP2Config, device: torch.device) -> MixedPrecisionPolicy
 def apply_activation_checkpointing(llm: nn.Module) -> None:
     """Recompute every decoder layer of the transformers LM `llm` in the backward pass (what
     `FSDP2Config(activation_checkpointing=True)` applies; benchmarks/memory.py calls it too)."""
-    llm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    llm.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
 
 
 def apply_fsdp2(
