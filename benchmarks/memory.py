@@ -8,11 +8,26 @@ statistics to read, and the high-water mark is what decides whether a run fits i
 includes Python, torch, the weights, gradients and AdamW state, so `baseline_mb` (the mark
 before the first step) is reported too.
 
-Checkpointing is what `FSDP2Config(activation_checkpointing=True)` applies: HF gradient
-checkpointing of every decoder layer (`gradient_checkpointing_enable(use_reentrant=False)`),
-called here directly because `apply_fsdp2` runs only under `ModelParallelStrategy`. The
-model is the ~50M LLaVA of `train_throughput.py` (ViT 256 x 4, Llama 640 x 10) by default.
-The last line is one JSON object with `peak_mb_ckpt` and `peak_mb_no_ckpt`.
+The batch is 4 packed rows of 2048 tokens: the LLaVA-1.5 fine-tuning recipe's micro-batch
+(recipes/llava15/finetune.yaml: `batch_size: 4`, `pack_tokens: 2048`; Mantis's is 2 x 8192).
+Until the seventh session it was 2 x 1024, where the fixed costs (the process ~530 MB, fp32
+weights, gradients and AdamW ~820 MB) are most of either peak and no checkpointing could
+halve it; a training run sizes its micro-batch to fill the memory, which is the case
+checkpointing is for.
+
+The children run with glibc's mmap threshold fixed (`--mmap-threshold`, default 64 KiB:
+`MALLOC_MMAP_THRESHOLD_`): every allocation above it is its own mapping, returned to the
+system when freed, so the RSS follows the live tensors (tests/plan/test_plan_memory.py
+checks `lmm plan`'s memory model against the same measure). glibc's default raises the
+threshold as blocks are freed and keeps freed activations in its heap, which adds a varying
+1-2.5 GB to both peaks here; `--mmap-threshold 0` measures that.
+
+Checkpointing is what `FSDP2Config(activation_checkpointing=True)` applies
+(`lmm.training.strategies.apply_activation_checkpointing`: every decoder layer recomputed in
+the backward pass), called here directly because `apply_fsdp2` runs only under
+`ModelParallelStrategy`. The model is the ~50M LLaVA of `train_throughput.py` (ViT 256 x 4,
+Llama 640 x 10) by default. The last line is one JSON object with `peak_mb_ckpt` and
+`peak_mb_no_ckpt`.
 """
 
 from __future__ import annotations
@@ -52,6 +67,7 @@ def child(config: dict) -> dict:
     """Build the model, take the stream's first batch, train `steps` steps; report memory."""
     from lmm.data.datamodule import ChatDataModule
     from lmm.data.templates import Llama3
+    from lmm.training.strategies import apply_activation_checkpointing
 
     tt = _throughput_module()
     torch.set_num_threads(config["threads"])
@@ -59,10 +75,7 @@ def child(config: dict) -> dict:
     assets = {k: root / "assets" / k for k in ("tokenizer", "vision", "llm")}
     module = tt.build_module(assets, 1e-4, config["seed"])
     if config["checkpointing"]:
-        # what apply_fsdp2 does for FSDP2Config(activation_checkpointing=True)
-        module.model.llm.model.gradient_checkpointing_enable(
-            gradient_checkpointing_kwargs={"use_reentrant": False}
-        )
+        apply_activation_checkpointing(module.model.llm.model)  # as FSDP2Config's
     data = ChatDataModule(
         template=Llama3(),
         train=str(root / "mix.json"),
@@ -101,9 +114,15 @@ def child(config: dict) -> dict:
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--size", choices=["tiny", "50m"], default="50m")
-    p.add_argument("--rows", type=int, default=2, help="packed rows in the batch")
-    p.add_argument("--pack-tokens", type=int, default=1024)
-    p.add_argument("--steps", type=int, default=2)
+    p.add_argument("--rows", type=int, default=4, help="packed rows in the batch")
+    p.add_argument("--pack-tokens", type=int, default=2048)
+    p.add_argument("--steps", type=int, default=3)
+    p.add_argument(
+        "--mmap-threshold",
+        type=int,
+        default=65536,
+        help="MALLOC_MMAP_THRESHOLD_ of the children in bytes (0: glibc's dynamic default)",
+    )
     p.add_argument("--samples", type=int, default=64, help="samples in the mix")
     p.add_argument("--precision", choices=["bf16-mixed", "32-true"], default="bf16-mixed")
     p.add_argument("--threads", type=int, default=2)
@@ -132,10 +151,14 @@ def main(argv: list[str] | None = None) -> dict:
                 "threads": a.threads,
                 "seed": a.seed,
             }
+            env = dict(os.environ)
+            if a.mmap_threshold:
+                env["MALLOC_MMAP_THRESHOLD_"] = str(a.mmap_threshold)
             run = subprocess.run(
                 [sys.executable, __file__, "--child", json.dumps(config)],
                 capture_output=True,
                 text=True,
+                env=env,
             )
             if run.returncode != 0:
                 raise RuntimeError(f"child (checkpointing={ckpt}) failed:\n{run.stderr[-3000:]}")
@@ -160,6 +183,7 @@ def main(argv: list[str] | None = None) -> dict:
         "step_s_no_ckpt": round(min(off["step_s"]), 3),
         "max_loss_diff": max(abs(x - y) for x, y in zip(on["losses"], off["losses"], strict=True)),
         "measure": "RSS high-water mark of a child process per configuration (ru_maxrss)",
+        "mmap_threshold": a.mmap_threshold or "glibc default",
         "model": a.size,
         "params": on["params"],
         "batch_shape": on["shape"],

@@ -16,7 +16,8 @@ from torch import nn
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
 import lmm.published as published
-from lmm.components.flops import layer_list
+from lmm.components.attention import MATMUL_MAX_LENGTH
+from lmm.components.flops import layer_list, matmul_params, trains
 from lmm.components.pretrained import empty_init
 from lmm.families.registry import family
 from lmm.training.module import LMMModule
@@ -327,28 +328,77 @@ def parse_gpus(spec: str) -> tuple[int, str]:
     return int(count), name
 
 
-def activation_constant(config) -> float:
-    """Bytes per token per hidden unit that one decoder (or encoder) layer keeps for its
-    backward pass in bf16, without activation checkpointing, with a fused (flash / SDPA)
-    attention that stores O(tokens) statistics, not the L×L scores.
+@dataclass(frozen=True)
+class Runtime:
+    """Where a training step runs, as the facts that change what it keeps for its backward
+    pass. What one layer keeps (`activation_bytes`) is one count everywhere; these fill in
+    its dtypes and the kernels' extras."""
+
+    param_bytes: int  # the parameters' dtype in the forward: the residual stream's dtype
+    weight_copies: bool  # autocast's bf16 copy of each fp32 weight, kept until its backward
+    scores_up_to: int  # attention keeps its bf16 probabilities for samples up to this long
+    source: str
+
+
+# FSDP2 on CUDA: bf16 parameters (`mp_policy`), flash-attn (O(tokens) statistics only).
+GPU_RUNTIME = Runtime(2, False, 0, "FSDP2 bf16 parameters, flash-attn")
+# The CPU (lmm's tests and benchmarks): fp32 parameters under bf16 autocast (`mp_policy` keeps
+# fp32 off CUDA), `matmul_attention` for samples up to MATMUL_MAX_LENGTH tokens.
+CPU_RUNTIME = Runtime(4, True, MATMUL_MAX_LENGTH, "fp32 parameters, bf16 autocast, CPU kernels")
+# Families whose layers normalize with transformers' RMSNorm (the others: LayerNorm).
+RMS_NORM = GATED
+# Families whose attention and MLP read one norm's output (`x + attn(ln(x)) + mlp(ln(x))`).
+PARALLEL = ("phi",)
+# Tensors of the MLP's width an activation keeps, its input included: torch's own kernels
+# (silu, gelu, gelu_pytorch_tanh) keep their input; transformers' composed ones more.
+ACTIVATION_KEEPS = {"quick_gelu": 2, "gelu_new": 4, "gelu_fast": 4}
+
+
+def activation_bytes(config, param_bytes: int = 2) -> float:
+    """Bytes per token that one decoder (or encoder) layer keeps for its backward pass, with
+    bf16 matmuls, a fused attention kernel (O(tokens) statistics, not the L×L scores; a
+    kernel that keeps them is `Runtime.scores_up_to`) and no activation checkpointing.
 
     Korthikanti et al. 2022 ("Reducing Activation Recomputation in Large Transformer Models",
-    eq. 1) count `s·b·h·(34 + 5·a·s/h)` bytes per GPT layer: 11·sbh attention + 19·sbh MLP
-    (4h wide, GELU, dropout masks) + 4·sbh layer norms; fused attention drops the `5as/h`
-    term. The same count for the layers here, in elements per token (× 2 bytes, bf16), with
-    h = hidden, kv = key/value width (grouped-query), I = MLP width, no dropout:
-        attention: norm input h, q/k/v input h, rotated q h, k kv, v kv, output h,
-                   output projection input h                       = 5h + 2kv
-        MLP, gated (Llama, Qwen2, Gemma: gate, up, act(gate), product): 2h + 4I
-        MLP, plain (Phi, CLIP, SigLIP: fc1 output, act):              2h + 2I
-    e.g. Llama-3-8B (kv = h/4, I = 3.5h): 2·(7 + 0.5 + 14) = 43 bytes per token per h."""
+    eq. 1) count `s·b·h·(34 + 5·a·s/h)` bytes per GPT layer with fused norms. transformers'
+    layers keep more; counted tensor by tensor (`torch.autograd.graph.saved_tensors_hooks`
+    on the CPU: tests/plan/test_plan_memory.py), with h = hidden, kv = key/value width
+    (grouped-query), I = MLP width, p = `param_bytes` (the residual stream's dtype):
+        each of the 2 norms (1 in Phi's parallel block): RMSNorm its fp32 input (a copy
+            when p = 2) and its normalized output in the stream's dtype, (4 + p)·h;
+            LayerNorm its fp32 input, 4h (and their fp32 statistics, 4-8 bytes)
+        attention: its input in bf16, once, or once per q/k/v projection when the norm's
+            output is not bf16 (autocast casts it for each: fp32 stream, or LayerNorm);
+            q h, k kv, v kv as the kernel keeps them, its output h, o_proj's input h
+        MLP: its input (gate and up: two casts, as above); gated (Llama, Qwen2, Gemma:
+            gate, up, act(gate), product) 4I; plain (SigLIP: fc1 out, act) 2I; an
+            activation composed of several ops keeps more (`ACTIVATION_KEEPS`: Phi's
+            gelu_new 3I, CLIP's quick_gelu I)
+    e.g. Llama-3-8B on GPUs (p = 2, kv = h/4, I = 3.5h): 12h + 2·(4h + 2kv) + 2·(h + 4I)
+    = 51 bytes per token per h; Phi-2 (one LayerNorm, gelu_new, kv = h, I = 4h):
+    4h + 2·(6h + 2kv) + 2·(h + 5I) = 62."""
     h = config.hidden_size
     heads = config.num_attention_heads
     kv = h * (getattr(config, "num_key_value_heads", None) or heads) / heads
     width = config.intermediate_size
     gated = config.model_type in GATED
-    elements = 5 * h + 2 * kv + 2 * h + (4 if gated else 2) * width
-    return 2 * elements / h
+    rms = config.model_type in RMS_NORM
+    act = getattr(config, "hidden_act", None) or getattr(config, "hidden_activation", None)
+    act_keeps = ACTIVATION_KEEPS.get(act, 1)
+    casts = param_bytes != 2 or not rms  # the norm's output is not bf16: cast per projection
+    # each norm's input and output as above, and its fp32 statistics (RMSNorm's rsqrt,
+    # LayerNorm's mean and rstd): 4-8 bytes per token
+    norm = ((4 + param_bytes) * h + 4) if rms else (4 * h + 8)
+    norms = (1 if config.model_type in PARALLEL else 2) * norm
+    attention = (3 * h if casts else h) + h + 2 * kv + h + h
+    # the activation's kept tensors, then: gated the up projection, act(gate), the product
+    mlp = (2 * h if casts and gated else h) + (act_keeps + (3 if gated else 1)) * width
+    return norms + 2 * (attention + mlp)
+
+
+def activation_constant(config, param_bytes: int = 2) -> float:
+    """`activation_bytes` per hidden unit: the c of `tokens·h·c` per layer."""
+    return activation_bytes(config, param_bytes) / config.hidden_size
 
 
 def _text_config(module):
@@ -360,6 +410,33 @@ def _part_params(part) -> list:
     return list(part.parameters()) if part is not None else []
 
 
+def state_bytes(module: LMMModule, shards: int, quantized: dict | None = None) -> dict[str, float]:
+    """Bytes per GPU of the training state, `shards` ways (FSDP2; 1: DDP or one process).
+
+    - `parameters`: every parameter in its own dtype; a quantized LLM's decoder-layer Linear
+      weights at NF4 bytes (`NF4_BYTES`).
+    - `gradients`: the trainable parameters' gradients, in the parameter's dtype (FSDP2
+      reduces in fp32 and stores the shard in the parameter's dtype).
+    - `optimizer`: AdamW's two moments per trainable parameter (the parameter's dtype)."""
+    llm = module.model.parts().get("llm")
+    quant_ids: set[int] = set()
+    if quantized is not None:
+        for layer in layer_list(llm):
+            for name, m in layer.named_modules():
+                if isinstance(m, nn.Linear) and ".lora_" not in f".{name}":
+                    quant_ids.add(id(m.weight))
+    nf4 = NF4_BYTES[bool(quantized and quantized.get("bnb_4bit_use_double_quant"))]
+    params = grads = 0.0
+    for p in module.parameters():
+        params += p.numel() * (nf4 if id(p) in quant_ids else p.element_size())
+        grads += p.numel() * p.element_size() if p.requires_grad else 0
+    return {
+        "parameters": params / shards,
+        "gradients": grads / shards,
+        "optimizer": 2 * grads / shards,
+    }
+
+
 def memory_per_gpu(
     module: LMMModule,
     gpus: int,
@@ -368,55 +445,125 @@ def memory_per_gpu(
     tokens: int,
     checkpointing: bool,
     quantized: dict | None = None,
+    runtime: Runtime = GPU_RUNTIME,
+    samples: list[int] | None = None,
+    labeled: int | None = None,
+    image_tokens: int = 0,
 ) -> dict[str, float]:
-    """Bytes per GPU of a training step (the peak, in the backward pass of the first layer).
+    """Bytes per GPU at the peak of a training step: what is alive then, by kind; `total` is
+    their sum.
 
-    - `parameters`: every parameter in its own dtype, ÷ `gpus` under FSDP2 (sharded), whole
-      under DDP; a quantized LLM's decoder-layer Linear weights at NF4 bytes (`NF4_BYTES`).
-    - `gathered` (FSDP2): the unsharded bf16 parameters of two decoder layers (the one
-      running and the one prefetched).
-    - `gradients`: the trainable parameters' gradients, in the parameter's dtype (FSDP2
-      reduces in fp32 and stores the shard in the parameter's dtype), sharded like them.
-    - `optimizer`: AdamW's two moments per trainable parameter (`exp_avg`, `exp_avg_sq`, the
-      parameter's dtype), sharded like them.
-    - `activations`: per LLM layer `tokens·h·c` bytes, c = `activation_constant(config)`,
-      for `rows` rows of `tokens` (an upper bound for a frozen LLM, whose matmuls keep no
-      inputs for weight gradients); with checkpointing each layer keeps only its bf16 input
-      (`2·tokens·h`) and one layer's full activations exist while it is recomputed. A frozen
-      vision tower keeps none (no graph); a trained connector's are negligible here.
-    - `logits`: bf16 and their fp32 copy for the loss, `6·tokens·V` (an upper bound: the
-      head runs only at labeled positions, which the recipe alone does not tell).
+    The backward pass walks the decoder layers from the last down, turning each layer's kept
+    activations into its gradients, so the peak is the larger of two moments (the count is
+    linear in the layer between them): the last layer's backward (every layer's activations
+    kept; with checkpointing the last one recomputed) or the first layer's (every LLM
+    gradient made; one layer's activations).
+    - `parameters`, `gradients`, `optimizer`: `state_bytes`, ÷ `gpus` under FSDP2 (sharded);
+      the gradients are those made by the peak (the non-layer ones counted throughout), plus
+      the running layer's: under FSDP2 unsharded, with the flat fp32 copy FSDP2 makes of them
+      for the reduce-scatter (`foreach_reduce`).
+    - `gathered` (FSDP2): the root's parameters (FSDP2 keeps them unsharded through the step)
+      and the unsharded parameters of three decoder layers (the running one, the prefetched
+      one, and the flat all-gather buffer it is copied out of: `foreach_all_gather`), in
+      `runtime.param_bytes`.
+    - `activations`: per LLM layer `tokens·activation_bytes(config, runtime.param_bytes)`;
+      with `runtime.weight_copies` a bf16 copy of its Linear weights; with
+      `runtime.scores_up_to`, `heads·n²` bf16 probabilities per sample of n tokens up to that
+      length (`samples`: the lengths of the packed samples, default one per row). With
+      checkpointing a layer keeps its input (`tokens·h·param_bytes`) and one layer's full
+      activations exist while it is recomputed. A trained vision tower keeps its layers' for
+      `image_tokens` (checkpointing recomputes the LLM's layers only); a frozen one none (no
+      graph); the final norm's too.
+    - `logits`: at the last layer's backward, bf16 and their fp32 copy for the loss,
+      `6·labeled·V` (`labeled`: trained positions, where lmm computes logits; default every
+      token, an upper bound: the recipe alone does not tell).
     """
-    llm = module.model.parts().get("llm")
+    parts = module.model.parts()
+    llm, vision = parts.get("llm"), parts.get("vision")
     config = _text_config(llm)
     layers = layer_list(llm)
     shards = gpus if sharded else 1
-    quant_ids: set[int] = set()
-    if quantized is not None:
-        for layer in layers:
-            for name, m in layer.named_modules():
-                if isinstance(m, nn.Linear) and ".lora_" not in f".{name}":
-                    quant_ids.add(id(m.weight))
-    nf4 = NF4_BYTES[bool(quantized and quantized.get("bnb_4bit_use_double_quant"))]
-    params = grads = 0.0
-    for p in module.parameters():
-        size = p.numel() * (nf4 if id(p) in quant_ids else p.element_size())
-        params += size
-        grads += p.numel() * p.element_size() if p.requires_grad else 0
-    layer_bytes = sum(p.numel() * 2 for p in layers[0].parameters())
-    h, vocab, n = config.hidden_size, config.vocab_size, len(layers)
+    state = state_bytes(module, shards, quantized)
+    pb = runtime.param_bytes
+    n, h, vocab = len(layers), config.hidden_size, config.vocab_size
     row_tokens = rows * tokens
-    full = row_tokens * h * activation_constant(config)
-    act = (n * 2 * row_tokens * h + full) if checkpointing else n * full
+    labeled = row_tokens if labeled is None else labeled
+    lengths = samples if samples is not None else [tokens] * rows
+
+    def full_layer(cfg, layer: nn.Module, count: int, lengths: list[int]) -> float:
+        """What a layer keeps without checkpointing for `count` tokens in samples `lengths`."""
+        kept = count * activation_bytes(cfg, pb)
+        kept += (
+            2 * cfg.num_attention_heads * sum(x * x for x in lengths if x <= runtime.scores_up_to)
+        )
+        return kept + (2 * matmul_params(layer)[0] if runtime.weight_copies else 0)
+
+    full = full_layer(config, layers[0], row_tokens, lengths)
+    keep = row_tokens * h * pb if checkpointing else full
+    # outside the layers: the final RMSNorm, the vocabulary projection's bf16 input
+    other = (4 + pb) * row_tokens * h + 2 * labeled * h
+    copies = matmul_params(module)[0] - n * matmul_params(layers[0])[0]  # head, connector
+    if vision is not None:
+        copies -= matmul_params(vision)[0]
+        vconfig = getattr(getattr(vision, "model", None), "config", None)
+        if trains(vision) and image_tokens and vconfig is not None:
+            # not checkpointed (`apply_activation_checkpointing` recomputes the LLM's layers)
+            other += sum(full_layer(vconfig, x, image_tokens, []) for x in layer_list(vision))
+    other += 2 * copies if runtime.weight_copies else 0
+    trained = [p for p in layers[0].parameters() if p.requires_grad]
+    share = sum(p.numel() * p.element_size() for p in trained) / shards
+    rest = state["gradients"] - n * share  # embeddings, head, connector, vision: throughout
+    # the running layer's gradients: under FSDP2 whole (in the forward's dtype) and FSDP2's
+    # flat fp32 copy of them for the reduce-scatter, until it runs
+    running = sum(p.numel() for p in trained) * (pb + 4) if sharded else share
+    last = {  # the last layer's backward: every layer's activations, the logits
+        "gradients": rest + running,
+        "activations": (n - 1) * keep + full + other,
+        "logits": 6.0 * labeled * vocab,
+    }
+    first = {  # the first layer's backward: every gradient made, one layer's activations
+        "gradients": state["gradients"] - share + running,
+        "activations": full + other,
+        "logits": 0.0,
+    }
+    moment = max((last, first), key=lambda m: sum(m.values()))
+    layer_params = sum(p.numel() for p in layers[0].parameters())
+    unsharded = sum(p.numel() for p in module.parameters()) - n * layer_params
+    if vision is not None:
+        unsharded -= sum(p.numel() for p in vision.parameters())
     out = {
-        "parameters": params / shards,
-        "gathered": 2 * layer_bytes if sharded else 0.0,
-        "gradients": grads / shards,
-        "optimizer": 2 * grads / shards,
-        "activations": act,
-        "logits": 6.0 * row_tokens * vocab,
+        "parameters": state["parameters"],
+        "gathered": (unsharded + 3 * layer_params) * pb if sharded else 0.0,
+        "gradients": moment["gradients"],
+        "optimizer": state["optimizer"],
+        "activations": moment["activations"],
+        "logits": moment["logits"],
     }
     return {**out, "total": sum(out.values())}
+
+
+def largest_rows(
+    module: LMMModule,
+    gpus: int,
+    sharded: bool,
+    tokens: int,
+    checkpointing: bool,
+    usable: float,
+    quantized: dict | None = None,
+) -> int:
+    """The most rows of `tokens` whose `memory_per_gpu` total fits in `usable` bytes (0: none)."""
+
+    def fits(rows: int) -> bool:
+        total = memory_per_gpu(module, gpus, sharded, rows, tokens, checkpointing, quantized)
+        return total["total"] <= usable
+
+    low, high = 0, 1
+    while fits(high):  # memory grows with rows: double, then bisect
+        low, high = high, high * 2
+    while high - low > 1:
+        mid = (low + high) // 2
+        low, high = (mid, high) if fits(mid) else (low, mid)
+    return low
 
 
 # --- time -------------------------------------------------------------------------------------
@@ -534,9 +681,7 @@ def plan(
     memory, largest = {}, {}
     for key, ckpt in (("checkpointing", True), ("no_checkpointing", False)):
         memory[key] = memory_per_gpu(module, count, sharded, rows, tokens, ckpt, quantized)
-        one = memory_per_gpu(module, count, sharded, 1, tokens, ckpt, quantized)
-        row = one["activations"] + one["logits"]
-        largest[key] = max(0, int((usable - (one["total"] - row)) // row))
+        largest[key] = largest_rows(module, count, sharded, tokens, ckpt, usable, quantized)
     accumulate = int(_get(config, "trainer", "accumulate_grad_batches", default=1))
     flops = row_flops(module, tokens)
     step = rows * accumulate * flops / (gpu.peak_flops * MFU)

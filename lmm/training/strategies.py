@@ -136,6 +136,12 @@ def mp_policy(config: FSDP2Config, device: torch.device) -> MixedPrecisionPolicy
     return MixedPrecisionPolicy()
 
 
+def apply_activation_checkpointing(llm: nn.Module) -> None:
+    """Recompute every decoder layer of the transformers LM `llm` in the backward pass (what
+    `FSDP2Config(activation_checkpointing=True)` applies; benchmarks/memory.py calls it too)."""
+    llm.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+
+
 def apply_fsdp2(
     root: nn.Module,
     vision: nn.Module | None,
@@ -147,7 +153,7 @@ def apply_fsdp2(
     policy = mp_policy(config, mesh.device_type and torch.device(mesh.device_type))
     kwargs = dict(mesh=mesh, mp_policy=policy, reshard_after_forward=config.reshard_after_forward)
     if config.activation_checkpointing:
-        llm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        apply_activation_checkpointing(llm)
     if vision is not None:
         for layer in layer_list(vision):
             fully_shard(layer, **kwargs)
