@@ -354,7 +354,7 @@ PARALLEL = ("phi",)
 ACTIVATION_KEEPS = {"quick_gelu": 2, "gelu_new": 4, "gelu_fast": 4}
 
 
-def activation_bytes(config, param_bytes: int = 2) -> float:
+def activation_bytes(config, param_bytes: int = 2, trained: bool = True) -> float:
     """Bytes per token that one decoder (or encoder) layer keeps for its backward pass, with
     bf16 matmuls, a fused attention kernel (O(tokens) statistics, not the L×L scores; a
     kernel that keeps them is `Runtime.scores_up_to`) and no activation checkpointing.
@@ -376,7 +376,12 @@ def activation_bytes(config, param_bytes: int = 2) -> float:
             gelu_new 3I, CLIP's quick_gelu I)
     e.g. Llama-3-8B on GPUs (p = 2, kv = h/4, I = 3.5h): 12h + 2·(4h + 2kv) + 2·(h + 4I)
     = 51 bytes per token per h; Phi-2 (one LayerNorm, gelu_new, kv = h, I = 4h):
-    4h + 2·(6h + 2kv) + 2·(h + 5I) = 62."""
+    4h + 2·(6h + 2kv) + 2·(h + 5I) = 62.
+    A frozen layer (`trained=False`: no weight gradients, only the activation gradients a
+    trained part before it needs) keeps none of the matmul inputs that serve weight gradients
+    alone: not the q/k/v and MLP input casts, o_proj's input, the down projection's input,
+    nor RMSNorm's normalized output: 34 bytes per token per h for Llama-3-8B on GPUs, 44 for
+    Phi-2."""
     h = config.hidden_size
     heads = config.num_attention_heads
     kv = h * (getattr(config, "num_key_value_heads", None) or heads) / heads
@@ -388,11 +393,12 @@ def activation_bytes(config, param_bytes: int = 2) -> float:
     casts = param_bytes != 2 or not rms  # the norm's output is not bf16: cast per projection
     # each norm's input and output as above, and its fp32 statistics (RMSNorm's rsqrt,
     # LayerNorm's mean and rstd): 4-8 bytes per token
-    norm = ((4 + param_bytes) * h + 4) if rms else (4 * h + 8)
+    norm = ((4 + param_bytes * trained) * h + 4) if rms else (4 * h + 8)
     norms = (1 if config.model_type in PARALLEL else 2) * norm
-    attention = (3 * h if casts else h) + h + 2 * kv + h + h
+    attention = ((3 * h if casts else h) + h) * trained + h + 2 * kv + h
     # the activation's kept tensors, then: gated the up projection, act(gate), the product
-    mlp = (2 * h if casts and gated else h) + (act_keeps + (3 if gated else 1)) * width
+    mlp = (2 * h if casts and gated else h) * trained
+    mlp += (act_keeps + (2 if gated else 0) + trained) * width
     return norms + 2 * (attention + mlp)
 
 
@@ -492,7 +498,7 @@ def memory_per_gpu(
 
     def full_layer(cfg, layer: nn.Module, count: int, lengths: list[int]) -> float:
         """What a layer keeps without checkpointing for `count` tokens in samples `lengths`."""
-        kept = count * activation_bytes(cfg, pb)
+        kept = count * activation_bytes(cfg, pb, trains(layer))
         kept += (
             2 * cfg.num_attention_heads * sum(x * x for x in lengths if x <= runtime.scores_up_to)
         )

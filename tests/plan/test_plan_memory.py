@@ -48,13 +48,16 @@ def saved_bytes(model: torch.nn.Module, layers: torch.nn.ModuleList, **inputs) -
     return kept
 
 
+@pytest.mark.parametrize("trained", [True, False], ids=["trained", "frozen"])
 @pytest.mark.parametrize("model_type", ["llama", "phi"])
-def test_plan_activation_bytes_counts_saved_tensors(tmp_path, model_type):
+def test_plan_activation_bytes_counts_saved_tensors(tmp_path, model_type, trained):
     """What each decoder layer keeps for its backward pass under bf16 autocast over fp32
     weights (the CPU's facts: `CPU_RUNTIME`), counted by `saved_tensors_hooks` over a packed
     row of three samples, equals `activation_bytes(config, 4)` per token, plus the bf16
-    copies of its weights and the attention probabilities of each sample, to 0.1%. (The first
-    layer also holds the rotary tables every layer reads: not compared.)"""
+    copies of its weights and the attention probabilities of each sample, to 0.1%; frozen
+    (a stage-1 LLM: no weight gradients, the activation gradients a trained connector before
+    it needs), `activation_bytes(config, 4, trained=False)`. (The first layer also holds the
+    rotary tables every layer reads: not compared.)"""
     tokenizer = build_tokenizer(["a b c d e f g"] * 4, tmp_path / "tok")
     path = build_llm(tmp_path / "llm", tokenizer, model_type, 64, 2, 4, intermediate=176)
     llm = CausalLM(str(path))  # sdpa_packed: the CPU kernel lmm trains with
@@ -63,10 +66,13 @@ def test_plan_activation_bytes_counts_saved_tensors(tmp_path, model_type):
     position_ids = torch.cat([torch.arange(n) for n in samples])[None]
     ids = torch.randint(0, config.vocab_size, (1, sum(samples)))
     layers = layer_list(llm)
-    kept = saved_bytes(llm.model, layers, input_ids=ids, position_ids=position_ids)
+    for param in llm.parameters():
+        param.requires_grad_(trained)
+    embeds = llm.model.get_input_embeddings()(ids).detach().requires_grad_(True)
+    kept = saved_bytes(llm.model, layers, inputs_embeds=embeds, position_ids=position_ids)
     heads = config.num_attention_heads
     for layer, measured in zip(layers[1:], kept[1:], strict=True):
-        predicted = sum(samples) * activation_bytes(config, CPU_RUNTIME.param_bytes)
+        predicted = sum(samples) * activation_bytes(config, CPU_RUNTIME.param_bytes, trained)
         predicted += 2 * matmul_params(layer)[0] + 2 * heads * sum(n * n for n in samples)
         assert measured == pytest.approx(predicted, rel=0.001), (model_type, measured, predicted)
 
