@@ -14,12 +14,20 @@ decay, no clipping, a constant schedule, in the same precision:
   dataset encodes samples with lmm's processor (same tokens, labels and pixels), lazily, as
   lmm's stream does.
 Times run from the trainers' train-start to train-end hooks (data loading included, one-time
-setup not).
+setup not). The sides run interleaved, `--order` hf,lmm,hf,lmm, each run from the exported
+weights; `speedup_vs_hf` is the median of the runs' ratios, `speedup_runs` each of them. lmm
+runs with compiled decoder layers (`CausalLM(compile=True)`; `--no-compile` for eager): one
+forward + backward before the run compiles them, timed apart (`warm_up_s_lmm`; inductor's
+cache makes later runs' short).
 
 Part 2, `mfu`: a ~50M-parameter LLaVA (ViT 256 x 4, Llama 640 x 10, intermediate 1728) trained
-by lmm's Lightning path on packed rows of the same mix for 2 x `--mfu-window` steps;
-`ThroughputMonitor` counts analytic FLOPs (vision + connector + LLM, forward + backward) over
-the last window and divides by `measure_peak_flops` of the training dtype, measured in this run.
+by lmm's Lightning path on packed rows of the same mix for 2 x `--mfu-window` steps (compiled
+as in part 1, warm-up apart); `ThroughputMonitor` counts analytic FLOPs (vision + connector +
+LLM, forward + backward) over the last window and divides by the matmul peak of the training
+dtype, measured before the first step and after each window (the best of a 2048² matmul and
+the model's four largest GEMM shapes at the row's tokens, `peak_shapes`; the larger of the
+measurements around the window divides); `mfu_peak_spread` is their (max - min) / max and
+`hfu` counts what activation checkpointing recomputes (none here: equal to `mfu`).
 
 The last line is one JSON object.
 """
