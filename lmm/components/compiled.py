@@ -57,9 +57,10 @@ def compile_layers(model: nn.Module, device: torch.device | str = "cpu") -> int:
     on `device`, a warning says why). Compilation itself happens at the first forward."""
     if not can_compile(device):
         log.warning(
-            "compiled layers: inductor has no C++ compiler on the PATH for the CPU; the layers "
-            "run eager. Fix: install g++ (or name yours in torch._inductor.config.cpp.cxx), or "
-            "leave compile off"
+            "compiled layers: inductor cannot generate kernels for %s (on the CPU: no C++ "
+            "compiler on the PATH); the layers run eager. Fix: install g++ (or name yours in "
+            "torch._inductor.config.cpp.cxx), or leave compile off",
+            torch.device(device).type,
         )
         return 0
     layers = layer_list(model)
