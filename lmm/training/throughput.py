@@ -71,9 +71,9 @@ class ThroughputMonitor(L.Callback):
 
     A measured peak is taken before the first step and again after each logged window (not
     timed): the best of a 2048² matmul and the model's own largest GEMMs at the batch's token
-    count (`gemm_shapes`). A window divides by the larger of the peaks around it, so a slow
-    moment of a shared machine during one measurement cannot push MFU up;
-    `perf/mfu_peak_spread` is (max - min) / max of the two.
+    count, up to 4096 (`gemm_shapes`). A window divides by the larger of the peaks around it
+    (logged as `perf/peak_flops`), so a slow moment of a shared machine during one measurement
+    cannot push MFU up; `perf/mfu_peak_spread` is (max - min) / max of the two.
     """
 
     def __init__(self, peak_flops: float | None = None, log_every_n_steps: int = 10):
@@ -124,7 +124,8 @@ class ThroughputMonitor(L.Callback):
 
     def on_train_batch_start(self, trainer, module, batch: Batch, batch_idx: int) -> None:
         if self.measure and self.peak_flops is None:
-            self.shapes = gemm_shapes(module.model, batch.input_ids.numel())
+            # rows past a few thousand add time, not rate
+            self.shapes = gemm_shapes(module.model, min(batch.input_ids.numel(), 4096))
             self.peak_flops = self._measure_peak(module)
         now = time.perf_counter()
         self._wait = now - self._end if self._end is not None else 0.0
