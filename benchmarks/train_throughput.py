@@ -14,12 +14,20 @@ decay, no clipping, a constant schedule, in the same precision:
   dataset encodes samples with lmm's processor (same tokens, labels and pixels), lazily, as
   lmm's stream does.
 Times run from the trainers' train-start to train-end hooks (data loading included, one-time
-setup not).
+setup not). The sides run interleaved, `--order` hf,lmm,hf,lmm, each run from the exported
+weights; `speedup_vs_hf` is the median of the runs' ratios, `speedup_runs` each of them. lmm
+runs with compiled decoder layers (`CausalLM(compile=True)`; `--no-compile` for eager): one
+forward + backward before the run compiles them, timed apart (`warm_up_s_lmm`; inductor's
+cache makes later runs' short).
 
 Part 2, `mfu`: a ~50M-parameter LLaVA (ViT 256 x 4, Llama 640 x 10, intermediate 1728) trained
-by lmm's Lightning path on packed rows of the same mix for 2 x `--mfu-window` steps;
-`ThroughputMonitor` counts analytic FLOPs (vision + connector + LLM, forward + backward) over
-the last window and divides by `measure_peak_flops` of the training dtype, measured in this run.
+by lmm's Lightning path on packed rows of the same mix for 2 x `--mfu-window` steps (compiled
+as in part 1, warm-up apart); `ThroughputMonitor` counts analytic FLOPs (vision + connector +
+LLM, forward + backward) over the last window and divides by the matmul peak of the training
+dtype, measured before the first step and after each window (the best of a 2048² matmul and
+the model's four largest GEMM shapes at the row's tokens, `peak_shapes`; the larger of the
+measurements around the window divides); `mfu_peak_spread` is their (max - min) / max and
+`hfu` counts what activation checkpointing recomputes (none here: equal to `mfu`).
 
 The last line is one JSON object.
 """
@@ -27,10 +35,12 @@ The last line is one JSON object.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib.util
 import json
 import logging
 import os
+import statistics
 import tempfile
 import time
 from functools import partial
@@ -43,6 +53,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import lightning as L  # noqa: E402
 import torch  # noqa: E402
+from lightning.pytorch.plugins.precision import MixedPrecision  # noqa: E402
 from transformers import (  # noqa: E402
     LlavaForConditionalGeneration,
     Trainer,
@@ -62,7 +73,7 @@ from lmm.families.llava import LlavaModel  # noqa: E402
 from lmm.families.llava.convert import export_hf  # noqa: E402
 from lmm.tiny import build_llm, build_tokenizer, build_vision  # noqa: E402
 from lmm.training.module import LMMModule  # noqa: E402
-from lmm.training.throughput import ThroughputMonitor, measure_peak_flops  # noqa: E402
+from lmm.training.throughput import ThroughputMonitor  # noqa: E402
 
 # (vision width, vision layers, LLM width, LLM layers, LLM MLP width, heads)
 SIZES = {
@@ -103,15 +114,18 @@ def build_assets(root: Path, size: str, seed: int, vocab: int | None = None) -> 
     return {"tokenizer": tokenizer, "vision": vision, "llm": llm}
 
 
-def build_module(assets: dict[str, Path], lr: float, seed: int) -> LMMModule:
-    """The lmm LLaVA on `assets` (2-layer MLP connector, as transformers' Llava), AdamW at `lr`.
+def build_module(assets: dict[str, Path], lr: float, seed: int, compile: bool = False) -> LMMModule:
+    """The lmm LLaVA on `assets` (2-layer MLP connector, as transformers' Llava), AdamW at `lr`;
+    `compile`: compiled decoder layers (a recipe's `llm.init_args.compile: true`).
 
     Fused AdamW, as the HF Trainer's default `adamw_torch_fused`; in a recipe:
     `optimizer: {class_path: torch.optim.AdamW, init_args: {lr: ..., fused: true}}`.
     """
     torch.manual_seed(seed)
     model = LlavaModel(
-        HFVisionTower(str(assets["vision"])), CausalLM(str(assets["llm"])), MLPConnector
+        HFVisionTower(str(assets["vision"])),
+        CausalLM(str(assets["llm"]), compile=compile),
+        MLPConnector,
     )
     return LMMModule(
         model=model,
@@ -181,8 +195,33 @@ def packed_data(mix: Path, rows: int, pack_tokens: int, a: argparse.Namespace) -
     )
 
 
+def warm_up(module: LMMModule, streams: list[ChatDataModule], precision: str) -> float:
+    """Seconds of one forward + backward on the first batch of each stream (gradients dropped
+    after): compiled layers compile here, outside the timed run. A stream of `rows` rows per
+    step and one of a single row (a last step's; dynamic shapes specialise a size of 1) cover
+    what the run meets. The timed run's stream starts afresh."""
+    # Lightning's own autocast (its `cache_enabled=False` is part of what the graphs guard on)
+    autocast = (
+        MixedPrecision(precision, "cpu").autocast_context_manager()
+        if precision == "bf16-mixed"
+        else contextlib.nullcontext()
+    )
+    start = time.perf_counter()
+    for data in streams:
+        data.connect(module.tokenizer, module.media_spec(), module.image_token)
+        data.setup("fit")
+        batch = next(iter(data.train_dataloader()))
+        with autocast:
+            loss, _ = module.loss(batch)
+        loss.backward()
+        module.zero_grad(set_to_none=True)
+    return time.perf_counter() - start
+
+
 def train_lmm(module: LMMModule, mix: Path, a: argparse.Namespace) -> dict:
     """One pass of `lmm fit`'s path over the mix: packed stream + Lightning Trainer."""
+    streams = [packed_data(mix, rows, a.pack_tokens, a) for rows in sorted({a.rows, 1})]
+    compile_s = warm_up(module, streams, a.precision)
     data = packed_data(mix, a.rows, a.pack_tokens, a)
     meter = LightningMeter()
     lightning_trainer(a.precision, [meter], max_epochs=1).fit(module, datamodule=data)
@@ -194,6 +233,7 @@ def train_lmm(module: LMMModule, mix: Path, a: argparse.Namespace) -> dict:
         "supervised_tokens": meter.supervised,
         "tokens_per_s": meter.supervised / seconds,
         "real_token_share": meter.real / meter.slots,
+        "warm_up_s": compile_s,
     }
 
 
@@ -299,7 +339,7 @@ def speedup(root: Path, a: argparse.Namespace) -> dict:
     mix = write_mix(root, a.samples, a.seed)
     assets = build_assets(root / "tiny", "tiny", a.seed, a.vocab or None)
     module = build_module(assets, a.lr, a.seed)
-    folder = export_hf(module, root / "hf")  # before lmm trains: both start from these weights
+    folder = export_hf(module, root / "hf")  # every run of both sides starts from these weights
     params = sum(p.numel() for p in module.parameters())
     vocab = module.model.llm.model.get_output_embeddings().out_features
     data = ChatDataModule(template=Llama3(), max_length=a.pack_tokens)
@@ -312,41 +352,45 @@ def speedup(root: Path, a: argparse.Namespace) -> dict:
         f"median {lengths[len(lengths) // 2]}, mean {sum(lengths) / len(lengths):.0f}, "
         f"max {lengths[-1]}; {a.precision}"
     )
-    runs = {}
+    runs: dict[str, list[dict]] = {"hf": [], "lmm": []}
     for side in a.order.split(","):
         if side == "hf":
             pad = module.tokenizer.pad_token_id
-            runs["hf"] = train_hf(folder, samples, data.processor, pad, root / "hf_out", a)
-        else:
-            runs["lmm"] = train_lmm(module, mix, a)
-        r = runs[side]
+            r = train_hf(folder, samples, data.processor, pad, root / "hf_out", a)
+        else:  # a fresh module on the exported weights each run
+            r = train_lmm(build_module(assets, a.lr, a.seed, a.compile), mix, a)
+        runs[side].append(r)
         print(
             f"{side:>4}: {r['steps']} steps, {r['samples']} samples, {r['seconds']:.1f}s, "
             f"{r['tokens_per_s']:.0f} supervised tok/s, real tokens {r['real_token_share']:.1%}"
             + (f", accelerate mixed precision {r['mixed_precision']}" if side == "hf" else "")
+            + (f", warm-up (compilation) {r['warm_up_s']:.1f}s apart" if side == "lmm" else "")
         )
-    lmm, hf = runs["lmm"], runs["hf"]
-    if lmm["supervised_tokens"] != hf["supervised_tokens"] or lmm["samples"] != hf["samples"]:
-        raise RuntimeError(
-            f"the two sides trained different data: lmm {lmm['samples']} samples / "
-            f"{lmm['supervised_tokens']} tokens, hf {hf['samples']} / {hf['supervised_tokens']}"
-        )
-    return {"params": params, "lmm": lmm, "hf": hf, "max_tokens": lengths[-1], "vocab": vocab}
+    for lmm, hf in zip(runs["lmm"], runs["hf"], strict=True):
+        if lmm["supervised_tokens"] != hf["supervised_tokens"] or lmm["samples"] != hf["samples"]:
+            raise RuntimeError(
+                f"the two sides trained different data: lmm {lmm['samples']} samples / "
+                f"{lmm['supervised_tokens']} tokens, hf {hf['samples']} / "
+                f"{hf['supervised_tokens']}"
+            )
+    return {"params": params, **runs, "max_tokens": lengths[-1], "vocab": vocab}
 
 
 def mfu(root: Path, mix: Path, a: argparse.Namespace) -> dict:
     """Part 2: MFU of the ~50M config trained by lmm, against this run's matmul peak."""
     assets = build_assets(root / "m50", "50m", a.seed)
-    module = build_module(assets, a.lr, a.seed)
+    module = build_module(assets, a.lr, a.seed, a.compile)
     params = sum(p.numel() for p in module.parameters())
-    dtype = torch.bfloat16 if a.precision == "bf16-mixed" else torch.float32
-    peak = measure_peak_flops(dtype=dtype)
+    streams = [packed_data(mix, rows, a.mfu_pack_tokens, a) for rows in sorted({a.mfu_rows, 1})]
+    warm = warm_up(module, streams, a.precision)
     print(
         f"~50M model: {params / 1e6:.1f}M params ({matmul_params(module)[0] / 1e6:.1f}M in "
-        f"matmuls); measured {dtype} matmul peak {peak / 1e9:.0f} GFLOP/s"
+        f"matmuls); warm-up (compilation) {warm:.1f}s"
     )
     data = packed_data(mix, a.mfu_rows, a.mfu_pack_tokens, a)
-    monitor = ThroughputMonitor(peak_flops=peak, log_every_n_steps=a.mfu_window)
+    # the peak: the best of a 2048² matmul and the model's own GEMMs, measured before the
+    # first step and after each window; a window divides by the larger of the two around it
+    monitor = ThroughputMonitor(log_every_n_steps=a.mfu_window)
     windows: list[dict] = []
 
     class Windows(L.Callback):
@@ -365,12 +409,19 @@ def mfu(root: Path, mix: Path, a: argparse.Namespace) -> dict:
     print(
         "  "
         + "; ".join(
-            f"window {i + 1}: MFU {w['perf/mfu']:.1%}, {w['perf/tokens_per_s']:.0f} tok/s, "
-            f"data wait {w['perf/data_wait_share']:.1%}"
+            f"window {i + 1}: MFU {w['perf/mfu']:.1%} of {w['perf/peak_flops'] / 1e9:.0f} "
+            f"GFLOP/s (peak spread {w['perf/mfu_peak_spread']:.1%}), "
+            f"{w['perf/tokens_per_s']:.0f} tok/s, data wait {w['perf/data_wait_share']:.1%}"
             for i, w in enumerate(windows)
         )
     )
-    return {"params": params, "peak_flops": peak, "windows": windows, "last": last}
+    return {
+        "params": params,
+        "windows": windows,
+        "last": last,
+        "warm_up_s": warm,
+        "shapes": monitor.shapes,
+    }
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -388,7 +439,18 @@ def main(argv: list[str] | None = None) -> dict:
     )
     p.add_argument("--lr", type=float, default=1e-4)
     p.add_argument("--precision", choices=["bf16-mixed", "32-true"], default="bf16-mixed")
-    p.add_argument("--order", default="hf,lmm", help="which side trains first")
+    p.add_argument(
+        "--order",
+        default="hf,lmm,hf,lmm",
+        help="the runs, interleaved (as many of each side); speedup_vs_hf: the median ratio",
+    )
+    p.add_argument(
+        "--compile",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="lmm with compiled decoder layers (CausalLM(compile=True); compilation timed "
+        "apart, as warm_up_s)",
+    )
     p.add_argument("--mfu-pack-tokens", type=int, default=2048)
     p.add_argument("--mfu-rows", type=int, default=1)
     p.add_argument("--mfu-window", type=int, default=8, help="steps per MFU window (2 windows)")
@@ -406,14 +468,25 @@ def main(argv: list[str] | None = None) -> dict:
         root = Path(tmp)
         part1 = speedup(root, a)
         part2 = mfu(root, root / "mix.json", a)
-    lmm, hf = part1["lmm"], part1["hf"]
+    ratios = [
+        lmm["tokens_per_s"] / hf["tokens_per_s"]
+        for lmm, hf in zip(part1["lmm"], part1["hf"], strict=True)
+    ]
+    lmm, hf = part1["lmm"][-1], part1["hf"][-1]
+    last = part2["last"]
     result = {
-        "speedup_vs_hf": round(lmm["tokens_per_s"] / hf["tokens_per_s"], 3),
-        "mfu": round(part2["last"]["perf/mfu"], 4),
-        "tokens_per_s_lmm": round(lmm["tokens_per_s"], 1),
-        "tokens_per_s_hf": round(hf["tokens_per_s"], 1),
-        "seconds_lmm": round(lmm["seconds"], 2),
-        "seconds_hf": round(hf["seconds"], 2),
+        "speedup_vs_hf": round(statistics.median(ratios), 3),
+        "speedup_runs": [round(r, 3) for r in ratios],
+        "mfu": round(last["perf/mfu"], 4),
+        "hfu": round(last["perf/hfu"], 4),
+        "mfu_peak_spread": round(last["perf/mfu_peak_spread"], 4),
+        "tokens_per_s_lmm": [round(r["tokens_per_s"], 1) for r in part1["lmm"]],
+        "tokens_per_s_hf": [round(r["tokens_per_s"], 1) for r in part1["hf"]],
+        "seconds_lmm": [round(r["seconds"], 2) for r in part1["lmm"]],
+        "seconds_hf": [round(r["seconds"], 2) for r in part1["hf"]],
+        "warm_up_s_lmm": [round(r["warm_up_s"], 2) for r in part1["lmm"]],
+        "order": a.order,
+        "compile": a.compile,
         "steps_lmm": lmm["steps"],
         "steps_hf": hf["steps"],
         "real_token_share_lmm": round(lmm["real_token_share"], 4),
@@ -431,10 +504,13 @@ def main(argv: list[str] | None = None) -> dict:
         "rows_lmm": a.rows,
         "precision": a.precision,
         "params_mfu_model": part2["params"],
-        "peak_gflops": round(part2["peak_flops"] / 1e9, 1),
-        "achieved_gflops": round(part2["last"]["perf/mfu"] * part2["peak_flops"] / 1e9, 1),
+        "peak_gflops": round(last["perf/peak_flops"] / 1e9, 1),
+        "peak_shapes": [list(shape) for shape in part2["shapes"]],
+        "achieved_gflops": round(last["perf/mfu"] * last["perf/peak_flops"] / 1e9, 1),
         "mfu_windows": [round(w["perf/mfu"], 4) for w in part2["windows"]],
-        "mfu_tokens_per_s": round(part2["last"]["perf/tokens_per_s"], 1),
+        "mfu_peak_spreads": [round(w["perf/mfu_peak_spread"], 4) for w in part2["windows"]],
+        "mfu_tokens_per_s": round(last["perf/tokens_per_s"], 1),
+        "mfu_warm_up_s": round(part2["warm_up_s"], 2),
         "mfu_pack_tokens": a.mfu_pack_tokens,
         "mfu_rows": a.mfu_rows,
         "mfu_steps_per_window": a.mfu_window,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from contextlib import contextmanager
 from pathlib import Path
 
 import lightning as L
@@ -127,3 +128,24 @@ def per_sample_losses(
                 out.append(losses[b, start : start + k].sum() / n)
             start += k
     return out
+
+
+@contextmanager
+def compiled_llm_layers(module):
+    """The LLM's decoder layers compiled (`lmm.components.compiled`) inside the block; asserts
+    that inductor compiled graphs for them (the test then runs the compiled path), and leaves
+    dynamo's caches empty for the next test."""
+    import torch._dynamo
+
+    from lmm.components.compiled import compile_layers
+
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    assert compile_layers(module.model.llm.model) > 0
+    try:
+        yield
+        assert torch._dynamo.utils.counters["stats"]["unique_graphs"] > 0, "nothing compiled"
+    finally:
+        for layer in module.model.llm.model.model.layers:
+            layer._compiled_call_impl = None
+        torch._dynamo.reset()

@@ -314,5 +314,7 @@ def packed_sdpa_mask(*args, attention_mask: Tensor | None = None, **kwargs) -> T
     return sdpa_mask(*args, attention_mask=attention_mask, **kwargs)
 
 
-AttentionInterface.register(PACKED_SDPA, packed_sdpa_attention)
+# Never traced by dynamo (compiled layers, lmm.components.compiled): its split of the rows by
+# position ids runs on the host, a recompilation for every packing if it were traced.
+AttentionInterface.register(PACKED_SDPA, torch.compiler.disable(packed_sdpa_attention))
 AttentionMaskInterface.register(PACKED_SDPA, packed_sdpa_mask)

@@ -115,3 +115,24 @@ def _llm_matmuls(llm: nn.Module, tokens: int, grad_from: int | None) -> float:
         for layer in layer_list(llm)[:grad_from]:
             flops -= matmul_flops(layer, tokens, True) - matmul_flops(layer, tokens, False)
     return flops
+
+
+def recomputed_flops(llm: nn.Module, batch: Batch) -> float:
+    """The forward FLOPs activation checkpointing runs again in the backward (for HFU): every
+    decoder layer's matmuls and attention when the causal LM checkpoints its layers (transformers'
+    `gradient_checkpointing_enable`) and trains; 0 otherwise. An upper bound under a selective
+    policy that saves some of a layer's outputs."""
+    inner = getattr(llm, "model", llm)
+    checkpointing = getattr(inner, "is_activation_checkpointing", None)
+    if checkpointing is None:  # transformers < 5.x names it is_gradient_checkpointing
+        checkpointing = getattr(inner, "is_gradient_checkpointing", False)
+    if not (checkpointing and inner.training):
+        return 0.0
+    config = getattr(inner.config, "text_config", None) or inner.config
+    layers = layer_list(inner)
+    weights = sum(
+        m.weight.numel() for m in layers.modules() if isinstance(m, (nn.Linear, nn.Conv2d))
+    )
+    return 2 * batch.num_tokens * weights + _llm_attention(
+        batch, (len(layers), config.hidden_size), None
+    )

@@ -7,6 +7,7 @@ from torch import Tensor, nn
 from transformers import AutoModelForCausalLM, BitsAndBytesConfig, PreTrainedModel
 
 from lmm.components.attention import resolve_attention
+from lmm.components.compiled import compile_layers
 from lmm.components.pretrained import (
     MetaInitError,
     from_pretrained,
@@ -60,6 +61,7 @@ class CausalLM(nn.Module):
         dtype: str = "float32",
         trust_remote_code: bool = False,
         quantization: dict | None = None,
+        compile: bool = False,
     ):
         """
         Args:
@@ -72,6 +74,11 @@ class CausalLM(nn.Module):
                 `BitsAndBytesConfig` arguments, e.g. `{load_in_4bit: true, bnb_4bit_quant_type:
                 nf4, bnb_4bit_use_double_quant: true}`; `lmm.training.lora.quantization_kwargs`
                 builds them from a LoRA config. None: full precision.
+            compile: compile each decoder layer with torch.compile (inductor; attention stays
+                eager; `lmm.components.compiled`): fused norms, rotary and activations, faster
+                steps after a one-time compilation (cached across runs). Off by default: the
+                first step then takes tens of seconds; on the CPU it needs a C++ compiler (a
+                warning and eager layers without one).
         """
         super().__init__()
         attn = resolve_attention(attn_implementation, causal_lm=True)
@@ -89,6 +96,8 @@ class CausalLM(nn.Module):
             self.model = from_pretrained(
                 AutoModelForCausalLM, path, attn_implementation="eager", **kwargs
             )
+        if compile:
+            compile_layers(self.model, "cuda" if torch.cuda.is_available() else "cpu")
 
     @property
     def hidden_size(self) -> int:

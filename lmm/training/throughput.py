@@ -7,10 +7,13 @@ by `lmm.components.flops`); the peak is a measured matmul rate.
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 
 import lightning as L
 import torch
+from torch import nn
 
+from lmm.components.flops import recomputed_flops
 from lmm.data.batch import Batch
 from lmm.utils.logging import get_logger
 
@@ -18,51 +21,112 @@ log = get_logger(__name__)
 
 
 def measure_peak_flops(
-    size: int = 2048, dtype: torch.dtype = torch.float32, repeats: int = 5
+    size: int = 2048,
+    dtype: torch.dtype = torch.float32,
+    repeats: int = 5,
+    shapes: Sequence[tuple[int, int, int]] = (),
+    device: torch.device | str = "cpu",
 ) -> float:
-    """Matmul FLOP/s of this machine (best of `repeats`) — the denominator of MFU."""
-    a = torch.randn(size, size, dtype=dtype)
-    b = torch.randn(size, size, dtype=dtype)
-    a @ b  # warm-up
-    best = float("inf")
-    for _ in range(repeats):
-        start = time.perf_counter()
-        a @ b
-        best = min(best, time.perf_counter() - start)
-    return 2 * size**3 / best
+    """Matmul FLOP/s of this machine — the denominator of MFU: the best of `repeats` timings of
+    each shape, over a `size`² square and `shapes` (`(m, k, n)`: `[m, k] @ [k, n]`, e.g. a
+    model's own GEMMs, `gemm_shapes`), best shape taken."""
+    best_rate = 0.0
+    for m, k, n in ((size, size, size), *shapes):
+        a = torch.randn(m, k, dtype=dtype, device=device)
+        b = torch.randn(n, k, dtype=dtype, device=device).t()  # a Linear's layout: x @ weightᵀ
+        a @ b  # warm-up
+        best = float("inf")
+        for _ in range(repeats):
+            _sync(device)
+            start = time.perf_counter()
+            a @ b
+            _sync(device)
+            best = min(best, time.perf_counter() - start)
+        best_rate = max(best_rate, 2 * m * k * n / best)
+    return best_rate
+
+
+def _sync(device: torch.device | str) -> None:
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def gemm_shapes(module: nn.Module, tokens: int, limit: int = 4) -> list[tuple[int, int, int]]:
+    """The `limit` GEMMs of `module`'s Linear layers that take the most FLOPs at `tokens` tokens,
+    as `(tokens, in, out)` (a decoder's hidden x {hidden, qkv, mlp} shapes): what a step's
+    matmuls can reach at the model's own sizes."""
+    flops: dict[tuple[int, int, int], int] = {}
+    for m in module.modules():
+        if isinstance(m, nn.Linear):
+            shape = (tokens, m.in_features, m.out_features)
+            flops[shape] = flops.get(shape, 0) + m.in_features * m.out_features
+    return sorted(flops, key=flops.__getitem__, reverse=True)[:limit]
 
 
 class ThroughputMonitor(L.Callback):
-    """Logs `perf/tokens_per_s`, `perf/samples_per_s`, `perf/flops_per_step`, `perf/mfu` and
-    `perf/data_wait_share` (the share of step time spent waiting for the next batch)."""
+    """Logs `perf/tokens_per_s`, `perf/samples_per_s`, `perf/flops_per_step`, `perf/mfu`,
+    `perf/hfu` (MFU counting the forward that activation checkpointing recomputes; equal to MFU
+    without it), `perf/data_wait_share` (the share of step time spent waiting for the next
+    batch) and, with a measured peak, `perf/mfu_peak_spread`.
+
+    A measured peak is taken before the first step and again after each logged window (not
+    timed): the best of a 2048² matmul and the model's own largest GEMMs at the batch's token
+    count, up to 4096 (`gemm_shapes`). A window divides by the larger of the peaks around it
+    (logged as `perf/peak_flops`), so a slow moment of a shared machine during one measurement
+    cannot push MFU up; `perf/mfu_peak_spread` is (max - min) / max of the two.
+    """
 
     def __init__(self, peak_flops: float | None = None, log_every_n_steps: int = 10):
         """
         Args:
-            peak_flops: the hardware's peak FLOP/s for MFU (per device); None measures a matmul
-                at fit start (`lmm bench peak` prints the same number).
+            peak_flops: the hardware's peak FLOP/s for MFU (per device); None measures matmuls
+                before the first step and after each window (`lmm bench peak` prints the
+                square's number).
             log_every_n_steps: how often to log.
         """
         self.peak_flops = peak_flops
+        self.measure = peak_flops is None
         self.every = log_every_n_steps
+        self.shapes: list[tuple[int, int, int]] = []
+        self.dtype = torch.float32
         self._end = None
         self._start = 0.0
         self._wait = 0.0
-        self._acc = {"time": 0.0, "wait": 0.0, "tokens": 0, "samples": 0, "flops": 0.0, "steps": 0}
+        self._acc = {
+            "time": 0.0,
+            "wait": 0.0,
+            "tokens": 0,
+            "samples": 0,
+            "flops": 0.0,
+            "recomputed": 0.0,
+            "steps": 0,
+        }
 
     def on_fit_start(self, trainer, module) -> None:
-        if self.peak_flops is None:
-            precision = str(trainer.precision)
-            dtype = torch.bfloat16 if "bf16" in precision else torch.float32
-            self.peak_flops = measure_peak_flops(dtype=dtype)
-            log.info("measured matmul peak: %.1f GFLOP/s (%s)", self.peak_flops / 1e9, dtype)
+        precision = str(trainer.precision)
+        self.dtype = torch.bfloat16 if "bf16" in precision else torch.float32
+
+    def _measure_peak(self, module) -> float:
+        peak = measure_peak_flops(dtype=self.dtype, shapes=self.shapes, device=module.device)
+        log.info("measured matmul peak: %.1f GFLOP/s (%s)", peak / 1e9, self.dtype)
+        return peak
 
     @staticmethod
     def batch_flops(module, batch: Batch) -> float:
         """Training FLOPs of `batch`: the family model's count (`FamilyModel.step_flops`)."""
         return module.model.step_flops(batch, module.objective.head_tokens(module, batch))
 
+    @staticmethod
+    def batch_recomputed_flops(module, batch: Batch) -> float:
+        """Forward FLOPs that activation checkpointing runs again in the backward of `batch`."""
+        llm = getattr(module.model, "llm", None)
+        return 0.0 if llm is None else recomputed_flops(llm, batch)
+
     def on_train_batch_start(self, trainer, module, batch: Batch, batch_idx: int) -> None:
+        if self.measure and self.peak_flops is None:
+            # rows past a few thousand add time, not rate
+            self.shapes = gemm_shapes(module.model, min(batch.input_ids.numel(), 4096))
+            self.peak_flops = self._measure_peak(module)
         now = time.perf_counter()
         self._wait = now - self._end if self._end is not None else 0.0
         self._start = now
@@ -81,18 +145,36 @@ class ThroughputMonitor(L.Callback):
             sum(1 for row in rows for k in row if k > 1) if batch.seq_lens else len(batch)
         )
         acc["flops"] += self.batch_flops(module, batch)
+        acc["recomputed"] += self.batch_recomputed_flops(module, batch)
         acc["steps"] += 1
         if (trainer.global_step % self.every) == 0 and acc["time"] > 0:
             world = trainer.world_size
             achieved = acc["flops"] / acc["time"]
-            module.log_dict(
+            metrics = {}
+            peak = self.peak_flops
+            if self.measure:  # after the window, out of its time
+                after = self._measure_peak(module)
+                peak = max(self.peak_flops, after)
+                metrics["perf/mfu_peak_spread"] = abs(self.peak_flops - after) / peak
+                self.peak_flops = after  # the next window's "before"
+                self._end = time.perf_counter()
+            if achieved > peak:
+                log.warning(
+                    "MFU %.2f > 1: the step ran faster than the matmul peak (%.1f GFLOP/s); "
+                    "the peak was measured at a slow moment or peak_flops is set too low",
+                    achieved / peak,
+                    peak / 1e9,
+                )
+            metrics.update(
                 {
                     "perf/tokens_per_s": acc["tokens"] * world / acc["time"],
                     "perf/samples_per_s": acc["samples"] * world / acc["time"],
                     "perf/flops_per_step": acc["flops"] / acc["steps"],
-                    "perf/mfu": achieved / self.peak_flops,
+                    "perf/mfu": achieved / peak,
+                    "perf/hfu": (acc["flops"] + acc["recomputed"]) / acc["time"] / peak,
+                    "perf/peak_flops": peak,
                     "perf/data_wait_share": acc["wait"] / acc["time"],
-                },
-                batch_size=len(batch),
+                }
             )
+            module.log_dict(metrics, batch_size=len(batch))
             self._acc = dict.fromkeys(acc, 0)

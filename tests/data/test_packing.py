@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 import torch
 
 from lmm.data.collate import PadCollator
 from lmm.data.formats import load_samples
 from lmm.data.packing import PackCollator, block_causal_mask, first_fit_decreasing
-from tests.helpers import per_sample_losses, tiny_data, tiny_llava
+from tests.helpers import compiled_llm_layers, per_sample_losses, tiny_data, tiny_llava
 
 
 def test_first_fit_decreasing():
@@ -80,15 +82,30 @@ def _counts(batch):
     return out
 
 
-@pytest.mark.parametrize("attention", ["sdpa_packed", "sdpa_packed/per_sample", "sdpa", "eager"])
+@pytest.mark.parametrize(
+    "attention",
+    [
+        "sdpa_packed",
+        "sdpa_packed/per_sample",
+        "sdpa",
+        "eager",
+        pytest.param("sdpa_packed/compiled", marks=pytest.mark.slow),
+    ],
+)
 def test_packing_parity(tiny_assets, synthetic_data, attention, monkeypatch):
+    compiled = attention.endswith("/compiled")  # decoder layers under torch.compile
     if attention.endswith("/per_sample"):  # the path rows of 512+ tokens take
         monkeypatch.setattr("lmm.components.attention.PER_SAMPLE_MIN_LENGTH", 0)
-        attention = attention.split("/")[0]
+    attention = attention.split("/")[0]
     torch.manual_seed(0)
     module = tiny_llava(tiny_assets).float()
     module.model.llm.model.set_attn_implementation(attention)
     assert module.model.llm.model.config._attn_implementation == attention
+    with compiled_llm_layers(module) if compiled else contextlib.nullcontext():
+        _assert_packed_equals_padded(module, synthetic_data)
+
+
+def _assert_packed_equals_padded(module, synthetic_data):
     feats = _features(module, synthetic_data, 10)  # all five tasks: 1-3 images, text lengths vary
     lengths = [len(f.input_ids) for f in feats]
     capacity = max(lengths) * 3

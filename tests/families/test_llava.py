@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import lightning as L
 import pytest
 import torch
@@ -10,7 +12,13 @@ from transformers import LlavaConfig, LlavaForConditionalGeneration
 from lmm.data.collate import PadCollator
 from lmm.data.formats import load_samples
 from lmm.training.module import LMMModule
-from tests.helpers import assert_logits_match_hf, quiet_trainer, tiny_data, tiny_llava
+from tests.helpers import (
+    assert_logits_match_hf,
+    compiled_llm_layers,
+    quiet_trainer,
+    tiny_data,
+    tiny_llava,
+)
 
 
 def _batch(module, data, n=6):
@@ -39,13 +47,15 @@ def _hf_llava(module) -> LlavaForConditionalGeneration:
     return hf
 
 
-def test_llava_against_hf(tiny_assets, synthetic_data):
+@pytest.mark.parametrize("compiled", [False, True])
+def test_llava_against_hf(tiny_assets, synthetic_data, compiled):
     torch.manual_seed(0)
     module = tiny_llava(tiny_assets).eval()
     batch, samples = _batch(module, synthetic_data)
     assert sum(batch.views_per_sample) > len(batch), "want multi-image rows in the batch"
     hf = _hf_llava(module)
-    ours = assert_logits_match_hf(module, hf, batch, rtol=1e-5, atol=1e-5)
+    with compiled_llm_layers(module) if compiled else contextlib.nullcontext():
+        ours = assert_logits_match_hf(module, hf, batch, rtol=1e-5, atol=1e-5)
     real = batch.attention_mask.bool()
     # the images matter: zeroing them changes the logits at text positions after the image
     batch.pixel_values = torch.zeros_like(batch.pixel_values)

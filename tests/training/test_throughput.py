@@ -110,3 +110,50 @@ def test_monitor_logs_mfu(tiny_assets, synthetic_data, tmp_path):
     assert float(m["perf/tokens_per_s"]) > 0 and float(m["perf/samples_per_s"]) > 0
     assert 0 <= float(m["perf/data_wait_share"]) < 1
     assert measure_peak_flops(size=256, repeats=2) > 1e8
+
+
+def test_recomputed_flops_match_the_flop_counter(tiny_assets, synthetic_data):
+    # with activation checkpointing the backward runs each decoder layer's forward again: the
+    # count of step + recomputation (HFU's numerator) is what torch's counter sees
+    model = LlavaModel(
+        HFVisionTower(str(tiny_assets["vision"]), feature_layer=-1, attn_implementation="eager"),
+        CausalLM(str(tiny_assets["llm"]), attn_implementation="eager"),
+        MLPConnector,
+    )
+    module = LMMModule(model=model, tokenizer=str(tiny_assets["tokenizer"]))
+    batch = _batch(module, synthetic_data)
+    batch.attention_mask[:] = 1
+    assert ThroughputMonitor.batch_recomputed_flops(module, batch) == 0
+    model.llm.model.gradient_checkpointing_enable({"use_reentrant": False})
+    recomputed = ThroughputMonitor.batch_recomputed_flops(module, batch)
+    expected = ThroughputMonitor.batch_flops(module, batch) + recomputed
+    with FlopCounterMode(display=False) as counter:
+        loss, _ = module.loss(batch)
+        loss.backward()
+    measured = counter.get_total_flops()
+    base = ThroughputMonitor.batch_flops(module, batch)
+    assert recomputed > 0.1 * measured, (base, recomputed, measured)
+    assert abs(expected - measured) / measured < 0.05, (base, recomputed, measured)
+
+
+def test_monitor_measures_the_peak_around_each_window(tiny_assets, synthetic_data, tmp_path):
+    module = tiny_llava(tiny_assets)
+    dm = tiny_data(synthetic_data, batch_size=4)
+    monitor = ThroughputMonitor(log_every_n_steps=2)
+    trainer = quiet_trainer(tmp_path, 4, [monitor])
+    trainer.fit(module, datamodule=dm)
+    m = trainer.callback_metrics
+    # the model's own GEMMs (tokens x in x out) are among the measured shapes
+    llm_mlp = module.model.llm.model.config.intermediate_size
+    assert any(n == llm_mlp or k == llm_mlp for _, k, n in monitor.shapes)
+    assert 0 <= float(m["perf/mfu_peak_spread"]) < 1
+    # the window's peak is the larger of before / after (logged as float32)
+    assert float(m["perf/peak_flops"]) >= monitor.peak_flops * (1 - 1e-6)
+    assert float(m["perf/hfu"]) == pytest.approx(float(m["perf/mfu"]))  # no checkpointing
+    assert 0 < float(m["perf/mfu"]) < 1
+
+
+def test_peak_is_the_best_shape():
+    square = measure_peak_flops(size=64, repeats=2)
+    best = measure_peak_flops(size=64, repeats=2, shapes=[(256, 256, 256)])
+    assert best > square  # a 64² matmul is far from what 256³ reaches
