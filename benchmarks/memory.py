@@ -3,7 +3,7 @@
 Each configuration runs in its own child process, which builds the model, takes the first
 batch of lmm's packed training stream over the packing benchmark's length mix, and trains
 `--steps` AdamW steps (bf16 autocast by default). Memory is the process's RSS high-water mark
-(`resource.getrusage(RUSAGE_SELF).ru_maxrss`, read in the child): torch has no CPU allocator
+(`VmHWM` of /proc/self/status, read in the child): torch has no CPU allocator
 statistics to read, and the high-water mark is what decides whether a run fits in RAM. It
 includes Python, torch, the weights, gradients and AdamW state, so `baseline_mb` (the mark
 before the first step) is reported too.
@@ -36,7 +36,6 @@ import argparse
 import importlib.util
 import json
 import os
-import resource
 import subprocess
 import sys
 import tempfile
@@ -59,8 +58,14 @@ def _throughput_module():
 
 
 def peak_mb() -> float:
-    """This process's RSS high-water mark in MiB (Linux reports KiB)."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    """This process's RSS high-water mark in MiB: `VmHWM` of /proc/self/status (KiB), the peak
+    of this program's own memory. Not `ru_maxrss`: Linux carries it over fork + exec, so a
+    child started by a large process (pytest after a suite, a benchmark holding a model)
+    reports at least its parent's size."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    raise RuntimeError("/proc/self/status has no VmHWM line")
 
 
 def child(config: dict) -> dict:
@@ -182,7 +187,7 @@ def main(argv: list[str] | None = None) -> dict:
         "step_s_ckpt": round(min(on["step_s"]), 3),
         "step_s_no_ckpt": round(min(off["step_s"]), 3),
         "max_loss_diff": max(abs(x - y) for x, y in zip(on["losses"], off["losses"], strict=True)),
-        "measure": "RSS high-water mark of a child process per configuration (ru_maxrss)",
+        "measure": "RSS high-water mark of a child process per configuration (VmHWM)",
         "mmap_threshold": a.mmap_threshold or "glibc default",
         "model": a.size,
         "params": on["params"],

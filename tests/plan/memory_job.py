@@ -18,7 +18,6 @@ import gc
 import importlib.util
 import json
 import os
-import resource
 from pathlib import Path
 
 import torch
@@ -35,8 +34,14 @@ def rss_mb() -> float:
 
 
 def peak_mb() -> float:
-    """This process's RSS high-water mark, MiB (Linux reports KiB)."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    """This process's RSS high-water mark in MiB: `VmHWM` of /proc/self/status (KiB), the peak
+    of this program's own memory. Not `ru_maxrss`: Linux carries it over fork + exec, so a
+    child started by a large process (pytest after a suite, a benchmark holding a model)
+    reports at least its parent's size."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    raise RuntimeError("/proc/self/status has no VmHWM line")
 
 
 def throughput():
