@@ -314,14 +314,19 @@ class VideoReader:
             g = load.index(min(load))
             load[g] += end - start + 1
             groups[g] += [i for i in wanted if start <= order[i] <= end]
+        if sum(load) < PARALLEL_GAIN * max(load):
+            # one long span dominates (e.g. a single 250-frame GOP): opening the file again
+            # costs more than the threads save
+            return _decode_runs(container, path, packets, wanted)
 
         def run(group: list[int]) -> dict[int, np.ndarray]:
             with self._pyav_open(path, threads=1) as own:
                 return _decode_runs(own, path, packets, sorted(group))
 
-        out: dict[int, np.ndarray] = {}
-        for part in _pool(len(groups)).map(run, groups):
-            out.update(part)
+        pending = [_pool(threads).submit(run, group) for group in groups[1:]]
+        out = _decode_runs(container, path, packets, sorted(groups[0]))  # this thread too
+        for part in pending:
+            out.update(part.result())
         return out
 
     @staticmethod
@@ -476,6 +481,11 @@ def _decode_runs(
             "the file looks truncated or damaged"
         )
     return out
+
+
+# Spans are shared among threads only when that could make the read this much faster (the
+# total decoding over the busiest thread's share): each extra thread opens the file again.
+PARALLEL_GAIN = 1.5
 
 
 @cache
