@@ -57,15 +57,20 @@ def _throughput_module():
     return module
 
 
-def peak_mb() -> float:
-    """This process's RSS high-water mark in MiB: `VmHWM` of /proc/self/status (KiB), the peak
-    of this program's own memory. Not `ru_maxrss`: Linux carries it over fork + exec, so a
-    child started by a large process (pytest after a suite, a benchmark holding a model)
-    reports at least its parent's size."""
+def status_mb(key: str) -> float:
+    """A `Vm*` line of /proc/self/status (KiB) in MiB: `VmRSS` now, `VmHWM` its high-water mark."""
     for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
+        if line.startswith(f"{key}:"):
             return int(line.split()[1]) / 1024
-    raise RuntimeError("/proc/self/status has no VmHWM line")
+    raise RuntimeError(f"/proc/self/status has no {key} line")
+
+
+def peak_mb() -> float:
+    """This process's RSS high-water mark in MiB, `VmHWM`: the peak of this program's own
+    memory. Not `ru_maxrss`: Linux carries it over fork + exec, so a child started by a large
+    process (pytest after a suite, a benchmark holding a model) reports at least its parent's
+    size."""
+    return status_mb("VmHWM")
 
 
 def child(config: dict) -> dict:

@@ -25,32 +25,28 @@ import torch
 ROOT = Path(__file__).resolve().parents[2]
 
 
+def _bench(name: str):
+    """benchmarks/NAME.py, loaded by path (benchmarks/ is not a package)."""
+    path = ROOT / "benchmarks" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(f"_lmm_bench_{name}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def rss_mb() -> float:
     """This process's resident set now, MiB."""
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    raise RuntimeError("/proc/self/status has no VmRSS line")
+    return _bench("memory").status_mb("VmRSS")
 
 
 def peak_mb() -> float:
-    """This process's RSS high-water mark in MiB: `VmHWM` of /proc/self/status (KiB), the peak
-    of this program's own memory. Not `ru_maxrss`: Linux carries it over fork + exec, so a
-    child started by a large process (pytest after a suite, a benchmark holding a model)
-    reports at least its parent's size."""
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 1024
-    raise RuntimeError("/proc/self/status has no VmHWM line")
+    """This process's RSS high-water mark, MiB (benchmarks/memory.py's `peak_mb`: VmHWM)."""
+    return _bench("memory").peak_mb()
 
 
 def throughput():
     """benchmarks/train_throughput.py: the ~50M LLaVA's sizes, assets and mix."""
-    path = ROOT / "benchmarks" / "train_throughput.py"
-    spec = importlib.util.spec_from_file_location("_lmm_bench_throughput", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return _bench("train_throughput")
 
 
 def main() -> None:
