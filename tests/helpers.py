@@ -149,3 +149,34 @@ def compiled_llm_layers(module):
         for layer in module.model.llm.model.model.layers:
             layer._compiled_call_impl = None
         torch._dynamo.reset()
+
+
+@contextmanager
+def running_server(command: list[str], env: dict, log: Path, ready_url: str, what: str):
+    """Start `command` (a server) with its output in `log`, wait until `ready_url` answers 200
+    (up to 180 s; the test fails with the log's tail if it exits or never answers), yield the
+    process, then stop it."""
+    import subprocess
+    import time
+
+    import httpx
+    import pytest
+
+    with open(log, "w") as out:
+        process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env=env)
+    deadline = time.monotonic() + 180
+    while True:
+        try:
+            if httpx.get(ready_url, timeout=1).status_code == 200:
+                break
+        except httpx.TransportError:
+            pass
+        if process.poll() is not None or time.monotonic() > deadline:
+            process.kill()
+            pytest.fail(f"{what} did not start:\n{log.read_text()[-3000:]}")
+        time.sleep(0.2)
+    try:
+        yield process
+    finally:
+        process.terminate()
+        process.wait(timeout=30)

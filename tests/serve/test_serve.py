@@ -8,10 +8,8 @@ import io
 import os
 import re
 import socket
-import subprocess
 import sys
 import threading
-import time
 from pathlib import Path
 
 import httpx
@@ -19,6 +17,7 @@ import pytest
 from PIL import Image
 
 from tests.evaluation.test_chat import model, trained_run  # noqa: F401  (fixtures)
+from tests.helpers import running_server
 
 ROOT = Path(__file__).resolve().parents[2]
 KEY = "test-key"
@@ -74,23 +73,9 @@ def server(trained_run, tmp_path_factory):  # noqa: F811
         "--max-body-mb", "0.25", "--batch-wait-ms", "20",
     ]  # fmt: skip
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    with open(log, "w") as out:
-        process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env=env)
     url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 180
-    while True:
-        try:
-            if httpx.get(f"{url}/health", timeout=1).status_code == 200:
-                break
-        except httpx.TransportError:
-            pass
-        if process.poll() is not None or time.monotonic() > deadline:
-            process.kill()
-            pytest.fail(f"lmm serve did not start:\n{log.read_text()[-3000:]}")
-        time.sleep(0.2)
-    yield Server(url, log, allowed, outside)
-    process.terminate()
-    process.wait(timeout=30)
+    with running_server(command, env, log, f"{url}/health", "lmm serve"):
+        yield Server(url, log, allowed, outside)
 
 
 def client(server):

@@ -5,15 +5,13 @@ from __future__ import annotations
 
 import os
 import shutil
-import subprocess
 import sys
-import time
 from pathlib import Path
 
-import httpx
 import pytest
 
 from tests.evaluation.test_chat import model, trained_run  # noqa: F401  (fixtures)
+from tests.helpers import running_server
 from tests.serve.test_serve import COLOURS, free_port, png
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -44,23 +42,9 @@ def web(trained_run, tmp_path_factory):  # noqa: F811
     command = [sys.executable, "-m", "lmm.cli", "web", str(trained_run), "--port", str(port),
                "--title", "tiny quickstart"]  # fmt: skip
     env = {**os.environ, "PYTHONPATH": str(ROOT), "GRADIO_ANALYTICS_ENABLED": "False"}
-    with open(log, "w") as out:
-        process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env=env)
     url = f"http://127.0.0.1:{port}/"
-    deadline = time.monotonic() + 180
-    while True:
-        try:
-            if httpx.get(url, timeout=1).status_code == 200:
-                break
-        except httpx.TransportError:
-            pass
-        if process.poll() is not None or time.monotonic() > deadline:
-            process.kill()
-            pytest.fail(f"lmm web did not start:\n{log.read_text()[-3000:]}")
-        time.sleep(0.3)
-    yield url
-    process.terminate()
-    process.wait(timeout=30)
+    with running_server(command, env, log, url, "lmm web"):
+        yield url
 
 
 def test_web_demo_in_browser(web, model, tmp_path):  # noqa: F811
