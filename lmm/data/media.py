@@ -45,23 +45,32 @@ class ImageModeError(ImageError):
     """A pixel format with no faithful 8-bit RGB reading (float outside [0, 1], negatives)."""
 
 
-# (offset, magic bytes, what the file is, is it a video)
-_SIGNATURES: tuple[tuple[int, bytes, str, bool], ...] = (
-    (0, b"\x89PNG\r\n\x1a\n", "a PNG image", False),
-    (0, b"\xff\xd8\xff", "a JPEG image", False),
-    (0, b"GIF87a", "a GIF image", False),
-    (0, b"GIF89a", "a GIF image", False),
-    (0, b"II*\x00", "a TIFF image", False),
-    (0, b"MM\x00*", "a TIFF image", False),
-    (8, b"WEBP", "a WebP image", False),
-    (0, b"BM", "a BMP image", False),
-    (4, b"ftyp", "an MP4/MOV video", True),
-    (8, b"AVI ", "an AVI video", True),
-    (0, b"\x1a\x45\xdf\xa3", "a Matroska/WebM video", True),
-    (0, b"\x00\x00\x01\xba", "an MPEG-PS video", True),
-    (0, b"FLV", "an FLV video", True),
-    (0, b"OggS", "an Ogg file", True),
+# (offset, magic bytes, what the file is, is it a video, its usual suffix)
+_SIGNATURES: tuple[tuple[int, bytes, str, bool, str], ...] = (
+    (0, b"\x89PNG\r\n\x1a\n", "a PNG image", False, ".png"),
+    (0, b"\xff\xd8\xff", "a JPEG image", False, ".jpg"),
+    (0, b"GIF87a", "a GIF image", False, ".gif"),
+    (0, b"GIF89a", "a GIF image", False, ".gif"),
+    (0, b"II*\x00", "a TIFF image", False, ".tif"),
+    (0, b"MM\x00*", "a TIFF image", False, ".tif"),
+    (8, b"WEBP", "a WebP image", False, ".webp"),
+    (0, b"BM", "a BMP image", False, ".bmp"),
+    (4, b"ftyp", "an MP4/MOV video", True, ".mp4"),
+    (8, b"AVI ", "an AVI video", True, ".avi"),
+    (0, b"\x1a\x45\xdf\xa3", "a Matroska/WebM video", True, ".mkv"),
+    (0, b"\x00\x00\x01\xba", "an MPEG-PS video", True, ".mpg"),
+    (0, b"FLV", "an FLV video", True, ".flv"),
+    (0, b"OggS", "an Ogg file", True, ".ogg"),
 )
+
+
+def sniff_bytes(head: bytes) -> tuple[str, bool, str] | None:
+    """(what the content is, whether it is a video, its usual suffix) from its first 16
+    bytes; None when unknown."""
+    for offset, magic, name, video, suffix in _SIGNATURES:
+        if head[offset : offset + len(magic)] == magic:
+            return name, video, suffix
+    return None
 
 
 def sniff_media(path: str | Path) -> tuple[str, bool] | None:
@@ -70,11 +79,8 @@ def sniff_media(path: str | Path) -> tuple[str, bool] | None:
     GIF counts as an image here but a video reader may still read it as frames (TGIF-QA).
     """
     with open(path, "rb") as f:
-        head = f.read(16)
-    for offset, magic, name, video in _SIGNATURES:
-        if head[offset : offset + len(magic)] == magic:
-            return name, video
-    return None
+        found = sniff_bytes(f.read(16))
+    return found[:2] if found else None
 
 
 VIDEO_SUFFIXES = (".mp4", ".avi", ".mov", ".mkv", ".webm", ".m4v", ".mpeg", ".mpg")

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from lmm.data.media import sniff_bytes
 from lmm.utils.logging import get_logger
 
 log = get_logger(__name__)
@@ -30,11 +31,6 @@ Row = dict[str, Any]
 
 # Magic bytes of the media a hub dataset embeds, for the cached file's suffix (the loaders
 # decide by content; the suffix is for people and for tools that look at names).
-_MAGIC = (
-    (0, b"\x89PNG", ".png"), (0, b"\xff\xd8", ".jpg"), (0, b"GIF8", ".gif"), (0, b"BM", ".bmp"),
-    (0, b"II*\x00", ".tif"), (0, b"MM\x00*", ".tif"), (8, b"WEBP", ".webp"), (4, b"ftyp", ".mp4"),
-    (8, b"AVI ", ".avi"), (0, b"\x1a\x45\xdf\xa3", ".mkv"),
-)  # fmt: skip
 
 
 class HubDatasetError(FileNotFoundError):
@@ -97,7 +93,8 @@ def _datasets_cache() -> Path:
 
 def media_suffix(data: bytes) -> str:
     """The usual suffix of an image or video from its first bytes (".bin" when unknown)."""
-    return next((s for at, magic, s in _MAGIC if data[at : at + len(magic)] == magic), ".bin")
+    found = sniff_bytes(data[:16])
+    return found[2] if found else ".bin"
 
 
 def _is_cell(value) -> bool:
