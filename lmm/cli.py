@@ -19,7 +19,7 @@ from transformers.utils import logging as hf_logging
 from lmm.components.pretrained import empty_init
 from lmm.families.hf import import_transformers
 from lmm.training.module import LMMModule
-from lmm.utils import errors
+from lmm.utils import allocator, errors
 from lmm.utils.logging import get_logger
 
 log = get_logger(__name__)
@@ -401,6 +401,7 @@ def main(argv: list[str] | None = None) -> None:
         if argv[0] in TOOLS:
             TOOLS[argv[0]](argv[1:])
             return
+        log.info(allocator.describe())
         LMMCLI(args=argv)
     except SIGTERMException:
         # Lightning stops a run on SIGTERM with a bare SystemExit (status 0); a scheduler or a
