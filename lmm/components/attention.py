@@ -16,7 +16,10 @@ Rows shorter than `PER_SAMPLE_MIN_LENGTH` get the block-diagonal mask, built onc
 In bf16 on the CPU, samples (and short rows) up to `MATMUL_MAX_LENGTH` tokens are attended by
 `matmul_attention`: two matmuls around a float32 softmax with the backward written out, 2-3x
 faster forward + backward than torch's CPU flash kernel at these lengths (its scores stay in
-cache). Longer samples, float32 and other devices keep the sdpa kernel.
+cache). Longer samples, float32 and other devices keep the sdpa kernel. A long row whose samples
+all take it is attended in one autograd function (`_GroupedAttention`): q, k, v cast once per
+row, samples of similar length padded into groups whose float32 scores still fit in cache
+(`GROUP_PADDING`, `GROUP_SCORES`), one batched matmul pair per group instead of per sample.
 """
 
 from __future__ import annotations
@@ -145,6 +148,17 @@ def packed_sdpa_attention(
         return sdpa_attention_forward(
             module, query, key, value, mask, dropout=dropout, scaling=scaling, **kwargs
         )
+    if GROUP_SAMPLES and _use_matmul(query, 0, dropout) and window is None:
+        plans = _once(
+            position_ids,
+            ("groups", query.shape[0]),
+            lambda: [
+                _group_plan(spans, query.shape[1], query.device)
+                for spans in segments(position_ids, query.shape[0])
+            ],
+        )
+        if all(plan.longest <= MATMUL_MAX_LENGTH for plan in plans):
+            return _grouped_rows(query, key, value, plans, scaling), None
     groups = query.shape[1] // key.shape[1]
     rows = []
     # unbind + split (not indexing): their backward is one stack / cat, not a zero-filled
@@ -171,6 +185,142 @@ def packed_sdpa_attention(
         rows.append(torch.cat(pieces, dim=1) if len(pieces) > 1 else pieces[0])
     out = torch.stack(rows)  # [B, H, L, D]
     return out.transpose(1, 2).contiguous(), None
+
+
+# Long rows in bf16 on the CPU: samples attended in padded groups (`GroupPlan`); False: one
+# `matmul_attention` call per sample, as before the eighth session (kept for comparison).
+GROUP_SAMPLES = True
+# Samples of a row padded to a common length are attended together while the padded
+# query-key pairs stay within this share over the samples' own (sum of len²).
+GROUP_PADDING = 0.25
+# ... and while a group's scores (heads x samples x length²) stay within this many elements:
+# float32 scores that stay in cache (one sample of ~320 tokens at 10 heads) keep the softmax
+# and its casts at cache speed.
+GROUP_SCORES = 1 << 20
+
+
+class GroupPlan:
+    """How one packed row is attended in padded groups of samples. Per group `(index, size,
+    bias)`: `index` `[samples * size]` the row position of each padded slot (sample by sample;
+    padding repeats the sample's first position), `bias` `[samples, size, size]` float32,
+    causal within a sample with -inf on padded keys (padded queries see their sample's first
+    key). `inverse` `[L]`: each position's slot in the groups' concatenation; `pad` per group,
+    `[samples * size]` bool."""
+
+    def __init__(self, groups, inverse, pad):
+        self.groups, self.inverse, self.pad = groups, inverse, pad
+        self.longest = max((size for _, size, _ in groups), default=0)
+
+
+def _group_plan(spans: list[tuple[int, int]], heads: int, device: torch.device) -> GroupPlan:
+    """Group a row's samples (spans) by length, longest first: a group takes the next sample
+    while its padded pairs stay within `GROUP_PADDING` of the samples' own and its scores
+    within `GROUP_SCORES` elements."""
+    order = sorted(spans, key=lambda span: span[0] - span[1])  # longest first, stable
+    groups: list[list[tuple[int, int]]] = []
+    own = 0
+    for span in order:
+        n = span[1] - span[0]
+        if groups:
+            top = groups[-1][0][1] - groups[-1][0][0]
+            count = len(groups[-1]) + 1
+            if (
+                count * top * top <= (1 + GROUP_PADDING) * (own + n * n)
+                and heads * count * top * top <= GROUP_SCORES
+            ):
+                groups[-1].append(span)
+                own += n * n
+                continue
+        groups.append([span])
+        own = n * n
+    out, pads = [], []
+    inverse = [0] * (spans[-1][1] if spans else 0)
+    slots = 0
+    for group in groups:
+        size = group[0][1] - group[0][0]
+        index, pad, lengths = [], [], []
+        for start, end in group:
+            for i in range(start, end):
+                inverse[i] = slots + len(index) + i - start
+            index.extend(range(start, end))
+            index.extend([start] * (size - (end - start)))
+            pad.extend([False] * (end - start) + [True] * (size - (end - start)))
+            lengths.append(end - start)
+        slots += len(index)
+        n = torch.tensor(lengths, device=device)
+        i = torch.arange(size, device=device)
+        allowed = (i[None, :, None] >= i[None, None, :]) & (i[None, None, :] < n[:, None, None])
+        allowed[:, :, 0] = True  # padded queries (i >= n) keep one key: no empty softmax
+        out.append((torch.tensor(index, device=device), size, additive_bias(allowed)))
+        pads.append(torch.tensor(pad, device=device))
+    return GroupPlan(out, torch.tensor(inverse, device=device), pads)
+
+
+class _GroupedAttention(torch.autograd.Function):
+    """`matmul_attention` of one packed row `[H, L, D]` (heads equal for q, k, v), its samples
+    gathered into padded groups (`GroupPlan`), each group one contiguous `[H, samples, size,
+    D]` batch: a few batched matmuls per row instead of a pair per sample, and no copies
+    inside them. Outputs and gradients are gathered back by position (`inverse`); gradients
+    of padded slots are zero by construction (their outputs are never read)."""
+
+    @staticmethod
+    def forward(ctx, q: Tensor, k: Tensor, v: Tensor, plan: GroupPlan, scale: float) -> Tensor:
+        heads, dim = q.shape[0], q.shape[-1]
+        outs, saved = [], []
+        for index, size, bias in plan.groups:
+            shape = (heads, index.numel() // size, size, dim)
+            qg, kg, vg = (t.index_select(1, index).view(shape) for t in (q, k, v))
+            scores = torch.matmul(qg, kg.transpose(-1, -2)).float().mul_(scale).add_(bias)
+            probs = torch.softmax(scores, dim=-1).to(q.dtype)
+            out = torch.matmul(probs, vg)
+            outs.append(out.view(heads, -1, dim))
+            saved += [qg, kg, vg, probs, out]
+        out = torch.cat(outs, dim=1) if len(outs) > 1 else outs[0]
+        ctx.save_for_backward(*saved)
+        ctx.plan, ctx.scale = plan, scale
+        return out.index_select(1, plan.inverse)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        saved, plan = ctx.saved_tensors, ctx.plan
+        grad = grad.to(saved[0].dtype)
+        grads = ([], [], [])
+        for g, ((index, _, _), pad) in enumerate(zip(plan.groups, plan.pad, strict=True)):
+            qg, kg, vg, probs, out = saved[5 * g : 5 * g + 5]
+            gg = grad.index_select(1, index).view(qg.shape)
+            gg.masked_fill_(pad.view(1, *qg.shape[1:3], 1), 0)
+            delta = (gg.float() * out.float()).sum(-1, keepdim=True)
+            grad_v = torch.matmul(probs.transpose(-1, -2), gg)
+            grad_scores = torch.matmul(gg, vg.transpose(-1, -2)).float()
+            grad_scores = grad_scores.sub_(delta).mul_(probs.float()).to(qg.dtype)
+            grad_q = torch.matmul(grad_scores, kg).mul_(ctx.scale)
+            grad_k = torch.matmul(grad_scores.transpose(-1, -2), qg).mul_(ctx.scale)
+            for acc, t in zip(grads, (grad_q, grad_k, grad_v), strict=True):
+                acc.append(t.view(qg.shape[0], -1, qg.shape[-1]))
+        return (
+            *(
+                (torch.cat(g, dim=1) if len(g) > 1 else g[0]).index_select(1, plan.inverse)
+                for g in grads
+            ),
+            None,
+            None,
+        )
+
+
+def _grouped_rows(q: Tensor, k: Tensor, v: Tensor, plans: list[GroupPlan], scale) -> Tensor:
+    """Packed rows `[B, H, L, D]` attended in padded groups of samples, returned `[B, L, H, D]`."""
+    dtype = compute_dtype(q)
+    groups = q.shape[1] // k.shape[1]
+    if groups > 1:
+        k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    with torch.autocast(q.device.type, enabled=False):
+        q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
+        rows = [
+            _GroupedAttention.apply(*row, plan, scale)
+            for *row, plan in zip(q.unbind(0), k.unbind(0), v.unbind(0), plans, strict=True)
+        ]
+    return torch.stack(rows).transpose(1, 2).contiguous()
 
 
 class _MatmulAttention(torch.autograd.Function):

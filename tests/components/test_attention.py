@@ -30,13 +30,16 @@ def _packed(seq_lens: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
     return positions, block_causal_mask(seq_lens, length)
 
 
-@pytest.fixture(params=["per_sample", "block_mask", "per_sample_matmul", "block_mask_matmul"])
+@pytest.fixture(
+    params=["per_sample", "block_mask", "per_sample_matmul", "grouped_matmul", "block_mask_matmul"]
+)
 def row_path(request, monkeypatch):
-    """Every path of `sdpa_packed`: per-sample calls (long rows) or the block mask (short), by
-    the sdpa kernel or by `matmul_attention` (chosen for bf16 on the CPU; forced here in fp32,
-    where both must give sdpa's result)."""
-    minimum = 0 if request.param.startswith("per_sample") else 10_000
+    """Every path of `sdpa_packed`: per-sample calls or padded groups of samples (long rows) or
+    the block mask (short), by the sdpa kernel or by `matmul_attention` (chosen for bf16 on the
+    CPU; forced here in fp32, where both must give sdpa's result)."""
+    minimum = 10_000 if request.param.startswith("block_mask") else 0
     monkeypatch.setattr(attention, "PER_SAMPLE_MIN_LENGTH", minimum)
+    monkeypatch.setattr(attention, "GROUP_SAMPLES", request.param.startswith("grouped"))
     matmul = request.param.endswith("matmul")
     monkeypatch.setattr(attention, "_use_matmul", lambda q, n, dropout: matmul)
     return request.param
@@ -103,6 +106,7 @@ def test_resolve_attention_on_cpu():
 def test_bf16_on_the_cpu_takes_matmul_attention(monkeypatch, per_sample):
     """bf16 packed rows use `matmul_attention`; the result is sdpa's up to bf16 rounding."""
     monkeypatch.setattr(attention, "PER_SAMPLE_MIN_LENGTH", 0 if per_sample else 10_000)
+    monkeypatch.setattr(attention, "GROUP_SAMPLES", False)
     calls = []
     real = attention._MatmulAttention.apply
     monkeypatch.setattr(
@@ -126,6 +130,35 @@ def test_bf16_on_the_cpu_takes_matmul_attention(monkeypatch, per_sample):
         assert (g.float() - r).norm() <= 0.02 * r.norm()
 
 
+def test_bf16_grouped_samples_equal_one_call_per_sample(monkeypatch):
+    """Long bf16 rows attend samples in padded groups (`GroupPlan`): similar lengths share a
+    batched call, the result and gradients are the per-sample calls' (bf16 rounding apart)."""
+    monkeypatch.setattr(attention, "PER_SAMPLE_MIN_LENGTH", 0)
+    torch.manual_seed(0)
+    seq_lens = [[60, 58, 1, 57, 30, 29, 1, 1, 8], [1, 90, 44, 40, 6, 1, 1, 1, 1, 1, 59]]
+    positions, mask = _packed(seq_lens)
+    q32, k32, v32 = (torch.randn(2, h, 245, 16, requires_grad=True) for h in (4, 2, 2))
+    weight = torch.randn(2, 245, 4, 16)
+    results = {}
+    for grouped in (True, False):
+        monkeypatch.setattr(attention, "GROUP_SAMPLES", grouped)
+        q, k, v = (t.detach().bfloat16().requires_grad_() for t in (q32, k32, v32))
+        out, _ = packed_sdpa_attention(_Layer(2), q, k, v, None, position_ids=positions)
+        grads = torch.autograd.grad((out.float() * weight).sum(), (q, k, v))
+        results[grouped] = (out, *grads)
+    for g, r in zip(results[True], results[False], strict=True):
+        assert g.dtype == torch.bfloat16
+        assert (g.float() - r.float()).norm() <= 0.01 * r.float().norm()
+    plan = attention._group_plan(segments(positions, 2)[0], 4, torch.device("cpu"))
+    assert [(index.numel() // size, size) for index, size, _ in plan.groups] == [
+        (3, 60),  # 60, 58, 57: padded pairs within GROUP_PADDING of their own
+        (2, 30),
+        (1, 8),
+        (3, 1),
+    ]
+    assert len(set(plan.inverse.tolist())) == 245  # every position read back from its own slot
+
+
 def test_long_samples_and_fp32_keep_the_sdpa_kernel():
     q = torch.zeros(1, 2, 8, 4, dtype=torch.bfloat16)
     assert attention._use_matmul(q, attention.MATMUL_MAX_LENGTH, 0.0)
@@ -138,6 +171,7 @@ def test_bf16_autocast_takes_matmul_attention(monkeypatch):
     """Under bf16 autocast, float32 queries and keys (rotary embeddings upcast them) are
     attended in bf16 by `matmul_attention`, as autocast's sdpa would."""
     monkeypatch.setattr(attention, "PER_SAMPLE_MIN_LENGTH", 0)
+    monkeypatch.setattr(attention, "GROUP_SAMPLES", False)
     calls = []
     real = attention._MatmulAttention.apply
     monkeypatch.setattr(
