@@ -14,8 +14,13 @@ decay, no clipping, a constant schedule, in the same precision:
   dataset encodes samples with lmm's processor (same tokens, labels and pixels), lazily, as
   lmm's stream does.
 Times run from the trainers' train-start to train-end hooks (data loading included, one-time
-setup not). The sides run interleaved, `--order` hf,lmm,hf,lmm, each run from the exported
-weights; `speedup_vs_hf` is the median of the runs' ratios, `speedup_runs` each of them. lmm
+setup not). The sides run interleaved, `--order` hf,lmm,hf,lmm, each run in a fresh process of
+this script from the exported weights; `speedup_vs_hf` is the median of the runs' ratios,
+`speedup_runs` each of them. Each side runs under the host allocator its users get: lmm's
+runs under what the `lmm` command picks (jemalloc when installed, `lmm.utils.allocator`;
+`--allocator`), the HF Trainer's under the system malloc, as `python train.py` runs
+(`--hf-allocator lmm` gives it lmm's, to take the allocator out of the ratio). OpenMP's wait
+policy is left at libgomp's default for both (set OMP_WAIT_POLICY=PASSIVE on a loaded machine). lmm
 runs with compiled decoder layers (`CausalLM(compile=True)`; `--no-compile` for eager): one
 forward + backward before the run compiles them, timed apart (`warm_up_s_lmm`; inductor's
 cache makes later runs' short).
@@ -41,14 +46,13 @@ import json
 import logging
 import os
 import statistics
+import subprocess
+import sys
 import tempfile
 import time
 from functools import partial
 from pathlib import Path
 
-# Idle OpenMP threads sleep instead of spinning (both sides): on a shared 2-core machine
-# spinning threads slow 2-thread torch down several times over. Set before torch loads.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import lightning as L  # noqa: E402
@@ -74,6 +78,7 @@ from lmm.families.llava.convert import export_hf  # noqa: E402
 from lmm.tiny import build_llm, build_tokenizer, build_vision  # noqa: E402
 from lmm.training.module import LMMModule  # noqa: E402
 from lmm.training.throughput import ThroughputMonitor  # noqa: E402
+from lmm.utils import allocator  # noqa: E402
 
 # (vision width, vision layers, LLM width, LLM layers, LLM MLP width, heads)
 SIZES = {
@@ -91,9 +96,16 @@ def make_records(n: int, images: list[str], words: list[str], seed: int) -> list
     return packing.make_records(n, images, words, seed)
 
 
+def asset_paths(root: Path) -> dict[str, Path]:
+    """Where `build_assets` writes under `root`."""
+    return {name: root / name for name in ("tokenizer", "vision", "llm")}
+
+
 def build_assets(root: Path, size: str, seed: int, vocab: int | None = None) -> dict[str, Path]:
     """Tokenizer, CLIP tower and Llama of `size` (`vocab` rows of embeddings and vocabulary
     projection; default the tokenizer's), written with `save_pretrained`."""
+    if (root / "llm").is_dir():  # written by the parent process
+        return asset_paths(root)
     v_width, v_layers, width, layers, mlp, heads = SIZES[size]
     tokenizer = build_tokenizer([" ".join(vocabulary())] * 4, root / "tokenizer")
     vision = build_vision(
@@ -339,7 +351,7 @@ def speedup(root: Path, a: argparse.Namespace) -> dict:
     mix = write_mix(root, a.samples, a.seed)
     assets = build_assets(root / "tiny", "tiny", a.seed, a.vocab or None)
     module = build_module(assets, a.lr, a.seed)
-    folder = export_hf(module, root / "hf")  # every run of both sides starts from these weights
+    export_hf(module, root / "hf")  # every run of both sides starts from these weights
     params = sum(p.numel() for p in module.parameters())
     vocab = module.model.llm.model.get_output_embeddings().out_features
     data = ChatDataModule(template=Llama3(), max_length=a.pack_tokens)
@@ -353,16 +365,13 @@ def speedup(root: Path, a: argparse.Namespace) -> dict:
         f"max {lengths[-1]}; {a.precision}"
     )
     runs: dict[str, list[dict]] = {"hf": [], "lmm": []}
-    for side in a.order.split(","):
-        if side == "hf":
-            pad = module.tokenizer.pad_token_id
-            r = train_hf(folder, samples, data.processor, pad, root / "hf_out", a)
-        else:  # a fresh module on the exported weights each run
-            r = train_lmm(build_module(assets, a.lr, a.seed, a.compile), mix, a)
+    for side in a.order.split(","):  # each run in a fresh process, from the exported weights
+        r = run_child(side, root, a)
         runs[side].append(r)
         print(
             f"{side:>4}: {r['steps']} steps, {r['samples']} samples, {r['seconds']:.1f}s, "
-            f"{r['tokens_per_s']:.0f} supervised tok/s, real tokens {r['real_token_share']:.1%}"
+            f"{r['tokens_per_s']:.0f} supervised tok/s, real tokens {r['real_token_share']:.1%}, "
+            f"allocator {r['allocator']}"
             + (f", accelerate mixed precision {r['mixed_precision']}" if side == "hf" else "")
             + (f", warm-up (compilation) {r['warm_up_s']:.1f}s apart" if side == "lmm" else "")
         )
@@ -374,6 +383,36 @@ def speedup(root: Path, a: argparse.Namespace) -> dict:
                 f"{hf['supervised_tokens']}"
             )
     return {"params": params, **runs, "max_tokens": lengths[-1], "vocab": vocab}
+
+
+def child_run(side: str, root: Path, a: argparse.Namespace) -> dict:
+    """One run of `side` (`lmm`, `hf` or `mfu`) on the files the parent wrote under `root`."""
+    mix = root / "mix.json"
+    if side == "mfu":
+        return mfu(root, mix, a)
+    assets = asset_paths(root / "tiny")
+    if side == "lmm":
+        return train_lmm(build_module(assets, a.lr, a.seed, a.compile), mix, a)
+    module = build_module(assets, a.lr, a.seed)  # the tokenizer and processor lmm's side uses
+    data = ChatDataModule(template=Llama3(), max_length=a.pack_tokens)
+    data.connect(module.tokenizer, module.media_spec(), module.image_token)
+    pad = module.tokenizer.pad_token_id
+    return train_hf(root / "hf", load_samples(mix), data.processor, pad, root / "hf_out", a)
+
+
+def run_child(side: str, root: Path, a: argparse.Namespace) -> dict:
+    """`child_run(side)` in a new process of this script, under the host allocator the side
+    runs with: lmm's what the `lmm` command picks (`lmm.utils.allocator`, `--allocator`); the
+    HF Trainer's the system malloc, as `python train.py` runs it (`--hf-allocator lmm`: the
+    same as lmm's)."""
+    env = {k: v for k, v in os.environ.items() if k != allocator.ACTIVE_ENV}
+    choice = a.hf_allocator if side == "hf" else a.allocator
+    name, path = allocator.choose(a.allocator if choice == "lmm" else choice)
+    env = allocator.environment(name, path, env) if path else {**env, allocator.ACTIVE_ENV: name}
+    out = root / f"{side}.json"
+    argv = [sys.executable, __file__, *a.argv, "--child", side, "--root", str(root)]
+    subprocess.run(argv, env=env, check=True)
+    return json.loads(out.read_text())
 
 
 def mfu(root: Path, mix: Path, a: argparse.Namespace) -> dict:
@@ -454,20 +493,40 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--mfu-pack-tokens", type=int, default=2048)
     p.add_argument("--mfu-rows", type=int, default=1)
     p.add_argument("--mfu-window", type=int, default=8, help="steps per MFU window (2 windows)")
+    p.add_argument(
+        "--allocator",
+        default="auto",
+        help="host allocator of lmm's runs (LMM_ALLOCATOR: auto, jemalloc, tcmalloc, system)",
+    )
+    p.add_argument(
+        "--hf-allocator",
+        default="system",
+        help="host allocator of the HF Trainer's runs: system (as `python train.py` runs), "
+        "or lmm (the same as lmm's)",
+    )
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--child", help=argparse.SUPPRESS)  # one run, in a process of its own
+    p.add_argument("--root", type=Path, help=argparse.SUPPRESS)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--quick", action="store_true", help="a < 1 minute smoke run")
+    argv = sys.argv[1:] if argv is None else list(argv)
     a = p.parse_args(argv)
+    a.argv = list(argv)
     if a.quick:
         a.samples, a.mfu_window = 48, 1
     torch.set_num_threads(a.threads)
     for name in ("lightning.pytorch", "lightning.fabric", "transformers"):
         logging.getLogger(name).setLevel(logging.ERROR)
+    if a.child:
+        result = {**child_run(a.child, a.root, a), "allocator": allocator.loaded()}
+        (a.root / f"{a.child}.json").write_text(json.dumps(result))
+        return result
     start = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         part1 = speedup(root, a)
-        part2 = mfu(root, root / "mix.json", a)
+        build_assets(root / "m50", "50m", a.seed)
+        part2 = run_child("mfu", root, a)
     ratios = [
         lmm["tokens_per_s"] / hf["tokens_per_s"]
         for lmm, hf in zip(part1["lmm"], part1["hf"], strict=True)
@@ -515,6 +574,10 @@ def main(argv: list[str] | None = None) -> dict:
         "mfu_rows": a.mfu_rows,
         "mfu_steps_per_window": a.mfu_window,
         "threads": a.threads,
+        "allocator_lmm": lmm["allocator"],
+        "allocator_hf": hf["allocator"],
+        "allocator_mfu": part2["allocator"],
+        "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "unset (libgomp's default)"),
         "wall_s": round(time.perf_counter() - start, 1),
     }
     print(json.dumps(result))
