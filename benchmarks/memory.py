@@ -26,8 +26,12 @@ Checkpointing is what `FSDP2Config(activation_checkpointing=True)` applies
 (`lmm.training.strategies.apply_activation_checkpointing`: every decoder layer recomputed in
 the backward pass), called here directly because `apply_fsdp2` runs only under
 `ModelParallelStrategy`. The model is the ~50M LLaVA of `train_throughput.py` (ViT 256 x 4,
-Llama 640 x 10) by default. The last line is one JSON object with `peak_mb_ckpt` and
-`peak_mb_no_ckpt`.
+Llama 640 x 10) by default. Step times (`step_s_ckpt`, `step_s_no_ckpt`, `step_ratio`) come
+from separate children, `--time-runs` of each configuration alternating, under the allocator
+the `lmm` command runs with (jemalloc when installed: `lmm.utils.allocator`); the fixed mmap
+threshold of the measuring children page-faults every activation in and slows both steps
+(their times: `step_s_*_measure_run`). The last line is one JSON object with `peak_mb_ckpt`
+and `peak_mb_no_ckpt`.
 """
 
 from __future__ import annotations
@@ -42,10 +46,11 @@ import tempfile
 import time
 from pathlib import Path
 
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # see train_throughput.py
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import torch  # noqa: E402
+
+from lmm.utils import allocator  # noqa: E402
 
 
 def _throughput_module():
@@ -133,6 +138,18 @@ def main(argv: list[str] | None = None) -> dict:
         default=65536,
         help="MALLOC_MMAP_THRESHOLD_ of the children in bytes (0: glibc's dynamic default)",
     )
+    p.add_argument(
+        "--allocator",
+        default="auto",
+        help="host allocator of the step-time runs (LMM_ALLOCATOR: auto, jemalloc, tcmalloc, "
+        "system)",
+    )
+    p.add_argument(
+        "--time-runs",
+        type=int,
+        default=2,
+        help="step-time runs per configuration, alternating (0: the measurement runs' times)",
+    )
     p.add_argument("--samples", type=int, default=64, help="samples in the mix")
     p.add_argument("--precision", choices=["bf16-mixed", "32-true"], default="bf16-mixed")
     p.add_argument("--threads", type=int, default=2)
@@ -144,12 +161,19 @@ def main(argv: list[str] | None = None) -> dict:
         return {}
     tt = _throughput_module()
     start = time.perf_counter()
-    results = {}
+    results: dict[bool, dict] = {}
+    timing: dict[bool, list[float]] = {False: [], True: []}
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         tt.write_mix(root, a.samples, a.seed)
         tt.build_assets(root / "assets", a.size, a.seed)
-        for ckpt in (False, True):
+        # peaks: under glibc with the fixed threshold; step times: again, each configuration
+        # twice alternating, under the allocator the `lmm` command runs with (jemalloc when
+        # installed), as a training run meets them
+        name, path = allocator.choose(a.allocator)
+        runs = [(False, "measure"), (True, "measure")]
+        runs += [(ckpt, "time") for _ in range(a.time_runs) for ckpt in (False, True)]
+        for ckpt, purpose in runs:
             config = {
                 "root": str(root),
                 "checkpointing": ckpt,
@@ -161,8 +185,11 @@ def main(argv: list[str] | None = None) -> dict:
                 "threads": a.threads,
                 "seed": a.seed,
             }
-            env = dict(os.environ)
-            if a.mmap_threshold:
+            env = {k: v for k, v in os.environ.items() if k != allocator.ACTIVE_ENV}
+            if purpose == "time":
+                if path:
+                    env = allocator.environment(name, path, env)
+            elif a.mmap_threshold:
                 env["MALLOC_MMAP_THRESHOLD_"] = str(a.mmap_threshold)
             run = subprocess.run(
                 [sys.executable, __file__, "--child", json.dumps(config)],
@@ -173,6 +200,13 @@ def main(argv: list[str] | None = None) -> dict:
             if run.returncode != 0:
                 raise RuntimeError(f"child (checkpointing={ckpt}) failed:\n{run.stderr[-3000:]}")
             r = json.loads(run.stdout.strip().splitlines()[-1])
+            if purpose == "time":
+                timing[ckpt] += r["step_s"]
+                print(
+                    f"checkpointing {'on ' if ckpt else 'off'} ({name} allocator): step "
+                    f"{min(r['step_s']):.2f}s"
+                )
+                continue
             results[ckpt] = r
             print(
                 f"checkpointing {'on ' if ckpt else 'off'}: peak RSS {r['peak_mb']:.0f} MiB "
@@ -189,8 +223,14 @@ def main(argv: list[str] | None = None) -> dict:
         "baseline_mb_no_ckpt": round(off["baseline_mb"], 1),
         "training_mb_ckpt": round(on["peak_mb"] - on["baseline_mb"], 1),
         "training_mb_no_ckpt": round(off["peak_mb"] - off["baseline_mb"], 1),
-        "step_s_ckpt": round(min(on["step_s"]), 3),
-        "step_s_no_ckpt": round(min(off["step_s"]), 3),
+        "step_s_ckpt": round(min(timing[True] or on["step_s"]), 3),
+        "step_s_no_ckpt": round(min(timing[False] or off["step_s"]), 3),
+        "step_ratio": round(
+            min(timing[True] or on["step_s"]) / min(timing[False] or off["step_s"]), 3
+        ),
+        "step_allocator": name if timing[True] else "glibc, fixed mmap threshold",
+        "step_s_ckpt_measure_run": round(min(on["step_s"]), 3),
+        "step_s_no_ckpt_measure_run": round(min(off["step_s"]), 3),
         "max_loss_diff": max(abs(x - y) for x, y in zip(on["losses"], off["losses"], strict=True)),
         "measure": "RSS high-water mark of a child process per configuration (VmHWM)",
         "mmap_threshold": a.mmap_threshold or "glibc default",
