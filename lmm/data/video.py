@@ -6,7 +6,7 @@ import bisect
 import math
 import os
 from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
@@ -269,6 +269,9 @@ class VideoReader:
     def _pyav_read(self, path: Path, indices: Sequence[int]) -> np.ndarray:
         import av
 
+        threads = self.threads()
+        # the openings the other threads decode from, started now, beside the demux pass below
+        spares = [_pool(threads).submit(self._pyav_open, path) for _ in range(threads - 1)]
         try:
             with self._pyav_open(path) as container:
                 stream = container.streams.video[0]
@@ -286,7 +289,9 @@ class VideoReader:
                 ):
                     idx = _check_indices(indices, len(packets), path, stream.frames)
                     try:
-                        frames = self._pyav_spans(container, path, packets, sorted(set(idx)))
+                        frames = self._pyav_spans(
+                            container, path, packets, sorted(set(idx)), spares
+                        )
                     except _SeekMissed:
                         log.debug("%s: a seek did not land on its keyframe; decoding it all", path)
                     else:
@@ -296,34 +301,55 @@ class VideoReader:
                 return self._pyav_read_sequential(container, path, indices)
         except av.FFmpegError as e:
             raise VideoError(f"{path}: decoding failed ({_first_line(e)})") from e
+        finally:
+            for spare in spares:  # the openings no thread took
+                if spare.exception() is None:
+                    spare.result().close()
 
     def _pyav_spans(
-        self, container: Any, path: Path, packets: list[_Packet], wanted: list[int]
+        self,
+        container: Any,
+        path: Path,
+        packets: list[_Packet],
+        wanted: list[int],
+        spares: list[Future],
     ) -> dict[int, np.ndarray]:
         """The `wanted` frames by `_decode_runs`; with several threads, the spans (independent:
         each starts at a keyframe) are shared among them, each thread decoding its own spans in
-        file order from its own opening of the file, as one would."""
-        threads = self.threads()
+        file order from its own opening of the file (`spares`, opened while the packets were
+        listed; a thread that takes one closes it), as one would."""
         spans = _plan_runs(packets, wanted)
-        if threads == 1 or len(spans) == 1:
+        if not spares or len(spans) == 1:
             return _decode_runs(container, path, packets, wanted)
         order = sorted(range(len(packets)), key=lambda q: packets[q].pts)
-        groups: list[list[int]] = [[] for _ in range(min(threads, len(spans)))]
+        asked = {order[i] for i in wanted}
+        groups: list[list[int]] = [[] for _ in range(min(len(spares) + 1, len(spans)))]
         load = [0] * len(groups)
-        for start, end in sorted(spans, key=lambda r: r[0] - r[1]):  # longest first
+        # the packets each span decodes (disposable ones only when asked for), largest first
+        cost = {
+            (start, end): sum(
+                1 for q in range(start, end + 1) if not packets[q].disposable or q in asked
+            )
+            for start, end in spans
+        }
+        for span in sorted(spans, key=cost.__getitem__, reverse=True):
             g = load.index(min(load))
-            load[g] += end - start + 1
-            groups[g] += [i for i in wanted if start <= order[i] <= end]
+            load[g] += cost[span]
+            groups[g] += [i for i in wanted if span[0] <= order[i] <= span[1]]
         if sum(load) < PARALLEL_GAIN * max(load):
-            # one long span dominates (e.g. a single 250-frame GOP): opening the file again
-            # costs more than the threads save
+            # one long span dominates (e.g. a single 250-frame GOP): threads would not help
             return _decode_runs(container, path, packets, wanted)
 
-        def run(group: list[int]) -> dict[int, np.ndarray]:
-            with self._pyav_open(path, threads=1) as own:
+        def run(opening: Future, group: list[int]) -> dict[int, np.ndarray]:
+            with opening.result() as own:
                 return _decode_runs(own, path, packets, sorted(group))
 
-        pending = [_pool(threads).submit(run, group) for group in groups[1:]]
+        pool = _pool(len(spares) + 1)  # the pool that opens them: its tasks run in order
+        taken = [spares.pop() for _ in groups[1:]]
+        pending = [
+            pool.submit(run, opening, group)
+            for opening, group in zip(taken, groups[1:], strict=True)
+        ]
         out = _decode_runs(container, path, packets, sorted(groups[0]))  # this thread too
         for part in pending:
             out.update(part.result())

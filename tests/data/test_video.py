@@ -340,6 +340,24 @@ class _FramesOf(torch.utils.data.Dataset):
         return self.reader.threads(), torch.from_numpy(self.reader.read(self.path, [3, 40, 2]))
 
 
+@pytest.mark.skipif(not Path("/proc/self/fd").is_dir(), reason="counts /proc/self/fd")
+def test_threaded_reads_close_every_opening(tmp_path):
+    """The other threads' openings start beside the demux pass; the ones no span needs (one
+    GOP, or a read that fails) are closed too: no file stays open after a read."""
+    one_gop = write_textured(tmp_path / "one.mp4", 30, 250, 0, False)
+    many = write_textured(tmp_path / "many.mp4", 61, 10, 2, False)
+    reader = VideoReader("pyav", num_threads=4)
+    every = full_decode(many)
+    reader.read(one_gop, [0])  # warm up: the pool's threads, FFmpeg's own state
+    before = len(os.listdir("/proc/self/fd"))
+    for _ in range(3):
+        assert reader.read(one_gop, [0, 29]).shape[0] == 2
+        assert np.array_equal(reader.read(many, [0, 20, 40, 60]), every[[0, 20, 40, 60]])
+        with pytest.raises(ValueError):
+            reader.read(many, [61])  # past the end: refused after the packets are listed
+    assert len(os.listdir("/proc/self/fd")) == before
+
+
 def test_threads_one_in_a_worker_one_per_core_outside(video):
     """`num_threads=None`: a DataLoader worker decodes with one thread (workers already run in
     parallel), the main process shares the spans among a thread per core; same pixels."""
