@@ -46,6 +46,35 @@ def measure_peak_flops(
     return best_rate
 
 
+def measure_sustained_flops(
+    shapes: Sequence[tuple[int, int, int]],
+    seconds: float = 3.0,
+    dtype: torch.dtype = torch.float32,
+    device: torch.device | str = "cpu",
+) -> float:
+    """Matmul FLOP/s kept up for `seconds`: `shapes` (`(m, k, n)`, a Linear's layout) run in turn
+    without pause, total FLOPs over the elapsed time. What a step made of nothing but these
+    GEMMs could reach; on CPUs that lower their clock under sustained vector load it is below
+    `measure_peak_flops`'s best short run, so it bounds an honest MFU from above."""
+    if not shapes:
+        raise ValueError("measure_sustained_flops needs at least one (m, k, n) shape")
+    pairs = []
+    for m, k, n in shapes:
+        a = torch.randn(m, k, dtype=dtype, device=device)
+        b = torch.randn(n, k, dtype=dtype, device=device).t()
+        a @ b  # warm-up
+        pairs.append((a, b, 2 * m * k * n))
+    flops = 0
+    _sync(device)
+    start = time.perf_counter()
+    while time.perf_counter() - start < seconds:
+        for a, b, f in pairs:
+            a @ b
+            flops += f
+        _sync(device)
+    return flops / (time.perf_counter() - start)
+
+
 def _sync(device: torch.device | str) -> None:
     if torch.device(device).type == "cuda":
         torch.cuda.synchronize(device)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
@@ -17,7 +19,11 @@ from lmm.families.model import FamilyModel
 from lmm.families.qformer import QFormerModel
 from lmm.tiny import build_tiny_blip2
 from lmm.training.module import LMMModule
-from lmm.training.throughput import ThroughputMonitor, measure_peak_flops
+from lmm.training.throughput import (
+    ThroughputMonitor,
+    measure_peak_flops,
+    measure_sustained_flops,
+)
 from tests.helpers import quiet_trainer, tiny_data, tiny_llava
 
 
@@ -157,3 +163,12 @@ def test_peak_is_the_best_shape():
     square = measure_peak_flops(size=64, repeats=2)
     best = measure_peak_flops(size=64, repeats=2, shapes=[(256, 256, 256)])
     assert best > square  # a 64² matmul is far from what 256³ reaches
+
+
+def test_sustained_flops_run_the_shapes_for_the_time_asked():
+    start = time.perf_counter()
+    rate = measure_sustained_flops([(64, 32, 48), (16, 48, 32)], seconds=0.2)
+    assert time.perf_counter() - start >= 0.2
+    assert rate > 1e6
+    with pytest.raises(ValueError, match="at least one"):
+        measure_sustained_flops([], seconds=0.1)
