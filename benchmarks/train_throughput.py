@@ -19,9 +19,11 @@ this script from the exported weights; `speedup_vs_hf` is the median of the runs
 `speedup_runs` each of them. Each side runs under the host allocator its users get: lmm's
 runs under what the `lmm` command picks (jemalloc when installed, `lmm.utils.allocator`;
 `--allocator`), the HF Trainer's under the system malloc, as `python train.py` runs
-(`--hf-allocator lmm` gives it lmm's, to take the allocator out of the ratio). OpenMP's wait
-policy is left at libgomp's default for both (set OMP_WAIT_POLICY=PASSIVE on a loaded machine). lmm
-runs with compiled decoder layers (`CausalLM(compile=True)`; `--no-compile` for eager): one
+(`--hf-allocator lmm` gives it lmm's, to take the allocator out of the ratio). One more HF
+run under lmm's allocator follows the interleaved ones: `speedup_vs_hf_same_allocator` is the
+median lmm run over it, what lmm gains beside the allocator (`--no-same-allocator-run` skips
+it). OpenMP's wait policy is left at libgomp's default for both (set OMP_WAIT_POLICY=PASSIVE on
+a loaded machine). lmm runs with compiled decoder layers (`CausalLM(compile=True)`; `--no-compile` for eager): one
 forward + backward before the run compiles them, timed apart (`warm_up_s_lmm`; inductor's
 cache makes later runs' short).
 
@@ -383,6 +385,11 @@ def speedup(root: Path, a: argparse.Namespace) -> dict:
             + (f", accelerate mixed precision {r['mixed_precision']}" if side == "hf" else "")
             + (f", warm-up (compilation) {r['warm_up_s']:.1f}s apart" if side == "lmm" else "")
         )
+    if a.same_allocator_run and a.hf_allocator != "lmm":
+        # the HF Trainer once more under lmm's allocator: what lmm gains beside the allocator
+        r = run_child("hf", root, a, allocator_choice="lmm")
+        runs["hf_same_allocator"] = [r]
+        print(f"  hf under lmm's allocator ({r['allocator']}): {r['tokens_per_s']:.0f} tok/s")
     for lmm, hf in zip(runs["lmm"], runs["hf"], strict=True):
         if lmm["supervised_tokens"] != hf["supervised_tokens"] or lmm["samples"] != hf["samples"]:
             raise RuntimeError(
@@ -408,13 +415,15 @@ def child_run(side: str, root: Path, a: argparse.Namespace) -> dict:
     return train_hf(root / "hf", load_samples(mix), data.processor, pad, root / "hf_out", a)
 
 
-def run_child(side: str, root: Path, a: argparse.Namespace) -> dict:
+def run_child(
+    side: str, root: Path, a: argparse.Namespace, allocator_choice: str | None = None
+) -> dict:
     """`child_run(side)` in a new process of this script, under the host allocator the side
     runs with: lmm's what the `lmm` command picks (`lmm.utils.allocator`, `--allocator`); the
     HF Trainer's the system malloc, as `python train.py` runs it (`--hf-allocator lmm`: the
-    same as lmm's)."""
+    same as lmm's; `allocator_choice` overrides either)."""
     env = {k: v for k, v in os.environ.items() if k != allocator.ACTIVE_ENV}
-    choice = a.hf_allocator if side == "hf" else a.allocator
+    choice = allocator_choice or (a.hf_allocator if side == "hf" else a.allocator)
     name, path = allocator.choose(a.allocator if choice == "lmm" else choice)
     env = allocator.environment(name, path, env) if path else {**env, allocator.ACTIVE_ENV: name}
     out = root / f"{side}.json"
@@ -540,6 +549,12 @@ def main(argv: list[str] | None = None) -> dict:
         help="host allocator of the HF Trainer's runs: system (as `python train.py` runs), "
         "or lmm (the same as lmm's)",
     )
+    p.add_argument(
+        "--same-allocator-run",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="one more HF run under lmm's allocator (speedup_vs_hf_same_allocator)",
+    )
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--child", help=argparse.SUPPRESS)  # one run, in a process of its own
     p.add_argument("--root", type=Path, help=argparse.SUPPRESS)
@@ -568,10 +583,26 @@ def main(argv: list[str] | None = None) -> dict:
         for lmm, hf in zip(part1["lmm"], part1["hf"], strict=True)
     ]
     lmm, hf = part1["lmm"][-1], part1["hf"][-1]
+    if "hf_same_allocator" in part1:
+        other = part1["hf_same_allocator"][0]
+        lmm_rate = statistics.median(r["tokens_per_s"] for r in part1["lmm"])
+        same_allocator = {
+            "speedup": round(lmm_rate / other["tokens_per_s"], 3),
+            "tokens_per_s": round(other["tokens_per_s"], 1),
+            "allocator": other["allocator"],
+        }
+    elif a.hf_allocator == "lmm":  # the main runs already share it
+        same_allocator = {"speedup": round(statistics.median(ratios), 3), "tokens_per_s": None}
+        same_allocator["allocator"] = hf["allocator"]
+    else:
+        same_allocator = {"speedup": None, "tokens_per_s": None, "allocator": None}
     last = part2["last"]
     result = {
         "speedup_vs_hf": round(statistics.median(ratios), 3),
         "speedup_runs": [round(r, 3) for r in ratios],
+        "speedup_vs_hf_same_allocator": same_allocator["speedup"],
+        "tokens_per_s_hf_same_allocator": same_allocator["tokens_per_s"],
+        "allocator_hf_same_allocator": same_allocator["allocator"],
         "mfu": round(last["perf/mfu"], 4),
         "hfu": round(last["perf/hfu"], 4),
         "mfu_peak_spread": round(last["perf/mfu_peak_spread"], 4),
