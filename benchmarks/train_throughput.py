@@ -446,7 +446,7 @@ def mfu(root: Path, mix: Path, a: argparse.Namespace) -> dict:
     data = packed_data(mix, a.mfu_rows, a.mfu_pack_tokens, a)
     # the peak: the best of a 2048² matmul and the model's own GEMMs, measured before the
     # first step and after each window; a window divides by the larger of the two around it
-    monitor = ThroughputMonitor(log_every_n_steps=a.mfu_window)
+    monitor = ThroughputMonitor(log_every_n_steps=a.mfu_window, peak_budget=None)
     windows: list[dict] = []
 
     class Windows(L.Callback):

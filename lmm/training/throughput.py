@@ -98,23 +98,39 @@ class ThroughputMonitor(L.Callback):
     without it), `perf/data_wait_share` (the share of step time spent waiting for the next
     batch) and, with a measured peak, `perf/mfu_peak_spread`.
 
-    A measured peak is taken before the first step and again after each logged window (not
+    A measured peak is taken before the first step and again after a logged window (not
     timed): the best of a 2048² matmul and the model's own largest GEMMs at the batch's token
-    count, up to 4096 (`gemm_shapes`). A window divides by the larger of the peaks around it
-    (logged as `perf/peak_flops`), so a slow moment of a shared machine during one measurement
-    cannot push MFU up; `perf/mfu_peak_spread` is (max - min) / max of the two.
+    count, up to 4096 (`gemm_shapes`). A window measured after divides by the larger of the
+    peaks around it (logged as `perf/peak_flops`), so a slow moment of a shared machine during
+    one measurement cannot push MFU up; `perf/mfu_peak_spread` is (max - min) / max of the two.
+    Measuring takes time a fit does not train (a few seconds a time for an 8B model's GEMMs on
+    a CPU), so after a window it runs only while the measurements so far have taken less than
+    `peak_budget` of the fit's time; other windows divide by the last peak measured.
     """
 
-    def __init__(self, peak_flops: float | None = None, log_every_n_steps: int = 10):
+    def __init__(
+        self,
+        peak_flops: float | None = None,
+        log_every_n_steps: int = 10,
+        peak_budget: float | None = 0.01,
+    ):
         """
         Args:
             peak_flops: the hardware's peak FLOP/s for MFU (per device); None measures matmuls
-                before the first step and after each window (`lmm bench peak` prints the
-                square's number).
+                before the first step and after windows (`lmm bench peak` prints the square's
+                number).
             log_every_n_steps: how often to log.
+            peak_budget: the share of the fit's time that measuring the peak may take (0.01:
+                1%); None measures after every window (benchmarks).
         """
+        if peak_budget is not None and peak_budget < 0:
+            raise ValueError(f"peak_budget must be >= 0 or None, got {peak_budget}")
         self.peak_flops = peak_flops
         self.measure = peak_flops is None
+        self.peak_budget = peak_budget
+        self.measuring_s = 0.0  # time spent measuring peaks so far
+        self.measurements = 0
+        self._first: float | None = None  # when the first measurement started
         self.every = log_every_n_steps
         self.shapes: list[tuple[int, int, int]] = []
         self.dtype = torch.float32
@@ -136,9 +152,20 @@ class ThroughputMonitor(L.Callback):
         self.dtype = torch.bfloat16 if "bf16" in precision else torch.float32
 
     def _measure_peak(self, module) -> float:
+        start = time.perf_counter()
+        if self._first is None:
+            self._first = start
         peak = measure_peak_flops(dtype=self.dtype, shapes=self.shapes, device=module.device)
+        self.measuring_s += time.perf_counter() - start
+        self.measurements += 1
         log.info("measured matmul peak: %.1f GFLOP/s (%s)", peak / 1e9, self.dtype)
         return peak
+
+    def _may_measure(self, now: float) -> bool:
+        """Whether measuring again keeps the measurements within `peak_budget` of the fit."""
+        if self.peak_budget is None or self._first is None:
+            return True
+        return self.measuring_s < self.peak_budget * (now - self._first)
 
     @staticmethod
     def batch_flops(module, batch: Batch) -> float:
@@ -181,7 +208,7 @@ class ThroughputMonitor(L.Callback):
             achieved = acc["flops"] / acc["time"]
             metrics = {}
             peak = self.peak_flops
-            if self.measure:  # after the window, out of its time
+            if self.measure and self._may_measure(now):  # after the window, out of its time
                 after = self._measure_peak(module)
                 peak = max(self.peak_flops, after)
                 metrics["perf/mfu_peak_spread"] = abs(self.peak_flops - after) / peak

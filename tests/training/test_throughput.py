@@ -145,9 +145,10 @@ def test_recomputed_flops_match_the_flop_counter(tiny_assets, synthetic_data):
 def test_monitor_measures_the_peak_around_each_window(tiny_assets, synthetic_data, tmp_path):
     module = tiny_llava(tiny_assets)
     dm = tiny_data(synthetic_data, batch_size=4)
-    monitor = ThroughputMonitor(log_every_n_steps=2)
+    monitor = ThroughputMonitor(log_every_n_steps=2, peak_budget=None)
     trainer = quiet_trainer(tmp_path, 4, [monitor])
     trainer.fit(module, datamodule=dm)
+    assert monitor.measurements == 3  # before the first step, after each of the 2 windows
     m = trainer.callback_metrics
     # the model's own GEMMs (tokens x in x out) are among the measured shapes
     llm_mlp = module.model.llm.model.config.intermediate_size
@@ -172,3 +173,19 @@ def test_sustained_flops_run_the_shapes_for_the_time_asked():
     assert rate > 1e6
     with pytest.raises(ValueError, match="at least one"):
         measure_sustained_flops([], seconds=0.1)
+
+
+def test_monitor_keeps_measuring_within_its_budget(tiny_assets, synthetic_data, tmp_path):
+    """By default the peak is measured again only while measuring has taken < 1% of the fit;
+    a window that is not measured divides by the last peak and logs no spread."""
+    module = tiny_llava(tiny_assets)
+    monitor = ThroughputMonitor(log_every_n_steps=1, peak_budget=0.0)
+    trainer = quiet_trainer(tmp_path, 3, [monitor])
+    trainer.fit(module, datamodule=tiny_data(synthetic_data, batch_size=4))
+    assert monitor.measurements == 1  # before the first step only
+    m = trainer.callback_metrics
+    assert float(m["perf/peak_flops"]) == pytest.approx(monitor.peak_flops, rel=1e-6)
+    assert "perf/mfu_peak_spread" not in m
+    assert ThroughputMonitor().peak_budget == 0.01  # what recipes get
+    with pytest.raises(ValueError, match="peak_budget"):
+        ThroughputMonitor(peak_budget=-1)
