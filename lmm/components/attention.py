@@ -40,6 +40,8 @@ log = get_logger(__name__)
 _logged: set[str] = set()
 
 PACKED_SDPA = "sdpa_packed"
+# sdpa for a vision tower, its short bf16 CPU sequences as two matmuls (`short_sdpa_attention`)
+SHORT_SDPA = "sdpa_short"
 # Rows shorter than this take sdpa under a block-diagonal mask instead: at a few hundred
 # tokens the per-sample calls cost more than the cross-sample pairs they skip (measured on
 # the CPU: 256-token rows of 3-5 samples ~15% slower per sample, 1024-token rows ~20% faster).
@@ -49,15 +51,18 @@ PER_SAMPLE_MIN_LENGTH = 512
 MATMUL_MAX_LENGTH = 512
 
 
-def resolve_attention(requested: str = "auto", causal_lm: bool = False) -> str:
+def resolve_attention(requested: str = "auto", causal_lm: bool = False, short: bool = False) -> str:
     """Return the `attn_implementation` to pass to transformers for `requested`.
 
     `auto` picks `flash_attention_2` when CUDA is available and `flash_attn` imports, else
-    `sdpa_packed` for a causal LM (`causal_lm`) and `sdpa` for other models. An explicit
-    `flash_attention_2` without CUDA or the package falls back the same way, with a warning.
+    `sdpa_packed` for a causal LM (`causal_lm`), `sdpa_short` for a model of short unmasked
+    sequences on a machine without CUDA (`short`: the vision towers), and `sdpa` for other
+    models. An explicit `flash_attention_2` without CUDA or the package falls back the same
+    way, with a warning.
     """
-    has_flash = torch.cuda.is_available() and importlib.util.find_spec("flash_attn") is not None
-    fallback = PACKED_SDPA if causal_lm else "sdpa"
+    cuda = torch.cuda.is_available()
+    has_flash = cuda and importlib.util.find_spec("flash_attn") is not None
+    fallback = PACKED_SDPA if causal_lm else SHORT_SDPA if short and not cuda else "sdpa"
     if requested == "auto":
         choice = "flash_attention_2" if has_flash else fallback
     elif requested == "flash_attention_2" and not has_flash:
@@ -464,7 +469,39 @@ def packed_sdpa_mask(*args, attention_mask: Tensor | None = None, **kwargs) -> T
     return sdpa_mask(*args, attention_mask=attention_mask, **kwargs)
 
 
+def short_sdpa_attention(
+    module: torch.nn.Module,
+    query: Tensor,  # [B, H, L, D]
+    key: Tensor,  # [B, H_kv, S, D]
+    value: Tensor,  # [B, H_kv, S, D]
+    attention_mask: Tensor | None,
+    dropout: float = 0.0,
+    scaling: float | None = None,
+    **kwargs,
+) -> tuple[Tensor, None]:
+    """sdpa; unmasked, non-causal attention in bf16 on the CPU over at most `MATMUL_MAX_LENGTH`
+    keys takes `matmul_attention` instead: a vision tower's 17-145 patches run forward and
+    backward 1.4-4x faster than in torch's CPU flash kernel (docs/benchmarks.md). Anything else
+    (a mask, causal, softcapping, dropout, another device or dtype) is sdpa's."""
+    is_causal = kwargs.get("is_causal")
+    is_causal = getattr(module, "is_causal", False) if is_causal is None else is_causal
+    if (
+        attention_mask is not None
+        or is_causal
+        or kwargs.get("softcap") is not None
+        or not _use_matmul(query, key.shape[2], dropout)
+    ):
+        return sdpa_attention_forward(
+            module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs
+        )
+    bias = torch.zeros((), dtype=torch.float32, device=query.device)  # every key seen
+    out = matmul_attention(query, key, value, bias, scaling)
+    return out.transpose(1, 2).contiguous(), None
+
+
 # Never traced by dynamo (compiled layers, lmm.components.compiled): its split of the rows by
 # position ids runs on the host, a recompilation for every packing if it were traced.
 AttentionInterface.register(PACKED_SDPA, torch.compiler.disable(packed_sdpa_attention))
 AttentionMaskInterface.register(PACKED_SDPA, packed_sdpa_mask)
+AttentionInterface.register(SHORT_SDPA, short_sdpa_attention)
+AttentionMaskInterface.register(SHORT_SDPA, sdpa_mask)  # masks as sdpa gets them (then sdpa)

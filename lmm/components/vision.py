@@ -51,7 +51,8 @@ class HFVisionTower(VisionEncoder):
             path: folder or hub id of a CLIP/SigLIP model or vision model (`from_pretrained`).
             feature_layer: index into `hidden_states` (-2 = the penultimate layer, as LLaVA).
             select: `default` drops token 0, `full` keeps all tokens.
-            attn_implementation: `auto`, `sdpa` or `eager` (flash-attn only where supported).
+            attn_implementation: `auto`, `sdpa` or `eager` (flash-attn only where supported;
+                `auto` on the CPU: `sdpa_short`, sdpa with short bf16 sequences as matmuls).
             dtype: parameter dtype.
         """
         super().__init__()
@@ -64,7 +65,7 @@ class HFVisionTower(VisionEncoder):
             raise ValueError(
                 f"{path}: vision tower must be CLIP or SigLIP, got {config.model_type!r}"
             )
-        attn = resolve_attention(attn_implementation)
+        attn = resolve_attention(attn_implementation, short=True)
         if attn == "flash_attention_2":
             attn = "sdpa"  # the vision towers run at fixed length; sdpa is exact and fast
         self.model = from_pretrained(

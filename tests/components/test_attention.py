@@ -98,6 +98,8 @@ def test_segments():
 def test_resolve_attention_on_cpu():
     assert resolve_attention("auto", causal_lm=True) == "sdpa_packed"
     assert resolve_attention("auto") == "sdpa"
+    assert resolve_attention("auto", short=True) == "sdpa_short"
+    assert resolve_attention("sdpa", short=True) == "sdpa"
     assert resolve_attention("flash_attention_2", causal_lm=True) == "sdpa_packed"
     assert resolve_attention("eager", causal_lm=True) == "eager"
 
@@ -198,3 +200,29 @@ def test_block_mask_from_positions_equals_from_seq_lens():
     from_positions = attention.block_causal(attention._starts(positions, 2).cumsum(1))
     assert torch.equal(from_positions, mask)
     assert mask[0, 0, 7, 6] and not mask[0, 0, 6, 5]  # sample 2 starts at 6, sample 1 is 5
+
+
+def test_short_sdpa_is_sdpa_where_it_does_not_take_matmuls():
+    """A mask, causal attention or float32 go to sdpa unchanged (same bits); bf16 unmasked
+    attention over short sequences equals sdpa up to bf16 rounding, gradients too."""
+    module = _Layer(1)
+    module.is_causal = False
+    q, k, v = (torch.randn(2, 2, 24, 16, requires_grad=True) for _ in range(3))
+    mask = torch.rand(2, 1, 24, 24) > 0.3
+    mask[..., 0] = True
+    for kwargs in ({"attention_mask": mask}, {"attention_mask": None, "is_causal": True}):
+        got, _ = attention.short_sdpa_attention(module, q, k, v, **kwargs)
+        want, _ = sdpa_attention_forward(module, q, k, v, **kwargs)
+        assert torch.equal(got, want)
+    got, _ = attention.short_sdpa_attention(module, q, k, v, None)  # float32
+    assert torch.equal(got, sdpa_attention_forward(module, q, k, v, None)[0])
+
+    results = []
+    for fn in (attention.short_sdpa_attention, sdpa_attention_forward):
+        qs, ks, vs = (t.detach().clone().requires_grad_(True) for t in (q, k, v))
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out, _ = fn(module, qs, ks, vs, None)
+        out.float().sum().backward()
+        results.append((out.float(), qs.grad, ks.grad, vs.grad))
+    for got, want in zip(*results, strict=True):
+        torch.testing.assert_close(got, want, atol=2e-2, rtol=2e-2)
