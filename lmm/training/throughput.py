@@ -7,11 +7,11 @@ by `lmm.components.flops`); the peak is a measured matmul rate.
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 import lightning as L
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 from lmm.components.flops import recomputed_flops
 from lmm.data.batch import Batch
@@ -31,10 +31,7 @@ def measure_peak_flops(
     each shape, over a `size`² square and `shapes` (`(m, k, n)`: `[m, k] @ [k, n]`, e.g. a
     model's own GEMMs, `gemm_shapes`), best shape taken."""
     best_rate = 0.0
-    for m, k, n in ((size, size, size), *shapes):
-        a = torch.randn(m, k, dtype=dtype, device=device)
-        b = torch.randn(n, k, dtype=dtype, device=device).t()  # a Linear's layout: x @ weightᵀ
-        a @ b  # warm-up
+    for a, b, (m, k, n) in _operands(((size, size, size), *shapes), dtype, device):
         best = float("inf")
         for _ in range(repeats):
             _sync(device)
@@ -58,12 +55,7 @@ def measure_sustained_flops(
     `measure_peak_flops`'s best short run, so it bounds an honest MFU from above."""
     if not shapes:
         raise ValueError("measure_sustained_flops needs at least one (m, k, n) shape")
-    pairs = []
-    for m, k, n in shapes:
-        a = torch.randn(m, k, dtype=dtype, device=device)
-        b = torch.randn(n, k, dtype=dtype, device=device).t()
-        a @ b  # warm-up
-        pairs.append((a, b, 2 * m * k * n))
+    pairs = [(a, b, 2 * m * k * n) for a, b, (m, k, n) in _operands(shapes, dtype, device)]
     flops = 0
     _sync(device)
     start = time.perf_counter()
@@ -73,6 +65,18 @@ def measure_sustained_flops(
             flops += f
         _sync(device)
     return flops / (time.perf_counter() - start)
+
+
+def _operands(
+    shapes: Sequence[tuple[int, int, int]], dtype: torch.dtype, device: torch.device | str
+) -> Iterator[tuple[Tensor, Tensor, tuple[int, int, int]]]:
+    """Random `[m, k]` and `[k, n]` operands of each shape, in a Linear's layout
+    (`x @ weightᵀ`), each pair multiplied once (warm-up) before it is handed out."""
+    for m, k, n in shapes:
+        a = torch.randn(m, k, dtype=dtype, device=device)
+        b = torch.randn(n, k, dtype=dtype, device=device).t()
+        a @ b
+        yield a, b, (m, k, n)
 
 
 def _sync(device: torch.device | str) -> None:
